@@ -1,0 +1,311 @@
+"""Checks a mergekit merge recipe before any model is loaded.
+
+mergekit 0.1.5 only reports an unknown method after downloading every model (its
+issue #527), silently drops unknown YAML keys and parameters, silently ignores shared
+parameters given per model (``select_topk`` under one model), and finds mismatched
+vocabularies only while merging. Every problem found here names the YAML key at fault,
+all at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class RecipeProblem:
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be merged; ``problems`` lists every reason."""
+
+    def __init__(self, source: str, problems: list[RecipeProblem]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid merge recipe {source}:\n{lines}")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_VOCAB_KEYS = ("vocab_size",)
+
+
+def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
+    """Read a YAML recipe; returns (mapping, source text). Errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError(str(path), [RecipeProblem("<file>", str(err))]) from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(str(path), [RecipeProblem("<yaml>", str(err))]) from err
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            str(path), [RecipeProblem("<top level>", "a recipe is a YAML mapping")]
+        )
+    return raw, text
+
+
+def check_recipe(raw: Mapping[str, Any], *, base_dir: str | Path | None = None) -> list[RecipeProblem]:
+    """Every problem of a recipe, without loading tensors (configs are read).
+
+    Relative model paths are resolved against ``base_dir`` (default: the working
+    directory, as mergekit does).
+    """
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods import registry
+    from pydantic import ValidationError
+
+    from fusechat_merge.mergekit_adapter import register
+
+    register()
+    problems: list[RecipeProblem] = []
+    known_keys = set(MergeConfiguration.model_fields)
+    for key in raw:
+        if key not in known_keys:
+            hint = _did_you_mean(str(key), known_keys)
+            problems.append(RecipeProblem(str(key), f"unknown key (mergekit would ignore it){hint}"))
+
+    try:
+        MergeConfiguration.model_validate(dict(raw))
+    except ValidationError as err:
+        for e in err.errors():
+            key = _key(e["loc"]) or "<top level>"
+            problems.append(RecipeProblem(key, e["msg"]))
+
+    method_name = raw.get("merge_method")
+    method = None
+    if isinstance(method_name, str):
+        try:
+            method = registry.get(method_name)
+        except RuntimeError:
+            names = [m.spec.name for m in registry.registered_methods()]
+            hint = _did_you_mean(method_name, names)
+            problems.append(
+                RecipeProblem("merge_method", f"unknown merge method {method_name!r}{hint}")
+            )
+    if method is not None:
+        problems.extend(_check_parameters(raw, method))
+    problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd()))
+    return problems
+
+
+def validate_recipe(raw: Mapping[str, Any], source: str, *, base_dir: str | Path | None = None) -> None:
+    """Raise `RecipeError` listing every problem, if any."""
+    problems = check_recipe(raw, base_dir=base_dir)
+    if problems:
+        raise RecipeError(source, problems)
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _key(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
+    """(key, parameters mapping, per_model) for every ``parameters:`` in the recipe."""
+    yield "parameters", raw.get("parameters"), False
+
+    def models_and_slices(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
+        for i, model in enumerate(_as_list(node.get("models"))):
+            if isinstance(model, Mapping):
+                yield f"{prefix}models[{i}].parameters", model.get("parameters"), True
+        for i, sl in enumerate(_as_list(node.get("slices"))):
+            if not isinstance(sl, Mapping):
+                continue
+            yield f"{prefix}slices[{i}].parameters", sl.get("parameters"), False
+            for j, src in enumerate(_as_list(sl.get("sources"))):
+                if isinstance(src, Mapping):
+                    yield f"{prefix}slices[{i}].sources[{j}].parameters", src.get("parameters"), True
+
+    yield from models_and_slices("", raw)
+    modules = raw.get("modules")
+    if isinstance(modules, Mapping):
+        for name, module in modules.items():
+            if isinstance(module, Mapping):
+                yield f"modules.{name}.parameters", module.get("parameters"), False
+                yield from models_and_slices(f"modules.{name}.", module)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _check_parameters(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
+    from mergekit.merge_methods.base import ParameterScope
+
+    specs = {p.name: p for p in method.spec.parameters}
+    name = method.spec.name
+    problems: list[RecipeProblem] = []
+    for key, params, per_model in _parameter_blocks(raw):
+        if params is None:
+            continue
+        if not isinstance(params, Mapping):
+            problems.append(RecipeProblem(key, "must be a mapping of parameter names to values"))
+            continue
+        for pname, setting in params.items():
+            pkey = f"{key}.{pname}"
+            spec = specs.get(pname)
+            if spec is None:
+                known = ", ".join(sorted(specs)) or "none"
+                hint = _did_you_mean(str(pname), specs)
+                problems.append(
+                    RecipeProblem(
+                        pkey,
+                        f"{name} has no parameter {pname!r} (mergekit would silently ignore it; "
+                        f"known: {known}){hint}",
+                    )
+                )
+                continue
+            if per_model and spec.scope == ParameterScope.SHARED:
+                problems.append(
+                    RecipeProblem(
+                        pkey,
+                        f"{pname!r} is a shared parameter of {name}: mergekit ignores it per "
+                        "model. Move it to the top-level `parameters:`",
+                    )
+                )
+                continue
+            for value in _setting_values(setting):
+                try:
+                    spec.validate(value)
+                except Exception as err:  # pydantic ValidationError or our ValueError
+                    problems.append(RecipeProblem(pkey, _first_line_error(err)))
+                    break
+    return problems
+
+
+def _setting_values(setting: Any) -> list[Any]:
+    """Scalars of a parameter setting: a value, a gradient list, or {filter, value} items."""
+    items = setting if isinstance(setting, list) else [setting]
+    values: list[Any] = []
+    for item in items:
+        if isinstance(item, Mapping) and "value" in item:
+            inner = item["value"]
+            values.extend(inner if isinstance(inner, list) else [inner])
+        else:
+            values.append(item)
+    return values
+
+
+def _first_line_error(err: Exception) -> str:
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        msgs = [e.get("msg", "") for e in errors()]
+        return "; ".join(m.removeprefix("Value error, ") for m in msgs)
+    return str(err)
+
+
+def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    yield "base_model", raw.get("base_model")
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+        for i, model in enumerate(_as_list(node.get("models"))):
+            if isinstance(model, Mapping):
+                yield f"{prefix}models[{i}].model", model.get("model")
+        for i, sl in enumerate(_as_list(node.get("slices"))):
+            if not isinstance(sl, Mapping):
+                continue
+            yield f"{prefix}slices[{i}].base_model", sl.get("base_model")
+            for j, src in enumerate(_as_list(sl.get("sources"))):
+                if isinstance(src, Mapping):
+                    yield f"{prefix}slices[{i}].sources[{j}].model", src.get("model")
+
+    yield from walk("", raw)
+    modules = raw.get("modules")
+    if isinstance(modules, Mapping):
+        for name, module in modules.items():
+            if isinstance(module, Mapping):
+                yield from walk(f"modules.{name}.", module)
+    source = raw.get("tokenizer_source")
+    if isinstance(source, str) and source not in ("union", "base"):
+        yield "tokenizer_source", source
+
+
+def _local_path(ref: str, base_dir: Path) -> Path | None:
+    """The local directory a model reference names, or None for a hub id."""
+    path = ref.split("+", 1)[0].split("@", 1)[0]
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = base_dir / candidate
+    if candidate.exists():
+        return candidate
+    if _HUB_ID.match(path) and not path.startswith((".", "~")):
+        return None  # a hub repository: mergekit resolves it
+    return candidate
+
+
+def _check_models(raw: Mapping[str, Any], base_dir: Path) -> list[RecipeProblem]:
+    problems: list[RecipeProblem] = []
+    vocab: dict[str, tuple[str, int]] = {}
+    for key, ref in _model_refs(raw):
+        if ref is None:
+            continue
+        if not isinstance(ref, str):
+            continue  # reported by schema validation
+        local = _local_path(ref, base_dir)
+        if local is None:
+            continue
+        if not local.is_dir():
+            problems.append(RecipeProblem(key, f"model path {str(local)!r} does not exist"))
+            continue
+        config = local / "config.json"
+        if not config.is_file():
+            problems.append(RecipeProblem(key, f"{str(local)!r} has no config.json"))
+            continue
+        if key == "tokenizer_source":
+            continue
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            problems.append(RecipeProblem(key, f"cannot read {config}: {err}"))
+            continue
+        size = _vocab_size(cfg)
+        if size is not None:
+            vocab.setdefault(ref, (key, size))
+    has_tokenizer = raw.get("tokenizer") is not None or raw.get("tokenizer_source") is not None
+    sizes = {size for _, size in vocab.values()}
+    if len(sizes) > 1 and not has_tokenizer:
+        listing = ", ".join(f"{key}={size}" for key, size in vocab.values())
+        problems.append(
+            RecipeProblem(
+                "tokenizer",
+                f"the models' vocabularies differ ({listing}); set `tokenizer: {{source: union}}` "
+                "(or `tokenizer_source: base`) so mergekit aligns the embeddings",
+            )
+        )
+    return problems
+
+
+def _vocab_size(cfg: Mapping[str, Any]) -> int | None:
+    for key in _VOCAB_KEYS:
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    text = cfg.get("text_config")
+    if isinstance(text, Mapping) and isinstance(text.get("vocab_size"), int):
+        return text["vocab_size"]
+    return None
