@@ -255,7 +255,7 @@ class _Workspace:
         device = base.device
         self.d = torch.empty((n, chunk), dtype=torch.float32, device=device)
         self.d_float = torch.empty((n, chunk), dtype=torch.float32, device=device)
-        self.vec = torch.empty((3, chunk), dtype=torch.float32, device=device)
+        self.vec = torch.empty((2, chunk), dtype=torch.float32, device=device)
         cache = selecting and scratch_bytes(numel, n, chunk, True) <= max_scratch_bytes
         self.bits_cache = torch.empty(numel, dtype=torch.int32, device=device) if cache else None
 
@@ -285,15 +285,14 @@ class _Workspace:
             return self.bits_cache[start:stop]
         if d is None:
             d = self.deltas(start, stop)
-        c = stop - start
-        mean, centred = self.vec[1, :c], self.vec[2, :c]
-        torch.sum(d, dim=0, out=mean)
-        mean.div_(d.shape[0])
-        var = torch.zeros(c, dtype=torch.float32, device=d.device)
-        for row in d:
-            torch.sub(row, mean, out=centred)
-            var.addcmul_(centred, centred)
-        var.div_(d.shape[0])
+        # Shifted by the first target's delta: identical targets give exactly zero.
+        n, c = d.shape[0], stop - start
+        shifted, mean = self.d_float[:, :c], self.vec[1, :c]
+        torch.sub(d, d[0], out=shifted)
+        torch.sum(shifted, dim=0, out=mean)
+        mean.div_(n)
+        shifted.sub_(mean)
+        var = shifted.square_().sum(dim=0).div_(n)
         bits = var.view(torch.int32)
         if self.bits_cache is not None:
             self.bits_cache[start:stop] = bits
