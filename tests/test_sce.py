@@ -221,7 +221,7 @@ def cases(draw):
     tau = draw(st.sampled_from([0.1, 0.5, 1.0]))
     scope = draw(st.sampled_from(["weights", "deltas"]))
     normalize = draw(st.booleans())
-    return base, targets, dict(select_topk=tau, select_scope=scope, normalize=normalize)
+    return base, targets, {"select_topk": tau, "select_scope": scope, "normalize": normalize}
 
 
 @settings(max_examples=80, deadline=None)
