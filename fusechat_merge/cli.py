@@ -72,6 +72,73 @@ def merge_command(
     click.echo(f"merged model: {out}")
 
 
+@main.command("logits")
+@click.option("--model", required=True, help="Model directory (or hub id) to score the corpus with.")
+@click.option(
+    "--data",
+    required=True,
+    help="Conversations: a local .json/.jsonl/.parquet file or directory, or a hub dataset "
+    "name. Rows hold `conversations: [{from, value}]` (FuseChat-Mixture) or "
+    "`messages: [{role, content}]`.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store directory.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="hf: transformers, any device. vllm: vllm.LLM with prompt_logprobs (CUDA).")
+@click.option("--top-k", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Entries kept per position (K).")
+@click.option("--max-length", type=click.IntRange(2), default=2048, show_default=True,
+              help="Tokens per conversation; longer ones are truncated.")
+@click.option("--template", type=click.Choice(["own", "shared"]), default="own", show_default=True,
+              help="own: each model's chat template. shared: one role text for all models "
+              "(FuseChat's OpenChat-style template), as the reference code does.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Sequences per forward pass (length-sorted, padded per batch).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True, help="Model dtype (auto: bf16 on GPU, fp32 on CPU).")
+@click.option("--device", default="auto", show_default=True, help="hf backend: auto, cpu or cuda[:N].")
+@click.option("--shard", default="0/1", show_default=True,
+              help="i/N: score only the i-th of N contiguous blocks of rows (one per machine or "
+              "GPU); combine the stores with `fusechat-merge logits-merge`.")
+@click.option("--rows-per-shard", type=click.IntRange(1), default=1024, show_default=True,
+              help="Sequences per store file; the unit of resumption.")
+@click.option("--strict", is_flag=True, help="Fail on the first malformed row instead of skipping it.")
+@click.option("--tensor-parallel-size", type=click.IntRange(1), default=1, show_default=True,
+              help="vllm backend: GPUs per model.")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(0.05, 1.0), default=0.9,
+              show_default=True, help="vllm backend: fraction of GPU memory vLLM may take.")
+@click.option("--cache-dir", default=None, help="datasets cache directory.")
+def logits_command(**kwargs) -> None:
+    """Score a conversation corpus with one model and store its top-K next-token
+    log-probabilities at every trained (assistant) position.
+
+    The store is written shard by shard; if the run is interrupted, run the same command
+    again to resume. Example:
+
+      fusechat-merge logits --model ./pivot --data chats.jsonl --out stores/pivot
+    """
+    from fusion.logits import LogitJob, generate_logits
+    from fusion.store import StoreError
+
+    try:
+        generate_logits(LogitJob(**kwargs), log=click.echo)
+    except (StoreError, ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+@main.command("logits-merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Merged store directory.")
+def logits_merge_command(parts: tuple[str, ...], out: str) -> None:
+    """Combine the stores of `logits --shard i/N` runs (give them in order 0..N-1)."""
+    from fusion.store import StoreError, merge_stores
+
+    try:
+        manifest = merge_stores(parts, out)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{out}: {manifest.sequences} sequences, {manifest.tokens:,} tokens")
+
+
 @main.command("demo")
 @click.option(
     "--work-dir",

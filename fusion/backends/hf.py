@@ -1,0 +1,101 @@
+"""The transformers backend: batched forward passes, top-K of ``log_softmax`` in float32.
+
+Only the scored positions go through the output layer: the decoder's hidden states are
+gathered at those positions and projected in chunks, so a 150k vocabulary never needs a
+dense (batch, length, vocab) tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fusion.backends import PositionScores
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PROJECT_ROWS = 2048
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for, but CUDA is not available here")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model: str, *, top_k: int, dtype: str = "auto", device: str = "auto"):
+        from transformers import AutoModelForCausalLM
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.top_k = top_k
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        self.decoder = self.model.get_decoder()
+        self.head = self.model.get_output_embeddings()
+        cfg = self.model.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.logit_scale = getattr(cfg, "logit_scale", None)
+
+    @torch.inference_mode()
+    def score(
+        self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray]
+    ) -> list[PositionScores]:
+        lengths = [len(s) for s in sequences]
+        t_max = max(lengths)
+        ids = torch.zeros(len(sequences), t_max, dtype=torch.long)
+        mask = torch.zeros(len(sequences), t_max, dtype=torch.long)
+        for b, seq in enumerate(sequences):
+            ids[b, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            mask[b, : len(seq)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+
+        rows = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)])
+        cols = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in positions])
+        rows, cols = rows.to(self.device), cols.to(self.device)
+        gold = ids[rows, cols + 1]
+        top_ids, top_lp, gold_lp = [], [], []
+        for start in range(0, len(rows), _PROJECT_ROWS):
+            sl = slice(start, start + _PROJECT_ROWS)
+            logprobs = self._logprobs(hidden[rows[sl], cols[sl]])  # (n, V) float32
+            values, indices = torch.topk(logprobs, self.top_k, dim=-1)
+            top_ids.append(indices)
+            top_lp.append(values)
+            gold_lp.append(logprobs.gather(1, gold[sl, None]).squeeze(1))
+        all_ids = torch.cat(top_ids).cpu().numpy() if top_ids else np.zeros((0, self.top_k), np.int64)
+        all_lp = torch.cat(top_lp).cpu().numpy() if top_lp else np.zeros((0, self.top_k), np.float32)
+        all_gold = torch.cat(gold_lp).cpu().numpy() if gold_lp else np.zeros((0,), np.float32)
+        out, start = [], 0
+        for p in positions:
+            stop = start + len(p)
+            out.append(PositionScores(all_ids[start:stop], all_lp[start:stop], all_gold[start:stop]))
+            start = stop
+        return out
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float()
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.log_softmax(logits, dim=-1)
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,364 @@
+"""The logit store: per-sequence top-K next-token distributions on disk.
+
+Format (documented in ``docs/logit-store.md``): a directory with ``manifest.json`` and
+Arrow stream shards ``shard-NNNNN.arrow`` readable with ``datasets.Dataset.from_file``
+(memory-mapped, so a reader never loads the whole store). One row per sequence:
+
+=================  ==============================  =========================================
+column             Arrow type                      meaning
+=================  ==============================  =========================================
+id                 string                          the corpus row id
+input_ids          list<uint16|uint32>             token ids, never padded
+loss_mask          list<bool>                      trained tokens (replies + end of turn)
+token_offsets      list<int32>                     char [start, end) per token, flattened
+reply_spans        list<int32>                     char [start, end) per reply, flattened
+topk_ids           list<uint16|uint32>             P×K, flattened: top-K ids per trained position
+topk_logprobs      list<float16>                   P×K, flattened: their log-probabilities
+target_logprobs    list<float32>                   P: log-probability of the actual next token
+seq_ce             float32                         mean NLL over trained tokens (MinCE metric)
+=================  ==============================  =========================================
+
+A *trained position* is a position t whose next token t+1 is trained
+(``loss_mask[t + 1]``): the distribution at t predicts it. P = ``sum(loss_mask[1:])``.
+Ids use uint16 when the vocabulary fits (exact), else uint32.
+
+Atomicity: each shard is written to a temporary file and renamed; ``manifest.json`` is
+written last, so a directory without it is an unfinished store (``run.json`` holds the
+options, so a re-run resumes shard by shard and refuses changed options).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT = "fusechat-logit-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RUN_FILE = "run.json"
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, unfinished, or incompatible with what is asked of it."""
+
+
+@dataclass
+class SequenceLogits:
+    """One stored sequence (numpy arrays; shapes in comments)."""
+
+    id: str
+    input_ids: np.ndarray  # (T,)
+    loss_mask: np.ndarray  # (T,) bool
+    token_offsets: np.ndarray  # (T, 2) int32
+    reply_spans: np.ndarray  # (R, 2) int32
+    topk_ids: np.ndarray  # (P, K)
+    topk_logprobs: np.ndarray  # (P, K) float16
+    target_logprobs: np.ndarray  # (P,) float32
+    seq_ce: float
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Trained positions t (the distribution at t predicts token t + 1)."""
+        return trained_positions(self.loss_mask)
+
+
+def trained_positions(loss_mask: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.asarray(loss_mask, dtype=bool)[1:]).astype(np.int64)
+
+
+@dataclass
+class StoreOptions:
+    """What a store was made from and how; a resumed run must match exactly."""
+
+    model: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    template: str
+    top_k: int
+    max_length: int
+    backend: str
+    dtype: str
+    data: str
+    shard: str = "0/1"
+    rows_per_shard: int = 1024
+    package_version: str = ""
+
+    @property
+    def id_type(self) -> str:
+        return "uint16" if self.vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+
+
+@dataclass
+class Manifest:
+    format: str
+    format_version: int
+    options: StoreOptions
+    shards: list[dict[str, Any]]
+    sequences: int
+    tokens: int
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        raw["options"] = StoreOptions(**raw["options"])
+        return cls(**raw)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's full definition (vocab, merges, added tokens, normalisers)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        payload = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    else:
+        payload = backend.to_str()
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def arrow_schema(id_type: str) -> pa.Schema:
+    ids = pa.uint16() if id_type == "uint16" else pa.uint32()
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("input_ids", pa.list_(ids)),
+            ("loss_mask", pa.list_(pa.bool_())),
+            ("token_offsets", pa.list_(pa.int32())),
+            ("reply_spans", pa.list_(pa.int32())),
+            ("topk_ids", pa.list_(ids)),
+            ("topk_logprobs", pa.list_(pa.float16())),
+            ("target_logprobs", pa.list_(pa.float32())),
+            ("seq_ce", pa.float32()),
+        ]
+    )
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+def write_shard(path: Path, records: Sequence[SequenceLogits], id_type: str) -> int:
+    """Write records as one Arrow stream file, atomically; returns the bytes written."""
+    schema = arrow_schema(id_type)
+    np_ids = np.uint16 if id_type == "uint16" else np.uint32
+    columns = {
+        "id": [r.id for r in records],
+        "input_ids": [np.asarray(r.input_ids, dtype=np_ids) for r in records],
+        "loss_mask": [np.asarray(r.loss_mask, dtype=bool) for r in records],
+        "token_offsets": [np.asarray(r.token_offsets, dtype=np.int32).reshape(-1) for r in records],
+        "reply_spans": [np.asarray(r.reply_spans, dtype=np.int32).reshape(-1) for r in records],
+        "topk_ids": [np.asarray(r.topk_ids, dtype=np_ids).reshape(-1) for r in records],
+        "topk_logprobs": [np.asarray(r.topk_logprobs, dtype=np.float16).reshape(-1) for r in records],
+        "target_logprobs": [np.asarray(r.target_logprobs, dtype=np.float32) for r in records],
+        "seq_ce": [float(r.seq_ce) for r in records],
+    }
+    table = pa.table(columns, schema=schema)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(table)
+    size = tmp.stat().st_size
+    tmp.replace(path)
+    return size
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def begin_run(out: Path, options: StoreOptions) -> None:
+    """Create ``out`` for a run or check that a resumed run uses the same options."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / RUN_FILE
+    wanted = asdict(options)
+    if run_file.exists():
+        started = json.loads(run_file.read_text(encoding="utf-8"))
+        diffs = [
+            f"{k}: {started.get(k)!r} then, {v!r} now"
+            for k, v in wanted.items()
+            if k != "package_version" and started.get(k) != v
+        ]
+        if diffs:
+            raise StoreError(
+                f"{out} holds a run started with other options ({'; '.join(diffs)}); "
+                "use another --out or delete it"
+            )
+        return
+    if any(out.iterdir()):
+        raise StoreError(f"{out} is not empty and holds no logit run; choose another --out")
+    write_json_atomic(run_file, json.dumps(wanted, indent=2))
+
+
+def finish_run(out: Path, options: StoreOptions, skipped: Mapping[str, str]) -> Manifest:
+    """Write the manifest over the finished shards: the store is complete from now on."""
+    shards, sequences, tokens = [], 0, 0
+    for path in sorted(out.glob("shard-*.arrow")):
+        table = _read_table(path)
+        rows = table.num_rows
+        n_tokens = int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py() or 0)
+        shards.append({"file": path.name, "sequences": rows, "tokens": n_tokens, "bytes": path.stat().st_size})
+        sequences += rows
+        tokens += n_tokens
+    manifest = Manifest(FORMAT, FORMAT_VERSION, options, shards, sequences, tokens, dict(skipped))
+    write_json_atomic(out / MANIFEST, manifest.to_json())
+    return manifest
+
+
+def _read_table(path: Path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+class LogitStore:
+    """Reads a finished store. Rows are memory-mapped through ``datasets``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            hint = " (an unfinished run: run the same command again to resume)" if (
+                self.path / RUN_FILE
+            ).exists() else ""
+            raise StoreError(f"{self.path} is not a finished logit store: no {MANIFEST}{hint}")
+        self.manifest = Manifest.from_json(manifest.read_text(encoding="utf-8"))
+        if self.manifest.format != FORMAT or self.manifest.format_version > FORMAT_VERSION:
+            raise StoreError(
+                f"{manifest}: format {self.manifest.format} v{self.manifest.format_version} "
+                f"is not readable by this version (reads {FORMAT} v{FORMAT_VERSION})"
+            )
+        self._dataset = None
+
+    @property
+    def options(self) -> StoreOptions:
+        return self.manifest.options
+
+    @property
+    def dataset(self):
+        """All shards as one memory-mapped ``datasets.Dataset`` (numpy format)."""
+        if self._dataset is None:
+            import datasets
+
+            parts = [
+                datasets.Dataset.from_file(str(self.path / s["file"]), in_memory=False)
+                for s in self.manifest.shards
+            ]
+            ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else None
+            if ds is None:
+                ds = datasets.Dataset.from_dict({}, features=None)
+            self._dataset = ds.with_format("numpy")
+        return self._dataset
+
+    def __len__(self) -> int:
+        return self.manifest.sequences
+
+    def __getitem__(self, index: int) -> SequenceLogits:
+        return self._record(self.dataset[index])
+
+    def __iter__(self) -> Iterator[SequenceLogits]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def ids(self) -> list[str]:
+        return list(self.dataset["id"]) if len(self) else []
+
+    def _record(self, row: Mapping[str, Any]) -> SequenceLogits:
+        k = self.options.top_k
+        return SequenceLogits(
+            id=str(row["id"]),
+            input_ids=np.asarray(row["input_ids"]),
+            loss_mask=np.asarray(row["loss_mask"], dtype=bool),
+            token_offsets=np.asarray(row["token_offsets"], dtype=np.int32).reshape(-1, 2),
+            reply_spans=np.asarray(row["reply_spans"], dtype=np.int32).reshape(-1, 2),
+            topk_ids=np.asarray(row["topk_ids"]).reshape(-1, k),
+            topk_logprobs=np.asarray(row["topk_logprobs"], dtype=np.float16).reshape(-1, k),
+            target_logprobs=np.asarray(row["target_logprobs"], dtype=np.float32),
+            seq_ce=float(row["seq_ce"]),
+        )
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        """Padded tensor batches, read shard by shard from the memory map.
+
+        Keys: ``input_ids`` (B, T) int64 padded with 0, ``loss_mask`` (B, T) bool,
+        ``lengths`` (B,), ``topk_ids`` (B, P, K) int64 padded with 0,
+        ``topk_logprobs`` (B, P, K) float32 padded with -inf, ``target_logprobs``
+        (B, P) float32, ``num_positions`` (B,), ``seq_ce`` (B,), ``ids`` (list).
+        """
+        import torch
+
+        for start in range(0, len(self), batch_size):
+            records = [self[i] for i in range(start, min(start + batch_size, len(self)))]
+            t_max = max(len(r.input_ids) for r in records)
+            p_max = max(len(r.target_logprobs) for r in records)
+            k = self.options.top_k
+            batch = {
+                "ids": [r.id for r in records],
+                "input_ids": torch.zeros(len(records), t_max, dtype=torch.int64),
+                "loss_mask": torch.zeros(len(records), t_max, dtype=torch.bool),
+                "lengths": torch.tensor([len(r.input_ids) for r in records]),
+                "topk_ids": torch.zeros(len(records), p_max, k, dtype=torch.int64),
+                "topk_logprobs": torch.full((len(records), p_max, k), float("-inf")),
+                "target_logprobs": torch.zeros(len(records), p_max),
+                "num_positions": torch.tensor([len(r.target_logprobs) for r in records]),
+                "seq_ce": torch.tensor([r.seq_ce for r in records], dtype=torch.float32),
+            }
+            for b, r in enumerate(records):
+                t, p = len(r.input_ids), len(r.target_logprobs)
+                batch["input_ids"][b, :t] = torch.from_numpy(r.input_ids.astype(np.int64))
+                batch["loss_mask"][b, :t] = torch.from_numpy(r.loss_mask)
+                batch["topk_ids"][b, :p] = torch.from_numpy(r.topk_ids.astype(np.int64))
+                batch["topk_logprobs"][b, :p] = torch.from_numpy(r.topk_logprobs.astype(np.float32))
+                batch["target_logprobs"][b, :p] = torch.from_numpy(r.target_logprobs)
+            yield batch
+
+    def bytes_per_token(self) -> float:
+        total = sum(s["bytes"] for s in self.manifest.shards)
+        return total / max(1, self.manifest.tokens)
+
+
+def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Manifest:
+    """Combine the stores of ``--shard i/N`` runs into one store, in part order.
+
+    The parts must agree on everything but ``shard``; shards are hard-linked (copied
+    across file systems) and renumbered.
+    """
+    stores = [LogitStore(p) for p in parts]
+    if not stores:
+        raise StoreError("no stores to merge")
+    first = asdict(stores[0].options)
+    for store in stores[1:]:
+        other = asdict(store.options)
+        diffs = [k for k in first if k not in ("shard", "package_version") and first[k] != other[k]]
+        if diffs:
+            raise StoreError(f"{store.path} differs from {stores[0].path} in {', '.join(diffs)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise StoreError(f"{out} is not empty; choose another output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    index = 0
+    skipped: dict[str, str] = {}
+    for store in stores:
+        skipped.update(store.manifest.skipped)
+        for shard in store.manifest.shards:
+            target = out / shard_name(index)
+            tmp = target.with_name(f".{target.name}.tmp")
+            try:
+                os.link(store.path / shard["file"], tmp)
+            except OSError:
+                shutil.copyfile(store.path / shard["file"], tmp)
+            tmp.replace(target)
+            index += 1
+    options = StoreOptions(**{**first, "shard": "0/1"})
+    write_json_atomic(out / RUN_FILE, json.dumps(asdict(options), indent=2))
+    return finish_run(out, options, skipped)
