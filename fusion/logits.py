@@ -127,6 +127,15 @@ def score_shard(
     return [r for r in records if r is not None]
 
 
+def _resolved_dtype(job: LogitJob) -> str:
+    """The dtype the backend will really use (recorded in the manifest)."""
+    if job.dtype != "auto" or job.backend != "hf":
+        return job.dtype
+    from fusion.backends.hf import resolve_device, resolve_dtype
+
+    return str(resolve_dtype("auto", resolve_device(job.device))).removeprefix("torch.")
+
+
 def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
     """Run (or resume) a logit job; returns the finished store's manifest."""
     from tqdm.auto import tqdm
@@ -152,7 +161,7 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
         top_k=job.top_k,
         max_length=job.max_length,
         backend=job.backend,
-        dtype=job.dtype,
+        dtype=_resolved_dtype(job),
         data=str(job.data),
         shard=job.shard,
         rows_per_shard=job.rows_per_shard,
