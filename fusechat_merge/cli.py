@@ -139,6 +139,33 @@ def logits_merge_command(parts: tuple[str, ...], out: str) -> None:
     click.echo(f"{out}: {manifest.sequences} sequences, {manifest.tokens:,} tokens")
 
 
+@main.command("align")
+@click.option("--pivot", required=True, type=click.Path(file_okay=False), help="The pivot's logit store.")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="A source's logit store (same corpus).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Aligned store directory.")
+@click.option("--method", type=click.Choice(["offsets", "dtw"]), default="offsets", show_default=True,
+              help="offsets: exact, from the stored character spans. dtw: the paper's edit-distance "
+              "DTW over token strings.")
+@click.option("--vocab-map", type=click.Path(dir_okay=False), default=None,
+              help="A saved source→pivot vocabulary map (refused if made for other tokenizers); "
+              "by default one is built from this corpus and saved in OUT.")
+@click.option("--vocab-mode", type=click.Choice(["ms", "em", "mined"]), default="ms", show_default=True,
+              help="ms: mapping statistics (FuseChat). em: exact match. mined: minimum edit distance.")
+def align_command(**kwargs) -> None:
+    """Map a source model's top-K distributions onto the pivot's positions and vocabulary.
+
+    Writes the pivot's store plus the aligned source distribution per position; sources
+    with the pivot's tokenizer are copied through without alignment. Resumable.
+    """
+    from fusion.align_job import AlignJob, align_stores
+    from fusion.store import StoreError
+
+    try:
+        align_stores(AlignJob(**kwargs), log=click.echo)
+    except (StoreError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+
+
 @main.command("demo")
 @click.option(
     "--work-dir",

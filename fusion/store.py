@@ -106,6 +106,8 @@ class Manifest:
     sequences: int
     tokens: int
     skipped: dict[str, str] = field(default_factory=dict)
+    alignment: dict[str, Any] | None = None
+    """Set in aligned stores: source store, method, vocabulary map, statistics."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -148,9 +150,19 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
 
 
-def write_shard(path: Path, records: Sequence[SequenceLogits], id_type: str) -> int:
-    """Write records as one Arrow stream file, atomically; returns the bytes written."""
+def write_shard(
+    path: Path,
+    records: Sequence[SequenceLogits],
+    id_type: str,
+    extra: Mapping[str, tuple[pa.DataType, list[Any]]] | None = None,
+) -> int:
+    """Write records as one Arrow stream file, atomically; returns the bytes written.
+
+    ``extra`` adds columns (name → (type, values per record)), as the aligned store does.
+    """
     schema = arrow_schema(id_type)
+    for name, (dtype, _) in (extra or {}).items():
+        schema = schema.append(pa.field(name, dtype))
     np_ids = np.uint16 if id_type == "uint16" else np.uint32
     columns = {
         "id": [r.id for r in records],
@@ -163,6 +175,7 @@ def write_shard(path: Path, records: Sequence[SequenceLogits], id_type: str) -> 
         "target_logprobs": [np.asarray(r.target_logprobs, dtype=np.float32) for r in records],
         "seq_ce": [float(r.seq_ce) for r in records],
     }
+    columns.update({name: values for name, (_, values) in (extra or {}).items()})
     table = pa.table(columns, schema=schema)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -178,11 +191,11 @@ def write_json_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def begin_run(out: Path, options: StoreOptions) -> None:
+def begin_run(out: Path, options: StoreOptions | Mapping[str, Any]) -> None:
     """Create ``out`` for a run or check that a resumed run uses the same options."""
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / RUN_FILE
-    wanted = asdict(options)
+    wanted = dict(options) if isinstance(options, Mapping) else asdict(options)
     if run_file.exists():
         started = json.loads(run_file.read_text(encoding="utf-8"))
         diffs = [
@@ -201,7 +214,12 @@ def begin_run(out: Path, options: StoreOptions) -> None:
     write_json_atomic(run_file, json.dumps(wanted, indent=2))
 
 
-def finish_run(out: Path, options: StoreOptions, skipped: Mapping[str, str]) -> Manifest:
+def finish_run(
+    out: Path,
+    options: StoreOptions,
+    skipped: Mapping[str, str],
+    alignment: dict[str, Any] | None = None,
+) -> Manifest:
     """Write the manifest over the finished shards: the store is complete from now on."""
     shards, sequences, tokens = [], 0, 0
     for path in sorted(out.glob("shard-*.arrow")):
@@ -211,7 +229,9 @@ def finish_run(out: Path, options: StoreOptions, skipped: Mapping[str, str]) -> 
         shards.append({"file": path.name, "sequences": rows, "tokens": n_tokens, "bytes": path.stat().st_size})
         sequences += rows
         tokens += n_tokens
-    manifest = Manifest(FORMAT, FORMAT_VERSION, options, shards, sequences, tokens, dict(skipped))
+    manifest = Manifest(
+        FORMAT, FORMAT_VERSION, options, shards, sequences, tokens, dict(skipped), alignment
+    )
     write_json_atomic(out / MANIFEST, manifest.to_json())
     return manifest
 

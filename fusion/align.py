@@ -1,0 +1,188 @@
+"""Aligning a source model's top-K distributions to the pivot's tokens and vocabulary.
+
+Two steps, both pure functions here (`align_stores` in `fusion.align_job` does the I/O):
+
+1. **Positions.** A distribution at position t predicts token t + 1, so predictions are
+   aligned, not input tokens: pivot position j and source position i correspond when the
+   pivot token j + 1 and the source token i + 1 *start at the same character* of the same
+   assistant reply. Where the pivot's next token starts inside a source token (no source
+   token boundary there), no source distribution predicts it.
+
+   * ``offsets`` (default) reads the character spans stored with each token: exact.
+   * ``dtw`` aligns the decoded token strings of each reply by edit-distance DTW
+     (the paper's method, `fusion.dtw`), for parity with the reference and for data
+     without offsets; a pivot token then takes the first source token aligned to it when
+     the two strings start alike.
+
+   FuseChat's reference code aligns *input* tokens and uses the source distribution at the
+   aligned input token (its issues #27/#28 ask why), i.e. it pairs distributions that
+   predict tokens starting at different characters whenever the two tokenizations split
+   differently. Aligning predictions avoids that.
+
+2. **Vocabulary.** Each source top-K entry is mapped to a pivot id with the vocabulary map
+   (exact canonical text first, then the statistics-based choice; `fusion.vocab_map`),
+   duplicates are merged by log-sum-exp, and the kept entries are renormalised.
+
+Where no source distribution exists for a pivot position, the fusion stage falls back to
+the pivot's own distribution (the reference puts a one-hot on the gold token in some of
+these cases; a one-hot would teach certainty the source never expressed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+METHODS = ("offsets", "dtw")
+
+
+@dataclass(frozen=True)
+class TokenView:
+    """The parts of a stored sequence the aligner reads (numpy arrays)."""
+
+    input_ids: np.ndarray  # (T,)
+    loss_mask: np.ndarray  # (T,) bool
+    token_offsets: np.ndarray  # (T, 2)
+    reply_spans: np.ndarray  # (R, 2)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.flatnonzero(self.loss_mask[1:])
+
+
+def reply_keys(view: TokenView, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(reply index, start relative to the reply) of the given (trained) tokens.
+
+    A token is assigned to the reply holding its last character (so an end-of-turn token
+    right after a reply belongs to it); a token that starts before the reply (a byte-level
+    'Ġword' whose space is template text) counts as starting at the reply's start.
+    """
+    starts = view.reply_spans[:, 0] if len(view.reply_spans) else np.zeros(0, dtype=np.int64)
+    spans = view.token_offsets[tokens]
+    last_char = np.maximum(spans[:, 1] - 1, spans[:, 0])
+    reply = np.searchsorted(starts, last_char, side="right") - 1
+    safe = np.clip(reply, 0, max(len(starts) - 1, 0))
+    reply_start = starts[safe] if len(starts) else np.zeros_like(safe)
+    rel = np.maximum(spans[:, 0], reply_start) - reply_start
+    return np.where(reply >= 0, reply, -1), rel
+
+
+def boundary_keys(view: TokenView, tokens: np.ndarray) -> list[tuple[int, int, int] | None]:
+    """A key per token naming the boundary it starts at: (reply, relative start, rank).
+
+    Byte-fallback pieces of one character share its span, so the rank counts the earlier
+    tokens starting at the same character: the first piece of 'ï' matches a whole-'ï'
+    token of the other side, the second piece only another second piece.
+    """
+    reply, rel = reply_keys(view, tokens)
+    keys: list[tuple[int, int, int] | None] = []
+    previous, rank = None, 0
+    for r, c in zip(reply.tolist(), rel.tolist(), strict=True):
+        rank = rank + 1 if (r, c) == previous else 0
+        previous = (r, c)
+        keys.append((r, c, rank) if r >= 0 else None)
+    return keys
+
+
+def offsets_alignment(pivot: TokenView, source: TokenView) -> np.ndarray:
+    """For each pivot trained position, the source position predicting the token that
+    starts at the same reply character, or -1."""
+    piv_pos, src_pos = pivot.positions, source.positions
+    lookup = {
+        key: int(i)
+        for key, i in zip(boundary_keys(source, src_pos + 1), src_pos, strict=True)
+        if key is not None
+    }
+    keys = boundary_keys(pivot, piv_pos + 1)
+    return np.array([lookup.get(key, -1) if key else -1 for key in keys], dtype=np.int64)
+
+
+def dtw_alignment(
+    pivot: TokenView,
+    source: TokenView,
+    pivot_texts: Sequence[str],
+    source_texts: Sequence[str],
+    *,
+    pivot_marker: str,
+    source_marker: str,
+) -> np.ndarray:
+    """Like `offsets_alignment`, from edit-distance DTW over each reply's token strings.
+
+    ``*_texts`` are the raw vocabulary pieces of each id (``convert_ids_to_tokens``), the
+    strings the reference aligns; matching uses their canonical text.
+    """
+    from fusion.dtw import dtw_align
+
+    out = np.full(len(pivot.positions), -1, dtype=np.int64)
+    piv_tokens = pivot.positions + 1
+    src_tokens = source.positions + 1
+    p_reply, _ = reply_keys(pivot, piv_tokens)
+    s_reply, _ = reply_keys(source, src_tokens)
+    for r in np.unique(p_reply[p_reply >= 0]):
+        p_idx = np.flatnonzero(p_reply == r)
+        s_idx = np.flatnonzero(s_reply == r)
+        if not len(s_idx):
+            continue
+        p_str = [pivot_texts[int(pivot.input_ids[t])] for t in piv_tokens[p_idx]]
+        s_str = [source_texts[int(source.input_ids[t])] for t in src_tokens[s_idx]]
+        piv2src = dtw_align(s_str, p_str, src_marker=source_marker, piv_marker=pivot_marker)
+        claimed: set[int] = set()
+        for j, partners in enumerate(piv2src):
+            first = partners[0]
+            a = _strip(p_str[j], pivot_marker)
+            b = _strip(s_str[first], source_marker)
+            if first in claimed or not a or not b or not (a.startswith(b) or b.startswith(a)):
+                continue  # n-1: only the first pivot token of a group starts with the source token
+            claimed.add(first)
+            out[p_idx[j]] = src_tokens[s_idx[first]] - 1
+    return out
+
+
+def _strip(piece: str, marker: str) -> str:
+    return piece.replace(marker, "") if marker else piece
+
+
+def map_distribution(
+    ids: np.ndarray, logprobs: np.ndarray, src2piv: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One source top-K list → pivot ids: map, merge duplicates by log-sum-exp, renormalise.
+
+    Returns (ids, logprobs) padded to ``k`` with id 0 and -inf, best first, and the number
+    of kept entries.
+    """
+    lp = logprobs.astype(np.float64)
+    valid = np.isfinite(lp)
+    mapped = src2piv[ids[valid]]
+    lp = lp[valid]
+    out_ids = np.zeros(k, dtype=np.int64)
+    out_lp = np.full(k, -np.inf, dtype=np.float32)
+    if not len(mapped):
+        return out_ids, out_lp, 0
+    uniq, inverse = np.unique(mapped, return_inverse=True)
+    peak = lp.max()
+    mass = np.zeros(len(uniq))
+    np.add.at(mass, inverse, np.exp(lp - peak))
+    merged = np.log(mass) + peak
+    merged -= np.logaddexp.reduce(merged)  # renormalise over the kept entries
+    order = np.argsort(-merged, kind="stable")[:k]
+    n = len(order)
+    out_ids[:n] = uniq[order]
+    out_lp[:n] = merged[order]
+    return out_ids, out_lp, n
+
+
+def token_pairs(pivot: TokenView, source: TokenView) -> tuple[np.ndarray, np.ndarray]:
+    """(pivot id, source id) of the trained tokens that start at the same reply character:
+    the co-occurrence evidence for the statistics-based vocabulary map."""
+    p_tok = pivot.positions + 1
+    s_tok = source.positions + 1
+    lookup = {key: int(t) for key, t in zip(boundary_keys(source, s_tok), s_tok, strict=True) if key}
+    piv_ids, src_ids = [], []
+    for key, t in zip(boundary_keys(pivot, p_tok), p_tok, strict=True):
+        s = lookup.get(key) if key else None
+        if s is not None:
+            piv_ids.append(int(pivot.input_ids[t]))
+            src_ids.append(int(source.input_ids[s]))
+    return np.asarray(piv_ids, dtype=np.int64), np.asarray(src_ids, dtype=np.int64)

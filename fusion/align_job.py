@@ -1,0 +1,281 @@
+"""``fusechat-merge align``: a pivot store + a source store → an aligned store.
+
+The aligned store is a logit store (the pivot's own columns, see docs/logit-store.md)
+with five more columns, per pivot trained position unless noted:
+
+* ``src_topk_ids`` / ``src_topk_logprobs`` (P×K): the source distribution in pivot ids,
+  renormalised over its kept entries, padded with id 0 and -inf;
+* ``src_aligned`` (P, bool): whether a source distribution exists there (else the fusion
+  stage falls back to the pivot's own);
+* ``src_target_logprobs`` (P): the aligned source log-probability of the pivot's next
+  token (-inf when outside the kept entries, NaN where not aligned), for token-level MinCE;
+* ``src_seq_ce`` (per sequence): the source's own sequence cross-entropy (the MinCE metric).
+
+The manifest's ``alignment`` holds the source store, method, vocabulary map and the
+statistics (aligned and fallback fractions, mean entries kept). Resumable shard by shard,
+like the logit step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from fusion.align import (
+    METHODS,
+    TokenView,
+    dtw_alignment,
+    map_distribution,
+    offsets_alignment,
+    token_pairs,
+)
+from fusion.store import (
+    LogitStore,
+    Manifest,
+    SequenceLogits,
+    StoreError,
+    begin_run,
+    finish_run,
+    shard_name,
+    write_shard,
+)
+
+VOCAB_MAP_FILE = "vocab_map.json"
+
+
+@dataclass
+class AlignJob:
+    pivot: str
+    source: str
+    out: str
+    method: str = "offsets"
+    vocab_map: str | None = None
+    vocab_mode: str = "ms"
+
+
+def view(seq: SequenceLogits) -> TokenView:
+    return TokenView(seq.input_ids, seq.loss_mask, seq.token_offsets, seq.reply_spans)
+
+
+def check_pair(pivot: LogitStore, source: LogitStore) -> None:
+    """Same sequences in the same order, or a clear error naming the first mismatch."""
+    p_ids, s_ids = pivot.ids(), source.ids()
+    for index, (a, b) in enumerate(zip(p_ids, s_ids, strict=False)):
+        if a != b:
+            raise StoreError(
+                f"the stores disagree at sequence {index}: pivot has id {a!r}, source has {b!r} "
+                f"({pivot.path} vs {source.path}); score the same corpus with both models"
+            )
+    if len(p_ids) != len(s_ids):
+        raise StoreError(
+            f"the pivot store has {len(p_ids)} sequences and the source store {len(s_ids)}; "
+            f"first unmatched id: {(p_ids if len(p_ids) > len(s_ids) else s_ids)[min(len(p_ids), len(s_ids))]!r}"
+        )
+
+
+def load_tokenizer(store: LogitStore):
+    """The store's tokenizer, refusing one that changed since the store was written."""
+    from transformers import AutoTokenizer
+
+    from fusion.store import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(store.options.model)
+    if tokenizer_fingerprint(tok) != store.options.tokenizer_fingerprint:
+        raise StoreError(
+            f"the tokenizer at {store.options.model} is not the one {store.path} was scored with "
+            f"(fingerprint {tokenizer_fingerprint(tok)} vs {store.options.tokenizer_fingerprint})"
+        )
+    return tok
+
+
+def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_tok, src_tok, out: Path):
+    """Load the given map (checked against both tokenizers) or build one from this corpus."""
+    from fusion.vocab_map import CooccurrenceCounts, VocabMap, build_vocab_map
+
+    if job.vocab_map:
+        return VocabMap.load(
+            job.vocab_map,
+            source_fingerprint=source.options.tokenizer_fingerprint,
+            pivot_fingerprint=pivot.options.tokenizer_fingerprint,
+        )
+    cached = out / VOCAB_MAP_FILE
+    if cached.exists():
+        return VocabMap.load(
+            cached,
+            source_fingerprint=source.options.tokenizer_fingerprint,
+            pivot_fingerprint=pivot.options.tokenizer_fingerprint,
+        )
+    counts = None
+    if job.vocab_mode == "ms":
+        counts = CooccurrenceCounts(pivot.options.vocab_size, source.options.vocab_size)
+        for p_seq, s_seq in zip(pivot, source, strict=True):
+            counts.add(*token_pairs(view(p_seq), view(s_seq)))
+    vmap = build_vocab_map(src_tok, piv_tok, mode=job.vocab_mode, counts=counts)
+    vmap.save(cached)
+    return vmap
+
+
+def align_sequence(
+    p_seq: SequenceLogits,
+    s_seq: SequenceLogits,
+    src2piv: np.ndarray,
+    k: int,
+    positions_of: Callable[[TokenView, TokenView], np.ndarray],
+) -> dict[str, Any]:
+    """The aligned columns of one sequence, plus its counts for the statistics."""
+    src_for_piv = positions_of(view(p_seq), view(s_seq))
+    s_index = {int(t): i for i, t in enumerate(s_seq.positions)}
+    gold = p_seq.input_ids[p_seq.positions + 1]
+    n = len(src_for_piv)
+    ids = np.zeros((n, k), dtype=np.int64)
+    lps = np.full((n, k), -np.inf, dtype=np.float32)
+    target = np.full(n, np.nan, dtype=np.float32)
+    kept_total = 0
+    for j, t in enumerate(src_for_piv):
+        if t < 0:
+            continue
+        row = s_index[int(t)]
+        ids[j], lps[j], kept = map_distribution(s_seq.topk_ids[row], s_seq.topk_logprobs[row], src2piv, k)
+        kept_total += kept
+        hit = np.flatnonzero(ids[j, :kept] == gold[j])
+        target[j] = lps[j, hit[0]] if len(hit) else -np.inf
+    aligned = src_for_piv >= 0
+    return {
+        "src_topk_ids": ids.reshape(-1),
+        "src_topk_logprobs": lps.astype(np.float16).reshape(-1),
+        "src_aligned": aligned,
+        "src_target_logprobs": target,
+        "src_seq_ce": float(s_seq.seq_ce),
+        "_positions": n,
+        "_aligned": int(aligned.sum()),
+        "_kept": kept_total,
+    }
+
+
+def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
+    """Run (or resume) an alignment job; returns the aligned store's manifest."""
+    from tqdm.auto import tqdm
+
+    if job.method not in METHODS:
+        raise ValueError(f"unknown alignment method {job.method!r}; use one of {', '.join(METHODS)}")
+    pivot, source = LogitStore(job.pivot), LogitStore(job.source)
+    if pivot.manifest.alignment is not None:
+        raise StoreError(f"{pivot.path} is already an aligned store; give the pivot's logit store")
+    check_pair(pivot, source)
+    out = Path(job.out)
+    options = pivot.options
+    run = {**asdict(options), "align_source": str(source.path), "align_method": job.method,
+           "vocab_map": job.vocab_map, "vocab_mode": job.vocab_mode}
+    begin_run(out, run)
+    same_vocab = pivot.options.tokenizer_fingerprint == source.options.tokenizer_fingerprint
+    k = options.top_k
+    if same_vocab:
+        src2piv = np.arange(max(pivot.options.vocab_size, source.options.vocab_size), dtype=np.int64)
+        vocab_info: dict[str, Any] = {"mode": "identity (same tokenizer)"}
+    else:
+        piv_tok, src_tok = load_tokenizer(pivot), load_tokenizer(source)
+        vmap = resolve_vocab_map(job, pivot, source, piv_tok, src_tok, out)
+        src2piv = vmap.src2piv
+        vocab_info = {"mode": vmap.mode, "file": str(job.vocab_map or out / VOCAB_MAP_FILE),
+                      "exact_fraction": float(np.mean(vmap.exact))}
+    positions_of = _position_aligner(job.method, same_vocab, pivot, source)
+
+    started = time.perf_counter()
+    totals = {"positions": 0, "aligned": 0, "kept": 0}
+    start_row = 0
+    with tqdm(total=len(pivot), unit="seq", disable=not progress, desc="aligning") as bar:
+        for index, shard in enumerate(pivot.manifest.shards):
+            rows = range(start_row, start_row + shard["sequences"])
+            start_row += shard["sequences"]
+            target = out / shard_name(index)
+            columns = [align_sequence(pivot[i], source[i], src2piv, k, positions_of) for i in rows]
+            for c in columns:
+                totals["positions"] += c["_positions"]
+                totals["aligned"] += c["_aligned"]
+                totals["kept"] += c["_kept"]
+            if not target.exists():
+                write_shard(target, [pivot[i] for i in rows], options.id_type, _extra(columns, options.id_type))
+            bar.update(len(rows))
+    stats = {
+        "aligned_fraction": totals["aligned"] / max(1, totals["positions"]),
+        "fallback_fraction": 1 - totals["aligned"] / max(1, totals["positions"]),
+        "mean_entries_kept": totals["kept"] / max(1, totals["aligned"]),
+        "positions": totals["positions"],
+    }
+    alignment = {"source": str(source.path), "source_model": source.options.model, "method": job.method,
+                 "same_vocabulary": same_vocab, "vocab_map": vocab_info, "statistics": stats}
+    manifest = finish_run(out, options, pivot.manifest.skipped, alignment)
+    log(
+        f"aligned {len(pivot)} sequences in {time.perf_counter() - started:.1f}s: "
+        f"{stats['aligned_fraction']:.1%} of positions aligned, "
+        f"{stats['fallback_fraction']:.1%} fall back to the pivot, "
+        f"{stats['mean_entries_kept']:.2f} entries kept on average"
+    )
+    return manifest
+
+
+def _position_aligner(method: str, same_vocab: bool, pivot: LogitStore, source: LogitStore):
+    if method == "offsets":
+        return offsets_alignment
+    from fusion.dtw import space_marker
+
+    piv_tok, src_tok = load_tokenizer(pivot), load_tokenizer(source)
+    piv_texts = piv_tok.convert_ids_to_tokens(list(range(len(piv_tok))))
+    src_texts = src_tok.convert_ids_to_tokens(list(range(len(src_tok))))
+    piv_marker, src_marker = space_marker(piv_tok), space_marker(src_tok)
+
+    def by_dtw(p: TokenView, s: TokenView) -> np.ndarray:
+        return dtw_alignment(p, s, piv_texts, src_texts, pivot_marker=piv_marker, source_marker=src_marker)
+
+    return by_dtw
+
+
+def _extra(columns: list[dict[str, Any]], id_type: str) -> dict[str, tuple[pa.DataType, list[Any]]]:
+    ids = pa.uint16() if id_type == "uint16" else pa.uint32()
+    np_ids = np.uint16 if id_type == "uint16" else np.uint32
+    return {
+        "src_topk_ids": (pa.list_(ids), [c["src_topk_ids"].astype(np_ids) for c in columns]),
+        "src_topk_logprobs": (pa.list_(pa.float16()), [c["src_topk_logprobs"] for c in columns]),
+        "src_aligned": (pa.list_(pa.bool_()), [c["src_aligned"] for c in columns]),
+        "src_target_logprobs": (pa.list_(pa.float32()), [c["src_target_logprobs"] for c in columns]),
+        "src_seq_ce": (pa.float32(), [c["src_seq_ce"] for c in columns]),
+    }
+
+
+@dataclass
+class AlignedSequence:
+    """A pivot sequence with its aligned source distribution (numpy arrays)."""
+
+    pivot: SequenceLogits
+    src_topk_ids: np.ndarray  # (P, K) pivot ids
+    src_topk_logprobs: np.ndarray  # (P, K), -inf padded
+    src_aligned: np.ndarray  # (P,) bool
+    src_target_logprobs: np.ndarray  # (P,)
+    src_seq_ce: float
+
+
+class AlignedStore(LogitStore):
+    """Reads an aligned store (a logit store whose manifest has ``alignment``)."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        if self.manifest.alignment is None:
+            raise StoreError(f"{self.path} is a logit store, not an aligned store; run `fusechat-merge align`")
+
+    def aligned(self, index: int) -> AlignedSequence:
+        row = self.dataset[index]
+        k = self.options.top_k
+        return AlignedSequence(
+            pivot=self._record(row),
+            src_topk_ids=np.asarray(row["src_topk_ids"]).reshape(-1, k),
+            src_topk_logprobs=np.asarray(row["src_topk_logprobs"], dtype=np.float16).reshape(-1, k),
+            src_aligned=np.asarray(row["src_aligned"], dtype=bool),
+            src_target_logprobs=np.asarray(row["src_target_logprobs"], dtype=np.float32),
+            src_seq_ce=float(row["src_seq_ce"]),
+        )
