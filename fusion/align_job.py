@@ -116,7 +116,9 @@ def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_
         counts = CooccurrenceCounts(pivot.options.vocab_size, source.options.vocab_size)
         for p_seq, s_seq in zip(pivot, source, strict=True):
             counts.add(*token_pairs(view(p_seq), view(s_seq)))
-    vmap = build_vocab_map(src_tok, piv_tok, mode=job.vocab_mode, counts=counts)
+    vmap = build_vocab_map(
+        src_tok, piv_tok, mode=job.vocab_mode, counts=counts, source_vocab_size=source.options.vocab_size
+    )
     vmap.save(cached)
     return vmap
 
