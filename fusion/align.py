@@ -110,8 +110,9 @@ def dtw_alignment(
 ) -> np.ndarray:
     """Like `offsets_alignment`, from edit-distance DTW over each reply's token strings.
 
-    ``*_texts`` are the raw vocabulary pieces of each id (``convert_ids_to_tokens``), the
-    strings the reference aligns; matching uses their canonical text.
+    ``*_texts`` give the text of each id (`fusion.vocab_map.piece_texts`: markers as
+    spaces, byte pieces decoded; the reference aligns ``decode([id])`` strings), with
+    ``*_marker`` the space marker in them.
     """
     from fusion.dtw import dtw_align
 
@@ -129,11 +130,14 @@ def dtw_alignment(
         s_str = [source_texts[int(source.input_ids[t])] for t in src_tokens[s_idx]]
         piv2src = dtw_align(s_str, p_str, src_marker=source_marker, piv_marker=pivot_marker)
         claimed: set[int] = set()
+        last_p, last_s = len(p_str) - 1, len(s_str) - 1
         for j, partners in enumerate(piv2src):
             first = partners[0]
-            a = _strip(p_str[j], pivot_marker)
-            b = _strip(s_str[first], source_marker)
-            if first in claimed or not a or not b or not (a.startswith(b) or b.startswith(a)):
+            end_of_turn = j == last_p and first == last_s  # the reply's closing tokens
+            a = _strip(p_str[j], pivot_marker) or p_str[j]
+            b = _strip(s_str[first], source_marker) or s_str[first]
+            starts_alike = bool(a and b) and (a.startswith(b) or b.startswith(a))
+            if first in claimed or not (starts_alike or end_of_turn):
                 continue  # n-1: only the first pivot token of a group starts with the source token
             claimed.add(first)
             out[p_idx[j]] = src_tokens[s_idx[first]] - 1
@@ -160,13 +164,13 @@ def map_distribution(
     out_lp = np.full(k, -np.inf, dtype=np.float32)
     if not len(mapped):
         return out_ids, out_lp, 0
-    uniq, inverse = np.unique(mapped, return_inverse=True)
+    uniq, first, inverse = np.unique(mapped, return_index=True, return_inverse=True)
     peak = lp.max()
     mass = np.zeros(len(uniq))
     np.add.at(mass, inverse, np.exp(lp - peak))
     merged = np.log(mass) + peak
     merged -= np.logaddexp.reduce(merged)  # renormalise over the kept entries
-    order = np.argsort(-merged, kind="stable")[:k]
+    order = np.lexsort((first, -merged))[:k]  # ties keep the source's order
     n = len(order)
     out_ids[:n] = uniq[order]
     out_lp[:n] = merged[order]

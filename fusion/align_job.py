@@ -223,19 +223,27 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
 
 
 def _position_aligner(method: str, same_vocab: bool, pivot: LogitStore, source: LogitStore):
+    if same_vocab:
+        return _identity_or_offsets
     if method == "offsets":
         return offsets_alignment
-    from fusion.dtw import space_marker
+    from fusion.vocab_map import piece_texts
 
-    piv_tok, src_tok = load_tokenizer(pivot), load_tokenizer(source)
-    piv_texts = piv_tok.convert_ids_to_tokens(list(range(len(piv_tok))))
-    src_texts = src_tok.convert_ids_to_tokens(list(range(len(src_tok))))
-    piv_marker, src_marker = space_marker(piv_tok), space_marker(src_tok)
+    # canonical texts (space marker → ' ', byte pieces decoded) so that 'Ã'+'Ħ' and 'Ä' compare
+    piv_texts = piece_texts(load_tokenizer(pivot))
+    src_texts = piece_texts(load_tokenizer(source))
 
     def by_dtw(p: TokenView, s: TokenView) -> np.ndarray:
-        return dtw_alignment(p, s, piv_texts, src_texts, pivot_marker=piv_marker, source_marker=src_marker)
+        return dtw_alignment(p, s, piv_texts, src_texts, pivot_marker=" ", source_marker=" ")
 
     return by_dtw
+
+
+def _identity_or_offsets(p: TokenView, s: TokenView) -> np.ndarray:
+    """Same tokenizer: identical sequences need no alignment (copied through)."""
+    if np.array_equal(p.input_ids, s.input_ids):
+        return p.positions
+    return offsets_alignment(p, s)
 
 
 def _extra(columns: list[dict[str, Any]], id_type: str) -> dict[str, tuple[pa.DataType, list[Any]]]:

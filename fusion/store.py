@@ -291,7 +291,7 @@ class LogitStore:
             yield self[i]
 
     def ids(self) -> list[str]:
-        return list(self.dataset["id"]) if len(self) else []
+        return [str(x) for x in self.dataset["id"]] if len(self) else []
 
     def _record(self, row: Mapping[str, Any]) -> SequenceLogits:
         k = self.options.top_k

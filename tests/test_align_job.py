@@ -1,0 +1,135 @@
+"""`fusechat-merge align` end to end on stores of two models with different tokenizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from corpus import conversations, write_jsonl
+
+from fusion.align_job import AlignedStore, AlignJob, align_stores
+from fusion.logits import LogitJob, generate_logits
+from fusion.store import LogitStore, StoreError
+
+
+def make_store(model: Path, data: Path, out: Path, **kw) -> LogitStore:
+    job = LogitJob(model=str(model), data=str(data), out=str(out), top_k=6, cache_dir=str(out.parent / "c"), **kw)
+    generate_logits(job, progress=False, log=lambda _: None)
+    return LogitStore(out)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
+    from fusechat_merge.toy import make_model
+
+    root = tmp_path_factory.mktemp("align")
+    data = write_jsonl(root / "chats.jsonl", conversations(10))
+    pivot = make_model(root / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
+    source = make_model(root / "source", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
+    twin = make_model(root / "twin", "mistral", tokenizer=metaspace_tokenizer, seed=3)
+    return {
+        "root": root,
+        "data": data,
+        "pivot": make_store(pivot, data, root / "s-pivot", rows_per_shard=4),
+        "source": make_store(source, data, root / "s-source"),
+        "twin": make_store(twin, data, root / "s-twin"),
+    }
+
+
+def test_offsets_alignment_end_to_end(stores, tmp_path):
+    manifest = align_stores(
+        AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path), out=str(tmp_path / "a")),
+        progress=False, log=lambda _: None,
+    )
+    stats = manifest.alignment["statistics"]
+    assert 0.3 < stats["aligned_fraction"] <= 1.0
+    assert stats["fallback_fraction"] == pytest.approx(1 - stats["aligned_fraction"])
+    assert 1 <= stats["mean_entries_kept"] <= 6
+    aligned = AlignedStore(tmp_path / "a")
+    pivot = stores["pivot"]
+    assert len(aligned) == len(pivot) and aligned.manifest.shards[0]["sequences"] == 4
+    for i in range(len(aligned)):
+        seq = aligned.aligned(i)
+        p = pivot[i]
+        assert np.array_equal(seq.pivot.topk_ids, p.topk_ids) and seq.pivot.seq_ce == p.seq_ce
+        assert seq.src_seq_ce == pytest.approx(stores["source"][i].seq_ce)
+        probs = np.exp(seq.src_topk_logprobs.astype(np.float64))
+        sums = probs.sum(axis=1)
+        assert np.allclose(sums[seq.src_aligned], 1.0, atol=5e-3)  # float16 storage
+        assert (sums[~seq.src_aligned] == 0).all()
+        assert np.isnan(seq.src_target_logprobs[~seq.src_aligned]).all()
+    assert (tmp_path / "a" / "vocab_map.json").exists()
+
+
+def test_same_tokenizer_source_is_copied_through(stores, tmp_path):
+    manifest = align_stores(
+        AlignJob(pivot=str(stores["pivot"].path), source=str(stores["twin"].path), out=str(tmp_path / "a")),
+        progress=False, log=lambda _: None,
+    )
+    assert manifest.alignment["same_vocabulary"] and manifest.alignment["statistics"]["aligned_fraction"] == 1.0
+    aligned, twin = AlignedStore(tmp_path / "a"), stores["twin"]
+    for i in range(len(aligned)):
+        seq = aligned.aligned(i)
+        src = twin[i]
+        assert np.array_equal(seq.src_topk_ids, src.topk_ids)
+        raw = src.topk_logprobs.astype(np.float64)
+        renormalised = raw - np.logaddexp.reduce(raw, axis=1, keepdims=True)
+        np.testing.assert_allclose(seq.src_topk_logprobs.astype(np.float64), renormalised, atol=5e-3)
+
+
+def test_mismatched_stores_name_the_first_difference(stores, tmp_path):
+    other = write_jsonl(tmp_path / "other.jsonl", conversations(12)[2:])
+    shifted = make_store(Path(stores["source"].options.model), other, tmp_path / "shifted")
+    with pytest.raises(StoreError, match="sequence 0: pivot has id 'conv-0', source has 'conv-2'"):
+        align_stores(AlignJob(pivot=str(stores["pivot"].path), source=str(shifted.path), out=str(tmp_path / "x")),
+                     progress=False, log=lambda _: None)
+
+
+def test_align_cli_and_vocab_map_reuse(stores, tmp_path):
+    from fusechat_merge.cli import main
+
+    args = ["align", "--pivot", str(stores["pivot"].path), "--source", str(stores["source"].path)]
+    first = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    assert "positions aligned" in first.output
+    vmap = tmp_path / "a" / "vocab_map.json"
+    second = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--vocab-map", str(vmap)])
+    assert second.exit_code == 0, second.output
+    a, b = AlignedStore(tmp_path / "a"), AlignedStore(tmp_path / "b")
+    assert all(np.array_equal(a.aligned(i).src_topk_ids, b.aligned(i).src_topk_ids) for i in range(len(a)))
+    # a map made for other tokenizers is refused
+    swapped = CliRunner().invoke(main, ["align", "--pivot", str(stores["source"].path), "--source",
+                                        str(stores["pivot"].path), "--out", str(tmp_path / "c"),
+                                        "--vocab-map", str(vmap)])
+    assert swapped.exit_code != 0 and "vocab_map.json" in swapped.output
+
+
+def test_dtw_method_end_to_end_and_agreement_with_offsets(stores, tmp_path):
+    from fusion.align import TokenView, dtw_alignment, offsets_alignment
+    from fusion.align_job import load_tokenizer
+    from fusion.vocab_map import piece_texts
+
+    for method in ("offsets", "dtw"):
+        align_stores(AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path),
+                              out=str(tmp_path / method), method=method), progress=False, log=lambda _: None)
+    by_dtw = AlignedStore(tmp_path / "dtw")
+    assert by_dtw.manifest.alignment["method"] == "dtw"
+    assert by_dtw.manifest.alignment["statistics"]["aligned_fraction"] > 0.3
+
+    piv_tok, src_tok = load_tokenizer(stores["pivot"]), load_tokenizer(stores["source"])
+    piv_texts, src_texts = piece_texts(piv_tok), piece_texts(src_tok)
+    agree = total = 0
+    for p, s in zip(stores["pivot"], stores["source"], strict=True):
+        pv = TokenView(p.input_ids, p.loss_mask, p.token_offsets, p.reply_spans)
+        sv = TokenView(s.input_ids, s.loss_mask, s.token_offsets, s.reply_spans)
+        a = offsets_alignment(pv, sv)
+        b = dtw_alignment(pv, sv, piv_texts, src_texts, pivot_marker=" ", source_marker=" ")
+        # DTW never invents a pair that the exact offsets reject as starting elsewhere
+        both = (a >= 0) & (b >= 0)
+        assert (a[both] == b[both]).mean() > 0.9
+        agree += int((a == b).sum())
+        total += len(a)
+    print(f"offsets and dtw agree on {agree / total:.1%} of {total} pivot positions")
+    assert agree / total > 0.7
