@@ -76,7 +76,9 @@ def build_corpus(path: Path, n: int) -> Path:
                 ],
             }
         )
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -100,7 +102,9 @@ def main() -> None:
 
     n = 16 if args.quick else args.conversations
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = build_model(args.work_dir / ("model-quick" if args.quick else "model-50M"), args.quick)
+    model_dir = build_model(
+        args.work_dir / ("model-quick" if args.quick else "model-50M"), args.quick
+    )
     data = build_corpus(args.work_dir / f"chats-{n}.jsonl", n)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = load_conversations(str(data), cache_dir=str(args.work_dir / "cache"))
@@ -139,15 +143,21 @@ def main() -> None:
             timings[name].append(time.perf_counter() - start)
     best = {k: min(v) for k, v in timings.items()}
     size = (out_dir / "shard-00000.arrow").stat().st_size
-    print(f"model: {params / 1e6:.1f}M params, {len(encoded)} conversations, {tokens:,} tokens, "
-          f"K={args.top_k}, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    print(
+        f"model: {params / 1e6:.1f}M params, {len(encoded)} conversations, {tokens:,} tokens, "
+        f"K={args.top_k}, batch {args.batch_size}, {torch.get_num_threads()} threads"
+    )
     print(f"{'path':<8}{'best s':>10}{'tok/s':>12}")
     for name in ("plain", "ours"):
         print(f"{name:<8}{best[name]:>10.3f}{tokens / best[name]:>12,.0f}")
     ratio = best["ours"] / best["plain"]
-    print(f"time ratio ours/plain: {ratio:.3f} (target <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'})")
+    print(
+        f"time ratio ours/plain: {ratio:.3f} (target <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'})"
+    )
     bpt = size / tokens
-    print(f"store: {size:,} bytes, {bpt:.1f} bytes/token (target <= 60: {'met' if bpt <= 60 else 'NOT met'})")
+    print(
+        f"store: {size:,} bytes, {bpt:.1f} bytes/token (target <= 60: {'met' if bpt <= 60 else 'NOT met'})"
+    )
     positions = sum(int(np.asarray(e.loss_mask)[1:].sum()) for _, e in encoded)
     print(f"trained positions: {positions / tokens:.0%} of tokens")
     if args.vllm:
@@ -160,7 +170,9 @@ def main() -> None:
         start = time.perf_counter()
         engine.score(seqs, pos)
         t_vllm = time.perf_counter() - start
-        print(f"vllm    {t_vllm:>10.3f}{tokens / t_vllm:>12,.0f}  ({best['ours'] / t_vllm:.2f}x hf)")
+        print(
+            f"vllm    {t_vllm:>10.3f}{tokens / t_vllm:>12,.0f}  ({best['ours'] / t_vllm:.2f}x hf)"
+        )
 
 
 if __name__ == "__main__":

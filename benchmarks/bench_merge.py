@@ -10,7 +10,7 @@ measuring everything side by side in one run on one machine:
 How to run (from the repository root)::
 
     .venv/bin/python benchmarks/bench_merge.py                 # ~150M-parameter models
-    .venv/bin/python benchmarks/bench_merge.py --quick         # ~20M, under a minute
+    .venv/bin/python benchmarks/bench_merge.py --quick         # ~20M: smoke test, ~2 min
     .venv/bin/python benchmarks/bench_merge.py --params 500M --repeat 3 --threads 4
 
 What it does:
@@ -38,14 +38,17 @@ What it does:
    ``merge_tensors(..., "sce", ...)`` on one 32000×4096 (8192×4096 with ``--quick``)
    bfloat16 base and three targets, one fresh subprocess per case.
 
-How memory is measured:
+How time and memory are measured:
 
-* Whole merges: the parent starts the child with ``subprocess.Popen`` and reaps it with
-  ``os.wait4``, whose ``ru_maxrss`` is that child's peak resident set (Linux, KiB; it
-  includes the mmapped safetensors pages the child touched, as it does for every
-  method). No ``/usr/bin/time`` and no cooperation from the child are needed. Wall time
-  is measured around spawn and reap, so it includes interpreter start and imports
-  (reported separately as "startup": ``python -c 'import fusechat_merge.cli, mergekit.merge'``).
+* Whole merges: each command runs under this script's ``--measure`` launcher, a small
+  fresh process that starts the command with ``subprocess.Popen``, reaps it with
+  ``os.wait4`` and writes that child's wall time, CPU time (user + system) and
+  ``ru_maxrss`` (its peak resident set; Linux, KiB) to a JSON file. The launcher exists
+  because a child's ``ru_maxrss`` starts at the RSS of the process it was forked from,
+  and this process may hold whole models; the launcher holds a few MiB. No
+  ``/usr/bin/time`` and no cooperation from the command are needed. Peak RSS includes the
+  mmapped safetensors pages a process touched, for every method alike. Wall time
+  includes interpreter start and imports (reported separately as "startup").
 * Micro cases: inside the child, after the inputs exist, the kernel's peak-RSS mark is
   reset (``echo 5 > /proc/self/clear_refs``); the reported extra memory is ``VmHWM``
   after the merge minus ``VmRSS`` before it, so it includes the output tensor. Where the
@@ -53,6 +56,12 @@ How memory is measured:
 
 With ``--repeat N`` the methods run round-robin N times; the table shows the smallest
 wall time and the largest peak RSS of each. Nothing here asserts absolute times.
+
+Run it on an otherwise idle machine: other runnable processes make every time longer,
+and chunked kernels that run many short multi-threaded torch ops (``fusechat_sce``) lose
+far more than kernels made of a few large ops, because every op waits for its slowest
+thread. The load average at start and end is printed and saved with the results;
+``--threads 1`` is the less contention-sensitive setting on a shared machine.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -189,7 +199,7 @@ def ensure_models(work_dir: Path, params: str, seed: int = 0) -> tuple[list[Path
     spec = PRESETS[params]
     config = llama_config(spec)
     shapes = tensor_shapes(config)
-    numel = sum(_prod(s) for s in shapes.values())
+    numel = sum(math.prod(s) for s in shapes.values())
     dirs = model_dirs(work_dir, params)
     records = [_spec_record(spec, seed + j) for j in range(len(dirs))]
     if all(_is_complete(d, r) for d, r in zip(dirs, records, strict=True)):
@@ -203,13 +213,6 @@ def ensure_models(work_dir: Path, params: str, seed: int = 0) -> tuple[list[Path
     return dirs, numel
 
 
-def _prod(shape: Sequence[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
-
-
 # --------------------------------------------------------------------------- methods
 
 
@@ -220,10 +223,10 @@ class Method:
     tau: float | None = None
     recipe: dict[str, Any] | None = None
 
-    @property
-    def reference(self) -> str:
-        """Key of the mergekit ``sce`` run this one is compared with."""
-        return f"mergekit sce τ={self.tau if self.tau is not None else TAUS[0]}"
+
+def sce_reference(tau: float | None) -> str:
+    """Key of the mergekit ``sce`` run compared with (τ = 0.1 for methods without τ)."""
+    return f"mergekit sce τ={tau if tau is not None else TAUS[0]}"
 
 
 def _models_block(dirs: list[Path], per_model: dict[str, Any] | None = None) -> list[dict]:
@@ -249,11 +252,8 @@ def _recipe(method: str, dirs: list[Path], parameters: dict, per_model: dict | N
 def whole_model_methods(dirs: list[Path]) -> list[Method]:
     methods = [Method(FLOOR, "floor"), Method(FLOOR_IMPORTS, "floor+imports")]
     for tau in TAUS:
-        methods.append(
-            Method(
-                f"mergekit sce τ={tau}", "mergekit", tau, _recipe("sce", dirs, {"select_topk": tau})
-            )
-        )
+        recipe = _recipe("sce", dirs, {"select_topk": tau})
+        methods.append(Method(sce_reference(tau), "mergekit", tau, recipe))
     for scope in ("weights", "deltas"):
         for tau in TAUS:
             params = {"select_topk": tau, "select_scope": scope}
@@ -268,7 +268,7 @@ def _slug(key: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in key).strip("_")
 
 
-def merge_command(method: Method, dirs: list[Path], work_dir: Path, threads: int) -> list[str]:
+def prepare_command(method: Method, dirs: list[Path], work_dir: Path, threads: int) -> list[str]:
     out = work_dir / "out" / _slug(method.key)
     if out.exists():
         shutil.rmtree(out)
@@ -300,7 +300,7 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> None:
 class Measurement:
     wall_s: float
     cpu_s: float
-    """User + system CPU time of the child (less sensitive to other load than wall)."""
+    """User + system CPU time of the child (threads spinning at a barrier count too)."""
     peak_rss_mib: float
     returncode: int
 
@@ -338,18 +338,41 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def run_measured(cmd: list[str], env: dict[str, str], log_path: Path) -> Measurement:
-    """Run ``cmd`` to completion; wall time and the child's own peak RSS (``wait4``)."""
+    """Run ``cmd`` through the ``--measure`` launcher; its wall, CPU time and peak RSS.
+
+    The launcher is a small fresh process, not this one: a child's ``ru_maxrss`` starts
+    at the RSS of the process it was forked from, which here may hold whole models.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path = log_path.with_suffix(".measure.json")
+    result_path.unlink(missing_ok=True)
+    launcher = [sys.executable, str(Path(__file__).resolve()), "--measure", str(result_path)]
     with open(log_path, "w") as log_file:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT
+        subprocess.run(
+            [*launcher, *cmd],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO_ROOT,
+            check=False,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
+    if not result_path.exists():
+        return Measurement(float("nan"), float("nan"), float("nan"), -1)
+    return Measurement(**json.loads(result_path.read_text()))
+
+
+def measure_child(result_path: Path, cmd: Sequence[str]) -> int:
+    """The ``--measure`` launcher: run ``cmd``, reap it with ``wait4``, write the numbers."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd))
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    cpu = usage.ru_utime + usage.ru_stime
-    return Measurement(wall, cpu, usage.ru_maxrss / 1024, proc.returncode)
+    result = Measurement(
+        wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode
+    )
+    result_path.write_text(json.dumps(asdict(result)))
+    return proc.returncode
 
 
 def warm_page_cache(dirs: list[Path]) -> None:
@@ -370,7 +393,7 @@ def run_whole_model(
     for round_ in range(1, repeat + 1):
         for method in methods:
             log_path = work_dir / "logs" / f"{_slug(method.key)}.log"
-            cmd = merge_command(method, dirs, work_dir, threads)
+            cmd = prepare_command(method, dirs, work_dir, threads)
             os.sync()
             m = run_measured(cmd, env, log_path)
             results[method.key].runs.append(m)
@@ -431,7 +454,7 @@ def table_rows(results: list[Result]) -> list[dict[str, Any]]:
     floor_imports = by_key.get(FLOOR_IMPORTS)
     rows = []
     for r in results:
-        ref_key = Method(r.key, r.kind, r.tau).reference
+        ref_key = sce_reference(r.tau)
         ref = by_key.get(ref_key)
         wall = r.wall_s if r.ok else None
         cpu = r.cpu_s if r.ok else None
@@ -597,10 +620,24 @@ def _micro_fn(case: MicroCase):
     return run
 
 
+def _peak_rss_kib(reset: bool) -> int:
+    import resource
+
+    return (
+        _proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    )
+
+
+def _cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def micro_child(case: MicroCase, rows: int, cols: int, threads: int) -> dict[str, Any]:
     """One micro case in this (fresh) process; returns its measurements."""
     import gc
-    import resource
 
     import torch
 
@@ -613,21 +650,15 @@ def micro_child(case: MicroCase, rows: int, cols: int, threads: int) -> dict[str
     gc.collect()
     rss_before = _proc_status_kib("VmRSS")
     reset = _reset_peak_rss()
-    hwm_before = (
-        _proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    )
-    start = time.perf_counter()
+    cpu_before, start = _cpu_s(), time.perf_counter()
     out = fn(base, targets)
-    wall = time.perf_counter() - start
-    peak = (
-        _proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    )
+    wall, cpu = time.perf_counter() - start, _cpu_s() - cpu_before
     return {
         "case": case.label,
         "wall_s": wall,
-        "peak_extra_mib": (peak - rss_before) / 1024,
+        "cpu_s": cpu,
+        "peak_extra_mib": (_peak_rss_kib(reset) - rss_before) / 1024,
         "peak_reset": reset,
-        "hwm_before_mib": hwm_before / 1024,
         "output_mib": out.numel() * out.element_size() / MIB,
     }
 
@@ -641,29 +672,52 @@ def fusechat_scratch_estimate(numel: int, n: int, tau: float) -> int:
     return scratch_bytes(numel, n, chunk, cache)
 
 
-def run_micro(rows: int, cols: int, threads: int) -> list[dict[str, Any]]:
+def run_micro_case(case: MicroCase, rows: int, cols: int, threads: int) -> dict[str, Any] | None:
+    """Run one micro case in a fresh subprocess; None (and a log line) when it fails."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--micro-case", case.impl, case.scope]
+    cmd += [str(case.tau), "--micro-shape", f"{rows}x{cols}", "--threads", str(threads)]
     env = child_env(threads)
-    script = str(Path(__file__).resolve())
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        log(f"micro {case.label} FAILED:\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_micro(rows: int, cols: int, threads: int, repeat: int) -> list[dict[str, Any]]:
+    """Every case ``repeat`` times, round-robin; smallest time, largest memory kept."""
+    cases = micro_cases()
+    runs: dict[str, list[dict[str, Any]]] = {c.label: [] for c in cases}
+    for round_ in range(1, repeat + 1):
+        for case in cases:
+            os.sync()
+            r = run_micro_case(case, rows, cols, threads)
+            if r is None:
+                continue
+            runs[case.label].append(r)
+            log(
+                f"[{round_}/{repeat}] micro {case.label:<24} {r['wall_s']:7.2f} s "
+                f"{r['cpu_s']:7.2f} s CPU  +{r['peak_extra_mib']:.0f} MiB"
+            )
     results = []
-    for case in micro_cases():
-        cmd = [sys.executable, script, "--micro-case", case.impl, case.scope, str(case.tau)]
-        cmd += ["--micro-shape", f"{rows}x{cols}", "--threads", str(threads)]
-        proc = subprocess.run(
-            cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            log(f"micro {case.label} FAILED:\n{proc.stderr[-2000:]}")
+    for case in cases:
+        done = runs[case.label]
+        if not done:
             results.append({"case": case.label, "failed": True})
             continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = {
+            "case": case.label,
+            "wall_s": min(r["wall_s"] for r in done),
+            "cpu_s": min(r["cpu_s"] for r in done),
+            "peak_extra_mib": max(r["peak_extra_mib"] for r in done),
+            "peak_reset": all(r["peak_reset"] for r in done),
+            "output_mib": done[0]["output_mib"],
+            "runs": done,
+        }
         if case.impl == "fusechat":
-            result["scratch_estimate_mib"] = (
-                fusechat_scratch_estimate(rows * cols, N_TARGETS, case.tau) / MIB
-            )
+            estimate = fusechat_scratch_estimate(rows * cols, N_TARGETS, case.tau)
+            result["scratch_estimate_mib"] = estimate / MIB
         results.append(result)
-        log(
-            f"micro {case.label:<24} {result['wall_s']:7.2f} s  +{result['peak_extra_mib']:.0f} MiB"
-        )
     _add_micro_ratios(results)
     return results
 
@@ -677,14 +731,15 @@ def _add_micro_ratios(results: list[dict[str, Any]]) -> None:
         ref = refs.get(f"mergekit sce τ={tau}")
         r["reference"] = f"mergekit sce τ={tau}"
         r["time_vs_ref"] = ratio(r["wall_s"], ref["wall_s"] if ref else None)
+        r["cpu_vs_ref"] = ratio(r["cpu_s"], ref["cpu_s"] if ref else None)
         r["mem_vs_ref"] = ratio(r["peak_extra_mib"], ref["peak_extra_mib"] if ref else None)
 
 
 def print_micro(results: list[dict[str, Any]], rows: int, cols: int) -> None:
     print(f"\nMicro benchmark: one {rows}×{cols} bf16 tensor, base + {N_TARGETS} targets")
     header = (
-        f"{'case':<24} {'wall s':>8} {'time/ref':>9} {'peak extra MiB':>15} {'mem/ref':>8} "
-        f"{'output MiB':>11} {'scratch est MiB':>16}"
+        f"{'case':<24} {'wall s':>8} {'CPU s':>8} {'time/ref':>9} {'CPU/ref':>8} "
+        f"{'peak extra MiB':>15} {'mem/ref':>8} {'output MiB':>11} {'scratch est MiB':>16}"
     )
     print(header)
     print("-" * len(header))
@@ -693,15 +748,15 @@ def print_micro(results: list[dict[str, Any]], rows: int, cols: int) -> None:
             print(f"{r['case']:<24} FAILED")
             continue
         print(
-            f"{r['case']:<24} {r['wall_s']:>8.2f} {_fmt(r['time_vs_ref']):>9} "
-            f"{r['peak_extra_mib']:>15.0f} {_fmt(r['mem_vs_ref']):>8} {r['output_mib']:>11.0f} "
-            f"{_fmt(r.get('scratch_estimate_mib'), '.0f'):>16}"
+            f"{r['case']:<24} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} {_fmt(r['time_vs_ref']):>9} "
+            f"{_fmt(r['cpu_vs_ref']):>8} {r['peak_extra_mib']:>15.0f} {_fmt(r['mem_vs_ref']):>8} "
+            f"{r['output_mib']:>11.0f} {_fmt(r.get('scratch_estimate_mib'), '.0f'):>16}"
         )
     print(
-        "(peak extra = peak RSS during the call − RSS before it, output included; "
-        "scratch est = fusechat_merge.sce.scratch_bytes, output excluded; ref = mergekit sce, same τ)"
+        "(ref = mergekit sce, same τ; peak extra = peak RSS during the call − RSS before it, "
+        "output included; scratch est = fusechat_merge.sce.scratch_bytes, output excluded)"
     )
-    if any(not r.get("peak_reset", True) for r in results if not r.get("failed")):
+    if not all(r.get("peak_reset", True) for r in results):
         print("(warning: /proc/self/clear_refs not writable; peak extra from ru_maxrss)")
 
 
@@ -728,6 +783,7 @@ def system_info(threads: int) -> dict[str, Any]:
         "threads": threads,
         "torch": torch.__version__,
         "mergekit": version,
+        "loadavg_at_start": os.getloadavg(),
     }
 
 
@@ -743,6 +799,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-micro", action="store_true", help="only the whole-model merges")
     p.add_argument("--skip-merges", action="store_true", help="only the micro benchmark")
     internal = p.add_argument_group("internal (child process modes)")
+    internal.add_argument(
+        "--measure", nargs="+", metavar="ARG", help="RESULT_JSON COMMAND...: run and measure it"
+    )
     internal.add_argument(
         "--floor-only", nargs="+", type=Path, metavar="PATH", help="OUT_DIR MODEL..."
     )
@@ -777,9 +836,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         report.update(merges=rows, startup=asdict(startup), targets=checks)
     if not args.skip_micro:
         rows_, cols = MICRO_SHAPES[args.quick]
-        report["micro"] = run_micro(rows_, cols, args.threads)
+        report["micro"] = run_micro(rows_, cols, args.threads, args.repeat)
         report["micro_shape"] = [rows_, cols]
         print_micro(report["micro"], rows_, cols)
+    report["loadavg_at_end"] = os.getloadavg()
+    print(
+        f"\nload average (1 min) at start {report['system']['loadavg_at_start'][0]:.2f}, "
+        f"at end {report['loadavg_at_end'][0]:.2f} on {os.cpu_count()} CPUs "
+        "(other load inflates times; compare only numbers from one run)"
+    )
     out = work_dir / "bench_merge.json"
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(f"\nresults: {out}")
@@ -787,6 +852,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--measure"]:  # before argparse: the command's own options follow
+        if len(argv) < 3:
+            raise SystemExit("--measure needs RESULT_JSON and a command")
+        return measure_child(Path(argv[1]), argv[2:])
     args = parse_args(argv)
     if args.floor_only:
         if len(args.floor_only) < 2:

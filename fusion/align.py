@@ -30,7 +30,7 @@ these cases; a one-hot would teach certainty the source never expressed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,34 +69,39 @@ def reply_keys(view: TokenView, tokens: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.where(reply >= 0, reply, -1), rel
 
 
-def boundary_keys(view: TokenView, tokens: np.ndarray) -> list[tuple[int, int, int] | None]:
-    """A key per token naming the boundary it starts at: (reply, relative start, rank).
+def boundary_keys(view: TokenView, tokens: np.ndarray) -> np.ndarray:
+    """An int64 key per token naming the boundary it starts at: (reply, start, rank).
 
     Byte-fallback pieces of one character share its span, so the rank counts the earlier
     tokens starting at the same character: the first piece of 'ï' matches a whole-'ï'
-    token of the other side, the second piece only another second piece.
+    token of the other side, the second piece only another second piece. Keys increase
+    along the sequence; a token outside every reply gets -1.
     """
     reply, rel = reply_keys(view, tokens)
-    keys: list[tuple[int, int, int] | None] = []
-    previous, rank = None, 0
-    for r, c in zip(reply.tolist(), rel.tolist(), strict=True):
-        rank = rank + 1 if (r, c) == previous else 0
-        previous = (r, c)
-        keys.append((r, c, rank) if r >= 0 else None)
-    return keys
+    n = len(reply)
+    new_run = np.ones(n, dtype=bool)
+    if n > 1:
+        new_run[1:] = (reply[1:] != reply[:-1]) | (rel[1:] != rel[:-1])
+    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0)) if n else np.zeros(0, np.int64)
+    rank = np.arange(n) - run_start
+    keys = (reply.astype(np.int64) << 40) | (rel.astype(np.int64) << 12) | np.minimum(rank, 4095)
+    return np.where(reply >= 0, keys, -1)
+
+
+def _match(pivot_keys: np.ndarray, source_keys: np.ndarray) -> np.ndarray:
+    """Index into ``source_keys`` of each pivot key, or -1 (keys are sorted, unique)."""
+    if not len(source_keys):
+        return np.full(len(pivot_keys), -1, dtype=np.int64)
+    at = np.clip(np.searchsorted(source_keys, pivot_keys), 0, len(source_keys) - 1)
+    return np.where((source_keys[at] == pivot_keys) & (pivot_keys >= 0), at, -1)
 
 
 def offsets_alignment(pivot: TokenView, source: TokenView) -> np.ndarray:
     """For each pivot trained position, the source position predicting the token that
     starts at the same reply character, or -1."""
     piv_pos, src_pos = pivot.positions, source.positions
-    lookup = {
-        key: int(i)
-        for key, i in zip(boundary_keys(source, src_pos + 1), src_pos, strict=True)
-        if key is not None
-    }
-    keys = boundary_keys(pivot, piv_pos + 1)
-    return np.array([lookup.get(key, -1) if key else -1 for key in keys], dtype=np.int64)
+    found = _match(boundary_keys(pivot, piv_pos + 1), boundary_keys(source, src_pos + 1))
+    return np.where(found >= 0, src_pos[np.maximum(found, 0)], -1).astype(np.int64)
 
 
 def dtw_alignment(
@@ -107,15 +112,18 @@ def dtw_alignment(
     *,
     pivot_marker: str,
     source_marker: str,
+    kernel: Callable[..., list[list[int]]] | None = None,
 ) -> np.ndarray:
     """Like `offsets_alignment`, from edit-distance DTW over each reply's token strings.
 
     ``*_texts`` give the text of each id (`fusion.vocab_map.piece_texts`: markers as
     spaces, byte pieces decoded; the reference aligns ``decode([id])`` strings), with
-    ``*_marker`` the space marker in them.
+    ``*_marker`` the space marker in them. ``kernel`` defaults to `fusion.dtw.dtw_align`
+    (the benchmark passes the plain reference DP).
     """
     from fusion.dtw import dtw_align
 
+    kernel = kernel or dtw_align
     out = np.full(len(pivot.positions), -1, dtype=np.int64)
     piv_tokens = pivot.positions + 1
     src_tokens = source.positions + 1
@@ -128,7 +136,7 @@ def dtw_alignment(
             continue
         p_str = [pivot_texts[int(pivot.input_ids[t])] for t in piv_tokens[p_idx]]
         s_str = [source_texts[int(source.input_ids[t])] for t in src_tokens[s_idx]]
-        piv2src = dtw_align(s_str, p_str, src_marker=source_marker, piv_marker=pivot_marker)
+        piv2src = kernel(s_str, p_str, src_marker=source_marker, piv_marker=pivot_marker)
         claimed: set[int] = set()
         last_p, last_s = len(p_str) - 1, len(s_str) - 1
         for j, partners in enumerate(piv2src):
@@ -182,11 +190,9 @@ def token_pairs(pivot: TokenView, source: TokenView) -> tuple[np.ndarray, np.nda
     the co-occurrence evidence for the statistics-based vocabulary map."""
     p_tok = pivot.positions + 1
     s_tok = source.positions + 1
-    lookup = {key: int(t) for key, t in zip(boundary_keys(source, s_tok), s_tok, strict=True) if key}
-    piv_ids, src_ids = [], []
-    for key, t in zip(boundary_keys(pivot, p_tok), p_tok, strict=True):
-        s = lookup.get(key) if key else None
-        if s is not None:
-            piv_ids.append(int(pivot.input_ids[t]))
-            src_ids.append(int(source.input_ids[s]))
-    return np.asarray(piv_ids, dtype=np.int64), np.asarray(src_ids, dtype=np.int64)
+    found = _match(boundary_keys(pivot, p_tok), boundary_keys(source, s_tok))
+    hit = found >= 0
+    return (
+        pivot.input_ids[p_tok[hit]].astype(np.int64),
+        source.input_ids[s_tok[found[hit]]].astype(np.int64),
+    )
