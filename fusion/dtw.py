@@ -140,6 +140,44 @@ def _accumulate(cost: np.ndarray) -> np.ndarray:
     return grid.T if transposed else grid
 
 
+def _fill_grid(cost: np.ndarray, grid: np.ndarray, inf: int) -> None:  # pragma: no cover
+    """The plain recurrence, borders included (compiled by numba when present)."""
+    n, m = cost.shape
+    grid[0, 0] = 0
+    for j in range(1, m + 1):
+        grid[0, j] = inf
+    for i in range(1, n + 1):
+        grid[i, 0] = inf
+    for i in range(n):
+        for j in range(m):
+            best = grid[i, j + 1]
+            if grid[i + 1, j] < best:
+                best = grid[i + 1, j]
+            if grid[i, j] < best:
+                best = grid[i, j]
+            grid[i + 1, j + 1] = cost[i, j] + best
+
+
+try:  # numba makes the DP a compiled loop (~10x the numpy row scan); optional
+    import numba
+
+    _fill_grid_compiled = numba.njit(cache=True, nogil=True)(_fill_grid)
+except ImportError:  # pragma: no cover - depends on the install
+    _fill_grid_compiled = None
+
+
+def accumulate(cost: np.ndarray) -> np.ndarray:
+    """The DTW grid: compiled loop when numba is installed, else the numpy row scan."""
+    if _fill_grid_compiled is None:
+        return _accumulate(cost)
+    n, m = cost.shape
+    worst = (int(cost.max()) + 1) * (n + m) if cost.size else 0
+    dtype, inf = (np.int32, _INF32) if worst < _INF32 // 2 else (np.int64, _INF64)
+    grid = np.empty((n + 1, m + 1), dtype=dtype)
+    _fill_grid_compiled(np.ascontiguousarray(cost, dtype=dtype), grid, inf)
+    return grid
+
+
 def _backtrack(grid: np.ndarray) -> list[list[int]]:
     """piv2src from the padded grid: from the last pair, step to the cheapest predecessor.
 
@@ -175,7 +213,7 @@ def dtw_align(
     if not _check_lengths(src, piv):
         return []
     cost = dtw_cost_matrix(src, piv, src_marker=src_marker, piv_marker=piv_marker)
-    return _backtrack(_accumulate(cost))
+    return _backtrack(accumulate(cost))
 
 
 def dtw_align_plain(

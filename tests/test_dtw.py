@@ -202,3 +202,13 @@ def test_space_marker_defaults_to_none():
             return {"a": 0, "b": 1, " ": 2, "<s>": 3}
 
     assert space_marker(CharVocab()) == ""
+
+
+def test_compiled_grid_equals_numpy_scan():
+    from fusion.dtw import _accumulate, accumulate
+
+    rng = np.random.default_rng(0)
+    for n, m in [(1, 1), (1, 7), (9, 1), (13, 17), (40, 33)]:
+        cost = rng.integers(0, 4, (n, m)).astype(np.int32)
+        fast, scan = accumulate(cost), _accumulate(cost)
+        assert np.array_equal(fast, scan)
