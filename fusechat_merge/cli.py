@@ -166,6 +166,70 @@ def align_command(**kwargs) -> None:
         raise click.ClickException(str(err)) from err
 
 
+@main.command(
+    "fuse",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.option("--pivot", required=True, help="The pivot model directory (initialisation and tokenizer).")
+@click.option("--aligned", "aligned", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="An aligned store (repeat for several sources: the multi-source fusion).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: the target model (checkpoints in OUT/checkpoints).")
+@click.option("--lambda", "lm_weight", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
+              help="λ in λ·CLM + (1−λ)·fusion loss.")
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
+              show_default=True, help="Teacher temperature: targets are softmax(top-K logprobs / T).")
+@click.option("--fusion", type=click.Choice(["mince", "avgce", "token-mince"]), default="mince",
+              show_default=True, help="How the pivot's and the sources' distributions are fused.")
+@click.option("--loss-type", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
+              help="Soft cross-entropy or KL to the fused target.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoints.")
+@click.pass_context
+def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str, lm_weight: float,
+                 temperature: float, fusion: str, loss_type: str, resume: bool) -> None:
+    """Fine-tune the pivot on aligned stores: one target LLM per call.
+
+    Any other option is a transformers TrainingArguments option, named as there
+    (--max-steps, --num-train-epochs, --learning-rate, --per-device-train-batch-size,
+    --gradient-accumulation-steps, --bf16, --gradient-checkpointing, --lr-scheduler-type,
+    --warmup-ratio, ...). FuseChat-7B's settings are in recipes/fusechat-7b-fuse.yaml. The
+    stores must have been made with this pivot's tokenizer (checked before training).
+    """
+    from transformers import HfArgumentParser
+
+    from fusion.store import StoreError
+    from fusion.trainer import FusionConfig, fusion_config, train_fusion
+
+    parser = HfArgumentParser(FusionConfig)
+    try:
+        (parsed,) = parser.parse_args_into_dataclasses(args=["--output_dir", out, *ctx.args])
+    except SystemExit as err:
+        raise click.ClickException(f"bad training option in {' '.join(ctx.args)!r}") from err
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    overrides = {f: getattr(parsed, f) for f in _changed_fields(parsed)}
+    overrides.update(lm_weight=lm_weight, fuse_temperature=temperature, fusion=fusion,
+                     fuse_loss_type=loss_type)
+    overrides.pop("output_dir", None)
+    config = fusion_config(out, **overrides)
+    try:
+        result = train_fusion(pivot, list(aligned), out, config, resume=resume)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"target model: {result}")
+
+
+def _changed_fields(parsed) -> list[str]:
+    """TrainingArguments fields the user set (differ from a default instance)."""
+    import dataclasses
+
+    default = type(parsed)(output_dir=parsed.output_dir)
+    return [
+        f.name for f in dataclasses.fields(parsed)
+        if f.init and getattr(parsed, f.name) != getattr(default, f.name)
+    ]
+
+
 @main.command("demo")
 @click.option(
     "--work-dir",

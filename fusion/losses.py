@@ -1,0 +1,150 @@
+"""Fusion functions and the fusion loss, as pure torch over sparse top-K tensors.
+
+Shapes (B batch, S teachers = the pivot then the N sources, T positions, K entries):
+
+* ``ids`` (B, S, T, K) and ``logprobs`` (B, S, T, K): each teacher's top-K at position t
+  (predicting token t + 1), -inf padded; ``valid`` (B, S, T): a source has a distribution
+  there (the pivot always has one at trained positions);
+* ``seq_ce`` (B, S): each teacher's sequence cross-entropy; ``gold`` (B, S, T): each
+  teacher's log-probability of the actual next token (token-level MinCE).
+
+Where a source has no distribution, it takes the pivot's (``fill_from_pivot``), so every
+fusion function sees S complete teachers. The fused target is (ids, probs) of shape
+(B, T, M), zero-probability padded; the loss gathers the student's log-probabilities at
+those ids only, so no dense (B, T, V) target is ever built (the reference builds one in
+bf16, and breaks when ``config.vocab_size`` differs from the tokenizer's length).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FUSIONS = ("mince", "avgce", "token-mince")
+LOSS_TYPES = ("ce", "kl")
+
+
+def tempered_probs(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logprobs / T) over each list's kept (finite) entries; all -inf → all 0."""
+    scaled = logprobs.float() / temperature
+    finite = torch.isfinite(scaled)
+    peak = torch.where(finite, scaled, torch.full_like(scaled, -1e30)).amax(-1, keepdim=True)
+    weights = torch.where(finite, torch.exp(scaled - peak), torch.zeros_like(scaled))
+    total = weights.sum(-1, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def fill_from_pivot(
+    ids: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources without a distribution at a position take the pivot's (teacher 0)."""
+    keep = valid[..., None]
+    return (
+        torch.where(keep, ids, ids[:, :1].expand_as(ids)),
+        torch.where(keep, probs, probs[:, :1].expand_as(probs)),
+    )
+
+
+def mince_choice(seq_ce: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the teacher with the lowest sequence CE; NaN loses; ties → pivot."""
+    ce = torch.nan_to_num(seq_ce.float(), nan=float("inf"))
+    return ce.argmin(dim=1)  # argmin returns the first minimum: the pivot on ties
+
+
+def token_mince_choice(gold: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) teacher with the highest log-probability of the gold token per position."""
+    score = torch.where(valid, torch.nan_to_num(gold.float(), nan=-float("inf")), -float("inf"))
+    score[:, 0] = torch.nan_to_num(gold[:, 0].float(), nan=-float("inf"))
+    best = score.max(dim=1, keepdim=True).values
+    # first teacher reaching the best score (the pivot on ties)
+    return (score == best).float().argmax(dim=1)
+
+
+def fuse(
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    valid: torch.Tensor,
+    seq_ce: torch.Tensor,
+    gold: torch.Tensor,
+    *,
+    method: str = "mince",
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused target distribution (ids, probs), each (B, T, M)."""
+    if method not in FUSIONS:
+        raise ValueError(f"unknown fusion {method!r}; use one of {', '.join(FUSIONS)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    valid = valid.clone()
+    valid[:, 0] = True
+    probs = tempered_probs(logprobs, temperature)
+    ids, probs = fill_from_pivot(ids, probs, valid)
+    b, s, t, k = ids.shape
+    if method == "mince":
+        pick = mince_choice(seq_ce)[:, None, None, None].expand(b, 1, t, k)
+        return ids.gather(1, pick).squeeze(1), probs.gather(1, pick).squeeze(1)
+    if method == "token-mince":
+        pick = token_mince_choice(gold, valid)[:, None, :, None].expand(b, 1, t, k)
+        return ids.gather(1, pick).squeeze(1), probs.gather(1, pick).squeeze(1)
+    # avgce: mixture weighted by exp(-CE), i.e. the reference's reward 1/exp(CE), normalised
+    ce = torch.nan_to_num(seq_ce.float(), nan=float("inf"))
+    weights = torch.softmax(-ce, dim=1)  # (B, S)
+    mixed = probs * weights[:, :, None, None]
+    return (
+        ids.permute(0, 2, 1, 3).reshape(b, t, s * k),
+        mixed.permute(0, 2, 1, 3).reshape(b, t, s * k),
+    )
+
+
+def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the probability of repeated ids in each (…, M) list (needed for an exact KL)."""
+    sorted_ids, order = ids.sort(dim=-1)
+    sorted_probs = probs.gather(-1, order)
+    new_group = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new_group[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    group = new_group.long().cumsum(-1) - 1
+    merged = torch.zeros_like(sorted_probs).scatter_add_(-1, group, sorted_probs)
+    merged_ids = torch.zeros_like(sorted_ids).scatter_(-1, group, sorted_ids)
+    return merged_ids, merged
+
+
+def fusion_objective(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_probs: torch.Tensor,
+    *,
+    lm_weight: float = 0.9,
+    loss_type: str = "ce",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``λ·L_CLM + (1−λ)·L_fuse`` and its parts.
+
+    ``logits`` (B, T, V) from the student; ``labels`` (B, T) with -100 on untrained tokens
+    (HF convention: logits at t predict labels at t + 1); targets (B, T, M) indexed by the
+    predicting position t. Both losses average over trained positions. Target ids outside
+    the student's vocabulary (a tokenizer longer than ``config.vocab_size``) are dropped
+    and the rest renormalised.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+    mask = labels[:, 1:] != -100  # (B, T-1)
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    z = logits[b_idx, t_idx].float()  # (N, V) trained positions only
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    gold = labels[b_idx, t_idx + 1]
+    clm = -(z.gather(1, gold[:, None]) - lse).mean()
+
+    vocab = z.shape[-1]
+    ids = target_ids[b_idx, t_idx]
+    q = target_probs[b_idx, t_idx].float()
+    in_vocab = ids < vocab
+    q = torch.where(in_vocab, q, torch.zeros_like(q))
+    q = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
+    logp = z.gather(1, torch.where(in_vocab, ids, torch.zeros_like(ids))) - lse
+    fuse_ce = -(q * logp).sum(-1)
+    if loss_type == "kl":
+        _, m_q = merge_duplicates(ids, q)
+        entropy = -(m_q * torch.log(m_q.clamp_min(1e-30))).sum(-1)
+        fuse_ce = fuse_ce - entropy  # KL(q ‖ p) = CE(q, p) − H(q)
+    fuse_loss = fuse_ce.mean()
+    total = lm_weight * clm + (1.0 - lm_weight) * fuse_loss
+    return total, {"clm": clm.detach(), "fuse": fuse_loss.detach()}

@@ -1,0 +1,267 @@
+"""Pairwise (or N-source) fusion training with the Hugging Face Trainer.
+
+`FusionConfig` is `TrainingArguments` plus four fields; `FusionDataset` reads aligned
+stores (one per source, same pivot); `FusionCollator` pads them; `FusionTrainer`
+overrides only ``compute_loss`` (`fusion.losses`). Everything else (bf16, gradient
+checkpointing, schedules, ``resume_from_checkpoint``, DDP/FSDP/DeepSpeed through
+accelerate) is the stock Trainer's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+
+from fusion.align_job import AlignedStore
+from fusion.losses import FUSIONS, LOSS_TYPES, fuse, fusion_objective
+from fusion.store import StoreError, tokenizer_fingerprint
+
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_valid", "teacher_ce", "teacher_gold")
+
+
+@dataclass
+class FusionConfig(TrainingArguments):
+    """TrainingArguments plus the fusion settings (FuseChat's defaults)."""
+
+    lm_weight: float = field(
+        default=0.9, metadata={"help": "λ: weight of the causal-LM loss; 1 − λ weighs the fusion loss."}
+    )
+    fuse_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature T of the teacher targets softmax(logprobs / T)."}
+    )
+    fusion: str = field(
+        default="mince",
+        metadata={"help": "mince (per sequence), avgce (CE-weighted mixture) or token-mince (per token)."},
+    )
+    fuse_loss_type: str = field(default="ce", metadata={"help": "ce (soft cross-entropy) or kl."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.lm_weight <= 1.0:
+            raise ValueError(f"--lambda must be in [0, 1], got {self.lm_weight}")
+        if self.fuse_temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.fuse_temperature}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.fuse_loss_type not in LOSS_TYPES:
+            raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.fuse_loss_type!r}")
+
+
+class FusionDataset(torch.utils.data.Dataset):
+    """One item per pivot sequence: its tokens and every teacher's distributions.
+
+    All aligned stores must come from the same pivot store (same ids, same tokens).
+    """
+
+    def __init__(self, aligned: Sequence[str | os.PathLike[str]]) -> None:
+        if not aligned:
+            raise ValueError("fusion training needs at least one aligned store (--aligned)")
+        self.stores = [AlignedStore(p) for p in aligned]
+        first = self.stores[0]
+        for store in self.stores[1:]:
+            if store.options.tokenizer_fingerprint != first.options.tokenizer_fingerprint:
+                raise StoreError(f"{store.path} and {first.path} were aligned to different pivots")
+            if store.ids() != first.ids():
+                raise StoreError(f"{store.path} and {first.path} hold different sequences")
+        self.top_k = first.options.top_k
+
+    @property
+    def pivot_fingerprint(self) -> str:
+        return self.stores[0].options.tokenizer_fingerprint
+
+    def __len__(self) -> int:
+        return len(self.stores[0])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        rows = [store.aligned(index) for store in self.stores]
+        pivot = rows[0].pivot
+        p = len(pivot.target_logprobs)
+        ids = [pivot.topk_ids] + [r.src_topk_ids for r in rows]
+        lps = [pivot.topk_logprobs] + [r.src_topk_logprobs for r in rows]
+        valid = [np.ones(p, dtype=bool)] + [r.src_aligned for r in rows]
+        gold = [pivot.target_logprobs] + [r.src_target_logprobs for r in rows]
+        return {
+            "input_ids": pivot.input_ids.astype(np.int64),
+            "loss_mask": pivot.loss_mask,
+            "positions": pivot.positions,
+            "teacher_ids": np.stack(ids).astype(np.int64),  # (S, P, K)
+            "teacher_logprobs": np.stack(lps).astype(np.float32),
+            "teacher_valid": np.stack(valid),
+            "teacher_ce": np.array([pivot.seq_ce] + [r.src_seq_ce for r in rows], dtype=np.float32),
+            "teacher_gold": np.stack(gold).astype(np.float32),
+        }
+
+
+@dataclass
+class FusionCollator:
+    """Pads a list of `FusionDataset` items into tensors.
+
+    Example: two sequences of 5 and 3 tokens, S teachers, K entries →
+    ``input_ids`` (2, 5) padded with ``pad_id``, ``attention_mask`` (2, 5), ``labels``
+    (2, 5) with -100 on untrained tokens and padding, ``teacher_ids`` (2, S, 5, K) with the
+    distribution of position t at index t (zeros elsewhere), ``teacher_logprobs`` likewise
+    (-inf elsewhere), ``teacher_valid`` (2, S, 5), ``teacher_gold`` (2, S, 5) and
+    ``teacher_ce`` (2, S).
+    """
+
+    pad_id: int = 0
+
+    def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        b = len(items)
+        t = max(len(it["input_ids"]) for it in items)
+        s, _, k = items[0]["teacher_ids"].shape
+        out = {
+            "input_ids": torch.full((b, t), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros(b, t, dtype=torch.long),
+            "labels": torch.full((b, t), -100, dtype=torch.long),
+            "teacher_ids": torch.zeros(b, s, t, k, dtype=torch.long),
+            "teacher_logprobs": torch.full((b, s, t, k), -float("inf")),
+            "teacher_valid": torch.zeros(b, s, t, dtype=torch.bool),
+            "teacher_gold": torch.full((b, s, t), float("nan")),
+            "teacher_ce": torch.zeros(b, s),
+        }
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids = torch.from_numpy(it["input_ids"])
+            mask = torch.from_numpy(np.asarray(it["loss_mask"], dtype=bool))
+            out["input_ids"][i, :n] = ids
+            out["attention_mask"][i, :n] = 1
+            out["labels"][i, :n] = torch.where(mask, ids, torch.full_like(ids, -100))
+            pos = torch.from_numpy(it["positions"])
+            out["teacher_ids"][i][:, pos] = torch.from_numpy(it["teacher_ids"])
+            out["teacher_logprobs"][i][:, pos] = torch.from_numpy(it["teacher_logprobs"])
+            out["teacher_valid"][i][:, pos] = torch.from_numpy(it["teacher_valid"])
+            out["teacher_gold"][i][:, pos] = torch.from_numpy(it["teacher_gold"])
+            out["teacher_ce"][i] = torch.from_numpy(it["teacher_ce"])
+        return out
+
+
+class FusionTrainer(Trainer):
+    """`Trainer` whose loss is ``λ·CLM + (1−λ)·fusion`` (plain CLM when λ = 1)."""
+
+    args: FusionConfig
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._parts: dict[str, list[float]] = {"clm": [], "fuse": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher = {key: inputs.pop(key) for key in TEACHER_KEYS}
+        labels = inputs.pop("labels")
+        if self.args.lm_weight == 1.0:  # plain causal-LM fine-tuning: the baseline
+            outputs = model(**inputs, labels=labels)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        outputs = model(**inputs)
+        target_ids, target_probs = fuse(
+            teacher["teacher_ids"],
+            teacher["teacher_logprobs"],
+            teacher["teacher_valid"],
+            teacher["teacher_ce"],
+            teacher["teacher_gold"],
+            method=self.args.fusion,
+            temperature=self.args.fuse_temperature,
+        )
+        loss, parts = fusion_objective(
+            outputs.logits,
+            labels,
+            target_ids,
+            target_probs,
+            lm_weight=self.args.lm_weight,
+            loss_type=self.args.fuse_loss_type,
+        )
+        for key, value in parts.items():
+            self._parts[key].append(float(value))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        for key, values in self._parts.items():
+            if values and "loss" in logs:
+                logs[f"{key}_loss"] = sum(values) / len(values)
+                values.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def check_pivot(model_path: str, dataset: FusionDataset):
+    """The pivot's tokenizer, refusing stores made for another one (before training)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint != dataset.pivot_fingerprint:
+        raise StoreError(
+            f"the aligned stores were made for another pivot tokenizer (fingerprint "
+            f"{dataset.pivot_fingerprint}, {dataset.stores[0].options.model}) than {model_path} "
+            f"({fingerprint}); align against this pivot's logit store"
+        )
+    return tokenizer
+
+
+def train_fusion(
+    pivot: str,
+    aligned: Sequence[str],
+    out: str | os.PathLike[str],
+    config: FusionConfig,
+    *,
+    resume: bool | str | None = None,
+) -> Path:
+    """Fine-tune ``pivot`` on the aligned stores; the finished model lands in ``out``
+    (make ``config`` with `fusion_config`, which puts checkpoints in ``out/checkpoints``).
+    ``resume=True`` continues from the last checkpoint there."""
+    from transformers import AutoModelForCausalLM
+
+    dataset = FusionDataset(aligned)
+    tokenizer = check_pivot(pivot, dataset)
+    out = Path(out)
+    model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.bfloat16 if config.bf16 else torch.float32)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    trainer = FusionTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        data_collator=FusionCollator(pad_id=pad_id),
+        processing_class=tokenizer,
+    )
+    if resume is True:
+        resume = _last_checkpoint(out / "checkpoints")
+    trainer.train(resume_from_checkpoint=resume or None)
+    if trainer.is_world_process_zero():
+        publish_model(trainer, tokenizer, out)
+    return out
+
+
+def fusion_config(output_dir: str | os.PathLike[str], **kwargs: Any) -> FusionConfig:
+    """A `FusionConfig` whose checkpoints go under ``output_dir/checkpoints``."""
+    kwargs.setdefault("report_to", "none")
+    kwargs.setdefault("save_strategy", "epoch")
+    kwargs.setdefault("logging_steps", 1)
+    kwargs.setdefault("remove_unused_columns", False)
+    return FusionConfig(output_dir=str(Path(output_dir) / "checkpoints"), **kwargs)
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def publish_model(trainer: Trainer, tokenizer, out: Path) -> None:
+    """Save the model and the pivot's tokenizer (chat template included) atomically:
+    written to a hidden sibling directory, then moved into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    names = sorted(p.name for p in staging.iterdir())
+    # config.json last: a directory with config.json and weights looks like a model
+    for name in sorted(names, key=lambda n: n == "config.json"):
+        (staging / name).replace(out / name)
+    staging.rmdir()
