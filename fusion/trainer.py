@@ -211,6 +211,7 @@ def train_fusion(
     config: FusionConfig,
     *,
     resume: bool | str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> Path:
     """Fine-tune ``pivot`` on the aligned stores; the finished model lands in ``out``
     (make ``config`` with `fusion_config`, which puts checkpoints in ``out/checkpoints``).
@@ -228,6 +229,7 @@ def train_fusion(
         train_dataset=dataset,
         data_collator=FusionCollator(pad_id=pad_id),
         processing_class=tokenizer,
+        callbacks=list(callbacks),
     )
     if resume is True:
         resume = _last_checkpoint(out / "checkpoints")
@@ -243,6 +245,7 @@ def fusion_config(output_dir: str | os.PathLike[str], **kwargs: Any) -> FusionCo
     kwargs.setdefault("save_strategy", "epoch")
     kwargs.setdefault("logging_steps", 1)
     kwargs.setdefault("remove_unused_columns", False)
+    kwargs.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     return FusionConfig(output_dir=str(Path(output_dir) / "checkpoints"), **kwargs)
 
 
