@@ -175,18 +175,22 @@ def align_command(**kwargs) -> None:
               help="An aligned store (repeat for several sources: the multi-source fusion).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory: the target model (checkpoints in OUT/checkpoints).")
-@click.option("--lambda", "lm_weight", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
-              help="λ in λ·CLM + (1−λ)·fusion loss.")
-@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
-              show_default=True, help="Teacher temperature: targets are softmax(top-K logprobs / T).")
-@click.option("--fusion", type=click.Choice(["mince", "avgce", "token-mince"]), default="mince",
-              show_default=True, help="How the pivot's and the sources' distributions are fused.")
-@click.option("--loss-type", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
-              help="Soft cross-entropy or KL to the fused target.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="YAML of training options (TrainingArguments fields, lm_weight, fuse_temperature, "
+              "fusion, fuse_loss_type), e.g. recipes/fusechat-7b-fuse.yaml; flags override it.")
+@click.option("--lambda", "lm_weight", type=click.FloatRange(0.0, 1.0), default=None,
+              help="λ in λ·CLM + (1−λ)·fusion loss.  [default: 0.9]")
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Teacher temperature: targets are softmax(top-K logprobs / T).  [default: 1.0]")
+@click.option("--fusion", type=click.Choice(["mince", "avgce", "token-mince"]), default=None,
+              help="How the pivot's and the sources' distributions are fused.  [default: mince]")
+@click.option("--loss-type", type=click.Choice(["ce", "kl"]), default=None,
+              help="Soft cross-entropy or KL to the fused target.  [default: ce]")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoints.")
 @click.pass_context
-def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str, lm_weight: float,
-                 temperature: float, fusion: str, loss_type: str, resume: bool) -> None:
+def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str,
+                 config_file: str | None, lm_weight: float | None, temperature: float | None,
+                 fusion: str | None, loss_type: str | None, resume: bool) -> None:
     """Fine-tune the pivot on aligned stores: one target LLM per call.
 
     Any other option is a transformers TrainingArguments option, named as there
@@ -200,16 +204,28 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     from fusion.store import StoreError
     from fusion.trainer import FusionConfig, fusion_config, train_fusion
 
+    from_file: list[str] = []
+    if config_file:
+        import yaml
+
+        loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise click.ClickException(f"{config_file}: expected a mapping of training options")
+        for key, value in loaded.items():
+            from_file += [f"--{key}", str(value)]
     parser = HfArgumentParser(FusionConfig)
     try:
-        (parsed,) = parser.parse_args_into_dataclasses(args=["--output_dir", out, *ctx.args])
+        (parsed,) = parser.parse_args_into_dataclasses(
+            args=["--output_dir", out, *from_file, *ctx.args]
+        )
     except SystemExit as err:
         raise click.ClickException(f"bad training option in {' '.join(ctx.args)!r}") from err
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     overrides = {f: getattr(parsed, f) for f in _changed_fields(parsed)}
-    overrides.update(lm_weight=lm_weight, fuse_temperature=temperature, fusion=fusion,
-                     fuse_loss_type=loss_type)
+    flags = {"lm_weight": lm_weight, "fuse_temperature": temperature, "fusion": fusion,
+             "fuse_loss_type": loss_type}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides.pop("output_dir", None)
     config = fusion_config(out, **overrides)
     try:

@@ -210,3 +210,19 @@ def test_padded_model_vocabulary_trains(setup, tmp_path, metaspace_tokenizer):
     aligned = align(store, setup["s-source"], tmp_path / "a")
     out = train(pivot, [aligned], tmp_path / "t", max_steps=3)
     assert (out / "config.json").exists()
+
+
+def test_fusechat_7b_training_recipe_parses(tmp_path):
+    import yaml
+    from transformers import HfArgumentParser
+
+    from fusion.trainer import FusionConfig
+
+    recipe = Path(__file__).parent.parent / "recipes" / "fusechat-7b-fuse.yaml"
+    values = yaml.safe_load(recipe.read_text())
+    # bf16/tf32 need a GPU; everything else must be a valid FusionConfig field and value
+    values.update(bf16=False, tf32=False)
+    (config,) = HfArgumentParser(FusionConfig).parse_dict({"output_dir": str(tmp_path), **values})
+    assert (config.lm_weight, config.learning_rate, config.num_train_epochs, config.warmup_steps) == \
+        (0.9, 5e-6, 3, 0.03)
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 8 == 128
