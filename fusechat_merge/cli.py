@@ -246,6 +246,31 @@ def _changed_fields(parsed) -> list[str]:
     ]
 
 
+@main.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False),
+              help="Where every stage writes (relative recipe paths resolve here).")
+@click.option("--from", "from_stage", type=click.Choice(["logits", "align", "fuse", "merge", "evaluate"]),
+              default=None, help="Redo this stage and all after it, even if up to date.")
+@click.option("--only", type=click.Choice(["logits", "align", "fuse", "merge", "evaluate"]), default=None,
+              help="Run only this stage (the earlier ones must be done).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (what runs, what is skipped, why).")
+def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | None, dry_run: bool) -> None:
+    """Run a whole FuseChat recipe: logits → align → fuse → merge → evaluate.
+
+    Stages whose inputs and options did not change since the last run are skipped;
+    interrupted ones resume. See recipes/fusechat-7b.yaml and recipes/demo-pipeline.yaml.
+    """
+    from fusechat_merge.pipeline import Pipeline
+    from fusechat_merge.recipe import PipelineRecipeError, load_pipeline_recipe
+
+    try:
+        parsed = load_pipeline_recipe(recipe, work_dir)
+    except PipelineRecipeError as err:
+        raise click.ClickException(str(err)) from err
+    Pipeline(parsed, work_dir, log=click.echo).run(from_stage=from_stage, only=only, dry_run=dry_run)
+
+
 @main.command("demo")
 @click.option(
     "--work-dir",

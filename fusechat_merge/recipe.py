@@ -1,0 +1,220 @@
+"""The whole-run recipe: one YAML describing a FuseChat run, validated before any work.
+
+Relative paths are resolved against the run's work directory. Errors name the YAML key
+and its line (`PipelineRecipeError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STAGES = ("logits", "align", "fuse", "merge", "evaluate")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="Short name used for outputs and reports.")
+    model: str = Field(description="Model directory (or hub id) with its tokenizer.")
+    backend: Literal["hf", "vllm"] = "hf"
+    template: Literal["own", "shared"] = "own"
+
+
+class DataSpec(_Strict):
+    train: str = Field(description="Conversations scored by every model and used for fusion.")
+    split: str = "train"
+
+
+class LogitSpec(_Strict):
+    top_k: int = Field(10, ge=1)
+    max_length: int = Field(2048, ge=2)
+    batch_size: int = Field(8, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+
+
+class AlignSpec(_Strict):
+    method: Literal["offsets", "dtw"] = "offsets"
+    vocab_mode: Literal["ms", "em", "mined"] = "ms"
+
+
+class FuseSpec(_Strict):
+    defaults: dict[str, Any] = Field(default_factory=dict, description="FusionConfig fields for every pair.")
+    per_source: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("defaults", "per_source")
+    @classmethod
+    def _known_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from fusion.trainer import FusionConfig
+
+        known = {f.name for f in dataclasses.fields(FusionConfig)}
+        blocks = value.values() if value and all(isinstance(v, dict) for v in value.values()) else [value]
+        for block in blocks:
+            unknown = sorted(set(block) - known)
+            if unknown:
+                raise ValueError(f"unknown training option(s) {', '.join(unknown)} (TrainingArguments "
+                                 "fields plus lm_weight, fuse_temperature, fusion, fuse_loss_type)")
+        return value
+
+
+class MergeSpec(_Strict):
+    name: str
+    method: str = "fusechat_sce"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    model_parameters: dict[str, Any] = Field(default_factory=dict, description="Per-target parameters (weight, density).")
+    base: bool = Field(True, description="Use the pivot as base model (false for linear).")
+    dtype: str = "float32"
+
+
+class EvalSpec(_Strict):
+    skills: dict[str, str] = Field(default_factory=dict, description="skill name → held-out conversations")
+    exact_match: bool = True
+    max_length: int = 512
+    max_new_tokens: int = 16
+
+
+class PipelineRecipe(_Strict):
+    name: str = "fusechat"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    pivot: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    data: DataSpec
+    logits: LogitSpec = Field(default_factory=LogitSpec)
+    align: AlignSpec = Field(default_factory=AlignSpec)
+    fuse: FuseSpec = Field(default_factory=FuseSpec)
+    merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(name="sce")])
+    evaluate: EvalSpec | None = None
+
+    def model_names(self) -> list[str]:
+        return [self.pivot.name] + [s.name for s in self.sources]
+
+
+class PipelineRecipeError(ValueError):
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"invalid pipeline recipe {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _line_map(text: str) -> dict[tuple[Any, ...], int]:
+    """YAML key path → 1-based line, from the composed node tree."""
+    lines: dict[tuple[Any, ...], int] = {}
+
+    def walk(node, path: tuple[Any, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, child in node.value:
+                lines[(*path, key.value)] = key.start_mark.line + 1
+                walk(child, (*path, key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                walk(child, (*path, i))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineRecipe:
+    """Parse and validate; then check that files, models and methods exist (no loading)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as err:
+        raise PipelineRecipeError(str(path), [str(err)]) from err
+    lines = _line_map(text)
+    try:
+        recipe = PipelineRecipe.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+            where = f" (line {line})" if line else ""
+            problems.append(f"{_key(loc)}{where}: {e['msg']}")
+        raise PipelineRecipeError(str(path), problems) from err
+    problems = check_resources(recipe, Path(work_dir), lines)
+    if problems:
+        raise PipelineRecipeError(str(path), problems)
+    return recipe
+
+
+def resolve(path: str, work_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else work_dir / p
+
+
+def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list[str]:
+    """Missing models, tokenizers, data files; unknown merge methods; duplicate names."""
+    from mergekit.merge_methods import registry
+
+    from fusechat_merge.mergekit_adapter import register
+
+    register()
+    problems: list[str] = []
+
+    def at(*loc: Any) -> str:
+        line = lines.get(loc)
+        return f"{_key(loc)}{f' (line {line})' if line else ''}"
+
+    names = recipe.model_names()
+    if len(set(names)) != len(names):
+        problems.append(f"{at('sources')}: model names must be unique, got {names}")
+    specs = [(("pivot",), recipe.pivot)] + [(("sources", i), s) for i, s in enumerate(recipe.sources)]
+    for loc, spec in specs:
+        local = resolve(spec.model, work_dir)
+        if not local.exists():
+            if _hub_id(spec.model):
+                continue  # a hub id: resolved when loaded
+            problems.append(f"{at(*loc, 'model')}: model path {str(local)!r} does not exist")
+            continue
+        if not (local / "config.json").is_file():
+            problems.append(f"{at(*loc, 'model')}: {local} has no config.json")
+        if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            problems.append(f"{at(*loc, 'model')}: {local} has no tokenizer (tokenizer.json)")
+    data = resolve(recipe.data.train, work_dir)
+    if not data.exists() and not _hub_id(recipe.data.train):
+        problems.append(f"{at('data', 'train')}: {data} does not exist")
+    for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
+        if not resolve(file, work_dir).exists():
+            problems.append(f"{at('evaluate', 'skills', skill)}: {resolve(file, work_dir)} does not exist")
+    for name in recipe.fuse.per_source:
+        if name not in names[1:]:
+            problems.append(f"{at('fuse', 'per_source', name)}: no source named {name!r}")
+    known = {m.spec.name for m in registry.registered_methods()}
+    for i, merge in enumerate(recipe.merges):
+        if merge.method not in known:
+            problems.append(f"{at('merges', i, 'method')}: mergekit knows no merge method {merge.method!r}")
+    merge_names = [m.name for m in recipe.merges]
+    if len(set(merge_names)) != len(merge_names):
+        problems.append(f"{at('merges')}: merge names must be unique, got {merge_names}")
+    return problems
+
+
+def _hub_id(name: str) -> bool:
+    """``org/name`` without a path prefix or a data-file suffix: left to the hub."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not name.endswith((".json", ".jsonl", ".parquet")))
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable hash of JSON-able parts (stage options and upstream keys)."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
