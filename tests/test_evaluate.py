@@ -1,0 +1,262 @@
+"""Per-skill evaluation: the loss is transformers' own, exact match tells a trained model from
+a random one, malformed rows are skipped, batching changes nothing.
+
+Real tiny models (`fusechat_merge.toy`) and real JSONL files; one model is trained here, with
+plain AdamW, to answer a fixed prompt set with a fixed reply under both templates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from corpus import conversations, write_jsonl
+
+from fusion.data import MalformedRow, Turn, parse_turns, render
+from fusion.evaluate import (
+    SkillScore,
+    evaluate_model,
+    generate_replies,
+    generation_prompt,
+    load_model,
+    pad_batch,
+    prepare_examples,
+)
+
+TEMPLATES = ("own", "shared")
+ARCH_TOKENIZERS = {
+    "llama": "metaspace_tokenizer",
+    "mistral": "metaspace_tokenizer",
+    "qwen2": "bytelevel_tokenizer",
+}
+REPLY = "The capital of France is Paris."
+PROMPTS = ("What is the capital of France?", "Where is Paris?", "Name a capital.", "Hello there!")
+MALFORMED = [
+    {"id": "bad-role", "conversations": [{"from": "robot", "value": "beep"}]},
+    {"id": "empty", "conversations": []},
+    {"id": "no-reply", "conversations": [{"from": "human", "value": "Anyone?"}]},
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def capital_rows() -> list[dict]:
+    return [
+        {
+            "id": f"cap-{i}",
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": REPLY}],
+        }
+        for i, q in enumerate(PROMPTS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("skills")
+    return {
+        "chat": write_jsonl(root / "chat.jsonl", conversations(8)),
+        "capital": write_jsonl(root / "capital.jsonl", capital_rows()),
+        "mixed": write_jsonl(root / "mixed.jsonl", [*MALFORMED[:2], *capital_rows(), MALFORMED[2]]),
+        "broken": write_jsonl(root / "broken.jsonl", MALFORMED),
+        "empty": write_jsonl(root / "empty.jsonl", []),
+    }
+
+
+@pytest.fixture(scope="module")
+def random_models(tmp_path_factory, request) -> dict[str, Path]:
+    from fusechat_merge.toy import make_model
+
+    root = tmp_path_factory.mktemp("random")
+    models = {
+        arch: make_model(root / arch, arch, tokenizer=request.getfixturevalue(tok), seed=1)
+        for arch, tok in ARCH_TOKENIZERS.items()
+    }
+    no_pad = copy.deepcopy(request.getfixturevalue("bytelevel_tokenizer"))
+    no_pad.pad_token = None
+    models["qwen2-no-pad"] = make_model(root / "no-pad", "qwen2", tokenizer=no_pad, seed=2)
+    return models
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory, metaspace_tokenizer) -> Path:
+    """A tiny Llama that answers every prompt of PROMPTS with REPLY, under both templates."""
+    from fusechat_merge.toy import make_model
+
+    path = make_model(
+        tmp_path_factory.mktemp("trained") / "llama", "llama", tokenizer=metaspace_tokenizer, seed=3
+    )
+    model, _ = load_model(path)
+    encoded = [
+        render(metaspace_tokenizer, [Turn("user", q), Turn("assistant", REPLY)], template=t)
+        for q in PROMPTS
+        for t in TEMPLATES
+    ]
+    ids, mask = pad_batch([e.input_ids for e in encoded], 0)
+    labels = torch.full_like(ids, -100)
+    for row, e in enumerate(encoded):
+        labels[row, : len(e.input_ids)] = torch.where(
+            torch.tensor(e.loss_mask), torch.tensor(e.input_ids), -100
+        )
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(100):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    model.save_pretrained(path)
+    return path
+
+
+def evaluate(model: Path, skills: dict[str, Path], tmp_path: Path, **kw) -> list[SkillScore]:
+    return evaluate_model(model, skills, cache_dir=tmp_path / "cache", **kw)
+
+
+def oracle_loss(
+    model_dir: Path, path: Path, template: str, max_length: int
+) -> tuple[float, int, int, int]:
+    """Token-weighted mean of transformers' per-conversation loss; tokens, rows kept, truncated."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    total, count, kept, truncated = 0.0, 0, 0, 0
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            enc = render(
+                tokenizer,
+                parse_turns(json.loads(line), str(i)),
+                template=template,
+                max_length=max_length,
+            )
+        except MalformedRow:
+            continue
+        ids = torch.tensor([enc.input_ids])
+        labels = torch.where(torch.tensor([enc.loss_mask]), ids, -100)
+        n = int((labels[0, 1:] != -100).sum())
+        with torch.no_grad():
+            total += model(ids, labels=labels).loss.item() * n
+        count += n
+        kept += 1
+        truncated += enc.truncated
+    return total / count, count, kept, truncated
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("arch", list(ARCH_TOKENIZERS))
+def test_loss_equals_transformers_loss(arch, template, random_models, files, tmp_path):
+    [score] = evaluate(
+        random_models[arch],
+        {"chat": files["chat"]},
+        tmp_path,
+        template=template,
+        max_length=64,
+        exact_match=False,
+        batch_size=3,
+    )
+    loss, tokens, kept, truncated = oracle_loss(random_models[arch], files["chat"], template, 64)
+    assert truncated > 0  # the cut is exercised (and may leave a row nothing to score)
+    assert score == SkillScore("chat", pytest.approx(loss, rel=1e-5), None, kept, tokens, 8 - kept)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_exact_match_one_for_trained_model(template, trained_model, files, tmp_path):
+    [score] = evaluate(trained_model, {"capital": files["capital"]}, tmp_path, template=template)
+    assert score.exact_match == 1.0
+    assert score.conversations == len(PROMPTS)
+    assert score.loss < 0.1
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("arch", list(ARCH_TOKENIZERS))
+def test_exact_match_zero_for_random_model(arch, template, random_models, files, tmp_path):
+    [score] = evaluate(
+        random_models[arch], {"capital": files["capital"]}, tmp_path, template=template
+    )
+    assert score.exact_match == 0.0
+    assert score.loss > 3.0
+
+
+def test_malformed_rows_are_skipped(trained_model, files, tmp_path):
+    mixed, clean = evaluate(
+        trained_model, {"mixed": files["mixed"], "clean": files["capital"]}, tmp_path
+    )
+    assert (mixed.skill, clean.skill) == ("mixed", "clean")
+    assert mixed.skipped == len(MALFORMED)
+    assert clean.skipped == 0
+    assert (mixed.conversations, mixed.tokens, mixed.exact_match) == (
+        clean.conversations,
+        clean.tokens,
+        clean.exact_match,
+    )
+    assert mixed.loss == pytest.approx(clean.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("which", ["broken", "empty"])
+def test_file_without_usable_conversation_raises(which, trained_model, files, tmp_path):
+    with pytest.raises(ValueError, match=f"{which}.jsonl"):
+        evaluate(trained_model, {"ok": files["capital"], which: files[which]}, tmp_path)
+
+
+@pytest.mark.parametrize("model", ["trained", "qwen2-no-pad"])
+def test_batch_size_does_not_change_scores(model, trained_model, random_models, files, tmp_path):
+    path = trained_model if model == "trained" else random_models[model]
+    skills = {"chat": files["chat"], "capital": files["capital"]}
+    one, many = (evaluate(path, skills, tmp_path, batch_size=b, max_new_tokens=12) for b in (1, 3))
+    for a, b in zip(one, many, strict=True):
+        assert (a.skill, a.conversations, a.tokens, a.exact_match) == (
+            b.skill,
+            b.conversations,
+            b.tokens,
+            b.exact_match,
+        )
+        assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    # Left padding must not change what greedy decoding says, word for word.
+    model_obj, tokenizer = load_model(path)
+    examples, _ = prepare_examples(
+        [json.loads(x) for x in files["chat"].read_text(encoding="utf-8").splitlines()],
+        tokenizer,
+        template="own",
+        max_length=512,
+    )
+    prompts = [e.prompt for e in examples]
+    assert generate_replies(model_obj, tokenizer, prompts, max_new_tokens=12, batch_size=1) == (
+        generate_replies(model_obj, tokenizer, prompts, max_new_tokens=12, batch_size=3)
+    )
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("tok", ["metaspace_tokenizer", "bytelevel_tokenizer"])
+def test_prompt_is_the_training_text_before_the_last_reply(tok, template, request):
+    """The model is asked for the last reply with the context it was trained on."""
+    tokenizer = request.getfixturevalue(tok)
+    turns = [
+        Turn("user", "Hi!"),
+        Turn("assistant", "Hello."),
+        Turn("user", "And?"),
+        Turn("assistant", REPLY),
+    ]
+    prompt = generation_prompt(tokenizer, turns[:3], turns[3], template)
+    enc = render(tokenizer, turns, template=template)
+    start, end = enc.reply_spans[-1]
+    first = min(i for i, (a, b) in enumerate(enc.token_offsets) if a < b and a < end and b > start)
+    assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == enc.input_ids[:first]
+    if template == "own":
+        messages = [{"role": t.role, "content": t.content} for t in turns[:3]]
+        assert prompt == tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+    else:
+        assert prompt.rstrip().endswith("GPT4 Correct Assistant:")
