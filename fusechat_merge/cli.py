@@ -275,20 +275,32 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
 @click.option(
     "--work-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("demo-work"),
-    show_default=True,
-    help="Where the tiny models, the recipe and the merged model are written.",
+    default=None,
+    help="Where the tiny models, data, stores, targets, merges and the report go "
+    "[default: demo-work, or demo-merge-work with --merge-only].",
 )
-@click.option("--select-topk", type=float, default=0.1, show_default=True, help="SCE τ.")
-def demo_command(work_dir: Path, select_topk: float) -> None:
-    """Build three tiny random models locally and merge them with fusechat_sce.
+@click.option("--seeds", type=click.IntRange(1, 10), default=None,
+              help="Number of seeds (default: the recipe's, 3).")
+@click.option("--merge-only", is_flag=True,
+              help="Only build three tiny random models and merge them with fusechat_sce.")
+@click.option("--select-topk", type=float, default=0.1, show_default=True, help="SCE τ (--merge-only).")
+def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, select_topk: float) -> None:
+    """The whole FuseChat run at toy scale on CPU, nothing downloaded.
 
-    Nothing is downloaded: a tokenizer is trained on a built-in corpus, a tiny Llama
-    pivot is initialised at random, and two "targets" are the pivot plus noise.
+    Builds a Llama-style pivot and two sources of other architectures and tokenizers
+    (Qwen2-style with a byte-level tokenizer that learns arithmetic, Mistral-style with
+    another '▁' tokenizer that learns string reversal), then runs recipes/demo-pipeline.yaml:
+    logits → align → fuse (one target per source) → merge (SCE and mergekit's baselines)
+    → evaluate, and prints the comparison table. Re-running reuses what is done.
     """
-    from fusechat_merge.demo import run_demo
+    if merge_only:
+        from fusechat_merge.demo import run_demo
 
-    run_demo(work_dir, select_topk=select_topk, echo=click.echo)
+        run_demo(work_dir or Path("demo-merge-work"), select_topk=select_topk, echo=click.echo)
+        return
+    from fusechat_merge.demo import run_pipeline_demo
+
+    run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""The embedded demo: three tiny local models merged with ``fusechat_sce`` via the CLI."""
+"""The embedded demos, on tiny models made locally (nothing is downloaded).
+
+* `run_pipeline_demo` (``fusechat-merge demo``): the whole FuseChat run of
+  ``recipes/demo-pipeline.yaml``: a Llama-style pivot and two sources of other
+  architectures and tokenizers, each with a skill the pivot lacks, fused and merged, and
+  every model evaluated on both skills.
+* `run_demo` (``fusechat-merge demo --merge-only``): three tiny random models merged with
+  ``fusechat_sce`` through the CLI.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +29,61 @@ def write_demo_recipe(path: Path, base: Path, targets: list[Path], select_topk: 
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo-pipeline.yaml"
+
+
+def prepare_demo_data(work_dir: Path, *, n_train: int = 300) -> None:
+    """The fusion corpus (both skills, interleaved) and one held-out file per skill."""
+    from fusechat_merge.skills import SKILLS, train_heldout, write_jsonl
+
+    data = work_dir / "data"
+    if (data / "train.jsonl").exists():
+        return
+    train: list[dict] = []
+    for skill in SKILLS:
+        rows, held = train_heldout(skill, n_train)
+        train.extend(rows)
+        write_jsonl(data / f"heldout-{skill}.jsonl", held)
+    train.sort(key=lambda row: row["id"].rsplit("-", 1)[-1].zfill(6) + row["id"])
+    write_jsonl(data / "train.jsonl", train)
+
+
+def run_pipeline_demo(
+    work_dir: Path,
+    *,
+    recipe: Path = DEMO_RECIPE,
+    seeds: list[int] | None = None,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Build the demo's models and data (reused when present), then run the recipe."""
+    import yaml
+
+    from fusechat_merge.pipeline import Pipeline
+    from fusechat_merge.recipe import load_pipeline_recipe
+    from fusechat_merge.skills import make_demo_models
+
+    work_dir = Path(work_dir).absolute()
+    if not recipe.is_file():
+        raise FileNotFoundError(f"the demo recipe {recipe} is missing (run from a checkout)")
+    started = time.perf_counter()
+    make_demo_models(work_dir / "models", log=echo)
+    prepare_demo_data(work_dir)
+    setup_seconds = time.perf_counter() - started
+    echo(f"models and data ready in {setup_seconds:.1f}s")
+    text = recipe.read_text(encoding="utf-8")
+    if seeds is not None:
+        raw = yaml.safe_load(text)
+        raw["seeds"] = seeds
+        text = yaml.safe_dump(raw, sort_keys=False)
+    local = work_dir / "demo-pipeline.yaml"
+    local.write_text(text, encoding="utf-8")
+    Pipeline(load_pipeline_recipe(local, work_dir), work_dir, log=echo).run()
+    echo(f"\nreport: {work_dir / 'report'} (results.md, results.png); "
+         f"SCE coefficients: {work_dir / 'merges'}/seed-*/sce-report/sce_coefficients.png")
+    echo(f"demo done in {time.perf_counter() - started:.1f}s (setup {setup_seconds:.1f}s)")
+    return work_dir / "report"
 
 
 def run_demo(work_dir: Path, *, select_topk: float = 0.1, echo: Callable[[str], None] = print) -> Path:

@@ -186,7 +186,8 @@ class Pipeline:
                 run_merge_checked(config, self.merged(seed, merge.name),
                                   MergeOptions(quiet=True, random_seed=seed),
                                   source_name=f"merges[{merge.name}]")
-            if rows:
+            report.mkdir(parents=True, exist_ok=True)
+            if rows:  # fusechat_sce merges: coefficients per tensor and target
                 write_sce_report(rows, report)
         return run
 

@@ -181,8 +181,8 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     for loc, spec in specs:
         local = resolve(spec.model, work_dir)
         if not local.exists():
-            if _hub_id(spec.model):
-                continue  # a hub id: resolved when loaded
+            if _hub_id(spec.model) and not (work_dir / spec.model.split("/")[0]).exists():
+                continue  # a hub id (no local folder of that name): resolved when loaded
             problems.append(f"{at(*loc, 'model')}: model path {str(local)!r} does not exist")
             continue
         if not (local / "config.json").is_file():
@@ -190,7 +190,8 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
         if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             problems.append(f"{at(*loc, 'model')}: {local} has no tokenizer (tokenizer.json)")
     data = resolve(recipe.data.train, work_dir)
-    if not data.exists() and not _hub_id(recipe.data.train):
+    hub_data = _hub_id(recipe.data.train) and not (work_dir / recipe.data.train.split("/")[0]).exists()
+    if not data.exists() and not hub_data:
         problems.append(f"{at('data', 'train')}: {data} does not exist")
     for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
         if not resolve(file, work_dir).exists():

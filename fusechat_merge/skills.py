@@ -1,0 +1,373 @@
+"""Tiny skilled chat models for the embedded FuseChat demo, trained locally in seconds.
+
+FuseChat fuses what several source models know into a pivot. To show that on a laptop, the
+demo needs sources that each know something the pivot does not, with different
+architectures and tokenizers. Here each source learns one synthetic skill (arithmetic or
+word reversal) from conversations generated in code, and the pivot only learns to chat.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SKILLS: tuple[str, ...] = ("arithmetic", "reversal")
+# Letters that no toy tokenizer merges into pairs, so each letter is one token to move.
+LETTERS = "bfkmvy"
+MAX_OPERAND = 19
+HELDOUT_SEED_OFFSET = 10_000
+N_HELDOUT = 50
+MAX_LENGTH = 128
+TOPICS: tuple[tuple[str, int], ...] = (
+    ("foxes", 0),
+    ("model merging", 1),
+    ("merge methods", 2),
+    ("python", 3),
+    ("greetings", 4),
+    ("chat", 5),
+    ("knowledge fusion", 6),
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How one demo model is built: architecture, tokenizer and what it is trained on."""
+
+    name: str
+    arch: str
+    tokenizer_kind: str
+    vocab_size: int
+    skill: str | None
+
+
+# Different tokenizers: pivot metaspace (550 tokens), byte-level (400), metaspace (506).
+SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec("pivot", "llama", "metaspace", 400, None),
+    ModelSpec("arithmetic", "qwen2", "bytelevel", 400, "arithmetic"),
+    ModelSpec("reversal", "mistral", "metaspace", 250, "reversal"),
+)
+MODEL_SIZE: dict[str, int] = {"hidden_size": 96, "layers": 2, "heads": 4, "kv_heads": 2}
+PIVOT_STEPS_FRACTION = 0.3
+
+
+# --------------------------------------------------------------------------- conversations
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
+    if rng.random() < 0.5:
+        return f"{a}+{b}=", str(a + b)
+    a, b = max(a, b), min(a, b)  # non-negative results keep the answers short
+    return f"{a}-{b}=", str(a - b)
+
+
+def _reversal(rng: random.Random) -> tuple[str, str]:
+    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
+    return f"reverse {word}", word[::-1]
+
+
+def _generic(rng: random.Random) -> tuple[str, str]:
+    from fusechat_merge.toy import CORPUS
+
+    topic, index = rng.choice(TOPICS)
+    return f"Tell me about {topic}.", CORPUS[index]
+
+
+_MAKERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "arithmetic": _arithmetic,
+    "reversal": _reversal,
+    "generic": _generic,
+}
+
+
+def _stream(skill: str, seed: int) -> Iterator[tuple[str, str]]:
+    """Endless (prompt, answer) pairs; a string seed is stable across runs and platforms."""
+    if skill not in _MAKERS:
+        raise ValueError(f"unknown skill {skill!r}; use one of {', '.join(SKILLS)}")
+    rng = random.Random(f"{skill}-{seed}")
+    while True:
+        yield _MAKERS[skill](rng)
+
+
+def _row(skill: str, seed: int, i: int, prompt: str, answer: str) -> dict:
+    return {
+        "id": f"{skill}-{seed}-{i}",
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer},
+        ],
+    }
+
+
+def skill_conversations(skill: str, n: int, seed: int) -> list[dict]:
+    """``n`` single-turn conversations exercising ``skill``, the same for the same seed.
+
+    ``skill`` is one of SKILLS, or ``"generic"`` for the plain chat the pivot learns.
+    """
+    pairs = itertools.islice(_stream(skill, seed), n)
+    return [_row(skill, seed, i, p, a) for i, (p, a) in enumerate(pairs)]
+
+
+def train_heldout(
+    skill: str, n_train: int, n_heldout: int = N_HELDOUT, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """Disjoint train and held-out conversations, so exact match measures the skill.
+
+    Held-out rows come from seed ``seed + HELDOUT_SEED_OFFSET`` with distinct prompts; train
+    rows from ``seed`` minus any prompt in the held-out set (ids keep their stream index).
+    """
+    held_seed = seed + HELDOUT_SEED_OFFSET
+    held: dict[str, dict] = {}
+    draws = enumerate(itertools.islice(_stream(skill, held_seed), 1000 * (n_heldout + 1)))
+    for i, (prompt, answer) in draws:
+        if len(held) == n_heldout:
+            break
+        held.setdefault(prompt, _row(skill, held_seed, i, prompt, answer))
+    if len(held) < n_heldout:
+        raise ValueError(f"{skill} has fewer than {n_heldout} distinct prompts")
+    train = (
+        _row(skill, seed, i, p, a) for i, (p, a) in enumerate(_stream(skill, seed)) if p not in held
+    )
+    return list(itertools.islice(train, n_train)), list(held.values())
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
+    """Write rows as JSON lines via a temporary file, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _prompt_text(tokenizer: Any, messages: Sequence[dict]) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
+def encode_for_training(tokenizer: Any, row: dict) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` with labels only on what the model must emit for the reply.
+
+    That is ``render``'s loss mask plus any template text between the generation prompt and
+    the reply (the Llama template's space before a reply, a lone '▁' token): greedy decoding
+    from the prompt has to produce it, so it must be learned too.
+    """
+    from fusion.data import parse_turns, render
+
+    enc = render(
+        tokenizer,
+        parse_turns(row, row["id"]),
+        template="own",
+        max_length=MAX_LENGTH,
+        row_id=row["id"],
+    )
+    prompt = _prompt_text(tokenizer, row["messages"][:-1])
+    start = len(prompt) if enc.text.startswith(prompt) else enc.reply_spans[-1][0]
+    reply_at = enc.reply_spans[-1][0]
+    mask = [
+        m or (start <= a < b <= reply_at)
+        for m, (a, b) in zip(enc.loss_mask, enc.token_offsets, strict=True)
+    ]
+    return enc.input_ids, [t if m else -100 for t, m in zip(enc.input_ids, mask, strict=True)]
+
+
+def _batch(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors; padding is masked out of attention and loss."""
+    import torch
+
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for k, (row_ids, row_labels) in enumerate(encoded):
+        ids[k, : len(row_ids)] = torch.tensor(row_ids)
+        labels[k, : len(row_labels)] = torch.tensor(row_labels)
+        attention[k, : len(row_ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_causal_lm(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict],
+    *,
+    steps: int,
+    seed: int = 0,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+) -> float:
+    """Plain causal-LM fine-tuning on the replies; returns the mean loss of the last steps.
+
+    Linear warm-up then cosine decay: a constant 3e-3 makes these tiny models oscillate.
+    """
+    import math
+
+    import torch
+
+    torch.manual_seed(seed)
+    encoded = [encode_for_training(tokenizer, row) for row in rows]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        ),
+    )
+    model.train()
+    losses: list[float] = []
+    for _ in range(steps):
+        picks = torch.randint(len(encoded), (batch_size,)).tolist()
+        loss = model(**_batch([encoded[i] for i in picks], tokenizer.pad_token_id)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-max(1, steps // 10) :]
+    return sum(tail) / len(tail)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _greedy(model: Any, prompt: Any, eos_id: int, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of equal-length prompts, each cut before its first eos."""
+    import torch
+
+    out = prompt
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            step = model(out).logits[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, step], dim=1)
+            if (out[:, prompt.shape[1] :] == eos_id).any(dim=1).all():
+                break
+    new = out[:, prompt.shape[1] :].tolist()
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
+
+
+def replies(
+    model: Any, tokenizer: Any, rows: Sequence[dict], max_new_tokens: int = 16
+) -> list[str]:
+    """The model's greedy reply to each row's prompt (its last turn left out).
+
+    Prompts are grouped by token length so no padding can change what the model sees.
+    """
+    import torch
+
+    prompts = [
+        tokenizer(_prompt_text(tokenizer, r["messages"][:-1]), add_special_tokens=False).input_ids
+        for r in rows
+    ]
+    out: list[str] = [""] * len(rows)
+    by_length: dict[int, list[int]] = {}
+    for k, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(k)
+    for group in by_length.values():
+        batch = torch.tensor([prompts[k] for k in group])
+        for k, ids in zip(
+            group, _greedy(model, batch, tokenizer.eos_token_id, max_new_tokens), strict=True
+        ):
+            out[k] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return out
+
+
+def _score(model: Any, tokenizer: Any, rows: Sequence[dict], max_new_tokens: int) -> float:
+    if not rows:
+        raise ValueError("exact match needs at least one row")
+    got = replies(model, tokenizer, rows, max_new_tokens)
+    hits = sum(g == r["messages"][-1]["content"].strip() for g, r in zip(got, rows, strict=True))
+    return hits / len(rows)
+
+
+def exact_match(model_dir: str | Path, rows: Sequence[dict], *, max_new_tokens: int = 16) -> float:
+    """Share of rows whose greedy reply equals the reference reply (both stripped)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return _score(model, AutoTokenizer.from_pretrained(model_dir), rows, max_new_tokens)
+
+
+# --------------------------------------------------------------------------- demo models
+
+
+def _save_atomically(model: Any, tokenizer: Any, path: Path) -> None:
+    """Save to a temporary sibling, then rename: config.json then means a complete model."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover without config.json
+    tmp.rename(path)
+
+
+def _build(spec: ModelSpec, path: Path, seed: int, steps: int, log: Callable[[str], None]) -> None:
+    """Make, train and save one demo model; the log line says how well it learned."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusechat_merge.toy import make_model, make_tokenizer
+
+    started = time.perf_counter()
+    fresh = path.with_name(f".{path.name}.init-{os.getpid()}")
+    make_model(
+        fresh,
+        spec.arch,
+        tokenizer=make_tokenizer(spec.tokenizer_kind, vocab_size=spec.vocab_size),
+        seed=seed,
+        **MODEL_SIZE,
+    )
+    model = AutoModelForCausalLM.from_pretrained(fresh)
+    tokenizer = AutoTokenizer.from_pretrained(fresh)
+    shutil.rmtree(fresh)
+    if spec.skill is None:
+        rows = skill_conversations("generic", 2000, seed)
+        held = {skill: train_heldout(skill, 0, N_HELDOUT, seed)[1] for skill in SKILLS}
+    else:
+        rows, heldout = train_heldout(spec.skill, 2000, N_HELDOUT, seed)
+        held = {spec.skill: heldout}
+    loss = train_causal_lm(model, tokenizer, rows, steps=steps, seed=seed)
+    _save_atomically(model, tokenizer, path)
+    scores = ", ".join(f"{k} {_score(model, tokenizer, v, 16):.2f}" for k, v in held.items())
+    log(
+        f"{spec.name:<10}: {spec.arch}, {len(tokenizer)} tokens, {steps} steps, loss {loss:.3f}, "
+        f"held-out exact match {scores} ({time.perf_counter() - started:.1f}s)"
+    )
+
+
+def make_demo_models(
+    work_dir: Path, *, seed: int = 0, train_steps: int = 300, log: Callable[[str], None] = print
+) -> dict[str, Path]:
+    """The demo's pivot and two skilled sources as model folders under ``work_dir``.
+
+    A folder with a config.json is complete (saves are atomic) and is reused as is. The
+    pivot gets a fraction of ``train_steps``: it only has to learn the chat format.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    paths = {spec.name: work_dir / spec.name for spec in SPECS}
+    for spec in SPECS:
+        path = paths[spec.name]
+        if (path / "config.json").exists():
+            log(f"{spec.name:<10}: reusing {path}")
+            continue
+        steps = train_steps if spec.skill else max(1, int(train_steps * PIVOT_STEPS_FRACTION))
+        _build(spec, path, seed, steps, log)
+    return paths

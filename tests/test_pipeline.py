@@ -1,0 +1,124 @@
+"""The whole run on tiny models: end to end, skipping, redoing on change, resuming a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from corpus import conversations, write_jsonl
+from helpers import BIN
+
+from fusechat_merge.pipeline import Pipeline
+from fusechat_merge.recipe import load_pipeline_recipe
+
+RECIPE = {
+    "name": "tiny",
+    "seeds": [0],
+    "pivot": {"name": "pivot", "model": "models/pivot"},
+    "sources": [{"name": "qwen", "model": "models/qwen"}],
+    "data": {"train": "data/train.jsonl"},
+    "logits": {"top_k": 5, "max_length": 96, "batch_size": 8},
+    "fuse": {"defaults": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3}},
+    "merges": [
+        {"name": "sce", "method": "fusechat_sce", "parameters": {"select_topk": 0.5}},
+        {"name": "linear", "method": "linear", "base": False, "model_parameters": {"weight": 1.0}},
+    ],
+    "evaluate": {"skills": {"chat": "data/held.jsonl"}, "max_length": 96, "max_new_tokens": 4},
+}
+
+
+@pytest.fixture
+def work(tmp_path, metaspace_tokenizer, bytelevel_tokenizer) -> Path:
+    from fusechat_merge.toy import make_model
+
+    make_model(tmp_path / "models" / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
+    make_model(tmp_path / "models" / "qwen", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", conversations(12))
+    write_jsonl(tmp_path / "data" / "held.jsonl", conversations(3))
+    write_recipe(tmp_path, RECIPE)
+    return tmp_path
+
+
+def write_recipe(work: Path, recipe: dict) -> Path:
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run(work: Path, **kw) -> dict[str, str]:
+    pipeline = Pipeline(load_pipeline_recipe(work / "recipe.yaml", work), work, log=lambda _: None)
+    return {s.id: s.status for s in pipeline.run(**kw)}
+
+
+def test_end_to_end_then_skip_then_redo_what_changed(work):
+    first = run(work)
+    assert all(status == "ran" for status in first.values()), first
+    report = json.loads((work / "report" / "results.json").read_text())
+    models = {r["model"] for r in report["results"]}
+    assert models == {"pivot", "qwen", "target:qwen", "merge:sce", "merge:linear"}
+    assert (work / "report" / "results.png").exists() and (work / "report" / "results.md").exists()
+    assert (work / "merges" / "seed-0" / "sce-report" / "sce_coefficients.png").exists()
+    assert (work / "targets" / "seed-0" / "qwen" / "config.json").exists()
+    times = json.loads((work / "report" / "stage_times.json").read_text())
+    assert {t["stage"] for t in times} == set(first)
+
+    again = run(work)
+    assert all(status.startswith("skipped") for status in again.values()), again
+
+    changed = json.loads(json.dumps(RECIPE))
+    changed["fuse"]["defaults"]["max_steps"] = 4
+    write_recipe(work, changed)
+    third = run(work)
+    redone = {k for k, v in third.items() if v == "ran"}
+    assert redone == {"fuse/seed-0/qwen", "merge/seed-0/sce", "merge/seed-0/linear",
+                      "evaluate/seed-0", "evaluate/report"}
+
+
+def test_dry_run_only_and_from(work, capsys):
+    pipeline = Pipeline(load_pipeline_recipe(work / "recipe.yaml", work), work, log=print)
+    pipeline.run(dry_run=True)
+    plan = capsys.readouterr().out
+    assert "logits/pivot" in plan and "run: not run yet" in plan
+    assert not (work / "logits").exists()
+    with pytest.raises(RuntimeError, match="--only merge: stage logits/pivot is not done"):
+        run(work, only="merge")
+    run(work)
+    assert all(v.startswith("skipped") for v in run(work, only="merge").values())
+    statuses = run(work, from_stage="merge")
+    assert statuses["merge/seed-0/sce"] == "ran" and statuses["logits/pivot"].startswith("skipped")
+
+
+def test_a_killed_run_resumes(work):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    args = [str(BIN / "fusechat-merge"), "run", str(work / "recipe.yaml"), "--work-dir", str(work)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = work / "stages" / "fuse__seed-0__qwen.started.json"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run ended before the fuse stage started"
+    assert not (work / "report" / "results.json").exists()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interrupted: resume" in done.stdout
+    assert "logits/pivot" in done.stdout and "[logits/pivot]" not in done.stdout  # not redone
+    assert (work / "report" / "results.json").exists()
+
+
+def test_cli_reports_bad_recipe_before_any_work(work):
+    bad = json.loads(json.dumps(RECIPE))
+    bad["sources"][0]["model"] = "models/missing"
+    write_recipe(work, bad)
+    proc = subprocess.run([str(BIN / "fusechat-merge"), "run", str(work / "recipe.yaml"), "--work-dir", str(work)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "sources[0].model (line" in proc.stderr
+    assert not (work / "stages").exists()
