@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import nested_gather
 
 from fusion.align_job import AlignedStore
 from fusion.losses import FUSIONS, LOSS_TYPES, fuse, fusion_objective
@@ -148,6 +149,10 @@ class FusionTrainer(Trainer):
     """`Trainer` whose loss is ``λ·CLM + (1−λ)·fusion`` (plain CLM when λ = 1)."""
 
     args: FusionConfig
+    # compute_loss returns a mean over the micro-batch's trained tokens, not a sum divided by
+    # `num_items_in_batch`: the Trainer must divide it by the accumulation steps itself (its
+    # default guesses "already scaled" because the model's forward takes loss kwargs).
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -182,9 +187,11 @@ class FusionTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # every process calls log() at the same step, like the Trainer's own loss gather
         for key, values in self._parts.items():
             if values and "loss" in logs:
-                logs[f"{key}_loss"] = sum(values) / len(values)
+                mean = torch.tensor(sum(values) / len(values), device=self.args.device)
+                logs[f"{key}_loss"] = nested_gather(mean, self.args.parallel_mode).mean().item()
                 values.clear()
         super().log(logs, *args, **kwargs)
 
@@ -221,7 +228,9 @@ def train_fusion(
     dataset = FusionDataset(aligned)
     tokenizer = check_pivot(pivot, dataset)
     out = Path(out)
-    model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.bfloat16 if config.bf16 else torch.float32)
+    # float32 master weights: --bf16 is autocast mixed precision, not bf16 weights (updates
+    # of lr 5e-6 would round away in bf16)
+    model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     trainer = FusionTrainer(
         model=model,
@@ -234,8 +243,7 @@ def train_fusion(
     if resume is True:
         resume = _last_checkpoint(out / "checkpoints")
     trainer.train(resume_from_checkpoint=resume or None)
-    if trainer.is_world_process_zero():
-        publish_model(trainer, tokenizer, out)
+    publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
     return out
 
 
@@ -257,11 +265,17 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 def publish_model(trainer: Trainer, tokenizer, out: Path) -> None:
     """Save the model and the pivot's tokenizer (chat template included) atomically:
-    written to a hidden sibling directory, then moved into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    written to a hidden sibling directory, then moved into ``out``. Call it on every
+    process: under FSDP and DeepSpeed ZeRO-3 ``save_model`` gathers the sharded weights
+    (a collective); only the main process writes."""
     staging = out / ".final.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return
     tokenizer.save_pretrained(str(staging))
     names = sorted(p.name for p in staging.iterdir())
     # config.json last: a directory with config.json and weights looks like a model
