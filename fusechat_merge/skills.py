@@ -15,6 +15,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,11 @@ SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("arithmetic", "qwen2", "bytelevel", 400, "arithmetic"),
     ModelSpec("reversal", "mistral", "metaspace", 250, "reversal"),
 )
-MODEL_SIZE: dict[str, int] = {"hidden_size": 96, "layers": 2, "heads": 4, "kv_heads": 2}
-PIVOT_STEPS_FRACTION = 0.3
+# Eight heads without grouped KV: in tuning, arithmetic generalised in fewer steps than with
+# toy's default of 4 query heads sharing 2 KV heads (0.88 vs 0.74 held-out after 1000 steps).
+MODEL_SIZE: dict[str, int] = {"hidden_size": 64, "layers": 2, "heads": 8, "kv_heads": 8}
+# Tuned on a 2-core CPU: arithmetic needs the most steps to generalise to held-out sums.
+DEFAULT_STEPS: dict[str, int] = {"pivot": 100, "arithmetic": 1200, "reversal": 400}
 
 
 # --------------------------------------------------------------------------- conversations
@@ -91,7 +95,7 @@ _MAKERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 def _stream(skill: str, seed: int) -> Iterator[tuple[str, str]]:
     """Endless (prompt, answer) pairs; a string seed is stable across runs and platforms."""
     if skill not in _MAKERS:
-        raise ValueError(f"unknown skill {skill!r}; use one of {', '.join(SKILLS)}")
+        raise ValueError(f"unknown skill {skill!r}; use one of {', '.join(_MAKERS)}")
     rng = random.Random(f"{skill}-{seed}")
     while True:
         yield _MAKERS[skill](rng)
@@ -144,10 +148,13 @@ def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -214,7 +221,8 @@ def train_causal_lm(
 ) -> float:
     """Plain causal-LM fine-tuning on the replies; returns the mean loss of the last steps.
 
-    Linear warm-up then cosine decay: a constant 3e-3 makes these tiny models oscillate.
+    Short warm-up, cosine decay, beta2 0.95 and weight decay 0.1: against AdamW's defaults
+    these made the arithmetic model generalise to held-out sums in about half the steps.
     """
     import math
 
@@ -222,8 +230,8 @@ def train_causal_lm(
 
     torch.manual_seed(seed)
     encoded = [encode_for_training(tokenizer, row) for row in rows]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: (
@@ -303,62 +311,89 @@ def exact_match(model_dir: str | Path, rows: Sequence[dict], *, max_new_tokens: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return _score(model, AutoTokenizer.from_pretrained(model_dir), rows, max_new_tokens)
+    with _torch_threads(1):
+        return _score(model, AutoTokenizer.from_pretrained(model_dir), rows, max_new_tokens)
 
 
 # --------------------------------------------------------------------------- demo models
 
 
-def _save_atomically(model: Any, tokenizer: Any, path: Path) -> None:
-    """Save to a temporary sibling, then rename: config.json then means a complete model."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover without config.json
-    tmp.rename(path)
-
-
 def _build(spec: ModelSpec, path: Path, seed: int, steps: int, log: Callable[[str], None]) -> None:
-    """Make, train and save one demo model; the log line says how well it learned."""
+    """Make, train and save one demo model; the log line says how well it learned.
+
+    Everything happens in a temporary sibling renamed at the end, so a folder with a
+    config.json is always a complete, trained model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fusechat_merge.toy import make_model, make_tokenizer
 
     started = time.perf_counter()
-    fresh = path.with_name(f".{path.name}.init-{os.getpid()}")
-    make_model(
-        fresh,
-        spec.arch,
-        tokenizer=make_tokenizer(spec.tokenizer_kind, vocab_size=spec.vocab_size),
-        seed=seed,
-        **MODEL_SIZE,
-    )
-    model = AutoModelForCausalLM.from_pretrained(fresh)
-    tokenizer = AutoTokenizer.from_pretrained(fresh)
-    shutil.rmtree(fresh)
-    if spec.skill is None:
-        rows = skill_conversations("generic", 2000, seed)
-        held = {skill: train_heldout(skill, 0, N_HELDOUT, seed)[1] for skill in SKILLS}
-    else:
-        rows, heldout = train_heldout(spec.skill, 2000, N_HELDOUT, seed)
-        held = {spec.skill: heldout}
-    loss = train_causal_lm(model, tokenizer, rows, steps=steps, seed=seed)
-    _save_atomically(model, tokenizer, path)
-    scores = ", ".join(f"{k} {_score(model, tokenizer, v, 16):.2f}" for k, v in held.items())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = make_tokenizer(spec.tokenizer_kind, vocab_size=spec.vocab_size)
+        make_model(tmp, spec.arch, tokenizer=tokenizer, seed=seed, **MODEL_SIZE)
+        model = AutoModelForCausalLM.from_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        rows, evals = _training_rows(spec, seed)
+        loss = train_causal_lm(model, tokenizer, rows, steps=steps, seed=seed)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _publish(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    scores = ", ".join(f"{k} {_score(model, tokenizer, v, 48):.2f}" for k, v in evals.items())
     log(
         f"{spec.name:<10}: {spec.arch}, {len(tokenizer)} tokens, {steps} steps, loss {loss:.3f}, "
-        f"held-out exact match {scores} ({time.perf_counter() - started:.1f}s)"
+        f"exact match {scores} ({time.perf_counter() - started:.1f}s)"
     )
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``, unless a concurrent build already put a model there."""
+    if (path / "config.json").exists():
+        return
+    shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover without config.json
+    tmp.rename(path)
+
+
+def _training_rows(spec: ModelSpec, seed: int) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Training rows and the rows to report exact match on (skills always held-out)."""
+    if spec.skill is not None:
+        rows, held = train_heldout(spec.skill, 2000, N_HELDOUT, seed)
+        return rows, {spec.skill: held}
+    rows = skill_conversations("generic", 2000, seed)
+    evals = {skill: train_heldout(skill, 0, N_HELDOUT, seed)[1] for skill in SKILLS}
+    return rows, {**evals, "seen chat": rows[:20]}
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch threads: these matmuls are too small to share, and on a busy
+    2-core machine two spinning OpenMP threads made training and decoding 10-80x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_demo_models(
-    work_dir: Path, *, seed: int = 0, train_steps: int = 300, log: Callable[[str], None] = print
+    work_dir: Path,
+    *,
+    seed: int = 0,
+    train_steps: int | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """The demo's pivot and two skilled sources as model folders under ``work_dir``.
 
-    A folder with a config.json is complete (saves are atomic) and is reused as is. The
-    pivot gets a fraction of ``train_steps``: it only has to learn the chat format.
+    A folder with a config.json is complete (saves are atomic) and is reused as is.
+    ``train_steps=None`` trains each model its tuned DEFAULT_STEPS; an int trains every
+    model that many steps (for quick smoke runs, which will not learn the skills).
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -368,6 +403,7 @@ def make_demo_models(
         if (path / "config.json").exists():
             log(f"{spec.name:<10}: reusing {path}")
             continue
-        steps = train_steps if spec.skill else max(1, int(train_steps * PIVOT_STEPS_FRACTION))
-        _build(spec, path, seed, steps, log)
+        steps = DEFAULT_STEPS[spec.name] if train_steps is None else train_steps
+        with _torch_threads(1):
+            _build(spec, path, seed, steps, log)
     return paths

@@ -1,0 +1,130 @@
+"""The demo's skilled models: synthetic conversations and tiny models that learn them."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from fusechat_merge.skills import (
+    LETTERS,
+    MAX_OPERAND,
+    N_HELDOUT,
+    SKILLS,
+    encode_for_training,
+    exact_match,
+    make_demo_models,
+    skill_conversations,
+    train_heldout,
+    write_jsonl,
+)
+
+
+def _prompt(row: dict) -> str:
+    return row["messages"][0]["content"]
+
+
+def _answer(row: dict) -> str:
+    return row["messages"][1]["content"]
+
+
+@pytest.mark.parametrize("skill", SKILLS)
+def test_conversations_are_deterministic_per_seed(skill):
+    rows = skill_conversations(skill, 40, seed=3)
+    assert rows == skill_conversations(skill, 40, seed=3)
+    assert [_prompt(r) for r in rows] != [_prompt(r) for r in skill_conversations(skill, 40, 4)]
+    assert [r["id"] for r in rows[:2]] == [f"{skill}-3-0", f"{skill}-3-1"]
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+
+
+def test_unknown_skill_is_refused():
+    with pytest.raises(ValueError, match="unknown skill"):
+        skill_conversations("poetry", 1, 0)
+
+
+def test_arithmetic_answers_are_correct():
+    for row in skill_conversations("arithmetic", 500, seed=0):
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=", _prompt(row)).groups()
+        assert max(int(a), int(b)) <= MAX_OPERAND
+        assert int(_answer(row)) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert int(_answer(row)) >= 0
+
+
+def test_reversal_answers_are_correct():
+    for row in skill_conversations("reversal", 500, seed=0):
+        word = re.fullmatch(r"reverse ([a-z]+)", _prompt(row)).group(1)
+        assert 3 <= len(word) <= 5 and set(word) <= set(LETTERS)
+        assert _answer(row)[::-1] == word
+
+
+@pytest.mark.parametrize("skill", SKILLS)
+def test_train_and_heldout_do_not_overlap(skill):
+    train, held = train_heldout(skill, 1000, N_HELDOUT, seed=0)
+    assert len(train) == 1000 and len(held) == N_HELDOUT
+    held_prompts = {_prompt(r) for r in held}
+    assert len(held_prompts) == N_HELDOUT
+    assert not held_prompts & {_prompt(r) for r in train}
+    assert len({r["id"] for r in train + held}) == len(train) + len(held)
+
+
+def test_write_jsonl_round_trips_and_leaves_no_temporary(tmp_path):
+    rows = skill_conversations("reversal", 5, seed=1)
+    path = write_jsonl(tmp_path / "sub" / "rows.jsonl", rows)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    assert [p.name for p in path.parent.iterdir()] == ["rows.jsonl"]
+
+
+def test_labels_include_the_space_before_a_llama_reply(metaspace_tokenizer):
+    """Greedy decoding starts right after '[/INST]', so the lone '▁' must be learned."""
+    row = {"id": "x", "messages": [{"role": "user", "content": "2+3="}, *_reply("5")]}
+    ids, labels = encode_for_training(metaspace_tokenizer, row)
+    trained = [metaspace_tokenizer.convert_ids_to_tokens(t) for t in labels if t != -100]
+    assert trained == ["▁", "5", "</s>"]
+    assert len(ids) == len(labels)
+
+
+def _reply(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory) -> tuple[Path, dict[str, Path], list[str]]:
+    work = tmp_path_factory.mktemp("skills")
+    lines: list[str] = []
+    return work, make_demo_models(work, log=lines.append), lines
+
+
+def test_demo_models_differ_in_architecture_and_tokenizer(demo_models):
+    from transformers import AutoConfig, AutoTokenizer
+
+    _, paths, _ = demo_models
+    assert set(paths) == {"pivot", *SKILLS}
+    types = {name: AutoConfig.from_pretrained(p).model_type for name, p in paths.items()}
+    assert types == {"pivot": "llama", "arithmetic": "qwen2", "reversal": "mistral"}
+    tokenizers = [AutoTokenizer.from_pretrained(p) for p in paths.values()]
+    assert len({len(t) for t in tokenizers}) == 3
+    assert len({frozenset(t.get_vocab().items()) for t in tokenizers}) == 3
+
+
+def test_each_source_has_its_skill_and_the_pivot_has_neither(demo_models):
+    _, paths, _ = demo_models
+    for skill in SKILLS:
+        held = train_heldout(skill, 0, N_HELDOUT, seed=0)[1]
+        assert exact_match(paths[skill], held) >= 0.8, skill
+        assert exact_match(paths["pivot"], held) <= 0.1, skill
+
+
+def test_second_call_reuses_the_models(demo_models):
+    work, paths, _ = demo_models
+    stamps = {name: (p / "config.json").stat().st_mtime_ns for name, p in paths.items()}
+    lines: list[str] = []
+    started = time.perf_counter()
+    assert make_demo_models(work, log=lines.append) == paths
+    assert time.perf_counter() - started < 5
+    assert stamps == {name: (p / "config.json").stat().st_mtime_ns for name, p in paths.items()}
+    assert all("reusing" in line for line in lines) and len(lines) == 3
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
