@@ -57,15 +57,17 @@ def reply_keys(view: TokenView, tokens: np.ndarray) -> tuple[np.ndarray, np.ndar
 
     A token is assigned to the reply holding its last character (so an end-of-turn token
     right after a reply belongs to it); a token that starts before the reply (a byte-level
-    'Ġword' whose space is template text) counts as starting at the reply's start.
+    'Ġword' whose space is template text) counts as starting at the reply's start; a
+    whitespace token ending exactly at a reply's start (a lone '▁') gets start -1 there.
     """
     starts = view.reply_spans[:, 0] if len(view.reply_spans) else np.zeros(0, dtype=np.int64)
     spans = view.token_offsets[tokens]
     last_char = np.maximum(spans[:, 1] - 1, spans[:, 0])
-    reply = np.searchsorted(starts, last_char, side="right") - 1
+    leads = np.isin(spans[:, 1], starts) & (spans[:, 0] < spans[:, 1])
+    reply = np.searchsorted(starts, np.where(leads, spans[:, 1], last_char), side="right") - 1
     safe = np.clip(reply, 0, max(len(starts) - 1, 0))
     reply_start = starts[safe] if len(starts) else np.zeros_like(safe)
-    rel = np.maximum(spans[:, 0], reply_start) - reply_start
+    rel = np.where(leads, -1, np.maximum(spans[:, 0], reply_start) - reply_start)
     return np.where(reply >= 0, reply, -1), rel
 
 
@@ -84,7 +86,7 @@ def boundary_keys(view: TokenView, tokens: np.ndarray) -> np.ndarray:
         new_run[1:] = (reply[1:] != reply[:-1]) | (rel[1:] != rel[:-1])
     run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0)) if n else np.zeros(0, np.int64)
     rank = np.arange(n) - run_start
-    keys = (reply.astype(np.int64) << 40) | (rel.astype(np.int64) << 12) | np.minimum(rank, 4095)
+    keys = reply.astype(np.int64) * (1 << 40) + (rel.astype(np.int64) + 1) * (1 << 12) + np.minimum(rank, 4095)
     return np.where(reply >= 0, keys, -1)
 
 

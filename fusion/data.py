@@ -412,7 +412,10 @@ def loss_mask(
     """True on tokens overlapping a reply span and on each reply's closing special token.
 
     A token that straddles template text and a reply (e.g. '▁Hello' over the space before a
-    reply) is trained: it is the token the model emits to start that reply.
+    reply) is trained: it is the token the model emits to start that reply. So is a
+    whitespace-only token that ends exactly where a reply starts (the lone '▁' a
+    SentencePiece tokenizer makes of "[/INST] 19"): the model must emit it before the reply,
+    or greedy decoding never reaches the reply at all.
     """
     mask = [False] * len(ids)
     bounds = [s for s, _ in spans[1:]] + [len(text)]
@@ -422,6 +425,10 @@ def loss_mask(
             raise MalformedRow(row_id, f"reply {n} tokenizes to nothing")
         for i in hits:
             mask[i] = True
+        lead = hits[0] - 1
+        if lead >= 0 and offsets[lead][1] == span[0] and offsets[lead][0] < offsets[lead][1]:
+            if not text[offsets[lead][0] : offsets[lead][1]].strip():
+                mask[lead] = True
         closer = _closing_token(ids, offsets, text, hits[-1], span[1], limit, eot_ids)
         if closer is not None:
             mask[closer] = True

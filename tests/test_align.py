@@ -28,6 +28,8 @@ def reply_start_of(view: TokenView, token: int) -> tuple[int, int, int]:
     """(reply, start within it, rank among tokens starting there), written plainly."""
     start, end = view.token_offsets[token]
     for r, (a, b) in enumerate(view.reply_spans):
+        if end == a and start < end:  # whitespace just before the reply (a lone '▁')
+            return r, -1, 0
         if a <= max(end - 1, start) < b or (start == b):
             rel = max(start, a) - a
             rank = 0
