@@ -426,9 +426,9 @@ def loss_mask(
         for i in hits:
             mask[i] = True
         lead = hits[0] - 1
-        if lead >= 0 and offsets[lead][1] == span[0] and offsets[lead][0] < offsets[lead][1]:
-            if not text[offsets[lead][0] : offsets[lead][1]].strip():
-                mask[lead] = True
+        a, b = offsets[lead] if lead >= 0 else (0, 0)
+        if lead >= 0 and b == span[0] and a < b and not text[a:b].strip():
+            mask[lead] = True
         closer = _closing_token(ids, offsets, text, hits[-1], span[1], limit, eot_ids)
         if closer is not None:
             mask[closer] = True
