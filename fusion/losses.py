@@ -107,6 +107,56 @@ def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tens
     return merged_ids, merged
 
 
+_CHUNK_ELEMENTS = 1 << 24  # rows × vocab processed at once (64 MiB of float32)
+
+
+class _SparseTargetCE(torch.autograd.Function):
+    """CLM and soft cross-entropy to sparse targets, reading the logits in row chunks.
+
+    Forward keeps only the per-row log-sum-exp; backward writes ``softmax · scale`` minus
+    the sparse target weights straight into one gradient tensor. So beyond the logits the
+    loss needs one logits-sized gradient, where ``log_softmax`` + NLL (the plain CLM loss)
+    also keeps a logits-sized log-probability tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows_b, rows_t, gold, ids, q):  # type: ignore[override]
+        n, vocab = rows_b.numel(), logits.shape[-1]
+        chunk = max(1, _CHUNK_ELEMENTS // vocab)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for s in range(0, n, chunk):
+            z = logits[rows_b[s : s + chunk], rows_t[s : s + chunk]].float()
+            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
+        z_gold = logits[rows_b, rows_t, gold].float()
+        z_ids = logits[rows_b[:, None], rows_t[:, None], ids].float()
+        clm = -(z_gold - lse).mean()
+        fuse_ce = -(q * (z_ids - lse[:, None])).sum(-1).mean()
+        ctx.save_for_backward(logits, rows_b, rows_t, gold, ids, q, lse)
+        return clm, fuse_ce
+
+    @staticmethod
+    def backward(ctx, g_clm, g_fuse):  # type: ignore[override]
+        logits, rows_b, rows_t, gold, ids, q, lse = ctx.saved_tensors
+        n, vocab = rows_b.numel(), logits.shape[-1]
+        a = g_clm.float() / n  # weight of each row's CLM term
+        c = g_fuse.float() / n  # weight of each row's fusion term
+        grad = torch.zeros_like(logits)
+        q_mass = q.sum(-1)
+        chunk = max(1, _CHUNK_ELEMENTS // vocab)
+        for s in range(0, n, chunk):
+            b, t = rows_b[s : s + chunk], rows_t[s : s + chunk]
+            probs = torch.exp(logits[b, t].float() - lse[s : s + chunk, None])
+            grad[b, t] = (probs * (a + c * q_mass[s : s + chunk])[:, None]).to(grad.dtype)
+        grad.index_put_((rows_b, rows_t, gold), (-a).expand(n).to(grad.dtype), accumulate=True)
+        expand = ids.shape
+        grad.index_put_(
+            (rows_b[:, None].expand(expand), rows_t[:, None].expand(expand), ids),
+            (-c * q).to(grad.dtype),
+            accumulate=True,
+        )
+        return grad, None, None, None, None, None
+
+
 def fusion_objective(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -122,29 +172,25 @@ def fusion_objective(
     (HF convention: logits at t predict labels at t + 1); targets (B, T, M) indexed by the
     predicting position t. Both losses average over trained positions. Target ids outside
     the student's vocabulary (a tokenizer longer than ``config.vocab_size``) are dropped
-    and the rest renormalised.
+    and the rest renormalised. The student's log-probabilities are only gathered at the
+    target ids (`_SparseTargetCE`): no dense target, no log-softmax copy of the logits.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
     mask = labels[:, 1:] != -100  # (B, T-1)
     b_idx, t_idx = mask.nonzero(as_tuple=True)
-    z = logits[b_idx, t_idx].float()  # (N, V) trained positions only
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    gold = labels[b_idx, t_idx + 1]
-    clm = -(z.gather(1, gold[:, None]) - lse).mean()
-
-    vocab = z.shape[-1]
+    vocab = logits.shape[-1]
     ids = target_ids[b_idx, t_idx]
     q = target_probs[b_idx, t_idx].float()
     in_vocab = ids < vocab
     q = torch.where(in_vocab, q, torch.zeros_like(q))
     q = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
-    logp = z.gather(1, torch.where(in_vocab, ids, torch.zeros_like(ids))) - lse
-    fuse_ce = -(q * logp).sum(-1)
+    safe_ids = torch.where(in_vocab, ids, torch.zeros_like(ids))
+    gold = labels[b_idx, t_idx + 1]
+    clm, fuse_loss = _SparseTargetCE.apply(logits, b_idx, t_idx, gold, safe_ids, q)
     if loss_type == "kl":
         _, m_q = merge_duplicates(ids, q)
         entropy = -(m_q * torch.log(m_q.clamp_min(1e-30))).sum(-1)
-        fuse_ce = fuse_ce - entropy  # KL(q ‖ p) = CE(q, p) − H(q)
-    fuse_loss = fuse_ce.mean()
+        fuse_loss = fuse_loss - entropy.mean()  # KL(q ‖ p) = CE(q, p) − H(q)
     total = lm_weight * clm + (1.0 - lm_weight) * fuse_loss
     return total, {"clm": clm.detach(), "fuse": fuse_loss.detach()}
