@@ -14,7 +14,7 @@ from fusechat_merge.cli import main as cli
 from fusechat_merge.recipe_check import check_recipe, load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-HUB_RECIPES = [r for r in RECIPES if r.name.startswith("fusechat-7b")]
+HUB_RECIPES = [r for r in RECIPES if r.name.startswith("fusechat-7b") and "merge_method:" in r.read_text()]
 
 
 def test_the_paper_recipes_are_shipped():
