@@ -107,46 +107,39 @@ def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tens
     return merged_ids, merged
 
 
-_CHUNK_ELEMENTS = 1 << 24  # rows × vocab processed at once (64 MiB of float32)
-
-
 class _SparseTargetCE(torch.autograd.Function):
-    """CLM and soft cross-entropy to sparse targets, reading the logits in row chunks.
+    """CLM and soft cross-entropy to sparse targets, one sequence's logits at a time.
 
-    Forward keeps only the per-row log-sum-exp; backward writes ``softmax · scale`` minus
-    the sparse target weights straight into one gradient tensor. So beyond the logits the
-    loss needs one logits-sized gradient, where ``log_softmax`` + NLL (the plain CLM loss)
-    also keeps a logits-sized log-probability tensor.
+    Forward keeps only the per-position log-sum-exp (computed on each contiguous (T, V)
+    slice, no row copies); backward writes ``softmax · scale`` (scale 0 on untrained
+    positions) minus the sparse target weights straight into one gradient tensor. So
+    beyond the logits the loss needs one logits-sized gradient, where ``log_softmax`` +
+    NLL (the plain CLM loss) also keeps a logits-sized log-probability tensor.
     """
 
     @staticmethod
     def forward(ctx, logits, rows_b, rows_t, gold, ids, q):  # type: ignore[override]
-        n, vocab = rows_b.numel(), logits.shape[-1]
-        chunk = max(1, _CHUNK_ELEMENTS // vocab)
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for s in range(0, n, chunk):
-            z = logits[rows_b[s : s + chunk], rows_t[s : s + chunk]].float()
-            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
+        lse_bt = torch.stack([torch.logsumexp(seq.float(), dim=-1) for seq in logits])  # (B, T)
+        lse = lse_bt[rows_b, rows_t]
         z_gold = logits[rows_b, rows_t, gold].float()
         z_ids = logits[rows_b[:, None], rows_t[:, None], ids].float()
         clm = -(z_gold - lse).mean()
         fuse_ce = -(q * (z_ids - lse[:, None])).sum(-1).mean()
-        ctx.save_for_backward(logits, rows_b, rows_t, gold, ids, q, lse)
+        ctx.save_for_backward(logits, rows_b, rows_t, gold, ids, q)
         return clm, fuse_ce
 
     @staticmethod
     def backward(ctx, g_clm, g_fuse):  # type: ignore[override]
-        logits, rows_b, rows_t, gold, ids, q, lse = ctx.saved_tensors
-        n, vocab = rows_b.numel(), logits.shape[-1]
+        logits, rows_b, rows_t, gold, ids, q = ctx.saved_tensors
+        n = rows_b.numel()
         a = g_clm.float() / n  # weight of each row's CLM term
         c = g_fuse.float() / n  # weight of each row's fusion term
-        grad = torch.zeros_like(logits)
-        q_mass = q.sum(-1)
-        chunk = max(1, _CHUNK_ELEMENTS // vocab)
-        for s in range(0, n, chunk):
-            b, t = rows_b[s : s + chunk], rows_t[s : s + chunk]
-            probs = torch.exp(logits[b, t].float() - lse[s : s + chunk, None])
-            grad[b, t] = (probs * (a + c * q_mass[s : s + chunk])[:, None]).to(grad.dtype)
+        scale = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
+        scale[rows_b, rows_t] = a + c * q.sum(-1)
+        grad = torch.empty_like(logits)
+        for b in range(logits.shape[0]):
+            probs = torch.softmax(logits[b].float(), dim=-1)
+            grad[b] = probs.mul_(scale[b, :, None]).to(grad.dtype)
         grad.index_put_((rows_b, rows_t, gold), (-a).expand(n).to(grad.dtype), accumulate=True)
         expand = ids.shape
         grad.index_put_(
