@@ -197,6 +197,8 @@ def begin_run(out: Path, options: StoreOptions | Mapping[str, Any]) -> None:
     run_file = out / RUN_FILE
     wanted = dict(options) if isinstance(options, Mapping) else asdict(options)
     if run_file.exists():
+        for stale in out.glob(".shard-*.tmp-*"):  # a killed run's half-written shard
+            stale.unlink(missing_ok=True)
         started = json.loads(run_file.read_text(encoding="utf-8"))
         diffs = [
             f"{k}: {started.get(k)!r} then, {v!r} now"
