@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--plain-subset", type=int, default=20)
     args = parser.parse_args()
 
-    from fusechat_merge.toy import make_tokenizer
+    from fusechat_merge.demo.toy import make_tokenizer
     from fusion import align, dtw
     from fusion.vocab_map import piece_texts
 

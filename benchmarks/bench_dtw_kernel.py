@@ -25,7 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from fusechat_merge.toy import make_tokenizer
+from fusechat_merge.demo.toy import make_tokenizer
 from fusion.dtw import (
     _accumulate,
     _backtrack,

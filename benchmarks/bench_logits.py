@@ -32,7 +32,7 @@ def build_model(path: Path, quick: bool) -> Path:
     """A ~50M-parameter Llama (vocab 32000) with the toy '▁' tokenizer, made locally."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from fusechat_merge.toy import make_tokenizer
+    from fusechat_merge.demo.toy import make_tokenizer
 
     if (path / "config.json").exists():
         return path
@@ -95,10 +95,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from fusion.artifacts.logit_store import write_shard
     from fusion.backends.hf import HFBackend
-    from fusion.data import load_conversations
-    from fusion.logits import encode_corpus, length_sorted_batches, score_shard
-    from fusion.store import write_shard
+    from fusion.data import encode_rows, load_conversations
+    from fusion.logits import length_sorted_batches, score_shard
 
     n = 16 if args.quick else args.conversations
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -108,9 +108,7 @@ def main() -> None:
     data = build_corpus(args.work_dir / f"chats-{n}.jsonl", n)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = load_conversations(str(data), cache_dir=str(args.work_dir / "cache"))
-    encoded, _ = encode_corpus(
-        rows, tokenizer, template="own", max_length=2048, strict=True, indices=range(len(rows))
-    )
+    encoded = list(encode_rows(rows, tokenizer, template="own", max_length=2048, strict=True))
     tokens = sum(len(e.input_ids) for _, e in encoded)
     torch.set_grad_enabled(False)
     backend = HFBackend(str(model_dir), top_k=args.top_k, dtype="float32", device="cpu")

@@ -77,7 +77,7 @@ def build_source(path: Path, quick: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fusechat_merge.toy import make_tokenizer, tiny_config
+    from fusechat_merge.demo.toy import make_tokenizer, tiny_config
 
     if (path / "config.json").exists():
         return path

@@ -1,12 +1,32 @@
-"""The ``fusechat-merge`` command line: read → validate → call (no logic of its own)."""
+"""The ``fusechat-merge`` command line: read → validate → call (no logic of its own).
+
+Start-up is cheap on purpose: at import only click, pydantic and the option dataclasses
+load; every command imports its heavy parts (torch, transformers, mergekit) when it runs,
+so ``--help`` answers at once. Options are generated from each stage's dataclass
+(`fusechat_merge.option_forms`), the merge options from a checked static copy of
+mergekit's (`fusechat_merge.mergekit_options`).
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
-from mergekit.options import MergeOptions, add_merge_options
+
+from fusechat_merge.mergekit_options import add_mergekit_options
+from fusechat_merge.option_forms import click_options, field_help
+from fusechat_merge.pipeline_recipe import STAGES
+from fusion.options import FUSIONS, LOSS_TYPES, AlignOptions, FusionSettings, LogitOptions
+
+if TYPE_CHECKING:
+    from mergekit.options import MergeOptions
+
+
+def _fusion_help(name: str) -> str:
+    default = getattr(FusionSettings, name)
+    return f"{field_help(FusionSettings, name)}  [default: {default}]"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,7 +51,7 @@ def main() -> None:
     is_flag=True,
     help="Check the recipe (keys, method, parameters, model paths) and exit.",
 )
-@add_merge_options
+@add_mergekit_options
 def merge_command(
     merge_options: MergeOptions,
     recipe: Path,
@@ -46,8 +66,8 @@ def merge_command(
     parameters mergekit would ignore, missing model paths, mismatched vocabularies),
     and OUT_DIR appears only once the merge is complete.
     """
+    from fusechat_merge.merge_recipe import RecipeError, load_recipe, validate_recipe
     from fusechat_merge.merging import run_merge_checked
-    from fusechat_merge.recipe_check import RecipeError, load_recipe, validate_recipe
     from fusechat_merge.report import write_sce_report
     from fusechat_merge.stats_sink import record_stats
 
@@ -82,32 +102,8 @@ def merge_command(
     "`messages: [{role, content}]`.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store directory.")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
-              help="hf: transformers, any device. vllm: vllm.LLM with prompt_logprobs (CUDA).")
-@click.option("--top-k", type=click.IntRange(1, 1000), default=10, show_default=True,
-              help="Entries kept per position (K).")
-@click.option("--max-length", type=click.IntRange(2), default=2048, show_default=True,
-              help="Tokens per conversation; longer ones are truncated.")
-@click.option("--template", type=click.Choice(["own", "shared"]), default="own", show_default=True,
-              help="own: each model's chat template. shared: one role text for all models "
-              "(FuseChat's OpenChat-style template), as the reference code does.")
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
-              help="Sequences per forward pass (length-sorted, padded per batch).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              default="auto", show_default=True, help="Model dtype (auto: bf16 on GPU, fp32 on CPU).")
-@click.option("--device", default="auto", show_default=True, help="hf backend: auto, cpu or cuda[:N].")
-@click.option("--shard", default="0/1", show_default=True,
-              help="i/N: score only the i-th of N contiguous blocks of rows (one per machine or "
-              "GPU); combine the stores with `fusechat-merge logits-merge`.")
-@click.option("--rows-per-shard", type=click.IntRange(1), default=1024, show_default=True,
-              help="Sequences per store file; the unit of resumption.")
-@click.option("--strict", is_flag=True, help="Fail on the first malformed row instead of skipping it.")
-@click.option("--tensor-parallel-size", type=click.IntRange(1), default=1, show_default=True,
-              help="vllm backend: GPUs per model.")
-@click.option("--gpu-memory-utilization", type=click.FloatRange(0.05, 1.0), default=0.9,
-              show_default=True, help="vllm backend: fraction of GPU memory vLLM may take.")
-@click.option("--cache-dir", default=None, help="datasets cache directory.")
-def logits_command(**kwargs) -> None:
+@click_options(LogitOptions)
+def logits_command(**kwargs: Any) -> None:
     """Score a conversation corpus with one model and store its top-K next-token
     log-probabilities at every trained (assistant) position.
 
@@ -116,8 +112,8 @@ def logits_command(**kwargs) -> None:
 
       fusechat-merge logits --model ./pivot --data chats.jsonl --out stores/pivot
     """
+    from fusion.artifacts.logit_store import StoreError
     from fusion.logits import LogitJob, generate_logits
-    from fusion.store import StoreError
 
     try:
         generate_logits(LogitJob(**kwargs), log=click.echo)
@@ -130,7 +126,7 @@ def logits_command(**kwargs) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Merged store directory.")
 def logits_merge_command(parts: tuple[str, ...], out: str) -> None:
     """Combine the stores of `logits --shard i/N` runs (give them in order 0..N-1)."""
-    from fusion.store import StoreError, merge_stores
+    from fusion.artifacts.logit_store import StoreError, merge_stores
 
     try:
         manifest = merge_stores(parts, out)
@@ -143,22 +139,15 @@ def logits_merge_command(parts: tuple[str, ...], out: str) -> None:
 @click.option("--pivot", required=True, type=click.Path(file_okay=False), help="The pivot's logit store.")
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="A source's logit store (same corpus).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Aligned store directory.")
-@click.option("--method", type=click.Choice(["offsets", "dtw"]), default="offsets", show_default=True,
-              help="offsets: exact, from the stored character spans. dtw: the paper's edit-distance "
-              "DTW over token strings.")
-@click.option("--vocab-map", type=click.Path(dir_okay=False), default=None,
-              help="A saved source→pivot vocabulary map (refused if made for other tokenizers); "
-              "by default one is built from this corpus and saved in OUT.")
-@click.option("--vocab-mode", type=click.Choice(["ms", "em", "mined"]), default="ms", show_default=True,
-              help="ms: mapping statistics (FuseChat). em: exact match. mined: minimum edit distance.")
-def align_command(**kwargs) -> None:
+@click_options(AlignOptions)
+def align_command(**kwargs: Any) -> None:
     """Map a source model's top-K distributions onto the pivot's positions and vocabulary.
 
     Writes the pivot's store plus the aligned source distribution per position; sources
     with the pivot's tokenizer are copied through without alignment. Resumable.
     """
     from fusion.align_job import AlignJob, align_stores
-    from fusion.store import StoreError
+    from fusion.artifacts.logit_store import StoreError
 
     try:
         align_stores(AlignJob(**kwargs), log=click.echo)
@@ -179,18 +168,16 @@ def align_command(**kwargs) -> None:
               help="YAML of training options (TrainingArguments fields, lm_weight, fuse_temperature, "
               "fusion, fuse_loss_type), e.g. recipes/fusechat-7b-fuse.yaml; flags override it.")
 @click.option("--lambda", "lm_weight", type=click.FloatRange(0.0, 1.0), default=None,
-              help="λ in λ·CLM + (1−λ)·fusion loss.  [default: 0.9]")
-@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=None,
-              help="Teacher temperature: targets are softmax(top-K logprobs / T).  [default: 1.0]")
-@click.option("--fusion", type=click.Choice(["mince", "avgce", "token-mince"]), default=None,
-              help="How the pivot's and the sources' distributions are fused.  [default: mince]")
-@click.option("--loss-type", type=click.Choice(["ce", "kl"]), default=None,
-              help="Soft cross-entropy or KL to the fused target.  [default: ce]")
+              help=_fusion_help("lm_weight"))
+@click.option("--temperature", "fuse_temperature", type=click.FloatRange(min=0.0, min_open=True),
+              default=None, help=_fusion_help("fuse_temperature"))
+@click.option("--fusion", type=click.Choice(FUSIONS), default=None, help=_fusion_help("fusion"))
+@click.option("--loss-type", "fuse_loss_type", type=click.Choice(LOSS_TYPES), default=None,
+              help=_fusion_help("fuse_loss_type"))
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoints.")
 @click.pass_context
 def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str,
-                 config_file: str | None, lm_weight: float | None, temperature: float | None,
-                 fusion: str | None, loss_type: str | None, resume: bool) -> None:
+                 config_file: str | None, resume: bool, **flags: Any) -> None:
     """Fine-tune the pivot on aligned stores: one target LLM per call.
 
     Any other option is a transformers TrainingArguments option, named as there
@@ -198,36 +185,23 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     --gradient-accumulation-steps, --bf16, --gradient-checkpointing, --lr-scheduler-type,
     --warmup-ratio, ...). FuseChat-7B's settings are in recipes/fusechat-7b-fuse.yaml. The
     stores must have been made with this pivot's tokenizer (checked before training).
+    Precedence: defaults, then --config, then flags.
     """
-    from transformers import HfArgumentParser
+    from fusion.artifacts.logit_store import StoreError
+    from fusion.trainer import parse_fusion_config, train_fusion
 
-    from fusion.store import StoreError
-    from fusion.trainer import FusionConfig, fusion_config, train_fusion
-
-    from_file: list[str] = []
+    from_file: dict[str, Any] = {}
     if config_file:
         import yaml
 
-        loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
+        from_file = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        if not isinstance(from_file, dict):
             raise click.ClickException(f"{config_file}: expected a mapping of training options")
-        for key, value in loaded.items():
-            from_file += [f"--{key}", str(value)]
-    parser = HfArgumentParser(FusionConfig)
     try:
-        (parsed,) = parser.parse_args_into_dataclasses(
-            args=["--output_dir", out, *from_file, *ctx.args]
-        )
-    except SystemExit as err:
-        raise click.ClickException(f"bad training option in {' '.join(ctx.args)!r}") from err
+        config = parse_fusion_config(out, from_file, ctx.args,
+                                     {k: v for k, v in flags.items() if v is not None})
     except ValueError as err:
-        raise click.ClickException(str(err)) from err
-    overrides = {f: getattr(parsed, f) for f in _changed_fields(parsed)}
-    flags = {"lm_weight": lm_weight, "fuse_temperature": temperature, "fusion": fusion,
-             "fuse_loss_type": loss_type}
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    overrides.pop("output_dir", None)
-    config = fusion_config(out, **overrides)
+        raise click.ClickException(f"{config_file or 'training options'}: {err}") from err
     try:
         result = train_fusion(pivot, list(aligned), out, config, resume=resume)
     except StoreError as err:
@@ -235,40 +209,30 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     click.echo(f"target model: {result}")
 
 
-def _changed_fields(parsed) -> list[str]:
-    """TrainingArguments fields the user set (differ from a default instance)."""
-    import dataclasses
-
-    default = type(parsed)(output_dir=parsed.output_dir)
-    return [
-        f.name for f in dataclasses.fields(parsed)
-        if f.init and getattr(parsed, f.name) != getattr(default, f.name)
-    ]
-
-
 @main.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False),
               help="Where every stage writes (relative recipe paths resolve here).")
-@click.option("--from", "from_stage", type=click.Choice(["logits", "align", "fuse", "merge", "evaluate"]),
+@click.option("--from", "from_stage", type=click.Choice(STAGES),
               default=None, help="Redo this stage and all after it, even if up to date.")
-@click.option("--only", type=click.Choice(["logits", "align", "fuse", "merge", "evaluate"]), default=None,
+@click.option("--only", type=click.Choice(STAGES), default=None,
               help="Run only this stage (the earlier ones must be done).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (what runs, what is skipped, why).")
 def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | None, dry_run: bool) -> None:
     """Run a whole FuseChat recipe: logits → align → fuse → merge → evaluate.
 
     Stages whose inputs and options did not change since the last run are skipped;
-    interrupted ones resume. See recipes/fusechat-7b.yaml and recipes/demo-pipeline.yaml.
+    interrupted ones resume. See recipes/fusechat-7b.yaml and the demo's recipe,
+    fusechat_merge/demo/demo-pipeline.yaml.
     """
-    from fusechat_merge.pipeline import Pipeline
-    from fusechat_merge.recipe import PipelineRecipeError, load_pipeline_recipe
+    from fusechat_merge.pipeline import run_pipeline
+    from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
 
     try:
         parsed = load_pipeline_recipe(recipe, work_dir)
     except PipelineRecipeError as err:
         raise click.ClickException(str(err)) from err
-    Pipeline(parsed, work_dir, log=click.echo).run(from_stage=from_stage, only=only, dry_run=dry_run)
+    run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run)
 
 
 @main.command("demo")
@@ -289,16 +253,16 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
 
     Builds a Llama-style pivot and two sources of other architectures and tokenizers
     (Qwen2-style with a byte-level tokenizer that learns arithmetic, Mistral-style with
-    another '▁' tokenizer that learns string reversal), then runs recipes/demo-pipeline.yaml:
+    another '▁' tokenizer that learns string reversal), then runs its demo-pipeline.yaml:
     logits → align → fuse (one target per source) → merge (SCE and mergekit's baselines)
     → evaluate, and prints the comparison table. Re-running reuses what is done.
     """
     if merge_only:
-        from fusechat_merge.demo import run_demo
+        from fusechat_merge.demo.merge_demo import run_demo
 
         run_demo(work_dir or Path("demo-merge-work"), select_topk=select_topk, echo=click.echo)
         return
-    from fusechat_merge.demo import run_pipeline_demo
+    from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
 
     run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None, echo=click.echo)
 

@@ -66,6 +66,3 @@ def register() -> MergeMethod:
     except RuntimeError:
         registry.register(fusechat_sce)
         return fusechat_sce
-
-
-SHARED_PARAMETERS: tuple[str, ...] = tuple(p.name for p in fusechat_sce.spec.parameters)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fusechat_merge import METHOD_NAME
-from fusechat_merge.recipe_check import validate_recipe
+from fusechat_merge.merge_recipe import validate_recipe
 
 _MERGE_MARKERS = ("mergekit_config.yml", "config.json")
 

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import statistics
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from fusechat_merge.stats_sink import TensorStats
+from fusion.artifacts.atomic import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -51,23 +51,11 @@ _AFTER = ("final", "lm_head", "other")
 
 @contextmanager
 def _atomic_open(path: Path, *, binary: bool = False) -> Iterator[IO[Any]]:
-    """Open a unique temporary sibling of ``path``; rename it over ``path`` on success.
-
-    The unique name keeps concurrent writers of the same report from sharing a
-    temporary file; on failure the temporary file is removed and ``path`` untouched.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        if binary:
-            with tmp.open("wb") as handle:
-                yield handle
-        else:
-            with tmp.open("w", encoding="utf-8", newline="") as handle:
-                yield handle
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """A handle on a temporary sibling of ``path``, renamed over it on success."""
+    with atomic_path(path) as tmp, (
+        tmp.open("wb") if binary else tmp.open("w", encoding="utf-8", newline="")
+    ) as handle:
+        yield handle
 
 
 def _new_figure(width: float, height: float) -> Figure:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METHODS = ("offsets", "dtw")
+from fusion.data import trained_positions
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class TokenView:
 
     @property
     def positions(self) -> np.ndarray:
-        return np.flatnonzero(self.loss_mask[1:])
+        return trained_positions(self.loss_mask)
 
 
 def reply_keys(view: TokenView, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,19 +1,7 @@
 """``fusechat-merge align``: a pivot store + a source store → an aligned store.
 
-The aligned store is a logit store (the pivot's own columns, see docs/logit-store.md)
-with five more columns, per pivot trained position unless noted:
-
-* ``src_topk_ids`` / ``src_topk_logprobs`` (P×K): the source distribution in pivot ids,
-  renormalised over its kept entries, padded with id 0 and -inf;
-* ``src_aligned`` (P, bool): whether a source distribution exists there (else the fusion
-  stage falls back to the pivot's own);
-* ``src_target_logprobs`` (P): the aligned source log-probability of the pivot's next
-  token (-inf when outside the kept entries, NaN where not aligned), for token-level MinCE;
-* ``src_seq_ce`` (per sequence): the source's own sequence cross-entropy (the MinCE metric).
-
-The manifest's ``alignment`` holds the source store, method, vocabulary map and the
-statistics (aligned and fallback fractions, mean entries kept). Resumable shard by shard,
-like the logit step.
+The aligned store's format is in `fusion.artifacts.aligned_store`. Resumable shard by
+shard, like the logit step.
 """
 
 from __future__ import annotations
@@ -25,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from fusion.align import (
-    METHODS,
     TokenView,
     dtw_alignment,
     map_distribution,
     offsets_alignment,
     token_pairs,
 )
-from fusion.store import (
+from fusion.artifacts.aligned_store import write_aligned_shard
+from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
     SequenceLogits,
@@ -43,20 +30,19 @@ from fusion.store import (
     begin_run,
     finish_run,
     shard_name,
-    write_shard,
+    tokenizer_fingerprint,
 )
+from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
+from fusion.options import METHODS, AlignOptions
 
-VOCAB_MAP_FILE = "vocab_map.json"
 
+@dataclass(kw_only=True)
+class AlignJob(AlignOptions):
+    """One alignment: a source store onto the pivot's store, into ``out``."""
 
-@dataclass
-class AlignJob:
     pivot: str
     source: str
     out: str
-    method: str = "offsets"
-    vocab_map: str | None = None
-    vocab_mode: str = "ms"
 
 
 def view(seq: SequenceLogits) -> TokenView:
@@ -83,8 +69,6 @@ def load_tokenizer(store: LogitStore):
     """The store's tokenizer, refusing one that changed since the store was written."""
     from transformers import AutoTokenizer
 
-    from fusion.store import tokenizer_fingerprint
-
     tok = AutoTokenizer.from_pretrained(store.options.model)
     if tokenizer_fingerprint(tok) != store.options.tokenizer_fingerprint:
         raise StoreError(
@@ -104,7 +88,7 @@ def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_
             source_fingerprint=source.options.tokenizer_fingerprint,
             pivot_fingerprint=pivot.options.tokenizer_fingerprint,
         )
-    cached = out / VOCAB_MAP_FILE
+    cached = out / VOCAB_MAP_FILE_NAME
     if cached.exists():
         return VocabMap.load(
             cached,
@@ -184,7 +168,7 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
         piv_tok, src_tok = load_tokenizer(pivot), load_tokenizer(source)
         vmap = resolve_vocab_map(job, pivot, source, piv_tok, src_tok, out)
         src2piv = vmap.src2piv
-        vocab_info = {"mode": vmap.mode, "file": str(job.vocab_map or out / VOCAB_MAP_FILE),
+        vocab_info = {"mode": vmap.mode, "file": str(job.vocab_map or out / VOCAB_MAP_FILE_NAME),
                       "exact_fraction": float(np.mean(vmap.exact))}
     positions_of = _position_aligner(job.method, same_vocab, pivot, source)
 
@@ -202,7 +186,7 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
                 totals["aligned"] += c["_aligned"]
                 totals["kept"] += c["_kept"]
             if not target.exists():
-                write_shard(target, [pivot[i] for i in rows], options.id_type, _extra(columns, options.id_type))
+                write_aligned_shard(target, [pivot[i] for i in rows], columns, options.id_type)
             bar.update(len(rows))
     stats = {
         "aligned_fraction": totals["aligned"] / max(1, totals["positions"]),
@@ -244,48 +228,3 @@ def _identity_or_offsets(p: TokenView, s: TokenView) -> np.ndarray:
     if np.array_equal(p.input_ids, s.input_ids):
         return p.positions
     return offsets_alignment(p, s)
-
-
-def _extra(columns: list[dict[str, Any]], id_type: str) -> dict[str, tuple[pa.DataType, list[Any]]]:
-    ids = pa.uint16() if id_type == "uint16" else pa.uint32()
-    np_ids = np.uint16 if id_type == "uint16" else np.uint32
-    return {
-        "src_topk_ids": (pa.list_(ids), [c["src_topk_ids"].astype(np_ids) for c in columns]),
-        "src_topk_logprobs": (pa.list_(pa.float16()), [c["src_topk_logprobs"] for c in columns]),
-        "src_aligned": (pa.list_(pa.bool_()), [c["src_aligned"] for c in columns]),
-        "src_target_logprobs": (pa.list_(pa.float32()), [c["src_target_logprobs"] for c in columns]),
-        "src_seq_ce": (pa.float32(), [c["src_seq_ce"] for c in columns]),
-    }
-
-
-@dataclass
-class AlignedSequence:
-    """A pivot sequence with its aligned source distribution (numpy arrays)."""
-
-    pivot: SequenceLogits
-    src_topk_ids: np.ndarray  # (P, K) pivot ids
-    src_topk_logprobs: np.ndarray  # (P, K), -inf padded
-    src_aligned: np.ndarray  # (P,) bool
-    src_target_logprobs: np.ndarray  # (P,)
-    src_seq_ce: float
-
-
-class AlignedStore(LogitStore):
-    """Reads an aligned store (a logit store whose manifest has ``alignment``)."""
-
-    def __init__(self, path) -> None:
-        super().__init__(path)
-        if self.manifest.alignment is None:
-            raise StoreError(f"{self.path} is a logit store, not an aligned store; run `fusechat-merge align`")
-
-    def aligned(self, index: int) -> AlignedSequence:
-        row = self.dataset[index]
-        k = self.options.top_k
-        return AlignedSequence(
-            pivot=self._record(row),
-            src_topk_ids=np.asarray(row["src_topk_ids"]).reshape(-1, k),
-            src_topk_logprobs=np.asarray(row["src_topk_logprobs"], dtype=np.float16).reshape(-1, k),
-            src_aligned=np.asarray(row["src_aligned"], dtype=bool),
-            src_target_logprobs=np.asarray(row["src_target_logprobs"], dtype=np.float32),
-            src_seq_ce=float(row["src_seq_ce"]),
-        )

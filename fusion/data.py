@@ -17,14 +17,15 @@ Differences from the reference code (FuseAI ``FuseChat/train/train.py``), on pur
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
     import datasets
 
+T = TypeVar("T")
 Role = Literal["system", "user", "assistant"]
 TemplateKind = Literal["own", "shared"]
 
@@ -88,6 +89,7 @@ class EncodeReport:
 
     kept: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
+    skipped_rows: int = 0
 
 
 # --------------------------------------------------------------------------- loading
@@ -281,22 +283,31 @@ def render_shared(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[tupl
 def _render_own(
     tokenizer: Any, turns: Sequence[Turn], row_id: str
 ) -> tuple[str, list[tuple[int, int]]]:
-    from jinja2.exceptions import TemplateError
-
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("tokenizer has no chat template; use template='shared'")
+    return with_system_fallback(lambda t: _render_own_once(tokenizer, t, row_id), turns, row_id)
+
+
+def with_system_fallback(
+    render_turns: Callable[[Sequence[Turn]], T], turns: Sequence[Turn], row_id: str,
+    what: str = "conversation",
+) -> T:
+    """``render_turns(turns)``; a chat template that refuses the system role (Gemma-, some
+    Mistral-style ones) gets the system text folded into the first user turn instead."""
+    from jinja2.exceptions import TemplateError
+
     try:
-        return _render_own_once(tokenizer, turns, row_id)
+        return render_turns(turns)
     except TemplateError as err:
         if not turns or turns[0].role != "system":
-            raise MalformedRow(row_id, f"chat template refused the conversation: {err}") from err
+            raise MalformedRow(row_id, f"chat template refused the {what}: {err}") from err
     try:
-        return _render_own_once(tokenizer, _fold_system(turns, row_id), row_id)
+        return render_turns(fold_system(turns, row_id))
     except TemplateError as err:
-        raise MalformedRow(row_id, f"chat template refused the conversation: {err}") from err
+        raise MalformedRow(row_id, f"chat template refused the {what}: {err}") from err
 
 
-def _fold_system(turns: Sequence[Turn], row_id: str) -> list[Turn]:
+def fold_system(turns: Sequence[Turn], row_id: str) -> list[Turn]:
     """The system text moved into the first user turn, for templates without a system role."""
     if len(turns) < 2 or turns[1].role != "user":
         raise MalformedRow(row_id, "a system turn must be followed by a user turn")
@@ -315,8 +326,8 @@ def _render_own_once(
     apply ``| trim`` to every message).
     """
     marks = _placeholders(turns)
-    marked = _apply_template(tokenizer, _messages(turns, marks))
-    real = _apply_template(tokenizer, _messages(turns, None))
+    marked = _apply_template(tokenizer, chat_messages(turns, marks))
+    real = _apply_template(tokenizer, chat_messages(turns, None))
     replies = [t.content for t in turns if t.role == "assistant"]
     for candidate in (replies, [r.strip() for r in replies]):
         text, spans = _fill_placeholders(marked, marks, candidate, row_id)
@@ -333,7 +344,7 @@ def _placeholders(turns: Sequence[Turn]) -> list[str]:
     return [f"[[{tag}:{k}]]" for k in range(sum(t.role == "assistant" for t in turns))]
 
 
-def _messages(turns: Sequence[Turn], marks: Sequence[str] | None) -> list[dict[str, str]]:
+def chat_messages(turns: Sequence[Turn], marks: Sequence[str] | None) -> list[dict[str, str]]:
     """Chat-template messages; with ``marks``, replies are replaced by their markers."""
     replies = iter(marks or ())
     return [
@@ -399,6 +410,14 @@ def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
+
+
+def trained_positions(mask: Sequence[bool] | Any) -> Any:
+    """Positions t whose next token is trained (``mask[t + 1]``): where a teacher
+    distribution is stored and a fusion target exists (int64 numpy array)."""
+    import numpy as np
+
+    return np.flatnonzero(np.asarray(mask, dtype=bool)[1:]).astype(np.int64)
 
 
 def loss_mask(
@@ -480,30 +499,50 @@ def _truncate(enc: Encoded, max_length: int, row_id: str) -> Encoded:
 # --------------------------------------------------------------------------- batches
 
 
+def usable_rows(
+    rows: Sequence[Mapping] | Iterable[Mapping],
+    make: Callable[[str, list[Turn]], T],
+    *,
+    indices: Iterable[int] | None = None,
+    strict: bool = False,
+    report: EncodeReport | None = None,
+) -> Iterator[tuple[str, T]]:
+    """Yield ``(row id, make(row id, turns))`` for each row that parses and ``make`` accepts.
+
+    The one loop over a corpus: malformed rows (`MalformedRow` from parsing or from
+    ``make``) are skipped and recorded in ``report`` (filled as the iterator advances, so
+    read it after exhausting it), or, with ``strict=True``, the first one raises.
+    ``indices`` selects rows of an indexable corpus (a ``--shard`` block).
+    """
+    report = EncodeReport() if report is None else report
+    pairs = ((i, rows[i]) for i in indices) if indices is not None else enumerate(rows)  # type: ignore[index]
+    for index, row in pairs:
+        rid = row_id(row, index)
+        try:
+            value = make(rid, parse_turns(row, rid))
+        except MalformedRow as err:
+            if strict:
+                raise
+            report.skipped[rid] = err.reason
+            report.skipped_rows += 1
+            continue
+        report.kept += 1
+        yield rid, value
+
+
 def encode_rows(
-    rows: Iterable[Mapping],
+    rows: Sequence[Mapping] | Iterable[Mapping],
     tokenizer: Any,
     *,
     template: TemplateKind = "own",
     max_length: int = 2048,
     strict: bool = False,
     report: EncodeReport | None = None,
+    indices: Iterable[int] | None = None,
 ) -> Iterator[tuple[str, Encoded]]:
-    """Yield ``(row id, Encoded)`` for each usable row.
+    """Yield ``(row id, Encoded)`` for each usable row (see `usable_rows`)."""
 
-    Malformed rows are skipped and recorded in ``report`` (filled as the iterator advances,
-    so read it after exhausting it), or, with ``strict=True``, the first one raises.
-    """
-    report = EncodeReport() if report is None else report
-    for index, row in enumerate(rows):
-        rid = row_id(row, index)
-        try:
-            turns = parse_turns(row, rid)
-            encoded = render(tokenizer, turns, template=template, max_length=max_length, row_id=rid)
-        except MalformedRow as err:
-            if strict:
-                raise
-            report.skipped[rid] = err.reason
-            continue
-        report.kept += 1
-        yield rid, encoded
+    def encode(rid: str, turns: list[Turn]) -> Encoded:
+        return render(tokenizer, turns, template=template, max_length=max_length, row_id=rid)
+
+    return usable_rows(rows, encode, indices=indices, strict=strict, report=report)

@@ -17,28 +17,29 @@ Two scores per skill:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fusion.backends.hf import resolve_device
+from fusion.batching import pad_sequences, pad_token_id
 from fusion.data import (
     SHARED_HEADS,
     Encoded,
-    MalformedRow,
+    EncodeReport,
     TemplateKind,
     Turn,
-    _fold_system,
-    _messages,
+    chat_messages,
     end_of_turn_ids,
     load_conversations,
-    parse_turns,
     render,
     render_shared,
-    row_id,
+    usable_rows,
+    with_system_fallback,
 )
+from fusion.options import EvalOptions
 
 
 @dataclass(frozen=True)
@@ -69,40 +70,25 @@ class Example:
 def evaluate_model(
     model_dir: str | Path,
     skills: Mapping[str, str | Path],
+    options: EvalOptions | None = None,
     *,
     template: TemplateKind = "own",
-    max_length: int = 512,
-    exact_match: bool = True,
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
     device: str = "cpu",
     cache_dir: str | Path | None = None,
+    **overrides: Any,
 ) -> list[SkillScore]:
     """Score the model in ``model_dir`` (saved with its tokenizer) on each skill's file.
 
     ``skills`` maps a skill name to a conversation file or folder (anything
     `fusion.data.load_conversations` reads); results come back in the mapping's order.
-    Raises ValueError for a skill file with no usable conversation.
+    ``overrides`` are `EvalOptions` fields. Raises ValueError for a bad option or a skill
+    file with no usable conversation.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if exact_match and max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    opts = replace(options or EvalOptions(), **overrides)
     model, tokenizer = load_model(model_dir, device)
     try:  # the finally frees accelerator memory before the next model is loaded
         return [
-            evaluate_skill(
-                model,
-                tokenizer,
-                skill,
-                path,
-                template=template,
-                max_length=max_length,
-                exact_match=exact_match,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                cache_dir=cache_dir,
-            )
+            evaluate_skill(model, tokenizer, skill, path, opts, template=template, cache_dir=cache_dir)
             for skill, path in skills.items()
         ]
     finally:
@@ -128,15 +114,14 @@ def evaluate_skill(
     tokenizer: Any,
     skill: str,
     path: str | Path,
+    options: EvalOptions | None = None,
     *,
     template: TemplateKind = "own",
-    max_length: int = 512,
-    exact_match: bool = True,
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
     cache_dir: str | Path | None = None,
 ) -> SkillScore:
     """Scores of a loaded model on one conversation file."""
+    opts = options or EvalOptions()
+    max_length, batch_size, max_new_tokens = opts.max_length, opts.batch_size, opts.max_new_tokens
     examples, skipped = prepare_examples(
         _load_rows(path, cache_dir), tokenizer, template=template, max_length=max_length
     )
@@ -148,16 +133,15 @@ def evaluate_skill(
     if tokens == 0:  # only when every reply opens its row: position 0 has no context
         raise ValueError(f"{path}: no reply token has context to be scored")
     match = None
-    if exact_match:
-        replies = generate_replies(
+    if opts.exact_match:
+        match = exact_match_rate(
             model,
             tokenizer,
             [e.prompt for e in examples],
+            [e.reference for e in examples],
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
         )
-        hits = sum(r.strip() == e.reference.strip() for r, e in zip(replies, examples, strict=True))
-        match = hits / len(examples)
     return SkillScore(skill, nll / tokens, match, len(examples), tokens, skipped)
 
 
@@ -186,20 +170,16 @@ def prepare_examples(
     A row is skipped when it cannot be used for either score, so both scores are over the
     same conversations.
     """
-    examples: list[Example] = []
-    skipped = 0
-    for index, row in enumerate(rows):
-        rid = row_id(row, index)
-        try:
-            turns = parse_turns(row, rid)
-            encoded = render(tokenizer, turns, template=template, max_length=max_length, row_id=rid)
-            last = last_reply_index(turns)
-            prompt = generation_prompt(tokenizer, turns[:last], turns[last], template, rid)
-        except MalformedRow:
-            skipped += 1
-            continue
-        examples.append(Example(encoded, prompt, turns[last].content))
-    return examples, skipped
+
+    def example(rid: str, turns: list[Turn]) -> Example:
+        encoded = render(tokenizer, turns, template=template, max_length=max_length, row_id=rid)
+        last = last_reply_index(turns)
+        prompt = generation_prompt(tokenizer, turns[:last], turns[last], template, rid)
+        return Example(encoded, prompt, turns[last].content)
+
+    report = EncodeReport()
+    examples = [e for _, e in usable_rows(rows, example, report=report)]
+    return examples, report.skipped_rows
 
 
 def last_reply_index(turns: Sequence[Turn]) -> int:
@@ -224,23 +204,13 @@ def generation_prompt(
         return head[: token_start(tokenizer, head + reply.content, len(head))]
     if template != "own":
         raise ValueError(f"unknown template {template!r}; use 'own' or 'shared'")
-    from jinja2.exceptions import TemplateError
 
-    try:
-        return _generation_template(tokenizer, history)
-    except TemplateError as err:
-        if not history or history[0].role != "system":
-            raise MalformedRow(rid, f"chat template refused the prompt: {err}") from err
-    try:
-        return _generation_template(tokenizer, _fold_system(history, rid))
-    except TemplateError as err:
-        raise MalformedRow(rid, f"chat template refused the prompt: {err}") from err
+    def prompt(turns: Sequence[Turn]) -> str:
+        return tokenizer.apply_chat_template(
+            chat_messages(turns, None), add_generation_prompt=True, tokenize=False
+        )
 
-
-def _generation_template(tokenizer: Any, history: Sequence[Turn]) -> str:
-    return tokenizer.apply_chat_template(
-        _messages(history, None), add_generation_prompt=True, tokenize=False
-    )
+    return with_system_fallback(prompt, history, rid, "prompt")
 
 
 def token_start(tokenizer: Any, text: str, char: int) -> int:
@@ -253,28 +223,6 @@ def token_start(tokenizer: Any, text: str, char: int) -> int:
 
 
 # --------------------------------------------------------------------------- loss
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """The pad id, else eos (many chat tokenizers have no pad token), else 0."""
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def pad_batch(
-    sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, attention_mask)``, padded on the right (scoring) or left (generation)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[row, cols] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[row, cols] = 1
-    return ids, mask
 
 
 @torch.inference_mode()
@@ -290,7 +238,7 @@ def reply_nll(
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        ids, mask = pad_batch([e.input_ids for e in chunk], pad_id)
+        ids, mask = pad_sequences([e.input_ids for e in chunk], pad_id)
         targets = torch.zeros_like(ids, dtype=torch.bool)
         for row, e in enumerate(chunk):
             targets[row, : len(e.loss_mask)] = torch.as_tensor(e.loss_mask)
@@ -334,7 +282,7 @@ def generate_replies(
             tokenizer(p, add_special_tokens=False)["input_ids"]
             for p in prompts[start : start + batch_size]
         ]
-        ids, mask = pad_batch(chunk, pad_id, left=True)
+        ids, mask = pad_sequences(chunk, pad_id, left=True)
         out = model.generate(
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),
@@ -347,3 +295,20 @@ def generate_replies(
             kept = until_end_of_turn(row, stop_ids)
             replies.append(tokenizer.decode(kept, skip_special_tokens=True))
     return replies
+
+
+def exact_match_rate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> float:
+    """Share of prompts whose greedy reply equals its reference (both ``strip``-ed)."""
+    replies = generate_replies(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    hits = sum(r.strip() == ref.strip() for r, ref in zip(replies, references, strict=True))
+    return hits / max(1, len(prompts))

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.data import Encoded, MalformedRow, load_conversations, parse_turns, render, row_id
-from fusion.store import (
+from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
     SequenceLogits,
@@ -27,43 +26,30 @@ from fusion.store import (
     finish_run,
     shard_name,
     tokenizer_fingerprint,
-    trained_positions,
     write_shard,
 )
+from fusion.data import Encoded, EncodeReport, encode_rows, load_conversations, trained_positions
+from fusion.options import LogitOptions, parse_shard
 
 
-@dataclass
-class LogitJob:
-    """Everything ``fusechat-merge logits`` needs (its options, one to one)."""
+@dataclass(kw_only=True)
+class LogitJob(LogitOptions):
+    """One scoring run: a model over a corpus into a store, with its options."""
 
     model: str
     data: str
     out: str
-    backend: str = "hf"
-    top_k: int = 10
-    max_length: int = 2048
-    template: str = "own"
-    batch_size: int = 8
-    dtype: str = "auto"
-    device: str = "auto"
-    shard: str = "0/1"
-    rows_per_shard: int = 1024
-    strict: bool = False
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    cache_dir: str | None = None
-    split: str = "train"
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``"i/N"`` → (i, N) with 0 ≤ i < N."""
+def package_version() -> str:
+    """This package's installed version (recorded in manifests; fusion/ never imports
+    fusechat_merge, so it is read from the installed metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        index, count = (int(x) for x in spec.split("/"))
-    except ValueError as err:
-        raise ValueError(f"--shard must look like i/N (for example 0/4), got {spec!r}") from err
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {spec}: need 0 <= i < N")
-    return index, count
+        return version("fusechat-merge")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def shard_rows(n_rows: int, spec: str) -> range:
@@ -71,27 +57,6 @@ def shard_rows(n_rows: int, spec: str) -> range:
     index, count = parse_shard(spec)
     per = math.ceil(n_rows / count)
     return range(min(n_rows, index * per), min(n_rows, (index + 1) * per))
-
-
-def encode_corpus(
-    rows, tokenizer, *, template: str, max_length: int, strict: bool, indices: Sequence[int]
-) -> tuple[list[tuple[str, Encoded]], dict[str, str]]:
-    """Encode the selected rows; malformed ones are skipped with their reason (or raise)."""
-    encoded: list[tuple[str, Encoded]] = []
-    skipped: dict[str, str] = {}
-    for index in indices:
-        row = rows[index]
-        rid = row_id(row, index)
-        try:
-            turns = parse_turns(row, rid)
-            encoded.append(
-                (rid, render(tokenizer, turns, template=template, max_length=max_length, row_id=rid))
-            )
-        except MalformedRow as err:
-            if strict:
-                raise
-            skipped[rid] = err.reason
-    return encoded, skipped
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -141,16 +106,16 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
-    from fusechat_merge import __version__
     from fusion.backends import make_backend
 
     tokenizer = AutoTokenizer.from_pretrained(job.model)
     config = AutoConfig.from_pretrained(job.model)
     rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
     indices = shard_rows(len(rows), job.shard)
-    encoded, skipped = encode_corpus(
-        rows, tokenizer, template=job.template, max_length=job.max_length, strict=job.strict, indices=indices
-    )
+    report = EncodeReport()
+    encoded = list(encode_rows(rows, tokenizer, template=job.template, max_length=job.max_length,
+                               strict=job.strict, report=report, indices=indices))
+    skipped = report.skipped
     if skipped:
         log(f"skipped {len(skipped)} malformed rows (first: {next(iter(skipped.items()))})")
     options = StoreOptions(
@@ -165,7 +130,7 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
         data=str(job.data),
         shard=job.shard,
         rows_per_shard=job.rows_per_shard,
-        package_version=__version__,
+        package_version=package_version(),
     )
     out = Path(job.out)
     begin_run(out, options)

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-FUSIONS = ("mince", "avgce", "token-mince")
-LOSS_TYPES = ("ce", "kl")
+from fusion.options import FUSIONS, LOSS_TYPES
 
 
 def tempered_probs(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -9,10 +9,11 @@ accelerate) is the stock Trainer's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,39 +22,22 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
 
-from fusion.align_job import AlignedStore
-from fusion.losses import FUSIONS, LOSS_TYPES, fuse, fusion_objective
-from fusion.store import StoreError, tokenizer_fingerprint
+from fusion.artifacts.aligned_store import AlignedStore
+from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
+from fusion.batching import pad_sequences
+from fusion.losses import fuse, fusion_objective
+from fusion.options import FusionSettings
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_valid", "teacher_ce", "teacher_gold")
 
 
 @dataclass
-class FusionConfig(TrainingArguments):
-    """TrainingArguments plus the fusion settings (FuseChat's defaults)."""
-
-    lm_weight: float = field(
-        default=0.9, metadata={"help": "λ: weight of the causal-LM loss; 1 − λ weighs the fusion loss."}
-    )
-    fuse_temperature: float = field(
-        default=1.0, metadata={"help": "Temperature T of the teacher targets softmax(logprobs / T)."}
-    )
-    fusion: str = field(
-        default="mince",
-        metadata={"help": "mince (per sequence), avgce (CE-weighted mixture) or token-mince (per token)."},
-    )
-    fuse_loss_type: str = field(default="ce", metadata={"help": "ce (soft cross-entropy) or kl."})
+class FusionConfig(TrainingArguments, FusionSettings):
+    """TrainingArguments plus the fusion settings (`fusion.options.FusionSettings`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.lm_weight <= 1.0:
-            raise ValueError(f"--lambda must be in [0, 1], got {self.lm_weight}")
-        if self.fuse_temperature <= 0:
-            raise ValueError(f"--temperature must be > 0, got {self.fuse_temperature}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        if self.fuse_loss_type not in LOSS_TYPES:
-            raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.fuse_loss_type!r}")
+        self.check_fusion_settings()
 
 
 class FusionDataset(torch.utils.data.Dataset):
@@ -119,10 +103,12 @@ class FusionCollator:
         b = len(items)
         t = max(len(it["input_ids"]) for it in items)
         s, _, k = items[0]["teacher_ids"].shape
+        input_ids, attention = pad_sequences([it["input_ids"] for it in items], self.pad_id)
+        labels = [np.where(np.asarray(it["loss_mask"], dtype=bool), it["input_ids"], -100) for it in items]
         out = {
-            "input_ids": torch.full((b, t), self.pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros(b, t, dtype=torch.long),
-            "labels": torch.full((b, t), -100, dtype=torch.long),
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": pad_sequences(labels, -100)[0],
             "teacher_ids": torch.zeros(b, s, t, k, dtype=torch.long),
             "teacher_logprobs": torch.full((b, s, t, k), -float("inf")),
             "teacher_valid": torch.zeros(b, s, t, dtype=torch.bool),
@@ -130,12 +116,6 @@ class FusionCollator:
             "teacher_ce": torch.zeros(b, s),
         }
         for i, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids = torch.from_numpy(it["input_ids"])
-            mask = torch.from_numpy(np.asarray(it["loss_mask"], dtype=bool))
-            out["input_ids"][i, :n] = ids
-            out["attention_mask"][i, :n] = 1
-            out["labels"][i, :n] = torch.where(mask, ids, torch.full_like(ids, -100))
             pos = torch.from_numpy(it["positions"])
             out["teacher_ids"][i][:, pos] = torch.from_numpy(it["teacher_ids"])
             out["teacher_logprobs"][i][:, pos] = torch.from_numpy(it["teacher_logprobs"])
@@ -249,12 +229,63 @@ def train_fusion(
 
 def fusion_config(output_dir: str | os.PathLike[str], **kwargs: Any) -> FusionConfig:
     """A `FusionConfig` whose checkpoints go under ``output_dir/checkpoints``."""
-    kwargs.setdefault("report_to", "none")
-    kwargs.setdefault("save_strategy", "epoch")
-    kwargs.setdefault("logging_steps", 1)
-    kwargs.setdefault("remove_unused_columns", False)
-    kwargs.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    _fusion_defaults(kwargs)
     return FusionConfig(output_dir=str(Path(output_dir) / "checkpoints"), **kwargs)
+
+
+def parse_fusion_config(
+    output_dir: str | os.PathLike[str],
+    from_file: Mapping[str, Any],
+    argv: Sequence[str],
+    flags: Mapping[str, Any],
+) -> FusionConfig:
+    """The ``fuse`` command's configuration: defaults, then a ``--config`` mapping, then
+    TrainingArguments flags (``argv``, e.g. ``--max-steps 10``), then the fusion flags.
+
+    Everything goes through ``HfArgumentParser``: argv through its argument parser, the
+    merged mapping through its dict path, so unknown keys are refused by name.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(FusionConfig)
+    try:
+        (parsed,) = parser.parse_args_into_dataclasses(args=["--output_dir", str(output_dir), *argv])
+    except SystemExit as err:  # argparse has printed which flag it rejects
+        raise ValueError(f"bad training option in {' '.join(argv)!r}") from err
+    default = FusionConfig(output_dir=parsed.output_dir)
+    from_argv = {
+        f.name: getattr(parsed, f.name) for f in dataclasses.fields(parsed)
+        if f.init and getattr(parsed, f.name) != getattr(default, f.name)
+    }
+    settings = {**_typed(from_file), **from_argv, **flags}
+    settings.pop("output_dir", None)
+    _fusion_defaults(settings)
+    (config,) = parser.parse_dict({"output_dir": str(Path(output_dir) / "checkpoints"), **settings})
+    return config
+
+
+def _typed(values: Mapping[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``5e-6`` as a string: give numeric fields numbers, as argparse would."""
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(FusionConfig) if f.init}
+    out = dict(values)
+    for key, value in values.items():
+        kind = kinds.get(key)
+        if isinstance(value, str) and kind in (int, float):
+            try:
+                out[key] = kind(value)
+            except ValueError as err:
+                raise ValueError(f"{key}: expected a number, got {value!r}") from err
+    return out
+
+
+def _fusion_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """This project's TrainingArguments defaults for fusion runs (a caller's value wins)."""
+    settings.setdefault("report_to", "none")
+    settings.setdefault("save_strategy", "epoch")
+    settings.setdefault("logging_steps", 1)
+    settings.setdefault("remove_unused_columns", False)
+    settings.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    return settings
 
 
 def _last_checkpoint(folder: Path) -> str | None:

@@ -60,16 +60,17 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from fusion.store import tokenizer_fingerprint
+from fusion.artifacts.atomic import atomic_path
+from fusion.artifacts.logit_store import tokenizer_fingerprint
+from fusion.artifacts.vocab_map_file import MODES, VocabMap
 
-MODES = ("ms", "em", "mined")
-FORMAT = "fusechat-vocab-map"
+__all__ = ["MODES", "VocabMap", "build_vocab_map"]
+
 COUNTS_FORMAT = "fusechat-cooccurrence-counts"
 FORMAT_VERSION = 1
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -332,9 +333,7 @@ class CooccurrenceCounts:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an .npz (atomically: a reader never sees half a file)."""
         self._fold()
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tmp.open("wb") as f:  # a file object, so numpy does not append '.npz'
+        with atomic_path(path) as tmp, tmp.open("wb") as f:  # a file: numpy adds no '.npz'
             np.savez(
                 f,
                 format=np.array(COUNTS_FORMAT),
@@ -343,7 +342,6 @@ class CooccurrenceCounts:
                 keys=self._keys,
                 counts=self._counts,
             )
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CooccurrenceCounts:
@@ -358,66 +356,6 @@ class CooccurrenceCounts:
 
 
 # --- the map ---------------------------------------------------------------------------
-
-
-@dataclass
-class VocabMap:
-    """``src2piv[source id] = pivot id``, tied to the two tokenizers it was made for."""
-
-    src2piv: np.ndarray  # int64 (source_vocab,)
-    mode: str  # "ms" | "em" | "mined"
-    source_fingerprint: str
-    pivot_fingerprint: str
-    exact: np.ndarray  # bool (source_vocab,): an exact canonical-text match
-
-    def __post_init__(self) -> None:
-        self.src2piv = np.asarray(self.src2piv, dtype=np.int64)
-        self.exact = np.asarray(self.exact, dtype=bool)
-        if self.mode not in MODES:
-            raise ValueError(f"unknown vocab map mode {self.mode!r}; use one of {', '.join(MODES)}")
-        if self.src2piv.ndim != 1 or self.exact.shape != self.src2piv.shape:
-            raise ValueError(
-                f"src2piv and exact must be 1-D of one length, got {self.src2piv.shape}, {self.exact.shape}"
-            )
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """JSON with the fingerprints; ``inexact`` lists the source ids without an exact match."""
-        payload = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "mode": self.mode,
-            "source_fingerprint": self.source_fingerprint,
-            "pivot_fingerprint": self.pivot_fingerprint,
-            "source_vocab": int(self.src2piv.size),
-            "src2piv": self.src2piv.tolist(),
-            "inexact": np.flatnonzero(~self.exact).tolist(),
-        }
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(payload), encoding="utf-8")
-        tmp.replace(path)
-
-    @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], *, source_fingerprint: str, pivot_fingerprint: str
-    ) -> VocabMap:
-        """Read a map, refusing one made for other tokenizers (it would silently garble ids)."""
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read vocab map {path}: {exc}") from exc
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a vocab map file")
-        found = (raw.get("source_fingerprint"), raw.get("pivot_fingerprint"))
-        if found != (source_fingerprint, pivot_fingerprint):
-            raise ValueError(
-                f"vocab map {path} was made for source tokenizer {found[0]} and pivot tokenizer "
-                f"{found[1]}, not source {source_fingerprint} and pivot {pivot_fingerprint}"
-            )
-        src2piv = np.asarray(raw["src2piv"], dtype=np.int64)
-        exact = np.ones(src2piv.size, dtype=bool)
-        exact[np.asarray(raw["inexact"], dtype=np.int64)] = False
-        return cls(src2piv, raw["mode"], found[0], found[1], exact)
 
 
 def preferred_ids(piv: Vocabulary) -> dict[str, int]:

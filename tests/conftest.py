@@ -14,14 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def metaspace_tokenizer():
-    from fusechat_merge.toy import make_tokenizer
+    from fusechat_merge.demo.toy import make_tokenizer
 
     return make_tokenizer("metaspace")
 
 
 @pytest.fixture(scope="session")
 def bytelevel_tokenizer():
-    from fusechat_merge.toy import make_tokenizer
+    from fusechat_merge.demo.toy import make_tokenizer
 
     return make_tokenizer("bytelevel")
 
@@ -29,7 +29,7 @@ def bytelevel_tokenizer():
 @pytest.fixture(scope="session")
 def model_family(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
     """A pivot and three fine-tune-like targets per architecture: {arch: [base, t1, t2, t3]}."""
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     root = tmp_path_factory.mktemp("models")
     family: dict[str, list[Path]] = {}

@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
 
-from fusion.align_job import AlignedStore, AlignJob, align_stores
+from fusion.align_job import AlignJob, align_stores
+from fusion.artifacts.aligned_store import AlignedStore
+from fusion.artifacts.logit_store import LogitStore, StoreError
 from fusion.logits import LogitJob, generate_logits
-from fusion.store import LogitStore, StoreError
 
 
 def make_store(model: Path, data: Path, out: Path, **kw) -> LogitStore:
@@ -22,7 +23,7 @@ def make_store(model: Path, data: Path, out: Path, **kw) -> LogitStore:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     root = tmp_path_factory.mktemp("align")
     data = write_jsonl(root / "chats.jsonl", conversations(10))

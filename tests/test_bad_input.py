@@ -90,7 +90,7 @@ def test_existing_unrelated_directory_is_not_replaced(model_family, tmp_path):
 
 
 def test_a_killed_merge_leaves_no_complete_looking_output(tmp_path, metaspace_tokenizer):
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     base = make_model(tmp_path / "base", "llama", tokenizer=metaspace_tokenizer, hidden_size=256, layers=8)
     targets = [make_model(tmp_path / f"t{i}", base=base, seed=i) for i in (1, 2, 3)]

@@ -175,7 +175,7 @@ def same_length_replies(n: int) -> list[dict]:
 def pair(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
     """A pivot and a source, and aligned stores for two 24-row corpora: the test corpus
     (replies of different lengths) and one whose replies all train the same token count."""
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     root = tmp_path_factory.mktemp("ddp")
     pivot = make_model(root / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)

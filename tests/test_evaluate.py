@@ -1,7 +1,7 @@
 """Per-skill evaluation: the loss is transformers' own, exact match tells a trained model from
 a random one, malformed rows are skipped, batching changes nothing.
 
-Real tiny models (`fusechat_merge.toy`) and real JSONL files; one model is trained here, with
+Real tiny models (`fusechat_merge.demo.toy`) and real JSONL files; one model is trained here, with
 plain AdamW, to answer a fixed prompt set with a fixed reply under both templates.
 """
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 from corpus import conversations, write_jsonl
 
+from fusion.batching import pad_sequences
 from fusion.data import MalformedRow, Turn, parse_turns, render
 from fusion.evaluate import (
     SkillScore,
@@ -22,7 +23,6 @@ from fusion.evaluate import (
     generate_replies,
     generation_prompt,
     load_model,
-    pad_batch,
     prepare_examples,
 )
 
@@ -74,7 +74,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def random_models(tmp_path_factory, request) -> dict[str, Path]:
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     root = tmp_path_factory.mktemp("random")
     models = {
@@ -90,7 +90,7 @@ def random_models(tmp_path_factory, request) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory, metaspace_tokenizer) -> Path:
     """A tiny Llama that answers every prompt of PROMPTS with REPLY, under both templates."""
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     path = make_model(
         tmp_path_factory.mktemp("trained") / "llama", "llama", tokenizer=metaspace_tokenizer, seed=3
@@ -101,7 +101,7 @@ def trained_model(tmp_path_factory, metaspace_tokenizer) -> Path:
         for q in PROMPTS
         for t in TEMPLATES
     ]
-    ids, mask = pad_batch([e.input_ids for e in encoded], 0)
+    ids, mask = pad_sequences([e.input_ids for e in encoded], 0)
     labels = torch.full_like(ids, -100)
     for row, e in enumerate(encoded):
         labels[row, : len(e.input_ids)] = torch.where(

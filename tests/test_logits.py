@@ -14,8 +14,14 @@ import torch
 from corpus import conversations, write_jsonl
 from helpers import BIN
 
+from fusion.artifacts.logit_store import (
+    LogitStore,
+    SequenceLogits,
+    StoreError,
+    merge_stores,
+    write_shard,
+)
 from fusion.logits import LogitJob, generate_logits, shard_rows
-from fusion.store import LogitStore, SequenceLogits, StoreError, merge_stores, write_shard
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer) -> dict[str, Path]:
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     root = tmp_path_factory.mktemp("teachers")
     return {
@@ -98,7 +104,7 @@ def test_round_trip_of_the_store(tmp_path):
                 seq_ce=1.5 + i,
             )
         )
-    from fusion.store import StoreOptions, begin_run, finish_run
+    from fusion.artifacts.logit_store import StoreOptions, begin_run, finish_run
 
     options = StoreOptions("m", "fp", 70_000, "own", 4, 16, "hf", "float32", "d")
     out = tmp_path / "store"
@@ -112,9 +118,6 @@ def test_round_trip_of_the_store(tmp_path):
         for name in ("input_ids", "loss_mask", "token_offsets", "reply_spans", "topk_ids",
                      "topk_logprobs", "target_logprobs"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), name
-    (batch,) = store.batches(8)
-    assert batch["topk_ids"].shape == (3, 6, 4) and batch["input_ids"].shape == (3, 9)
-    assert torch.isinf(batch["topk_logprobs"][0, -1]).all()  # padding
 
 
 def test_shards_across_machines_merge_into_the_single_run(teachers, corpus, tmp_path):

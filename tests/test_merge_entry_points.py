@@ -85,7 +85,7 @@ def test_vocabularies_that_differ_merge_through_tokenizer_settings(tmp_path, mod
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fusechat_merge.cli import main as cli
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     base = model_family["llama"][0]
     grown = tmp_path / "grown"

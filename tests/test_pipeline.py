@@ -14,8 +14,8 @@ import yaml
 from corpus import conversations, write_jsonl
 from helpers import BIN
 
-from fusechat_merge.pipeline import Pipeline
-from fusechat_merge.recipe import load_pipeline_recipe
+from fusechat_merge.pipeline import run_pipeline
+from fusechat_merge.pipeline_recipe import load_pipeline_recipe
 
 RECIPE = {
     "name": "tiny",
@@ -35,7 +35,7 @@ RECIPE = {
 
 @pytest.fixture
 def work(tmp_path, metaspace_tokenizer, bytelevel_tokenizer) -> Path:
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     make_model(tmp_path / "models" / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
     make_model(tmp_path / "models" / "qwen", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
@@ -53,8 +53,8 @@ def write_recipe(work: Path, recipe: dict) -> Path:
 
 
 def run(work: Path, **kw) -> dict[str, str]:
-    pipeline = Pipeline(load_pipeline_recipe(work / "recipe.yaml", work), work, log=lambda _: None)
-    return {s.id: s.status for s in pipeline.run(**kw)}
+    stages = run_pipeline(load_pipeline_recipe(work / "recipe.yaml", work), work, log=lambda _: None, **kw)
+    return {s.id: s.status for s in stages}
 
 
 def test_end_to_end_then_skip_then_redo_what_changed(work):
@@ -81,12 +81,10 @@ def test_end_to_end_then_skip_then_redo_what_changed(work):
                       "evaluate/seed-0", "evaluate/report"}
 
 
-def test_dry_run_only_and_from(work, capsys):
-    pipeline = Pipeline(load_pipeline_recipe(work / "recipe.yaml", work), work, log=print)
-    pipeline.run(dry_run=True)
-    plan = capsys.readouterr().out
-    assert "logits/pivot" in plan and "run: not run yet" in plan
-    assert not (work / "logits").exists()
+def test_dry_run_only_and_from(work):
+    plan = run(work, dry_run=True)
+    assert plan["logits/pivot"] == "would run (not run yet)"
+    assert not (work / "logits").exists() and not (work / "report").exists()
     with pytest.raises(RuntimeError, match="--only merge: stage logits/pivot is not done"):
         run(work, only="merge")
     run(work)
@@ -107,10 +105,13 @@ def test_a_killed_run_resumes(work):
     proc.wait()
     assert marker.exists(), "the run ended before the fuse stage started"
     assert not (work / "report" / "results.json").exists()
+    logits_record = (work / "stages" / "logits__pivot.done.json").read_bytes()
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "interrupted: resume" in done.stdout
-    assert "logits/pivot" in done.stdout and "[logits/pivot]" not in done.stdout  # not redone
+    statuses = {t["stage"]: t["status"] for t in json.loads((work / "report" / "stage_times.json").read_text())}
+    assert statuses["logits/pivot"].startswith("skipped") and statuses["fuse/seed-0/qwen"] == "ran"
+    assert (work / "stages" / "logits__pivot.done.json").read_bytes() == logits_record  # not redone
+    assert not marker.exists() and (work / "stages" / "fuse__seed-0__qwen.done.json").exists()
     assert (work / "report" / "results.json").exists()
 
 

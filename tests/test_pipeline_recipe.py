@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fusechat_merge.recipe import PipelineRecipeError, load_pipeline_recipe
+from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 

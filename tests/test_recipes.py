@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from helpers import BIN, assert_loads_and_runs, load_weights, run, write_recipe
 
 from fusechat_merge.cli import main as cli
-from fusechat_merge.recipe_check import check_recipe, load_recipe
+from fusechat_merge.merge_recipe import check_recipe, load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 HUB_RECIPES = [r for r in RECIPES if r.name.startswith("fusechat-7b") and "merge_method:" in r.read_text()]
@@ -26,7 +26,7 @@ def test_the_paper_recipes_are_shipped():
 @pytest.fixture(scope="module")
 def five_targets(model_family, tmp_path_factory):
     """The pivot and five fine-tune-like targets, like FuseChat-7B's merge inputs."""
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     pivot = model_family["mistral"][0]
     root = tmp_path_factory.mktemp("five")

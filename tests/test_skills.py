@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
 
 import pytest
 
-from fusechat_merge.skills import (
+from fusechat_merge.demo.skills import (
     LETTERS,
     MAX_OPERAND,
     N_HELDOUT,
@@ -19,7 +18,6 @@ from fusechat_merge.skills import (
     make_demo_models,
     skill_conversations,
     train_heldout,
-    write_jsonl,
 )
 
 
@@ -68,14 +66,6 @@ def test_train_and_heldout_do_not_overlap(skill):
     assert len(held_prompts) == N_HELDOUT
     assert not held_prompts & {_prompt(r) for r in train}
     assert len({r["id"] for r in train + held}) == len(train) + len(held)
-
-
-def test_write_jsonl_round_trips_and_leaves_no_temporary(tmp_path):
-    rows = skill_conversations("reversal", 5, seed=1)
-    path = write_jsonl(tmp_path / "sub" / "rows.jsonl", rows)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert [json.loads(line) for line in lines] == rows
-    assert [p.name for p in path.parent.iterdir()] == ["rows.jsonl"]
 
 
 def test_labels_include_the_space_before_a_llama_reply(metaspace_tokenizer):

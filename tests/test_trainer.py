@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from transformers import TrainerCallback
 
-from fusion.align_job import AlignedStore, AlignJob, align_stores
+from fusion.align_job import AlignJob, align_stores
+from fusion.artifacts.aligned_store import AlignedStore
 from fusion.logits import LogitJob, generate_logits
 from fusion.trainer import fusion_config, train_fusion
 
@@ -55,7 +56,7 @@ def train(pivot: Path, aligned: list[Path], out: Path, **kw) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     root = tmp_path_factory.mktemp("fuse")
     train_data = write(root / "train.jsonl", reverse_task(48, 0))
@@ -197,7 +198,7 @@ def test_fuse_cli_takes_training_arguments(setup, tmp_path):
 
 def test_padded_model_vocabulary_trains(setup, tmp_path, metaspace_tokenizer):
     """config.vocab_size larger than the tokenizer (as Qwen pads to 151936)."""
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     pivot = make_model(tmp_path / "padded", "llama", tokenizer=metaspace_tokenizer, seed=4)
     cfg = json.loads((pivot / "config.json").read_text())

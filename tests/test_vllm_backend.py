@@ -22,9 +22,9 @@ pytestmark = [
 
 
 def test_vllm_and_hf_backends_write_the_same_store(tmp_path, metaspace_tokenizer):
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
+    from fusion.artifacts.logit_store import LogitStore
     from fusion.logits import LogitJob, generate_logits
-    from fusion.store import LogitStore
 
     # vLLM's CPU attention needs head_dim in {32, 64, 80, ...}: hidden 128 / 2 heads.
     model = make_model(tmp_path / "m", "llama", tokenizer=metaspace_tokenizer, hidden_size=128,

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from fusion.store import tokenizer_fingerprint
+from fusion.artifacts.logit_store import tokenizer_fingerprint
 from fusion.vocab_map import (
     MODES,
     CooccurrenceCounts,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fusion.backends import PositionScores
+from fusion.batching import pad_sequences
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PROJECT_ROWS = 2048
@@ -55,13 +56,7 @@ class HFBackend:
     def score(
         self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray]
     ) -> list[PositionScores]:
-        lengths = [len(s) for s in sequences]
-        t_max = max(lengths)
-        ids = torch.zeros(len(sequences), t_max, dtype=torch.long)
-        mask = torch.zeros(len(sequences), t_max, dtype=torch.long)
-        for b, seq in enumerate(sequences):
-            ids[b, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            mask[b, : len(seq)] = 1
+        ids, mask = pad_sequences(sequences, 0)
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
 

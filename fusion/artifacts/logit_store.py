@@ -23,8 +23,10 @@ A *trained position* is a position t whose next token t+1 is trained
 Ids use uint16 when the vocabulary fits (exact), else uint32.
 
 Atomicity: each shard is written to a temporary file and renamed; ``manifest.json`` is
-written last, so a directory without it is an unfinished store (``run.json`` holds the
-options, so a re-run resumes shard by shard and refuses changed options).
+written last, so a directory without it is an unfinished store (``run.json``, the run
+record, holds the options, so a re-run resumes shard by shard and refuses changed options).
+
+The aligned store (`fusion.artifacts.aligned_store`) is this format plus columns.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from fusion.artifacts.atomic import (
+    atomic_path,
+    stale_temp_files,
+    write_json_atomic,
+    write_text_atomic,
+)
+from fusion.data import trained_positions
 
 FORMAT = "fusechat-logit-store"
 FORMAT_VERSION = 1
@@ -71,8 +82,18 @@ class SequenceLogits:
         return trained_positions(self.loss_mask)
 
 
-def trained_positions(loss_mask: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(np.asarray(loss_mask, dtype=bool)[1:]).astype(np.int64)
+def id_type_for(vocab_size: int) -> str:
+    """``uint16`` when every id fits (exact, half the bytes), else ``uint32``."""
+    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+
+
+def id_dtypes(id_type: str) -> tuple[type, pa.DataType]:
+    """The numpy and Arrow types of token ids in a store of ``id_type``."""
+    if id_type == "uint16":
+        return np.uint16, pa.uint16()
+    if id_type == "uint32":
+        return np.uint32, pa.uint32()
+    raise ValueError(f"unknown id type {id_type!r}")
 
 
 @dataclass
@@ -94,7 +115,7 @@ class StoreOptions:
 
     @property
     def id_type(self) -> str:
-        return "uint16" if self.vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+        return id_type_for(self.vocab_size)
 
 
 @dataclass
@@ -130,7 +151,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def arrow_schema(id_type: str) -> pa.Schema:
-    ids = pa.uint16() if id_type == "uint16" else pa.uint32()
+    _, ids = id_dtypes(id_type)
     return pa.schema(
         [
             ("id", pa.string()),
@@ -163,7 +184,7 @@ def write_shard(
     schema = arrow_schema(id_type)
     for name, (dtype, _) in (extra or {}).items():
         schema = schema.append(pa.field(name, dtype))
-    np_ids = np.uint16 if id_type == "uint16" else np.uint32
+    np_ids, _ = id_dtypes(id_type)
     columns = {
         "id": [r.id for r in records],
         "input_ids": [np.asarray(r.input_ids, dtype=np_ids) for r in records],
@@ -177,18 +198,11 @@ def write_shard(
     }
     columns.update({name: values for name, (_, values) in (extra or {}).items()})
     table = pa.table(columns, schema=schema)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        writer.write_table(table)
-    size = tmp.stat().st_size
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_table(table)
+        size = tmp.stat().st_size
     return size
-
-
-def write_json_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def begin_run(out: Path, options: StoreOptions | Mapping[str, Any]) -> None:
@@ -197,7 +211,7 @@ def begin_run(out: Path, options: StoreOptions | Mapping[str, Any]) -> None:
     run_file = out / RUN_FILE
     wanted = dict(options) if isinstance(options, Mapping) else asdict(options)
     if run_file.exists():
-        for stale in out.glob(".shard-*.tmp-*"):  # a killed run's half-written shard
+        for stale in stale_temp_files(out):  # a killed run's half-written shard
             stale.unlink(missing_ok=True)
         started = json.loads(run_file.read_text(encoding="utf-8"))
         diffs = [
@@ -213,7 +227,7 @@ def begin_run(out: Path, options: StoreOptions | Mapping[str, Any]) -> None:
         return
     if any(out.iterdir()):
         raise StoreError(f"{out} is not empty and holds no logit run; choose another --out")
-    write_json_atomic(run_file, json.dumps(wanted, indent=2))
+    write_json_atomic(run_file, wanted)
 
 
 def finish_run(
@@ -227,14 +241,14 @@ def finish_run(
     for path in sorted(out.glob("shard-*.arrow")):
         table = _read_table(path)
         rows = table.num_rows
-        n_tokens = int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py() or 0)
+        n_tokens = int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
         shards.append({"file": path.name, "sequences": rows, "tokens": n_tokens, "bytes": path.stat().st_size})
         sequences += rows
         tokens += n_tokens
     manifest = Manifest(
         FORMAT, FORMAT_VERSION, options, shards, sequences, tokens, dict(skipped), alignment
     )
-    write_json_atomic(out / MANIFEST, manifest.to_json())
+    write_text_atomic(out / MANIFEST, manifest.to_json())
     return manifest
 
 
@@ -309,41 +323,6 @@ class LogitStore:
             seq_ce=float(row["seq_ce"]),
         )
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
-        """Padded tensor batches, read shard by shard from the memory map.
-
-        Keys: ``input_ids`` (B, T) int64 padded with 0, ``loss_mask`` (B, T) bool,
-        ``lengths`` (B,), ``topk_ids`` (B, P, K) int64 padded with 0,
-        ``topk_logprobs`` (B, P, K) float32 padded with -inf, ``target_logprobs``
-        (B, P) float32, ``num_positions`` (B,), ``seq_ce`` (B,), ``ids`` (list).
-        """
-        import torch
-
-        for start in range(0, len(self), batch_size):
-            records = [self[i] for i in range(start, min(start + batch_size, len(self)))]
-            t_max = max(len(r.input_ids) for r in records)
-            p_max = max(len(r.target_logprobs) for r in records)
-            k = self.options.top_k
-            batch = {
-                "ids": [r.id for r in records],
-                "input_ids": torch.zeros(len(records), t_max, dtype=torch.int64),
-                "loss_mask": torch.zeros(len(records), t_max, dtype=torch.bool),
-                "lengths": torch.tensor([len(r.input_ids) for r in records]),
-                "topk_ids": torch.zeros(len(records), p_max, k, dtype=torch.int64),
-                "topk_logprobs": torch.full((len(records), p_max, k), float("-inf")),
-                "target_logprobs": torch.zeros(len(records), p_max),
-                "num_positions": torch.tensor([len(r.target_logprobs) for r in records]),
-                "seq_ce": torch.tensor([r.seq_ce for r in records], dtype=torch.float32),
-            }
-            for b, r in enumerate(records):
-                t, p = len(r.input_ids), len(r.target_logprobs)
-                batch["input_ids"][b, :t] = torch.from_numpy(r.input_ids.astype(np.int64))
-                batch["loss_mask"][b, :t] = torch.from_numpy(r.loss_mask)
-                batch["topk_ids"][b, :p] = torch.from_numpy(r.topk_ids.astype(np.int64))
-                batch["topk_logprobs"][b, :p] = torch.from_numpy(r.topk_logprobs.astype(np.float32))
-                batch["target_logprobs"][b, :p] = torch.from_numpy(r.target_logprobs)
-            yield batch
-
     def bytes_per_token(self) -> float:
         total = sum(s["bytes"] for s in self.manifest.shards)
         return total / max(1, self.manifest.tokens)
@@ -373,14 +352,12 @@ def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     for store in stores:
         skipped.update(store.manifest.skipped)
         for shard in store.manifest.shards:
-            target = out / shard_name(index)
-            tmp = target.with_name(f".{target.name}.tmp")
-            try:
-                os.link(store.path / shard["file"], tmp)
-            except OSError:
-                shutil.copyfile(store.path / shard["file"], tmp)
-            tmp.replace(target)
+            with atomic_path(out / shard_name(index)) as tmp:
+                try:
+                    os.link(store.path / shard["file"], tmp)
+                except OSError:
+                    shutil.copyfile(store.path / shard["file"], tmp)
             index += 1
     options = StoreOptions(**{**first, "shard": "0/1"})
-    write_json_atomic(out / RUN_FILE, json.dumps(asdict(options), indent=2))
+    write_json_atomic(out / RUN_FILE, asdict(options))
     return finish_run(out, options, skipped)

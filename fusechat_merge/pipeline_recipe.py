@@ -15,6 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fusechat_merge.option_forms import recipe_section
+from fusechat_merge.recipe_keys import key_path, line_map, looks_like_hub_id
+from fusion.options import BACKENDS, TEMPLATES, AlignOptions, EvalOptions, LogitOptions
+
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
 
 
@@ -25,8 +29,8 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     name: str = Field(description="Short name used for outputs and reports.")
     model: str = Field(description="Model directory (or hub id) with its tokenizer.")
-    backend: Literal["hf", "vllm"] = "hf"
-    template: Literal["own", "shared"] = "own"
+    backend: Literal[BACKENDS] = "hf"  # type: ignore[valid-type]
+    template: Literal[TEMPLATES] = "own"  # type: ignore[valid-type]
 
 
 class DataSpec(_Strict):
@@ -34,17 +38,13 @@ class DataSpec(_Strict):
     split: str = "train"
 
 
-class LogitSpec(_Strict):
-    top_k: int = Field(10, ge=1)
-    max_length: int = Field(2048, ge=2)
-    batch_size: int = Field(8, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-
-
-class AlignSpec(_Strict):
-    method: Literal["offsets", "dtw"] = "offsets"
-    vocab_mode: Literal["ms", "em", "mined"] = "ms"
+# Options that the run sets itself (per model, per stage) are not recipe keys here.
+LogitSpec = recipe_section(
+    LogitOptions, name="LogitSpec",
+    exclude=("backend", "template", "shard", "split", "cache_dir", "tensor_parallel_size",
+             "gpu_memory_utilization"),
+)
+AlignSpec = recipe_section(AlignOptions, name="AlignSpec")
 
 
 class FuseSpec(_Strict):
@@ -75,11 +75,8 @@ class MergeSpec(_Strict):
     dtype: str = "float32"
 
 
-class EvalSpec(_Strict):
+class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
     skills: dict[str, str] = Field(default_factory=dict, description="skill name → held-out conversations")
-    exact_match: bool = True
-    max_length: int = 512
-    max_new_tokens: int = 16
 
 
 class PipelineRecipe(_Strict):
@@ -104,33 +101,6 @@ class PipelineRecipeError(ValueError):
         super().__init__(f"invalid pipeline recipe {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _line_map(text: str) -> dict[tuple[Any, ...], int]:
-    """YAML key path → 1-based line, from the composed node tree."""
-    lines: dict[tuple[Any, ...], int] = {}
-
-    def walk(node, path: tuple[Any, ...]) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key, child in node.value:
-                lines[(*path, key.value)] = key.start_mark.line + 1
-                walk(child, (*path, key.value))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, child in enumerate(node.value):
-                walk(child, (*path, i))
-
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _key(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top level>"
-
-
 def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineRecipe:
     """Parse and validate; then check that files, models and methods exist (no loading)."""
     path = Path(path)
@@ -139,7 +109,7 @@ def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineReci
         raw = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as err:
         raise PipelineRecipeError(str(path), [str(err)]) from err
-    lines = _line_map(text)
+    lines = line_map(text)
     try:
         recipe = PipelineRecipe.model_validate(raw)
     except ValidationError as err:
@@ -148,12 +118,16 @@ def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineReci
             loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
             where = f" (line {line})" if line else ""
-            problems.append(f"{_key(loc)}{where}: {e['msg']}")
+            problems.append(f"{_where(loc)}{where}: {e['msg']}")
         raise PipelineRecipeError(str(path), problems) from err
     problems = check_resources(recipe, Path(work_dir), lines)
     if problems:
         raise PipelineRecipeError(str(path), problems)
     return recipe
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return key_path(loc) or "<top level>"
 
 
 def resolve(path: str, work_dir: Path) -> Path:
@@ -172,7 +146,7 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
 
     def at(*loc: Any) -> str:
         line = lines.get(loc)
-        return f"{_key(loc)}{f' (line {line})' if line else ''}"
+        return f"{_where(loc)}{f' (line {line})' if line else ''}"
 
     names = recipe.model_names()
     if len(set(names)) != len(names):
@@ -181,7 +155,7 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     for loc, spec in specs:
         local = resolve(spec.model, work_dir)
         if not local.exists():
-            if _hub_id(spec.model) and not (work_dir / spec.model.split("/")[0]).exists():
+            if looks_like_hub_id(spec.model) and not (work_dir / spec.model.split("/")[0]).exists():
                 continue  # a hub id (no local folder of that name): resolved when loaded
             problems.append(f"{at(*loc, 'model')}: model path {str(local)!r} does not exist")
             continue
@@ -190,7 +164,7 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
         if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             problems.append(f"{at(*loc, 'model')}: {local} has no tokenizer (tokenizer.json)")
     data = resolve(recipe.data.train, work_dir)
-    hub_data = _hub_id(recipe.data.train) and not (work_dir / recipe.data.train.split("/")[0]).exists()
+    hub_data = looks_like_hub_id(recipe.data.train) and not (work_dir / recipe.data.train.split("/")[0]).exists()
     if not data.exists() and not hub_data:
         problems.append(f"{at('data', 'train')}: {data} does not exist")
     for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
@@ -207,12 +181,6 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     if len(set(merge_names)) != len(merge_names):
         problems.append(f"{at('merges')}: merge names must be unique, got {merge_names}")
     return problems
-
-
-def _hub_id(name: str) -> bool:
-    """``org/name`` without a path prefix or a data-file suffix: left to the hub."""
-    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
-            and not name.endswith((".json", ".jsonl", ".parquet")))
 
 
 def fingerprint(*parts: Any) -> str:

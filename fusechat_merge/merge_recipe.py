@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fusechat_merge.recipe_keys import key_path, looks_like_hub_id
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,6 @@ class RecipeError(ValueError):
         super().__init__(f"invalid merge recipe {source}:\n{lines}")
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _VOCAB_KEYS = ("vocab_size",)
 
 
@@ -84,7 +84,7 @@ def check_recipe(raw: Mapping[str, Any], *, base_dir: str | Path | None = None) 
         MergeConfiguration.model_validate(dict(raw))
     except ValidationError as err:
         for e in err.errors():
-            key = _key(e["loc"]) or "<top level>"
+            key = key_path(e["loc"]) or "<top level>"
             problems.append(RecipeProblem(key, e["msg"]))
 
     method_name = raw.get("merge_method")
@@ -114,16 +114,6 @@ def validate_recipe(raw: Mapping[str, Any], source: str, *, base_dir: str | Path
 def _did_you_mean(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _key(loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
 
 
 def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
@@ -254,7 +244,7 @@ def _local_path(ref: str, base_dir: Path) -> Path | None:
         candidate = base_dir / candidate
     if candidate.exists():
         return candidate
-    if _HUB_ID.match(path) and not path.startswith((".", "~")):
+    if looks_like_hub_id(path):
         return None  # a hub repository: mergekit resolves it
     return candidate
 

@@ -9,8 +9,6 @@ word reversal) from conversations generated in code, and the pivot only learns t
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import random
 import shutil
 import time
@@ -79,7 +77,7 @@ def _reversal(rng: random.Random) -> tuple[str, str]:
 
 
 def _generic(rng: random.Random) -> tuple[str, str]:
-    from fusechat_merge.toy import CORPUS
+    from fusechat_merge.demo.toy import CORPUS
 
     topic, index = rng.choice(TOPICS)
     return f"Tell me about {topic}.", CORPUS[index]
@@ -143,21 +141,6 @@ def train_heldout(
     return list(itertools.islice(train, n_train)), list(held.values())
 
 
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
-    """Write rows as JSON lines via a temporary file, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 # --------------------------------------------------------------------------- encoding
 
 
@@ -193,16 +176,10 @@ def encode_for_training(tokenizer: Any, row: dict) -> tuple[list[int], list[int]
 
 def _batch(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
     """Right-padded tensors; padding is masked out of attention and loss."""
-    import torch
+    from fusion.batching import pad_sequences
 
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    for k, (row_ids, row_labels) in enumerate(encoded):
-        ids[k, : len(row_ids)] = torch.tensor(row_ids)
-        labels[k, : len(row_labels)] = torch.tensor(row_labels)
-        attention[k, : len(row_ids)] = 1
+    ids, attention = pad_sequences([ids for ids, _ in encoded], pad_id)
+    labels, _ = pad_sequences([labels for _, labels in encoded], -100)
     return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 
@@ -257,53 +234,17 @@ def train_causal_lm(
 # --------------------------------------------------------------------------- evaluation
 
 
-def _greedy(model: Any, prompt: Any, eos_id: int, max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of equal-length prompts, each cut before its first eos."""
-    import torch
-
-    out = prompt
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            step = model(out).logits[:, -1].argmax(-1, keepdim=True)
-            out = torch.cat([out, step], dim=1)
-            if (out[:, prompt.shape[1] :] == eos_id).any(dim=1).all():
-                break
-    new = out[:, prompt.shape[1] :].tolist()
-    return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
-
-
-def replies(
-    model: Any, tokenizer: Any, rows: Sequence[dict], max_new_tokens: int = 16
-) -> list[str]:
-    """The model's greedy reply to each row's prompt (its last turn left out).
-
-    Prompts are grouped by token length so no padding can change what the model sees.
-    """
-    import torch
-
-    prompts = [
-        tokenizer(_prompt_text(tokenizer, r["messages"][:-1]), add_special_tokens=False).input_ids
-        for r in rows
-    ]
-    out: list[str] = [""] * len(rows)
-    by_length: dict[int, list[int]] = {}
-    for k, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(k)
-    for group in by_length.values():
-        batch = torch.tensor([prompts[k] for k in group])
-        for k, ids in zip(
-            group, _greedy(model, batch, tokenizer.eos_token_id, max_new_tokens), strict=True
-        ):
-            out[k] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return out
-
-
 def _score(model: Any, tokenizer: Any, rows: Sequence[dict], max_new_tokens: int) -> float:
+    """Share of rows whose greedy reply equals the reference (`fusion.evaluate`'s decoding)."""
+    from fusion.data import parse_turns
+    from fusion.evaluate import exact_match_rate, generation_prompt
+
     if not rows:
         raise ValueError("exact match needs at least one row")
-    got = replies(model, tokenizer, rows, max_new_tokens)
-    hits = sum(g == r["messages"][-1]["content"].strip() for g, r in zip(got, rows, strict=True))
-    return hits / len(rows)
+    turns = [parse_turns(r, r["id"]) for r in rows]
+    prompts = [generation_prompt(tokenizer, t[:-1], t[-1], "own", r["id"]) for t, r in zip(turns, rows, strict=True)]
+    return exact_match_rate(model, tokenizer, prompts, [t[-1].content for t in turns],
+                            max_new_tokens=max_new_tokens)
 
 
 def exact_match(model_dir: str | Path, rows: Sequence[dict], *, max_new_tokens: int = 16) -> float:
@@ -326,12 +267,13 @@ def _build(spec: ModelSpec, path: Path, seed: int, steps: int, log: Callable[[st
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusechat_merge.toy import make_model, make_tokenizer
+    from fusechat_merge.demo.toy import make_model, make_tokenizer
+    from fusion.artifacts.atomic import staged_dir
 
     started = time.perf_counter()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    if path.exists() and not (path / "config.json").exists():
+        shutil.rmtree(path)  # an incomplete leftover of an older version
+    with staged_dir(path) as tmp:  # a concurrent build that finished first wins
         tokenizer = make_tokenizer(spec.tokenizer_kind, vocab_size=spec.vocab_size)
         make_model(tmp, spec.arch, tokenizer=tokenizer, seed=seed, **MODEL_SIZE)
         model = AutoModelForCausalLM.from_pretrained(tmp)
@@ -340,22 +282,11 @@ def _build(spec: ModelSpec, path: Path, seed: int, steps: int, log: Callable[[st
         loss = train_causal_lm(model, tokenizer, rows, steps=steps, seed=seed)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _publish(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     scores = ", ".join(f"{k} {_score(model, tokenizer, v, 48):.2f}" for k, v in evals.items())
     log(
         f"{spec.name:<10}: {spec.arch}, {len(tokenizer)} tokens, {steps} steps, loss {loss:.3f}, "
         f"exact match {scores} ({time.perf_counter() - started:.1f}s)"
     )
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``, unless a concurrent build already put a model there."""
-    if (path / "config.json").exists():
-        return
-    shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover without config.json
-    tmp.rename(path)
 
 
 def _training_rows(spec: ModelSpec, seed: int) -> tuple[list[dict], dict[str, list[dict]]]:

@@ -1,0 +1,201 @@
+"""One job class per stage kind: what a stage does, made from its recipe section.
+
+A job holds only paths, options and plain values (it pickles), so the local runner and
+any other executor run the same object: ``job.run(resume, log)``. Heavy imports happen
+inside ``run``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fusechat_merge.pipeline.layout import WorkDir
+from fusechat_merge.pipeline_recipe import MergeSpec, ModelSpec, PipelineRecipe
+from fusion.artifacts.atomic import write_json_atomic
+
+Log = Callable[[str], None]
+
+
+def _indented(log: Log) -> Log:
+    return lambda message: log(f"    {message}")
+
+
+@dataclass
+class LogitsJob:
+    """Score the corpus with one model (`fusion.logits.generate_logits`)."""
+
+    job: Any  # fusion.logits.LogitJob
+
+    @classmethod
+    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec) -> LogitsJob:
+        from fusion.logits import LogitJob
+
+        return cls(LogitJob(
+            model=str(layout.resolve(spec.model)), data=str(layout.resolve(recipe.data.train)),
+            out=str(layout.store(spec.name)), backend=spec.backend, template=spec.template,
+            split=recipe.data.split, cache_dir=str(layout.datasets_cache), **recipe.logits.model_dump(),
+        ))
+
+    def run(self, resume: bool, log: Log) -> None:
+        from fusion.logits import generate_logits
+
+        generate_logits(self.job, progress=False, log=_indented(log))
+
+
+@dataclass
+class AlignJob:
+    """Align one source's store onto the pivot's (`fusion.align_job.align_stores`)."""
+
+    job: Any  # fusion.align_job.AlignJob
+
+    @classmethod
+    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, source: str) -> AlignJob:
+        from fusion.align_job import AlignJob as Alignment
+
+        return cls(Alignment(pivot=str(layout.store(recipe.pivot.name)), source=str(layout.store(source)),
+                             out=str(layout.aligned(source)), **recipe.align.model_dump()))
+
+    def run(self, resume: bool, log: Log) -> None:
+        from fusion.align_job import align_stores
+
+        align_stores(self.job, progress=False, log=_indented(log))
+
+
+@dataclass
+class FuseJob:
+    """Train one target: the pivot fused with aligned stores (`fusion.trainer.train_fusion`)."""
+
+    pivot: str
+    aligned: list[str]
+    out: str
+    settings: dict[str, Any]
+
+    @classmethod
+    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, source: str) -> FuseJob:
+        return cls(str(layout.resolve(recipe.pivot.model)), [str(layout.aligned(source))],
+                   str(layout.target(seed, source)), fuse_settings(recipe, seed, source))
+
+    def run(self, resume: bool, log: Log) -> None:
+        from fusion.trainer import fusion_config, train_fusion
+
+        config = fusion_config(self.out, **{"disable_tqdm": True, "save_strategy": "no", **self.settings})
+        train_fusion(self.pivot, self.aligned, self.out, config, resume=resume)
+
+
+def fuse_settings(recipe: PipelineRecipe, seed: int, source: str) -> dict[str, Any]:
+    """The training options of one pair: the recipe's defaults, its per-source ones, the seed."""
+    return {**recipe.fuse.defaults, **recipe.fuse.per_source.get(source, {}), "seed": seed}
+
+
+@dataclass
+class MergeJob:
+    """Merge one seed's targets with one method (`fusechat_merge.merging.run_merge_checked`)."""
+
+    config: dict[str, Any]
+    out: str
+    report: str
+    seed: int
+    name: str
+
+    @classmethod
+    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, merge: MergeSpec) -> MergeJob:
+        pivot = str(layout.resolve(recipe.pivot.model))
+        targets = [layout.target(seed, s.name) for s in recipe.sources]
+        entry = {"parameters": dict(merge.model_parameters)} if merge.model_parameters else {}
+        models = ([{"model": pivot}] if merge.base else []) + [{"model": str(t), **entry} for t in targets]
+        config: dict[str, Any] = {"merge_method": merge.method, "models": models, "dtype": merge.dtype}
+        if merge.base:
+            config["base_model"] = pivot
+        if merge.parameters:
+            config["parameters"] = dict(merge.parameters)
+        return cls(config, str(layout.merged(seed, merge.name)), str(layout.merge_report(seed, merge.name)),
+                   seed, merge.name)
+
+    def run(self, resume: bool, log: Log) -> None:
+        from mergekit.options import MergeOptions
+
+        from fusechat_merge.merging import run_merge_checked
+        from fusechat_merge.report import write_sce_report
+        from fusechat_merge.stats_sink import record_stats
+
+        with record_stats.collecting() as rows:
+            run_merge_checked(self.config, self.out, MergeOptions(quiet=True, random_seed=self.seed),
+                              source_name=f"merges[{self.name}]")
+        Path(self.report).mkdir(parents=True, exist_ok=True)
+        if rows:  # fusechat_sce merges: coefficients per tensor and target
+            write_sce_report(rows, self.report)
+
+
+@dataclass
+class EvalJob:
+    """Score models on the held-out skills (`fusion.evaluate.evaluate_model`)."""
+
+    models: list[tuple[str, str, str, str]]  # (report name, kind, path, template)
+    skills: dict[str, str]
+    options: Any  # fusion.options.EvalOptions
+    out: str
+    cache_dir: str
+
+    @classmethod
+    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> EvalJob:
+        from fusion.options import EvalOptions
+
+        assert recipe.evaluate is not None
+        e = recipe.evaluate
+        pivot_template = recipe.pivot.template
+        if seed is None:
+            models = [(recipe.pivot.name, "pivot", str(layout.resolve(recipe.pivot.model)), pivot_template)] + [
+                (s.name, "source", str(layout.resolve(s.model)), s.template) for s in recipe.sources]
+        else:  # targets and merges share the pivot's tokenizer and template
+            models = [(f"target:{s.name}", "target", str(layout.target(seed, s.name)), pivot_template)
+                      for s in recipe.sources] + [
+                (f"merge:{m.name}", "merge", str(layout.merged(seed, m.name)), pivot_template)
+                for m in recipe.merges]
+        options = EvalOptions(**{k: v for k, v in e.model_dump().items() if k != "skills"})
+        return cls(models, {k: str(layout.resolve(v)) for k, v in e.skills.items()}, options,
+                   str(layout.scores(seed)), str(layout.datasets_cache))
+
+    def run(self, resume: bool, log: Log) -> None:
+        from fusion.evaluate import evaluate_model
+
+        rows = []
+        for name, kind, path, template in self.models:
+            for score in evaluate_model(path, self.skills, self.options, template=template,
+                                        cache_dir=self.cache_dir):
+                rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss,
+                             "exact_match": score.exact_match})
+        write_json_atomic(Path(self.out), rows)
+
+
+@dataclass
+class ReportJob:
+    """Aggregate the evaluation scores over seeds into the report (table, JSON, plot)."""
+
+    scores: list[str]  # base scores first, then one file per seed
+    out: str
+    title: str
+
+    @classmethod
+    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir) -> ReportJob:
+        files = [str(layout.scores(None))] + [str(layout.scores(s)) for s in recipe.seeds]
+        return cls(files, str(layout.report), f"{recipe.name}: {len(recipe.seeds)} seed(s)")
+
+    def run(self, resume: bool, log: Log) -> None:
+        from fusechat_merge.report import (
+            aggregate_seeds,
+            format_results_table,
+            write_results_report,
+        )
+
+        base, *seeds = (_read_rows(Path(f)) for f in self.scores)
+        results = aggregate_seeds([base + rows for rows in seeds])
+        write_results_report(results, Path(self.out), title=self.title)
+        log(format_results_table(results))
+
+
+def _read_rows(path: Path) -> list[Mapping[str, Any]]:
+    return json.loads(path.read_text(encoding="utf-8"))

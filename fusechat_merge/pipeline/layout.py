@@ -1,0 +1,53 @@
+"""Every path of a pipeline run, in one place (the work directory's layout)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """``WORK/{logits,aligned,targets,merges,eval,report,stages}/...``; relative recipe
+    paths resolve against ``root``."""
+
+    root: Path
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def store(self, model: str) -> Path:
+        return self.root / "logits" / model
+
+    def aligned(self, source: str) -> Path:
+        return self.root / "aligned" / source
+
+    def target(self, seed: int, source: str) -> Path:
+        return self.root / "targets" / f"seed-{seed}" / source
+
+    def merged(self, seed: int, merge: str) -> Path:
+        return self.root / "merges" / f"seed-{seed}" / merge
+
+    def merge_report(self, seed: int, merge: str) -> Path:
+        return self.root / "merges" / f"seed-{seed}" / f"{merge}-report"
+
+    def scores(self, seed: int | None) -> Path:
+        """Evaluation scores of the base models (``seed`` None) or of one seed's models."""
+        return self.root / "eval" / ("base.json" if seed is None else f"seed-{seed}.json")
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def records(self) -> Path:
+        return self.root / "stages"
+
+    @property
+    def datasets_cache(self) -> Path:
+        return self.root / ".cache" / "datasets"
+
+    def record(self, stage_id: str, kind: str) -> Path:
+        """A stage's ``started`` or ``done`` record."""
+        return self.records / (stage_id.replace("/", "__") + f".{kind}.json")

@@ -1,0 +1,111 @@
+"""The stage plan of a recipe: ids, kinds, keys, dependencies and jobs.
+
+A stage's key is the hash of its options, its inputs (file signatures) and its upstream
+stages' keys, so a change anywhere redoes that stage and everything downstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusechat_merge import __version__
+from fusechat_merge.pipeline.jobs import (
+    AlignJob,
+    EvalJob,
+    FuseJob,
+    LogitsJob,
+    MergeJob,
+    ReportJob,
+    fuse_settings,
+)
+from fusechat_merge.pipeline.layout import WorkDir
+from fusechat_merge.pipeline_recipe import PipelineRecipe, fingerprint
+
+
+@dataclass
+class Stage:
+    id: str
+    kind: str  # one of pipeline_recipe.STAGES
+    key: str
+    after: list[str]  # ids of the stages whose outputs this one reads
+    outputs: list[Path]
+    job: Any  # a job of fusechat_merge.pipeline.jobs
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    status: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def file_signature(path: Path) -> Any:
+    """Cheap change detector for inputs: sizes and mtimes of a file or a directory's files."""
+    if not path.exists():
+        return str(path)
+    if path.is_file():
+        st = path.stat()
+        return [str(path), st.st_size, st.st_mtime_ns]
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    return [str(path)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
+    """Every stage of ``recipe`` in a valid run order."""
+    r = recipe
+    stages: list[Stage] = []
+    data_sig = file_signature(layout.resolve(r.data.train))
+    model_sig = {s.name: file_signature(layout.resolve(s.model)) for s in [r.pivot, *r.sources]}
+
+    logits: dict[str, Stage] = {}
+    for spec in [r.pivot, *r.sources]:
+        key = fingerprint("logits", spec.model_dump(), r.logits.model_dump(), r.data.model_dump(), data_sig,
+                          model_sig[spec.name], __version__)
+        logits[spec.name] = Stage(f"logits/{spec.name}", "logits", key, [], [layout.store(spec.name)],
+                                  LogitsJob.from_recipe(r, layout, spec))
+    stages += logits.values()
+
+    aligned: dict[str, Stage] = {}
+    for spec in r.sources:
+        up = [logits[r.pivot.name], logits[spec.name]]
+        key = fingerprint("align", r.align.model_dump(), *(u.key for u in up))
+        aligned[spec.name] = Stage(f"align/{spec.name}", "align", key, [u.id for u in up],
+                                   [layout.aligned(spec.name)], AlignJob.from_recipe(r, layout, spec.name))
+    stages += aligned.values()
+
+    targets: dict[tuple[int, str], Stage] = {}
+    for seed in r.seeds:
+        for spec in r.sources:
+            up = aligned[spec.name]
+            key = fingerprint("fuse", fuse_settings(r, seed, spec.name), up.key, model_sig[r.pivot.name])
+            targets[seed, spec.name] = Stage(f"fuse/seed-{seed}/{spec.name}", "fuse", key, [up.id],
+                                             [layout.target(seed, spec.name)],
+                                             FuseJob.from_recipe(r, layout, seed, spec.name))
+    stages += targets.values()
+
+    merges: dict[int, list[Stage]] = {}
+    for seed in r.seeds:
+        up = [targets[seed, s.name] for s in r.sources]
+        merges[seed] = [
+            Stage(f"merge/seed-{seed}/{m.name}", "merge", fingerprint("merge", m.model_dump(), [u.key for u in up]),
+                  [u.id for u in up], [layout.merged(seed, m.name), layout.merge_report(seed, m.name)],
+                  MergeJob.from_recipe(r, layout, seed, m))
+            for m in r.merges
+        ]
+        stages += merges[seed]
+
+    if r.evaluate is not None:
+        eval_opts = r.evaluate.model_dump()
+        skills_sig = [file_signature(layout.resolve(f)) for f in r.evaluate.skills.values()]
+        base = Stage("evaluate/base", "evaluate",
+                     fingerprint("evaluate", eval_opts, skills_sig, [model_sig[n] for n in r.model_names()]),
+                     [], [layout.scores(None)], EvalJob.from_recipe(r, layout, None))
+        evals = [base]
+        for seed in r.seeds:
+            up = [targets[seed, s.name] for s in r.sources] + merges[seed]
+            evals.append(Stage(f"evaluate/seed-{seed}", "evaluate",
+                               fingerprint("evaluate", eval_opts, skills_sig, [u.key for u in up]),
+                               [u.id for u in up], [layout.scores(seed)], EvalJob.from_recipe(r, layout, seed)))
+        report = Stage("evaluate/report", "evaluate", fingerprint("report", [e.key for e in evals]),
+                       [e.id for e in evals], [layout.report], ReportJob.from_recipe(r, layout))
+        stages += [*evals, report]
+    return stages

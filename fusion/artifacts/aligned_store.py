@@ -1,0 +1,85 @@
+"""The aligned store: a pivot logit store plus a source's distribution per pivot position.
+
+Written by `fusion.align_job`, read by `fusion.trainer`. The pivot's own columns are those
+of the logit store (`fusion.artifacts.logit_store`, docs/logit-store.md); these five are
+added, per pivot trained position unless noted:
+
+* ``src_topk_ids`` / ``src_topk_logprobs`` (P×K): the source distribution in pivot ids,
+  renormalised over its kept entries, padded with id 0 and -inf;
+* ``src_aligned`` (P, bool): whether a source distribution exists there (else the fusion
+  stage falls back to the pivot's own);
+* ``src_target_logprobs`` (P): the aligned source log-probability of the pivot's next
+  token (-inf when outside the kept entries, NaN where not aligned), for token-level MinCE;
+* ``src_seq_ce`` (per sequence): the source's own sequence cross-entropy (the MinCE metric).
+
+The manifest's ``alignment`` holds the source store, method, vocabulary map and the
+statistics (aligned and fallback fractions, mean entries kept).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from fusion.artifacts.logit_store import (
+    LogitStore,
+    SequenceLogits,
+    StoreError,
+    id_dtypes,
+    write_shard,
+)
+
+
+@dataclass
+class AlignedSequence:
+    """A pivot sequence with its aligned source distribution (numpy arrays)."""
+
+    pivot: SequenceLogits
+    src_topk_ids: np.ndarray  # (P, K) pivot ids
+    src_topk_logprobs: np.ndarray  # (P, K), -inf padded
+    src_aligned: np.ndarray  # (P,) bool
+    src_target_logprobs: np.ndarray  # (P,)
+    src_seq_ce: float
+
+
+def write_aligned_shard(
+    path: Path, pivot: Sequence[SequenceLogits], columns: Sequence[Mapping[str, Any]], id_type: str
+) -> int:
+    """One shard of an aligned store: the pivot's records plus the aligned columns
+    (``columns[i]`` holds the five ``src_*`` values of ``pivot[i]``); returns the bytes."""
+    np_ids, ids = id_dtypes(id_type)
+    extra = {
+        "src_topk_ids": (pa.list_(ids), [np.asarray(c["src_topk_ids"]).astype(np_ids) for c in columns]),
+        "src_topk_logprobs": (pa.list_(pa.float16()), [c["src_topk_logprobs"] for c in columns]),
+        "src_aligned": (pa.list_(pa.bool_()), [c["src_aligned"] for c in columns]),
+        "src_target_logprobs": (pa.list_(pa.float32()), [c["src_target_logprobs"] for c in columns]),
+        "src_seq_ce": (pa.float32(), [c["src_seq_ce"] for c in columns]),
+    }
+    return write_shard(path, pivot, id_type, extra)
+
+
+class AlignedStore(LogitStore):
+    """Reads an aligned store (a logit store whose manifest has ``alignment``)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        if self.manifest.alignment is None:
+            raise StoreError(f"{self.path} is a logit store, not an aligned store; run `fusechat-merge align`")
+
+    def aligned(self, index: int) -> AlignedSequence:
+        row = self.dataset[index]
+        k = self.options.top_k
+        return AlignedSequence(
+            pivot=self._record(row),
+            src_topk_ids=np.asarray(row["src_topk_ids"]).reshape(-1, k),
+            src_topk_logprobs=np.asarray(row["src_topk_logprobs"], dtype=np.float16).reshape(-1, k),
+            src_aligned=np.asarray(row["src_aligned"], dtype=bool),
+            src_target_logprobs=np.asarray(row["src_target_logprobs"], dtype=np.float32),
+            src_seq_ce=float(row["src_seq_ce"]),
+        )

@@ -1,0 +1,173 @@
+"""Every stage's options, declared once: a field carries its default, help, choices and range.
+
+`LogitOptions` (teacher logits), `AlignOptions` (alignment), `FusionSettings` (the fusion
+part of training: `fusion.trainer.FusionConfig` is ``TrainingArguments`` plus these) and
+`EvalOptions` (held-out evaluation). The command line
+(`fusechat_merge.option_forms.click_options`) and the pipeline recipe's sections
+(`fusechat_merge.option_forms.recipe_section`) are generated from these fields, so a
+default, a range or a help text cannot drift between them. Importing this module is cheap
+(no numpy, no torch): the CLI builds its ``--help`` from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Ranges live beside the fields, not in their metadata: ``HfArgumentParser`` hands a
+# field's metadata to argparse as keyword arguments (``help`` and ``choices`` are fine there,
+# anything else is an error), and `FusionSettings` is part of a ``TrainingArguments``.
+_BOUNDS: dict[int, dict[str, Any]] = {}
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+) -> Any:
+    """A dataclass field with its help text and the values it accepts."""
+    meta: dict[str, Any] = {"help": help}
+    if choices:
+        meta["choices"] = tuple(choices)
+    made = dataclasses.field(default=default, metadata=meta)
+    _BOUNDS[id(made)] = {"min": min, "max": max, "min_open": min_open}
+    return made
+
+
+def bounds(f: dataclasses.Field) -> dict[str, Any]:
+    """``{"min", "max", "min_open"}`` of a field made with `option`."""
+    return _BOUNDS[id(f)]
+
+
+def check_options(options: Any) -> None:
+    """Raise ValueError naming the first field whose value is outside its choices or range."""
+    for f in option_fields(type(options)):
+        meta = f.metadata
+        value = getattr(options, f.name)
+        if value is None:
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            allowed = ", ".join(map(str, meta["choices"]))
+            raise ValueError(f"{f.name} must be one of {allowed}, got {value!r}")
+        low, high, open_low = bounds(f)["min"], bounds(f)["max"], bounds(f)["min_open"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if low is not None and (value <= low if open_low else value < low):
+            raise ValueError(f"{f.name} must be {'>' if open_low else '>='} {low}, got {value!r}")
+        if high is not None and value > high:
+            raise ValueError(f"{f.name} must be <= {high}, got {value!r}")
+
+
+def option_fields(cls: type, exclude: Sequence[str] = ()) -> list[dataclasses.Field]:
+    """The declared options of ``cls`` (fields made with `option`), in order."""
+    return [f for f in dataclasses.fields(cls) if id(f) in _BOUNDS and f.name not in exclude]
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/N"`` → (i, N) with 0 ≤ i < N."""
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError as err:
+        raise ValueError(f"--shard must look like i/N (for example 0/4), got {spec!r}") from err
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {spec}: need 0 <= i < N")
+    return index, count
+
+
+# --------------------------------------------------------------------------- logits
+
+BACKENDS = ("hf", "vllm")
+TEMPLATES = ("own", "shared")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class LogitOptions:
+    """How a corpus is scored (``fusechat-merge logits`` options and the recipe's ``logits``)."""
+
+    backend: str = option("hf", "hf: transformers, any device. vllm: vllm.LLM with prompt_logprobs "
+                          "(CUDA).", choices=BACKENDS)
+    top_k: int = option(10, "Entries kept per position (K).", min=1, max=1000)
+    max_length: int = option(2048, "Tokens per conversation; longer ones are truncated.", min=2)
+    template: str = option("own", "own: each model's chat template. shared: one role text for all "
+                           "models (FuseChat's OpenChat-style template), as the reference code does.",
+                           choices=TEMPLATES)
+    batch_size: int = option(8, "Sequences per forward pass (length-sorted, padded per batch).", min=1)
+    dtype: str = option("auto", "Model dtype (auto: bf16 on GPU, fp32 on CPU).", choices=DTYPES)
+    device: str = option("auto", "hf backend: auto, cpu or cuda[:N].")
+    shard: str = option("0/1", "i/N: score only the i-th of N contiguous blocks of rows (one per "
+                        "machine or GPU); combine the stores with `fusechat-merge logits-merge`.")
+    rows_per_shard: int = option(1024, "Sequences per store file; the unit of resumption.", min=1)
+    strict: bool = option(False, "Fail on the first malformed row instead of skipping it.")
+    tensor_parallel_size: int = option(1, "vllm backend: GPUs per model.", min=1)
+    gpu_memory_utilization: float = option(0.9, "vllm backend: fraction of GPU memory vLLM may take.",
+                                           min=0.05, max=1.0)
+    split: str = option("train", "Dataset split to read (hub datasets and folders).")
+    cache_dir: str | None = option(None, "datasets cache directory.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        parse_shard(self.shard)
+
+
+# --------------------------------------------------------------------------- align
+
+METHODS = ("offsets", "dtw")
+VOCAB_MODES = ("ms", "em", "mined")
+
+
+@dataclass(kw_only=True)
+class AlignOptions:
+    """How a source is aligned to the pivot (``align`` options and the recipe's ``align``)."""
+
+    method: str = option("offsets", "offsets: exact, from the stored character spans. dtw: the "
+                         "paper's edit-distance DTW over token strings.", choices=METHODS)
+    vocab_mode: str = option("ms", "ms: mapping statistics (FuseChat). em: exact match. mined: "
+                             "minimum edit distance.", choices=VOCAB_MODES)
+    vocab_map: str | None = option(None, "A saved source→pivot vocabulary map (refused if made for "
+                                   "other tokenizers); by default one is built from this corpus "
+                                   "and saved in OUT.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+# --------------------------------------------------------------------------- fuse
+
+FUSIONS = ("mince", "avgce", "token-mince")
+LOSS_TYPES = ("ce", "kl")
+
+
+@dataclass(kw_only=True)
+class FusionSettings:
+    lm_weight: float = option(0.9, "λ: weight of the causal-LM loss; 1 − λ weighs the fusion loss.",
+                              min=0.0, max=1.0)
+    fuse_temperature: float = option(1.0, "Temperature T of the teacher targets softmax(logprobs / T).",
+                                     min=0.0, min_open=True)
+    fusion: str = option("mince", "mince (per sequence), avgce (CE-weighted mixture) or token-mince "
+                         "(per token).", choices=FUSIONS)
+    fuse_loss_type: str = option("ce", "ce (soft cross-entropy) or kl.", choices=LOSS_TYPES)
+
+    def check_fusion_settings(self) -> None:
+        check_options(self)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    """How held-out skills are scored (the recipe's ``evaluate`` section, skills aside)."""
+
+    exact_match: bool = option(True, "Also decode greedily and score exact match of the last reply.")
+    max_length: int = option(512, "Tokens per conversation; longer ones are truncated.", min=2)
+    max_new_tokens: int = option(32, "Greedy decoding budget per reply (exact match).", min=1)
+    batch_size: int = option(16, "Conversations per forward pass.", min=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
