@@ -7,34 +7,10 @@ and ``vllm`` (``vllm.LLM`` with ``prompt_logprobs``). `make_backend` builds one 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from fusion.backends.base import Backend, PositionScores
+from fusion.options import BACKENDS
 
-import numpy as np
-
-BACKENDS = ("hf", "vllm")
-
-
-@dataclass
-class PositionScores:
-    """Scores of one sequence at its requested positions (P of them)."""
-
-    topk_ids: np.ndarray  # (P, K) int64, by descending log-probability
-    topk_logprobs: np.ndarray  # (P, K) float32
-    target_logprobs: np.ndarray  # (P,) float32: log p(input_ids[t + 1]) at position t
-
-
-class Backend(Protocol):
-    name: str
-
-    def score(
-        self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray]
-    ) -> list[PositionScores]:
-        """Score each sequence at its positions t (predicting token t + 1)."""
-        ...
-
-    def close(self) -> None: ...
+__all__ = ["BACKENDS", "Backend", "PositionScores", "make_backend"]
 
 
 def make_backend(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fusion.backends import PositionScores
+from fusion.backends.base import PositionScores
 from fusion.batching import pad_sequences
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

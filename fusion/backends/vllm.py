@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fusion.backends import PositionScores
+from fusion.backends.base import PositionScores
 
 
 class VLLMBackend:

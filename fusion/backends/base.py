@@ -1,0 +1,30 @@
+"""What every scoring backend returns (`PositionScores`) and provides (`Backend`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class PositionScores:
+    """Scores of one sequence at its requested positions (P of them)."""
+
+    topk_ids: np.ndarray  # (P, K) int64, by descending log-probability
+    topk_logprobs: np.ndarray  # (P, K) float32
+    target_logprobs: np.ndarray  # (P,) float32: log p(input_ids[t + 1]) at position t
+
+
+class Backend(Protocol):
+    name: str
+
+    def score(
+        self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray]
+    ) -> list[PositionScores]:
+        """Score each sequence at its positions t (predicting token t + 1)."""
+        ...
+
+    def close(self) -> None: ...
