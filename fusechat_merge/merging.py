@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fusechat_merge import METHOD_NAME
 from fusechat_merge.merge_recipe import validate_recipe
+from fusion.artifacts.atomic import staged_dir
 
 _MERGE_MARKERS = ("mergekit_config.yml", "config.json")
 
@@ -53,14 +51,8 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
     run_merge = getattr(mergekit_merge.run_merge, "__wrapped__", mergekit_merge.run_merge)
     out = Path(out_path).absolute()
     _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_dir(out, replace=True) as partial:
         run_merge(config, str(partial), options=options, config_source=config_source)
-        _publish(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
 
 
@@ -75,17 +67,6 @@ def _check_replaceable(out: Path) -> None:
             f"output directory {out} is not empty and holds no previous merge "
             "(no mergekit_config.yml or config.json); choose another directory"
         )
-
-
-def _publish(partial: Path, out: Path) -> None:
-    """Rename the finished merge into place, replacing an earlier merge output."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(old)
-        partial.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        partial.rename(out)
 
 
 def _uses_fusechat_sce(config) -> bool:

@@ -11,6 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from fusechat_merge.sce import sce_merge
+
 BIN = Path(sys.executable).parent
 
 
@@ -55,3 +57,9 @@ def assert_loads_and_runs(model_dir: Path) -> None:
         logits = model(ids).logits
     assert logits.shape[-1] == model.config.vocab_size
     assert torch.isfinite(logits).all()
+
+
+def expected_merge(models: list[Path], **params) -> dict[str, torch.Tensor]:
+    """Oracle: our pure function applied tensor by tensor to the saved weights."""
+    base, *targets = (load_weights(m) for m in models)
+    return {name: sce_merge(t, [w[name] for w in targets], **params) for name, t in base.items()}

@@ -16,10 +16,8 @@ from helpers import BIN
 
 from fusion.artifacts.logit_store import (
     LogitStore,
-    SequenceLogits,
     StoreError,
     merge_stores,
-    write_shard,
 )
 from fusion.logits import LogitJob, generate_logits, shard_rows
 
@@ -84,42 +82,6 @@ def test_bytes_per_token_and_id_type(teachers, corpus, tmp_path):
     assert store.bytes_per_token() <= 60
 
 
-def test_round_trip_of_the_store(tmp_path):
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(3):
-        t = 7 + i
-        mask = np.array([False] * 3 + [True] * (t - 3))
-        p = int(mask[1:].sum())
-        records.append(
-            SequenceLogits(
-                id=f"r{i}",
-                input_ids=rng.integers(0, 70_000, t),
-                loss_mask=mask,
-                token_offsets=rng.integers(0, 100, (t, 2)).astype(np.int32),
-                reply_spans=np.array([[3, 40]], dtype=np.int32),
-                topk_ids=rng.integers(0, 70_000, (p, 4)),
-                topk_logprobs=-rng.random((p, 4)).astype(np.float16),
-                target_logprobs=-rng.random(p).astype(np.float32),
-                seq_ce=1.5 + i,
-            )
-        )
-    from fusion.artifacts.logit_store import StoreOptions, begin_run, finish_run
-
-    options = StoreOptions("m", "fp", 70_000, "own", 4, 16, "hf", "float32", "d")
-    out = tmp_path / "store"
-    begin_run(out, options)
-    write_shard(out / "shard-00000.arrow", records, options.id_type)
-    finish_run(out, options, {"x": "why"})
-    store = LogitStore(out)
-    assert options.id_type == "uint32" and len(store) == 3 and store.manifest.skipped == {"x": "why"}
-    for a, b in zip(records, store, strict=True):
-        assert a.id == b.id and a.seq_ce == b.seq_ce
-        for name in ("input_ids", "loss_mask", "token_offsets", "reply_spans", "topk_ids",
-                     "topk_logprobs", "target_logprobs"):
-            assert np.array_equal(getattr(a, name), getattr(b, name)), name
-
-
 def test_shards_across_machines_merge_into_the_single_run(teachers, corpus, tmp_path):
     whole = run_job(teachers["llama"], corpus, tmp_path / "whole", rows_per_shard=4)
     parts = [run_job(teachers["llama"], corpus, tmp_path / f"p{i}", shard=f"{i}/3") for i in range(3)]
@@ -170,14 +132,3 @@ def test_strict_mode_raises_on_the_first_malformed_row(teachers, corpus, tmp_pat
 
     with pytest.raises(MalformedRow, match="bad-role"):
         run_job(teachers["llama"], corpus, tmp_path / "s", strict=True)
-
-
-def test_logits_help_is_complete():
-    from click.testing import CliRunner
-
-    from fusechat_merge.cli import main
-
-    out = CliRunner().invoke(main, ["logits", "--help"]).output
-    for flag in ("--model", "--data", "--out", "--backend", "--top-k", "--max-length", "--template",
-                 "--batch-size", "--dtype", "--shard"):
-        assert flag in out

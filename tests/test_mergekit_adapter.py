@@ -1,40 +1,9 @@
-"""fusechat_sce end to end through all three entry points, on real tiny models."""
+"""The `fusechat_sce` mergekit method: registration, the Python and in-memory APIs, tokenizer settings."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import pytest
 import torch
-from helpers import BIN, assert_loads_and_runs, load_weights, run, sce_recipe, write_recipe
-
-from fusechat_merge.sce import sce_merge
-
-
-def expected_merge(models: list[Path], **params) -> dict[str, torch.Tensor]:
-    """Oracle: our pure function applied tensor by tensor to the saved weights."""
-    base, *targets = (load_weights(m) for m in models)
-    return {name: sce_merge(t, [w[name] for w in targets], **params) for name, t in base.items()}
-
-
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_cli_and_stock_mergekit_yaml_give_the_same_model(arch, model_family, tmp_path):
-    models = model_family[arch]
-    params = {"select_topk": 0.2, "select_scope": "weights", "normalize": True}
-    recipe = write_recipe(tmp_path / "sce.yaml", sce_recipe(models, **params))
-
-    run([str(BIN / "fusechat-merge"), "merge", str(recipe), str(tmp_path / "cli"), "--quiet"])
-    run([str(BIN / "mergekit-yaml"), str(recipe), str(tmp_path / "stock")])
-
-    cli, stock = load_weights(tmp_path / "cli"), load_weights(tmp_path / "stock")
-    expected = expected_merge(models, **params)
-    assert cli.keys() == stock.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(cli[name], tensor), name
-        assert torch.equal(stock[name], tensor), name
-    assert_loads_and_runs(tmp_path / "cli")
-    assert not list(tmp_path.glob(".*partial*"))
+from helpers import assert_loads_and_runs, expected_merge, load_weights, sce_recipe, write_recipe
 
 
 def test_python_run_merge_and_in_memory_api(model_family, tmp_path):
@@ -70,14 +39,6 @@ def test_registration_is_idempotent():
     first, second = register(), register()
     assert first is second is registry.get("fusechat_sce")
     assert registry.get("sce") is not first  # mergekit's own SCE is untouched
-
-
-def test_hook_does_not_import_torch_at_startup():
-    code = "import sys; print('torch' in sys.modules, 'fusechat_merge._hook' in sys.modules)"
-    out = run([sys.executable, "-c", code]).stdout.split()
-    assert out == ["False", "True"]
-    code = "import mergekit.merge_methods as m; print(m.get('fusechat_sce').spec.name)"
-    assert run([sys.executable, "-c", code]).stdout.strip() == "fusechat_sce"
 
 
 def test_vocabularies_that_differ_merge_through_tokenizer_settings(tmp_path, model_family):

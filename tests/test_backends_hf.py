@@ -1,0 +1,43 @@
+"""The transformers backend: top-K and gold log-probabilities equal a plain forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fusion.backends import make_backend
+from fusion.backends.hf import resolve_device, resolve_dtype
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, metaspace_tokenizer):
+    from fusechat_merge.demo.toy import make_model
+
+    return make_model(tmp_path_factory.mktemp("hf") / "llama", "llama", tokenizer=metaspace_tokenizer, seed=4)
+
+
+def test_scores_equal_log_softmax_of_a_forward_pass(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(3, 300, n).tolist() for n in (9, 5, 12)]  # padded in one batch
+    positions = [np.array([0, 3, 7]), np.array([1, 3]), np.arange(11)]
+    backend = make_backend("hf", str(model_dir), top_k=5, dtype="float32", device="cpu")
+    scores = backend.score(sequences, positions)
+    backend.close()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for seq, pos, got in zip(sequences, positions, scores, strict=True):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)[pos]
+        values, ids = logprobs.topk(5, dim=-1)
+        np.testing.assert_allclose(got.topk_logprobs, values.numpy(), atol=1e-5)
+        assert np.array_equal(got.topk_ids, ids.numpy())
+        gold = logprobs.gather(1, torch.tensor(seq)[pos + 1][:, None]).squeeze(1)
+        np.testing.assert_allclose(got.target_logprobs, gold.numpy(), atol=1e-5)
+
+
+def test_auto_device_and_dtype_on_this_machine():
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

@@ -1,0 +1,92 @@
+"""The logit store format: a round trip is exact, ids take the smallest exact type, and an
+unfinished or foreign store is refused with a reason."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fusion.artifacts.logit_store import (
+    MANIFEST,
+    LogitStore,
+    SequenceLogits,
+    StoreError,
+    StoreOptions,
+    begin_run,
+    finish_run,
+    id_type_for,
+    write_shard,
+)
+from fusion.data import trained_positions
+
+
+def test_ids_use_uint16_exactly_while_they_fit():
+    assert id_type_for(65_536) == "uint16" and id_type_for(65_537) == "uint32"
+
+
+def test_trained_positions_predict_the_trained_tokens():
+    assert trained_positions([False, False, True, True, False, True]).tolist() == [1, 2, 4]
+
+
+def test_an_unfinished_store_says_how_to_resume(tmp_path):
+    options = StoreOptions("m", "fp", 100, "own", 4, 16, "hf", "float32", "d")
+    begin_run(tmp_path / "s", options)
+    with pytest.raises(StoreError, match="unfinished run: run the same command again"):
+        LogitStore(tmp_path / "s")
+
+
+def test_a_newer_format_is_refused(tmp_path):
+    options = StoreOptions("m", "fp", 100, "own", 4, 16, "hf", "float32", "d")
+    out = tmp_path / "s"
+    begin_run(out, options)
+    finish_run(out, options, {})
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["format_version"] = 99
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="not readable by this version"):
+        LogitStore(out)
+
+
+def test_a_resumed_run_with_other_options_names_them(tmp_path):
+    out = tmp_path / "s"
+    begin_run(out, StoreOptions("m", "fp", 100, "own", 4, 16, "hf", "float32", "d"))
+    with pytest.raises(StoreError, match="top_k: 4 then, 8 now"):
+        begin_run(out, StoreOptions("m", "fp", 100, "own", 8, 16, "hf", "float32", "d"))
+
+
+def test_round_trip_of_the_store(tmp_path):
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(3):
+        t = 7 + i
+        mask = np.array([False] * 3 + [True] * (t - 3))
+        p = int(mask[1:].sum())
+        records.append(
+            SequenceLogits(
+                id=f"r{i}",
+                input_ids=rng.integers(0, 70_000, t),
+                loss_mask=mask,
+                token_offsets=rng.integers(0, 100, (t, 2)).astype(np.int32),
+                reply_spans=np.array([[3, 40]], dtype=np.int32),
+                topk_ids=rng.integers(0, 70_000, (p, 4)),
+                topk_logprobs=-rng.random((p, 4)).astype(np.float16),
+                target_logprobs=-rng.random(p).astype(np.float32),
+                seq_ce=1.5 + i,
+            )
+        )
+    from fusion.artifacts.logit_store import StoreOptions, begin_run, finish_run
+
+    options = StoreOptions("m", "fp", 70_000, "own", 4, 16, "hf", "float32", "d")
+    out = tmp_path / "store"
+    begin_run(out, options)
+    write_shard(out / "shard-00000.arrow", records, options.id_type)
+    finish_run(out, options, {"x": "why"})
+    store = LogitStore(out)
+    assert options.id_type == "uint32" and len(store) == 3 and store.manifest.skipped == {"x": "why"}
+    for a, b in zip(records, store, strict=True):
+        assert a.id == b.id and a.seq_ce == b.seq_ce
+        for name in ("input_ids", "loss_mask", "token_offsets", "reply_spans", "topk_ids",
+                     "topk_logprobs", "target_logprobs"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
