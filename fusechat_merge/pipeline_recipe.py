@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fusechat_merge.model_refs import has_chat_template, looks_like_hub_id, model_dir
 from fusechat_merge.option_forms import recipe_section
-from fusechat_merge.recipe_keys import key_path, line_map, looks_like_hub_id
+from fusechat_merge.recipe_keys import key_path, line_map
 from fusion.options import BACKENDS, TEMPLATES, AlignOptions, EvalOptions, LogitOptions
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
@@ -26,8 +28,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _plain_name(value: str) -> str:
+    """Names become path components under the work dir: no separators, no '..'."""
+    if not PLAIN_NAME.match(value) or ".." in value:
+        raise ValueError(f"{value!r} is not a plain name (letters, digits, '.', '_', '-'; no '/' or '..')")
+    return value
+
+
 class ModelSpec(_Strict):
-    name: str = Field(description="Short name used for outputs and reports.")
+    name: Annotated[str, AfterValidator(_plain_name)] = Field(
+        description="Short name used for outputs and reports (a plain name: it names folders).")
     model: str = Field(description="Model directory (or hub id) with its tokenizer.")
     backend: Literal[BACKENDS] = "hf"  # type: ignore[valid-type]
     template: Literal[TEMPLATES] = "own"  # type: ignore[valid-type]
@@ -67,7 +80,7 @@ class FuseSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    name: str
+    name: Annotated[str, AfterValidator(_plain_name)]
     method: str = "fusechat_sce"
     parameters: dict[str, Any] = Field(default_factory=dict)
     model_parameters: dict[str, Any] = Field(default_factory=dict, description="Per-target parameters (weight, density).")
@@ -136,12 +149,9 @@ def resolve(path: str, work_dir: Path) -> Path:
 
 
 def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list[str]:
-    """Missing models, tokenizers, data files; unknown merge methods; duplicate names."""
-    from mergekit.merge_methods import registry
-
-    from fusechat_merge.mergekit_adapter import register
-
-    register()
+    """Every problem found before any work: missing models, tokenizers, chat templates and
+    data; every stage's options (training options and values, merge methods and parameters);
+    duplicate names."""
     problems: list[str] = []
 
     def at(*loc: Any) -> str:
@@ -153,16 +163,19 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
         problems.append(f"{at('sources')}: model names must be unique, got {names}")
     specs = [(("pivot",), recipe.pivot)] + [(("sources", i), s) for i, s in enumerate(recipe.sources)]
     for loc, spec in specs:
-        local = resolve(spec.model, work_dir)
+        local = model_dir(spec.model, work_dir)
+        if local is None:
+            continue  # a hub id, not cached: downloaded when loaded (online)
         if not local.exists():
-            if looks_like_hub_id(spec.model) and not (work_dir / spec.model.split("/")[0]).exists():
-                continue  # a hub id (no local folder of that name): resolved when loaded
             problems.append(f"{at(*loc, 'model')}: model path {str(local)!r} does not exist")
             continue
         if not (local / "config.json").is_file():
             problems.append(f"{at(*loc, 'model')}: {local} has no config.json")
         if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             problems.append(f"{at(*loc, 'model')}: {local} has no tokenizer (tokenizer.json)")
+        elif spec.template == "own" and not has_chat_template(local):
+            problems.append(f"{at(*loc, 'template')}: {spec.model} has no chat template; set "
+                            "`template: shared` (one role text for all models) for it")
     data = resolve(recipe.data.train, work_dir)
     hub_data = looks_like_hub_id(recipe.data.train) and not (work_dir / recipe.data.train.split("/")[0]).exists()
     if not data.exists() and not hub_data:
@@ -173,13 +186,40 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     for name in recipe.fuse.per_source:
         if name not in names[1:]:
             problems.append(f"{at('fuse', 'per_source', name)}: no source named {name!r}")
-    known = {m.spec.name for m in registry.registered_methods()}
+    from fusechat_merge.merge_recipe import check_merge_settings
+
     for i, merge in enumerate(recipe.merges):
-        if merge.method not in known:
-            problems.append(f"{at('merges', i, 'method')}: mergekit knows no merge method {merge.method!r}")
+        for key, message in check_merge_settings(merge.method, dict(merge.parameters),
+                                                 dict(merge.model_parameters), base=merge.base,
+                                                 n_models=len(recipe.sources)):
+            problems.append(f"{at('merges', i, *key)}: {message}")
+    problems += _check_training_options(recipe, at)
     merge_names = [m.name for m in recipe.merges]
     if len(set(merge_names)) != len(merge_names):
         problems.append(f"{at('merges')}: merge names must be unique, got {merge_names}")
+    return problems
+
+
+_MACHINE_FLAGS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "use_cpu")
+
+
+def _check_training_options(recipe: PipelineRecipe, at: Any) -> list[str]:
+    """Each pair's training options as a `FusionConfig` would take them (values, not only names).
+
+    Precision flags are left to the machine that trains (bf16 and tf32 need a GPU there,
+    not on the machine that checks the recipe)."""
+    from fusion.trainer import fusion_config
+
+    problems = []
+    blocks = [(("fuse", "defaults"), {})] + [(("fuse", "per_source", n), o) for n, o in recipe.fuse.per_source.items()]
+    for loc, extra in blocks:
+        try:
+            settings = {**recipe.fuse.defaults, **extra}
+            for flag in _MACHINE_FLAGS:
+                settings.pop(flag, None)
+            fusion_config("/nonexistent/fusechat-check", **settings)
+        except (ValueError, TypeError) as err:
+            problems.append(f"{at(*loc)}: {err}")
     return problems
 
 

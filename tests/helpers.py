@@ -63,3 +63,15 @@ def expected_merge(models: list[Path], **params) -> dict[str, torch.Tensor]:
     """Oracle: our pure function applied tensor by tensor to the saved weights."""
     base, *targets = (load_weights(m) for m in models)
     return {name: sce_merge(t, [w[name] for w in targets], **params) for name, t in base.items()}
+
+
+def lay_out_in_hub_cache(hf_home: Path, repo_id: str, model: Path, revision: str = "0" * 39 + "1") -> Path:
+    """Put ``model``'s files where the Hugging Face cache keeps ``repo_id`` (offline tests of hub ids)."""
+    import shutil
+
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(model, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

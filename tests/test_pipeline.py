@@ -123,3 +123,27 @@ def test_cli_reports_bad_recipe_before_any_work(work):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "sources[0].model (line" in proc.stderr
     assert not (work / "stages").exists()
+
+
+def test_hub_ids_run_offline_from_the_hugging_face_cache(work, tmp_path_factory):
+    from helpers import lay_out_in_hub_cache
+
+    hf_home = tmp_path_factory.mktemp("hf-home")
+    lay_out_in_hub_cache(hf_home, "toy-org/pivot", work / "models" / "pivot")
+    lay_out_in_hub_cache(hf_home, "toy-org/qwen", work / "models" / "qwen")
+    hub = json.loads(json.dumps(RECIPE))
+    hub["pivot"]["model"], hub["sources"][0]["model"] = "toy-org/pivot", "toy-org/qwen"
+    hub["merges"] = hub["merges"][:1]
+    hub.pop("evaluate")
+    run_dir = tmp_path_factory.mktemp("hub-run")
+    (run_dir / "data").mkdir()
+    (run_dir / "data" / "train.jsonl").write_bytes((work / "data" / "train.jsonl").read_bytes())
+    write_recipe(run_dir, hub)
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run([str(BIN / "fusechat-merge"), "run", str(run_dir / "recipe.yaml"), "--work-dir",
+                           str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (run_dir / "toy-org").exists()  # never taken as a path under the work dir
+    assert (run_dir / "merges" / "seed-0" / "sce" / "config.json").exists()
+    store = json.loads((run_dir / "logits" / "pivot" / "manifest.json").read_text())
+    assert "models--toy-org--pivot" in store["options"]["model"]

@@ -35,7 +35,7 @@ class LogitsJob:
         from fusion.logits import LogitJob
 
         return cls(LogitJob(
-            model=str(layout.resolve(spec.model)), data=str(layout.resolve(recipe.data.train)),
+            model=layout.model(spec.model), data=layout.data(recipe.data.train),
             out=str(layout.store(spec.name)), backend=spec.backend, template=spec.template,
             split=recipe.data.split, cache_dir=str(layout.datasets_cache), **recipe.logits.model_dump(),
         ))
@@ -76,7 +76,7 @@ class FuseJob:
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, source: str) -> FuseJob:
-        return cls(str(layout.resolve(recipe.pivot.model)), [str(layout.aligned(source))],
+        return cls(layout.model(recipe.pivot.model), [str(layout.aligned(source))],
                    str(layout.target(seed, source)), fuse_settings(recipe, seed, source))
 
     def run(self, resume: bool, log: Log) -> None:
@@ -103,7 +103,7 @@ class MergeJob:
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, merge: MergeSpec) -> MergeJob:
-        pivot = str(layout.resolve(recipe.pivot.model))
+        pivot = layout.model(recipe.pivot.model)
         targets = [layout.target(seed, s.name) for s in recipe.sources]
         entry = {"parameters": dict(merge.model_parameters)} if merge.model_parameters else {}
         models = ([{"model": pivot}] if merge.base else []) + [{"model": str(t), **entry} for t in targets]
@@ -148,8 +148,8 @@ class EvalJob:
         e = recipe.evaluate
         pivot_template = recipe.pivot.template
         if seed is None:
-            models = [(recipe.pivot.name, "pivot", str(layout.resolve(recipe.pivot.model)), pivot_template)] + [
-                (s.name, "source", str(layout.resolve(s.model)), s.template) for s in recipe.sources]
+            models = [(recipe.pivot.name, "pivot", layout.model(recipe.pivot.model), pivot_template)] + [
+                (s.name, "source", layout.model(s.model), s.template) for s in recipe.sources]
         else:  # targets and merges share the pivot's tokenizer and template
             models = [(f"target:{s.name}", "target", str(layout.target(seed, s.name)), pivot_template)
                       for s in recipe.sources] + [

@@ -53,8 +53,8 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
     """Every stage of ``recipe`` in a valid run order."""
     r = recipe
     stages: list[Stage] = []
-    data_sig = file_signature(layout.resolve(r.data.train))
-    model_sig = {s.name: file_signature(layout.resolve(s.model)) for s in [r.pivot, *r.sources]}
+    data_sig = file_signature(Path(layout.data(r.data.train)))
+    model_sig = {s.name: file_signature(Path(layout.model(s.model))) for s in [r.pivot, *r.sources]}
 
     logits: dict[str, Stage] = {}
     for spec in [r.pivot, *r.sources]:
