@@ -98,7 +98,8 @@ class LmEvalOptions:
 
     def __post_init__(self) -> None:
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
-        object.__setattr__(self, "tasks", tuple(t.strip() for t in tasks if t.strip()))
+        tasks = tuple(t.strip() if isinstance(t, str) else t for t in tasks)
+        object.__setattr__(self, "tasks", tuple(t for t in tasks if t != ""))
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], where: str = "lm_eval") -> LmEvalOptions:
@@ -348,10 +349,10 @@ def run_lm_eval(
 
     model_args: dict[str, Any] = {"pretrained": model, **parse_model_args(options.model_args)}
     device = resolve_device(options.device)
+    # vLLM places the model itself (CUDA_VISIBLE_DEVICES) and warns about a device argument.
+    extra = {"batch_size": options.batch_size, "device": device if options.backend == "hf" else None}
     try:
-        lm = get_model(options.backend).create_from_arg_obj(
-            model_args, {"batch_size": options.batch_size, "device": device}
-        )
+        lm = get_model(options.backend).create_from_arg_obj(model_args, extra)
     except (OSError, ValueError, KeyError) as err:
         raise LmEvalError(f"cannot load model {model}: {_first_line(err)}") from err
     try:

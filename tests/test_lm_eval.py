@@ -284,7 +284,8 @@ def test_options_from_a_recipe_mapping(tmp_path):
     with pytest.raises(LmEvalError, match="unknown option 'num_fewshots'.*num_fewshot"):
         LmEvalOptions.from_mapping({"tasks": ["a"], "num_fewshots": 1})
     for bad in ({"tasks": []}, {"tasks": ["a"], "limit": 0}, {"tasks": ["a"], "device": "tpu"},
-                {"tasks": ["a"], "batch_size": "8"}, {"tasks": ["a"], "model_args": "dtype"}):
+                {"tasks": ["a"], "batch_size": "8"}, {"tasks": ["a"], "model_args": "dtype"},
+                {"tasks": [1]}, {"tasks": ["a"], "bootstrap_iters": -1}):
         with pytest.raises(LmEvalError):
             LmEvalOptions.from_mapping(bad)
     assert parse_model_args("dtype=float32, max_length=64") == {"dtype": "float32", "max_length": "64"}
