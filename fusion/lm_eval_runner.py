@@ -85,7 +85,7 @@ class LmEvalOptions:
         default=100000,
         metadata={
             "help": "Resamples for lm-eval's bootstrapped standard errors (perplexity, bleu, "
-            "...; seconds per task); 0 skips them. Metrics do not depend on it."
+            "...; seconds per task); 0 skips all standard errors. Metrics do not depend on it."
         },
     )
     model_args: str | None = field(
