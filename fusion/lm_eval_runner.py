@@ -147,12 +147,15 @@ class LmEvalOptions:
         """What decides a score, as plain JSON values (for a stage's cache key).
 
         Adds the lm-eval version and a digest of the include path's files, so an edited
-        local task or data file is scored again; ``device`` and ``batch_size`` are left out.
+        local task or data file is scored again (data a YAML names outside that folder is
+        not digested; the generated skill tasks keep theirs inside); ``device`` and
+        ``batch_size`` are left out.
         """
         values = dataclasses.asdict(self)
         values.pop("device")
         values.pop("batch_size")
         values["tasks"] = list(self.tasks)
+        values["include_path"] = None if self.include_path is None else str(self.include_path)
         values["lm_eval_version"] = _lm_eval_version()
         values["include_digest"] = (
             None if self.include_path is None else _folder_digest(Path(self.include_path))
