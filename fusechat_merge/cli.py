@@ -267,5 +267,84 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
     run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None, echo=click.echo)
 
 
+# --------------------------------------------------------------------------- eval (lm-eval)
+
+
+def _dataclass_options(cls):
+    """click options from a dataclass's fields: name, type, default and metadata["help"].
+
+    ``bool`` → flag, ``Literal`` → choice, ``int`` → integer, ``tuple[str, ...]`` → one
+    comma-separated value; the function receives the values as keyword arguments.
+    """
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+
+    def decorate(func):
+        for f in reversed(dataclasses.fields(cls)):
+            hint = hints[f.name]
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+            kwargs: dict = {"help": f.metadata.get("help"), "default": f.default,
+                            "metavar": f.metadata.get("metavar")}
+            if base is bool:
+                kwargs["is_flag"] = True
+            elif typing.get_origin(base) is typing.Literal:
+                kwargs.update(type=click.Choice(typing.get_args(base)), show_default=True)
+            elif base is int:
+                kwargs["type"] = int
+                kwargs["show_default"] = f.default is not None
+            elif typing.get_origin(base) is tuple:
+                kwargs["default"] = None
+            if f.metadata.get("required"):
+                kwargs.update(required=True, default=None)
+            func = click.option(f"--{f.name.replace('_', '-')}", f.name, **kwargs)(func)
+        return func
+
+    return decorate
+
+
+def _lm_eval_options_class():
+    from fusion.lm_eval_runner import LmEvalOptions
+
+    return LmEvalOptions
+
+
+@main.command("eval")
+@click.option("--model", required=True, help="A saved model folder or a hub id.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write lm-eval's results JSON.")
+@_dataclass_options(_lm_eval_options_class())
+def eval_command(model: str, out: Path, **options) -> None:
+    """Score a model on lm-evaluation-harness tasks (any task lm-eval knows, or local YAML
+    tasks with --include-path); write lm-eval's results JSON to --out, print its table.
+
+    \b
+      fusechat-merge eval --model ./merged --tasks fusechat_skills \\
+        --include-path demo-work/data/lm_eval --apply-chat-template --out scores.json
+
+    Needs the eval extra: pip install 'fusechat-merge[eval]'.
+    """
+    from fusion.lm_eval_runner import (
+        LmEvalError,
+        LmEvalOptions,
+        format_table,
+        require_lm_eval,
+        run_lm_eval,
+        write_results,
+    )
+
+    try:
+        require_lm_eval()
+        parsed = LmEvalOptions(**{**options, "tasks": tuple((options["tasks"] or "").split(","))})
+        results = run_lm_eval(model, parsed)
+    except LmEvalError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(format_table(results))
+    click.echo(f"results: {write_results(results, out)}")
+
+
 if __name__ == "__main__":
     sys.exit(main())
