@@ -30,14 +30,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def build_models(work: Path, steps: int) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusechat_merge.skills import (
+    from fusechat_merge.demo.skills import (
         MODEL_SIZE,
         SPECS,
         skill_conversations,
         train_causal_lm,
         train_heldout,
     )
-    from fusechat_merge.toy import make_model, make_tokenizer
+    from fusechat_merge.demo.toy import make_model, make_tokenizer
 
     paths = {}
     for spec in SPECS:
@@ -67,7 +67,7 @@ def main() -> None:
 
     import torch
 
-    from fusechat_merge.skills import SKILLS, train_heldout, write_jsonl
+    from fusechat_merge.demo.skills import SKILLS, train_heldout, write_jsonl
     from fusion.evaluate import evaluate_model
     from fusion.lm_eval_runner import LmEvalOptions, metrics_by_task, run_lm_eval
     from fusion.lm_eval_tasks import write_skill_tasks

@@ -18,6 +18,7 @@ import click
 from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options, field_help
 from fusechat_merge.pipeline_recipe import STAGES
+from fusion.lm_eval_runner import LmEvalOptions
 from fusion.options import FUSIONS, LOSS_TYPES, AlignOptions, FusionSettings, LogitOptions
 
 if TYPE_CHECKING:
@@ -270,53 +271,11 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
 # --------------------------------------------------------------------------- eval (lm-eval)
 
 
-def _dataclass_options(cls):
-    """click options from a dataclass's fields: name, type, default and metadata["help"].
-
-    ``bool`` → flag, ``Literal`` → choice, ``int`` → integer, ``tuple[str, ...]`` → one
-    comma-separated value; the function receives the values as keyword arguments.
-    """
-    import dataclasses
-    import types
-    import typing
-
-    hints = typing.get_type_hints(cls)
-
-    def decorate(func):
-        for f in reversed(dataclasses.fields(cls)):
-            hint = hints[f.name]
-            args = [a for a in typing.get_args(hint) if a is not type(None)]
-            base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
-            kwargs: dict = {"help": f.metadata.get("help"), "default": f.default,
-                            "metavar": f.metadata.get("metavar")}
-            if base is bool:
-                kwargs["is_flag"] = True
-            elif typing.get_origin(base) is typing.Literal:
-                kwargs.update(type=click.Choice(typing.get_args(base)), show_default=True)
-            elif base is int:
-                kwargs["type"] = int
-                kwargs["show_default"] = f.default is not None
-            elif typing.get_origin(base) is tuple:
-                kwargs["default"] = None
-            if f.metadata.get("required"):
-                kwargs.update(required=True, default=None)
-            func = click.option(f"--{f.name.replace('_', '-')}", f.name, **kwargs)(func)
-        return func
-
-    return decorate
-
-
-def _lm_eval_options_class():
-    from fusion.lm_eval_runner import LmEvalOptions
-
-    return LmEvalOptions
-
-
 @main.command("eval")
 @click.option("--model", required=True, help="A saved model folder or a hub id.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write lm-eval's results JSON.")
-@_dataclass_options(_lm_eval_options_class())
+@click_options(LmEvalOptions)
 def eval_command(model: str, out: Path, **options) -> None:
     """Score a model on lm-evaluation-harness tasks (any task lm-eval knows, or local YAML
     tasks with --include-path); write lm-eval's results JSON to --out, print its table.
@@ -329,7 +288,6 @@ def eval_command(model: str, out: Path, **options) -> None:
     """
     from fusion.lm_eval_runner import (
         LmEvalError,
-        LmEvalOptions,
         format_table,
         require_lm_eval,
         run_lm_eval,
@@ -338,7 +296,7 @@ def eval_command(model: str, out: Path, **options) -> None:
 
     try:
         require_lm_eval()
-        parsed = LmEvalOptions(**{**options, "tasks": tuple((options["tasks"] or "").split(","))})
+        parsed = LmEvalOptions(**options)
         results = run_lm_eval(model, parsed)
     except LmEvalError as err:
         raise click.ClickException(str(err)) from err

@@ -22,9 +22,11 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from fusion.options import BACKENDS, check_options, option
 
 EXTRA_HINT = "pip install 'fusechat-merge[eval]'"
 VLLM_HINT = "pip install 'fusechat-merge[vllm]'"
@@ -46,55 +48,26 @@ class LmEvalOptions:
     with `LmEvalOptions.from_mapping`.
     """
 
-    tasks: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "lm-eval task, group or tag names (comma-separated on the command line): "
-            "any task lm-eval knows, or one defined under --include-path.",
-            "required": True,
-            "metavar": "T1[,T2...]",
-        },
-    )
-    include_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "A folder of local lm-eval task YAML files (searched recursively).",
-            "metavar": "DIR",
-        },
-    )
-    num_fewshot: int | None = field(
-        default=None,
-        metadata={"help": "Few-shot examples per prompt [default: each task's own, else 0]."},
-    )
-    apply_chat_template: bool = field(
-        default=False,
-        metadata={"help": "Render prompts with the model's chat template (needed for chat models)."},
-    )
-    batch_size: int = field(default=1, metadata={"help": "Requests per forward pass."})
-    device: Literal["auto", "cpu", "cuda"] = field(
-        default="auto", metadata={"help": "auto: CUDA when available, else CPU."}
-    )
-    limit: int | None = field(
-        default=None, metadata={"help": "Score only the first N examples of each task (for tests)."}
-    )
-    backend: Literal["hf", "vllm"] = field(
-        default="hf",
-        metadata={"help": "hf: transformers (any device). vllm: vLLM (needs the vllm extra, CUDA)."},
-    )
-    bootstrap_iters: int = field(
-        default=100000,
-        metadata={
-            "help": "Resamples for lm-eval's bootstrapped standard errors (perplexity, bleu, "
-            "...; seconds per task); 0 skips all standard errors. Metrics do not depend on it."
-        },
-    )
-    model_args: str | None = field(
-        default=None,
-        metadata={
-            "help": "Extra lm-eval model arguments as k=v,k=v (e.g. dtype=float32,max_length=512).",
-            "metavar": "K=V[,K=V...]",
-        },
-    )
+    tasks: tuple[str, ...] = option(
+        (), "lm-eval task, group or tag names (comma-separated on the command line): any task "
+        "lm-eval knows, or one defined under --include-path.", metavar="T1[,T2...]", required=True)
+    include_path: str | None = option(
+        None, "A folder of local lm-eval task YAML files (searched recursively).", metavar="DIR")
+    num_fewshot: int | None = option(
+        None, "Few-shot examples per prompt [default: each task's own, else 0].", min=0)
+    apply_chat_template: bool = option(
+        False, "Render prompts with the model's chat template (needed for chat models).")
+    batch_size: int = option(1, "Requests per forward pass.", min=1)
+    device: str = option("auto", "auto: CUDA when available, else CPU.", choices=("auto", "cpu", "cuda"))
+    limit: int | None = option(None, "Score only the first N examples of each task (for tests).", min=1)
+    backend: str = option("hf", "hf: transformers (any device). vllm: vLLM (needs the vllm extra, CUDA).",
+                          choices=BACKENDS)
+    bootstrap_iters: int = option(
+        100000, "Resamples for lm-eval's bootstrapped standard errors (perplexity, bleu, ...; seconds "
+        "per task); 0 skips all standard errors. Metrics do not depend on it.", min=0)
+    model_args: str | None = option(
+        None, "Extra lm-eval model arguments as k=v,k=v (e.g. dtype=float32,max_length=512).",
+        metavar="K=V[,K=V...]")
 
     def __post_init__(self) -> None:
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
@@ -123,6 +96,10 @@ class LmEvalOptions:
             raise LmEvalError("no task given: name at least one lm-eval task")
         if not all(isinstance(t, str) for t in self.tasks):
             raise LmEvalError(f"tasks must be names, got {list(self.tasks)!r}")
+        try:
+            check_options(self)
+        except ValueError as err:
+            raise LmEvalError(str(err)) from err
         required_ints = ("batch_size", "bootstrap_iters")
         for name, low in (("batch_size", 1), ("num_fewshot", 0), ("limit", 1), ("bootstrap_iters", 0)):
             value = getattr(self, name)

@@ -30,18 +30,22 @@ def option(
     min: float | None = None,
     max: float | None = None,
     min_open: bool = False,
+    metavar: str | None = None,
+    required: bool = False,
 ) -> Any:
-    """A dataclass field with its help text and the values it accepts."""
+    """A dataclass field with its help text and the values it accepts (``required``: the
+    command line must give it although the dataclass has a default)."""
     meta: dict[str, Any] = {"help": help}
     if choices:
         meta["choices"] = tuple(choices)
     made = dataclasses.field(default=default, metadata=meta)
-    _BOUNDS[id(made)] = {"min": min, "max": max, "min_open": min_open}
+    _BOUNDS[id(made)] = {"min": min, "max": max, "min_open": min_open, "metavar": metavar,
+                         "required": required}
     return made
 
 
 def bounds(f: dataclasses.Field) -> dict[str, Any]:
-    """``{"min", "max", "min_open"}`` of a field made with `option`."""
+    """``{"min", "max", "min_open", "metavar", "required"}`` of a field made with `option`."""
     return _BOUNDS[id(f)]
 
 

@@ -54,7 +54,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def random_models(root, metaspace_tokenizer, bytelevel_tokenizer) -> dict[str, Path]:
     """A Llama with a pad token and a Qwen2 whose tokenizer has none (lm-eval picks one)."""
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     no_pad = copy.deepcopy(bytelevel_tokenizer)
     no_pad.pad_token = None
@@ -110,8 +110,8 @@ def trained_models(root, metaspace_tokenizer, bytelevel_tokenizer) -> dict[str, 
     """Tiny chat models (ChatML and Llama-2 templates) that answer every prompt of QA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusechat_merge.skills import train_causal_lm
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.skills import train_causal_lm
+    from fusechat_merge.demo.toy import make_model
 
     out = {}
     for arch, tokenizer in (("qwen2", bytelevel_tokenizer), ("llama", metaspace_tokenizer)):
@@ -254,7 +254,7 @@ def test_hub_id_not_in_the_offline_cache(mc_tasks, root, monkeypatch):
 
 
 def test_chat_template_required(root, mc_tasks, bytelevel_tokenizer):
-    from fusechat_merge.toy import make_model
+    from fusechat_merge.demo.toy import make_model
 
     plain = copy.deepcopy(bytelevel_tokenizer)
     plain.chat_template = None
