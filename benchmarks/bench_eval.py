@@ -91,21 +91,18 @@ def main() -> None:
     run_lm_eval(models["pivot"], options)
 
     total_old = total_new = 0.0
-    print(f"{'model':<11} {'old s':>7} {'new s':>7} {'ratio':>6}  exact match old / new")
+    print(f"{'model':<11} {'ours s':>7} {'lm-eval s':>9} {'ratio':>6}  lm-eval exact match")
     for name, path in models.items():
         start = time.perf_counter()
-        old = evaluate_model(path, files, batch_size=16, max_new_tokens=32, cache_dir=cache)
+        old = evaluate_model(path, files, batch_size=16, cache_dir=cache)  # reply loss only
         t_old = time.perf_counter() - start
         start = time.perf_counter()
         new = metrics_by_task(run_lm_eval(path, options))
         t_new = time.perf_counter() - start
         total_old, total_new = total_old + t_old, total_new + t_new
         by_skill = tasks.by_skill()
-        matches = ", ".join(
-            f"{s.skill} {s.exact_match:.2f}/{new[by_skill[s.skill].generate]['exact_match']:.2f}"
-            for s in old
-        )
-        print(f"{name:<11} {t_old:7.2f} {t_new:7.2f} {t_new / t_old:6.2f}  {matches}")
+        matches = ", ".join(f"{s.skill} {new[by_skill[s.skill].generate]['exact_match']:.2f}" for s in old)
+        print(f"{name:<11} {t_old:7.2f} {t_new:9.2f} {t_new / t_old:6.2f}  {matches}")
     print(f"{'all':<11} {total_old:7.2f} {total_new:7.2f} {total_new / total_old:6.2f}")
     print(f"ratio (lm-eval / ours, per model): {total_new / total_old:.2f}")
 

@@ -264,8 +264,13 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
         run_demo(work_dir or Path("demo-merge-work"), select_topk=select_topk, echo=click.echo)
         return
     from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
+    from fusion.lm_eval_runner import LmEvalError
 
-    run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None, echo=click.echo)
+    try:
+        run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
+                          echo=click.echo)
+    except LmEvalError as err:
+        raise click.ClickException(str(err)) from err
 
 
 # --------------------------------------------------------------------------- eval (lm-eval)

@@ -90,6 +90,22 @@ class MergeSpec(_Strict):
 
 class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
     skills: dict[str, str] = Field(default_factory=dict, description="skill name → held-out conversations")
+    lm_eval: dict[str, Any] | None = Field(
+        None, description="lm-evaluation-harness tasks scored on every model of the run "
+        "(`fusion.lm_eval_runner.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
+        "apply_chat_template, limit, ...); include_path is relative to the work dir.")
+
+    @field_validator("lm_eval")
+    @classmethod
+    def _lm_eval_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from fusion.lm_eval_runner import LmEvalError, LmEvalOptions
+
+            try:
+                LmEvalOptions.from_mapping(value, where="lm_eval")
+            except (LmEvalError, TypeError) as err:
+                raise ValueError(str(err)) from err
+        return value
 
 
 class PipelineRecipe(_Strict):
@@ -183,6 +199,9 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
         if not resolve(file, work_dir).exists():
             problems.append(f"{at('evaluate', 'skills', skill)}: {resolve(file, work_dir)} does not exist")
+    include = (recipe.evaluate.lm_eval or {}).get("include_path") if recipe.evaluate else None
+    if include and not resolve(include, work_dir).is_dir():
+        problems.append(f"{at('evaluate', 'lm_eval', 'include_path')}: {resolve(include, work_dir)} is not a folder")
     for name in recipe.fuse.per_source:
         if name not in names[1:]:
             problems.append(f"{at('fuse', 'per_source', name)}: no source named {name!r}")

@@ -166,11 +166,10 @@ class FusionSettings:
 
 @dataclass(kw_only=True)
 class EvalOptions:
-    """How held-out skills are scored (the recipe's ``evaluate`` section, skills aside)."""
+    """How held-out skills' reply loss is scored (the recipe's ``evaluate`` section, skills and
+    lm-eval tasks aside; exact match is an lm-eval task, see `fusion.lm_eval_tasks`)."""
 
-    exact_match: bool = option(True, "Also decode greedily and score exact match of the last reply.")
     max_length: int = option(512, "Tokens per conversation; longer ones are truncated.", min=2)
-    max_new_tokens: int = option(32, "Greedy decoding budget per reply (exact match).", min=1)
     batch_size: int = option(16, "Conversations per forward pass.", min=1)
 
     def __post_init__(self) -> None:

