@@ -19,7 +19,6 @@ def prepare_demo_data(work_dir: Path, *, n_train: int = 300) -> None:
     """The fusion corpus (both skills, interleaved) and one held-out file per skill."""
     from fusechat_merge.demo.skills import SKILLS, train_heldout
     from fusion.artifacts.atomic import write_jsonl_atomic
-
     from fusion.lm_eval_tasks import write_skill_tasks
 
     data = work_dir / "data"
