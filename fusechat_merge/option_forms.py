@@ -93,11 +93,6 @@ def recipe_section(cls: type, *, exclude: Sequence[str] = (), name: str | None =
                         __config__=ConfigDict(extra="forbid", frozen=True), **fields)
 
 
-def section_values(section: BaseModel) -> dict[str, Any]:
-    """A recipe section's values as keyword arguments of its dataclass."""
-    return section.model_dump()
-
-
 def field_help(cls: type, name: str) -> str:
     """The help text of one field (``TrainingArguments``-style ``metadata['help']`` too)."""
     for f in dataclasses.fields(cls):

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -441,22 +441,4 @@ def metrics_by_task(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
             name = metric if filter_name in ("", "none") else key
             metrics[name] = float(value) if math.isfinite(float(value)) else float("nan")
         out[task] = metrics
-    return out
-
-
-def evaluate_models(
-    models: Mapping[str, str | os.PathLike],
-    options: LmEvalOptions,
-    *,
-    log: Callable[[str], None] = print,
-) -> dict[str, dict[str, Any]]:
-    """lm-eval results per model name, the tasks indexed once for all of them."""
-    if not models:
-        return {}
-    first = str(next(iter(models.values())))
-    manager, tasks = prepare(first, options)
-    out: dict[str, dict[str, Any]] = {}
-    for name, path in models.items():
-        log(f"lm-eval: {name} on {', '.join(tasks)}")
-        out[name] = run_lm_eval(path, options, manager=manager, tasks=tasks)
     return out
