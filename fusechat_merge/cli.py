@@ -152,7 +152,7 @@ def align_command(**kwargs: Any) -> None:
 
     try:
         align_stores(AlignJob(**kwargs), log=click.echo)
-    except (StoreError, ValueError) as err:
+    except (StoreError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
 
 
@@ -189,13 +189,17 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     Precedence: defaults, then --config, then flags.
     """
     from fusion.artifacts.logit_store import StoreError
+    from fusion.artifacts.provenance import InputError
     from fusion.trainer import parse_fusion_config, train_fusion
 
     from_file: dict[str, Any] = {}
     if config_file:
         import yaml
 
-        from_file = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        try:
+            from_file = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise click.ClickException(f"{config_file}: not valid YAML ({err})") from err
         if not isinstance(from_file, dict):
             raise click.ClickException(f"{config_file}: expected a mapping of training options")
     try:
@@ -205,7 +209,7 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
         raise click.ClickException(f"{config_file or 'training options'}: {err}") from err
     try:
         result = train_fusion(pivot, list(aligned), out, config, resume=resume)
-    except StoreError as err:
+    except (StoreError, InputError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"target model: {result}")
 

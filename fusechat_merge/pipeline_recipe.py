@@ -55,9 +55,10 @@ class DataSpec(_Strict):
 LogitSpec = recipe_section(
     LogitOptions, name="LogitSpec",
     exclude=("backend", "template", "shard", "split", "cache_dir", "tensor_parallel_size",
-             "gpu_memory_utilization"),
+             "gpu_memory_utilization", "overwrite"),
 )
-AlignSpec = recipe_section(AlignOptions, name="AlignSpec")
+# `overwrite` is the pipeline's own business: it redoes a changed stage from an empty output.
+AlignSpec = recipe_section(AlignOptions, name="AlignSpec", exclude=("overwrite",))
 
 
 class FuseSpec(_Strict):

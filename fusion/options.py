@@ -84,6 +84,10 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return index, count
 
 
+OVERWRITE_HELP = ("Replace what OUT holds from an earlier run of this command (only a store or run "
+                  "of this tool, never another directory), instead of resuming it; needed when "
+                  "the inputs or options changed.")
+
 # --------------------------------------------------------------------------- logits
 
 BACKENDS = ("hf", "vllm")
@@ -114,6 +118,7 @@ class LogitOptions:
                                            min=0.05, max=1.0)
     split: str = option("train", "Dataset split to read (hub datasets and folders).")
     cache_dir: str | None = option(None, "datasets cache directory.")
+    overwrite: bool = option(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -137,6 +142,7 @@ class AlignOptions:
     vocab_map: str | None = option(None, "A saved source→pivot vocabulary map (refused if made for "
                                    "other tokenizers); by default one is built from this corpus "
                                    "and saved in OUT.")
+    overwrite: bool = option(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
         check_options(self)
