@@ -59,13 +59,6 @@ class FusionConfig(TrainingArguments, FusionSettings):
         check_training_values(self)
         super().__post_init__()
         self.check_fusion_settings()
-        # TrainingArguments accepts these and fails (or silently trains nothing) much later
-        if self.learning_rate < 0:
-            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps must be positive (or -1: use num_train_epochs), got {self.max_steps}")
-        if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise ValueError(f"num_train_epochs must be > 0 without max_steps, got {self.num_train_epochs}")
 
 
 def check_training_values(args: Any) -> None:

@@ -67,8 +67,8 @@ def test_missing_model_and_source_without_tokenizer(tmp_path):
         ("merges:\n  - {name: m, parameters: {select_topk: 1.5}}\n", "merges[0].parameters.select_topk (line 6)"),
         ("merges:\n  - {name: m, method: ties, model_parameters: {densty: 0.5}}\n",
          "merges[0].model_parameters.densty (line 6): ties has no parameter 'densty'"),
-        ("fuse:\n  defaults: {learning_rate: -1.0}\n", "fuse.defaults (line 6): learning_rate must be >= 0"),
-        ("fuse:\n  defaults: {max_steps: 0}\n", "fuse.defaults (line 6): max_steps must be positive"),
+        ("fuse:\n  defaults: {learning_rate: -1.0}\n", "fuse.defaults (line 6): learning_rate must be > 0"),
+        ("fuse:\n  defaults: {max_steps: 0}\n", "fuse.defaults (line 6): max_steps must be > 0"),
         ("merges:\n  - {name: ../../victim}\n", "merges[0].name (line 6): Value error, '../../victim' is not a plain name"),
     ],
 )
