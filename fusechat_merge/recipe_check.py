@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import yaml
 
 
@@ -29,8 +31,12 @@ class RecipeProblem:
         return f"{self.key}: {self.message}"
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot be merged; ``problems`` lists every reason."""
+class RecipeError(click.ClickException, ValueError):
+    """A recipe that cannot be merged; ``problems`` lists every reason.
+
+    A `click.ClickException` too, so that a command line (ours, or stock
+    ``mergekit-yaml`` through the import hook) prints it and exits 1, no traceback.
+    """
 
     def __init__(self, source: str, problems: list[RecipeProblem]) -> None:
         self.problems = problems
@@ -246,17 +252,80 @@ def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         yield "tokenizer_source", source
 
 
-def _local_path(ref: str, base_dir: Path) -> Path | None:
-    """The local directory a model reference names, or None for a hub id."""
-    path = ref.split("+", 1)[0].split("@", 1)[0]
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    """``path[@revision][+lora]`` → (path, revision)."""
+    path, _, rest = ref.split("+", 1)[0].partition("@")
+    return path, rest or None
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub may not be reached (``HF_HUB_OFFLINE``)."""
+    if os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", "")).strip().lower() in (
+        "1", "true", "yes", "on",
+    ):
+        return True
+    try:
+        import huggingface_hub
+
+        return bool(huggingface_hub.is_offline_mode())
+    except (ImportError, AttributeError):
+        return False
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Path | None:
+    """The Hugging Face cache's snapshot directory of a hub model, or None if not cached."""
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True
+        )
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, ValueError):
+        return None
+    snapshot = Path(path)
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+def looks_like_hub_id(ref: str, base_dir: Path) -> bool:
+    """A reference that can only be meant as a hub repository ``org/name``.
+
+    ``models/t9`` is a local path when ``models`` is a local directory.
+    """
+    path, _ = _split_ref(ref)
+    if not _HUB_ID.match(path) or path.startswith((".", "~")):
+        return False
+    first = Path(path.split("/", 1)[0]).expanduser()
+    return not (first if first.is_absolute() else base_dir / first).is_dir()
+
+
+def resolve_model_ref(
+    ref: str, base_dir: Path, cache_dir: str | None = None
+) -> tuple[Path | None, str | None]:
+    """(local directory, problem) for a model reference.
+
+    A local path is returned as is (the problem says when it does not exist). A hub id
+    is looked up in the Hugging Face cache: its snapshot directory when cached; when it
+    is not, offline that is a problem, online (None, None) leaves it to mergekit.
+    """
+    path, revision = _split_ref(ref)
     candidate = Path(path).expanduser()
     if not candidate.is_absolute():
         candidate = base_dir / candidate
     if candidate.exists():
-        return candidate
-    if _HUB_ID.match(path) and not path.startswith((".", "~")):
-        return None  # a hub repository: mergekit resolves it
-    return candidate
+        return candidate, None
+    if not looks_like_hub_id(ref, base_dir):
+        return candidate, f"model path {str(candidate)!r} does not exist"
+    snapshot = cached_snapshot(path, revision, cache_dir)
+    if snapshot is not None:
+        return snapshot, None
+    if hub_offline():
+        at = f" at revision {revision!r}" if revision else ""
+        return None, (
+            f"{path!r} is not a local directory (no {candidate}) and the hub model {path!r}{at} "
+            "is not in the Hugging Face cache (HF_HUB_OFFLINE is set, so it cannot be downloaded)"
+        )
+    return None, None
 
 
 def _check_models(raw: Mapping[str, Any], base_dir: Path) -> list[RecipeProblem]:
@@ -267,11 +336,14 @@ def _check_models(raw: Mapping[str, Any], base_dir: Path) -> list[RecipeProblem]
             continue
         if not isinstance(ref, str):
             continue  # reported by schema validation
-        local = _local_path(ref, base_dir)
-        if local is None:
+        local, problem = resolve_model_ref(ref, base_dir)
+        if problem is not None:
+            problems.append(RecipeProblem(key, problem))
             continue
+        if local is None:
+            continue  # a hub id that is not cached: mergekit downloads it
         if not local.is_dir():
-            problems.append(RecipeProblem(key, f"model path {str(local)!r} does not exist"))
+            problems.append(RecipeProblem(key, f"model path {str(local)!r} is not a directory"))
             continue
         config = local / "config.json"
         if not config.is_file():
