@@ -66,11 +66,15 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     return raw, text
 
 
-def check_recipe(raw: Mapping[str, Any], *, base_dir: str | Path | None = None) -> list[RecipeProblem]:
+def check_recipe(
+    raw: Mapping[str, Any], *, base_dir: str | Path | None = None, need_models: bool = False
+) -> list[RecipeProblem]:
     """Every problem of a recipe, without loading tensors (configs are read).
 
     Relative model paths are resolved against ``base_dir`` (default: the working
-    directory, as mergekit does).
+    directory, as mergekit does). Hub ids are read from the Hugging Face cache when
+    cached; with ``need_models`` (a merge is about to run), a hub id that can be neither
+    read from the cache nor downloaded (``HF_HUB_OFFLINE``) is a problem too.
     """
     from mergekit.config import MergeConfiguration
     from mergekit.merge_methods import registry
@@ -106,13 +110,15 @@ def check_recipe(raw: Mapping[str, Any], *, base_dir: str | Path | None = None) 
             )
     if method is not None:
         problems.extend(_check_parameters(raw, method))
-    problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd()))
+    problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd(), need_models))
     return problems
 
 
-def validate_recipe(raw: Mapping[str, Any], source: str, *, base_dir: str | Path | None = None) -> None:
-    """Raise `RecipeError` listing every problem, if any."""
-    problems = check_recipe(raw, base_dir=base_dir)
+def validate_recipe(
+    raw: Mapping[str, Any], source: str, *, base_dir: str | Path | None = None, need_models: bool = True
+) -> None:
+    """Raise `RecipeError` listing every problem, if any (before a merge: ``need_models``)."""
+    problems = check_recipe(raw, base_dir=base_dir, need_models=need_models)
     if problems:
         raise RecipeError(source, problems)
 
@@ -328,7 +334,7 @@ def resolve_model_ref(
     return None, None
 
 
-def _check_models(raw: Mapping[str, Any], base_dir: Path) -> list[RecipeProblem]:
+def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> list[RecipeProblem]:
     problems: list[RecipeProblem] = []
     vocab: dict[str, tuple[str, int]] = {}
     for key, ref in _model_refs(raw):
@@ -337,7 +343,7 @@ def _check_models(raw: Mapping[str, Any], base_dir: Path) -> list[RecipeProblem]
         if not isinstance(ref, str):
             continue  # reported by schema validation
         local, problem = resolve_model_ref(ref, base_dir)
-        if problem is not None:
+        if problem is not None and (local is not None or need_models):
             problems.append(RecipeProblem(key, problem))
             continue
         if local is None:
