@@ -80,7 +80,7 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
 
     register()
     run_merge = getattr(mergekit_merge.run_merge, "__wrapped__", mergekit_merge.run_merge)
-    out = Path(out_path).absolute()
+    out = Path(os.path.normpath(Path(out_path).absolute()))  # a/../out is out
     recipe_hash = _recipe_hash(config)
     config, sources = resolve_hub_models(config, getattr(options, "transformers_cache", None))
     check_output_dir(out, sources)
@@ -308,8 +308,12 @@ def _recipe_hash(config) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+_CARD_LIST = "The following models were included in the merge:\n"
+
+
 def _restore_written_refs(model_dir: Path, sources: Mapping[str, Path]) -> None:
-    """The model card names the models as the recipe does, not by resolved directory."""
+    """The model card names the models as the recipe does, not by resolved directory,
+    and lists them in a fixed order (mergekit lists a set: the order changed per run)."""
     for name in ("README.md", "mergekit_config.yml"):
         path = model_dir / name
         if not path.is_file():
@@ -318,8 +322,20 @@ def _restore_written_refs(model_dir: Path, sources: Mapping[str, Path]) -> None:
         for written, local in sorted(sources.items(), key=lambda kv: -len(str(kv[1]))):
             if str(local.absolute()) != written:
                 text = text.replace(str(local.absolute()), written)
+        if name == "README.md":
+            text = _sorted_card_list(text)
         if text != original:
             path.write_text(text, encoding="utf-8")
+
+
+def _sorted_card_list(text: str) -> str:
+    start = text.find(_CARD_LIST)
+    if start < 0:
+        return text
+    start += len(_CARD_LIST)
+    lines = text[start:].split("\n")
+    count = next((i for i, line in enumerate(lines) if not line.startswith("* ")), len(lines))
+    return text[:start] + "\n".join(sorted(lines[:count]) + lines[count:])
 
 
 def _write_output_marker(directory: Path, config, recipe_hash: str) -> None:
