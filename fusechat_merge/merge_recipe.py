@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import yaml
 
-from fusechat_merge.model_refs import looks_like_hub_id
+from fusechat_merge.model_refs import cached_snapshot, hub_offline, names_hub_model, split_ref
 from fusechat_merge.recipe_keys import key_path
 
 
@@ -31,8 +32,12 @@ class RecipeProblem:
         return f"{self.key}: {self.message}"
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot be merged; ``problems`` lists every reason."""
+class RecipeError(click.ClickException, ValueError):
+    """A recipe that cannot be merged; ``problems`` lists every reason.
+
+    A `click.ClickException` too, so that a command line (ours, or stock
+    ``mergekit-yaml`` through the import hook) prints it and exits 1, no traceback.
+    """
 
     def __init__(self, source: str, problems: list[RecipeProblem]) -> None:
         self.problems = problems
@@ -61,11 +66,15 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     return raw, text
 
 
-def check_recipe(raw: Mapping[str, Any], *, base_dir: str | Path | None = None) -> list[RecipeProblem]:
+def check_recipe(
+    raw: Mapping[str, Any], *, base_dir: str | Path | None = None, need_models: bool = False
+) -> list[RecipeProblem]:
     """Every problem of a recipe, without loading tensors (configs are read).
 
     Relative model paths are resolved against ``base_dir`` (default: the working
-    directory, as mergekit does).
+    directory, as mergekit does). Hub ids are read from the Hugging Face cache when
+    cached; with ``need_models`` (a merge is about to run), a hub id that can be neither
+    read from the cache nor downloaded (``HF_HUB_OFFLINE``) is a problem too.
     """
     from mergekit.config import MergeConfiguration
     from mergekit.merge_methods import registry
@@ -101,7 +110,7 @@ def check_recipe(raw: Mapping[str, Any], *, base_dir: str | Path | None = None) 
             )
     if method is not None:
         problems.extend(_check_parameters(raw, method))
-    problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd()))
+    problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd(), need_models))
     return problems
 
 
@@ -141,9 +150,11 @@ def check_merge_settings(
     return found
 
 
-def validate_recipe(raw: Mapping[str, Any], source: str, *, base_dir: str | Path | None = None) -> None:
-    """Raise `RecipeError` listing every problem, if any."""
-    problems = check_recipe(raw, base_dir=base_dir)
+def validate_recipe(
+    raw: Mapping[str, Any], source: str, *, base_dir: str | Path | None = None, need_models: bool = True
+) -> None:
+    """Raise `RecipeError` listing every problem, if any (before a merge: ``need_models``)."""
+    problems = check_recipe(raw, base_dir=base_dir, need_models=need_models)
     if problems:
         raise RecipeError(source, problems)
 
@@ -273,20 +284,36 @@ def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         yield "tokenizer_source", source
 
 
-def _local_path(ref: str, base_dir: Path) -> Path | None:
-    """The local directory a model reference names, or None for a hub id."""
-    path = ref.split("+", 1)[0].split("@", 1)[0]
+def resolve_model_ref(
+    ref: str, base_dir: Path, cache_dir: str | None = None
+) -> tuple[Path | None, str | None]:
+    """(local directory, problem) for a model reference.
+
+    A local path is returned as is (the problem says when it does not exist). A hub id
+    is looked up in the Hugging Face cache: its snapshot directory when cached; when it
+    is not, offline that is a problem, online (None, None) leaves it to mergekit.
+    """
+    path, revision = split_ref(ref)
     candidate = Path(path).expanduser()
     if not candidate.is_absolute():
         candidate = base_dir / candidate
     if candidate.exists():
-        return candidate
-    if looks_like_hub_id(path):
-        return None  # a hub repository: mergekit resolves it
-    return candidate
+        return candidate, None
+    if not names_hub_model(ref, base_dir):
+        return candidate, f"model path {str(candidate)!r} does not exist"
+    snapshot = cached_snapshot(path, revision, cache_dir)
+    if snapshot is not None:
+        return snapshot, None
+    if hub_offline():
+        at = f" at revision {revision!r}" if revision else ""
+        return None, (
+            f"{path!r} is not a local directory (no {candidate}) and the hub model {path!r}{at} "
+            "is not in the Hugging Face cache (HF_HUB_OFFLINE is set, so it cannot be downloaded)"
+        )
+    return None, None
 
 
-def _check_models(raw: Mapping[str, Any], base_dir: Path) -> list[RecipeProblem]:
+def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> list[RecipeProblem]:
     problems: list[RecipeProblem] = []
     vocab: dict[str, tuple[str, int]] = {}
     for key, ref in _model_refs(raw):
@@ -294,11 +321,14 @@ def _check_models(raw: Mapping[str, Any], base_dir: Path) -> list[RecipeProblem]
             continue
         if not isinstance(ref, str):
             continue  # reported by schema validation
-        local = _local_path(ref, base_dir)
-        if local is None:
+        local, problem = resolve_model_ref(ref, base_dir)
+        if problem is not None and (local is not None or need_models):
+            problems.append(RecipeProblem(key, problem))
             continue
+        if local is None:
+            continue  # a hub id that is not cached: mergekit downloads it
         if not local.is_dir():
-            problems.append(RecipeProblem(key, f"model path {str(local)!r} does not exist"))
+            problems.append(RecipeProblem(key, f"model path {str(local)!r} is not a directory"))
             continue
         config = local / "config.json"
         if not config.is_file():

@@ -1,24 +1,55 @@
-"""Running a mergekit merge safely: checked first, written atomically.
+"""Running a mergekit merge safely: checked first, written atomically, never over inputs.
 
 mergekit writes straight into the output directory, so an interrupted merge leaves a
 directory with ``config.json`` and some shards that looks like a model. Here the merge
-goes to a hidden sibling ``.NAME.partial-XXXX`` and is renamed into place only when
-complete; a killed run leaves only the hidden directory behind.
+goes to ``NAME`` inside a hidden sibling ``.NAME.partial-XXXX`` and is renamed into
+place only when complete; a killed run leaves only that hidden directory, which the next run into the
+same output removes.
+
+Before any work:
+
+* hub ids are resolved to their Hugging Face cache snapshot when cached (stock
+  mergekit lists a repo's files through the hub API even then, so it fails offline);
+* the output may not be, lie inside, or contain any model or tokenizer source of the
+  recipe;
+* an existing output is replaced only when it is an earlier output of this tool, known
+  by the marker file `OUTPUT_MARKER` that only this tool writes;
+* every safetensors header of every model is read (a corrupt file is named) and the
+  tensor shapes are compared across the models (the model and tensor are named).
+
+Input faults found then or during the merge (NaN weights, say) raise `MergeInputError`,
+a `click.ClickException`: a command line prints it and exits 1, without a traceback.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import shutil
+import socket
+import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fusechat_merge import METHOD_NAME
-from fusechat_merge.merge_recipe import validate_recipe
-from fusion.artifacts.atomic import staged_dir
+import click
 
-_MERGE_MARKERS = ("mergekit_config.yml", "config.json")
+from fusechat_merge import METHOD_NAME, __version__
+from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
+
+OUTPUT_MARKER = ".fusechat-merge.json"
+"""Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""
+PARTIAL_MARKER = ".fusechat-merge-partial.json"
+"""Written into a hidden ``.NAME.partial-*`` directory when this tool creates it."""
+TOOL = "fusechat-merge"
+MARKER_VERSION = 1
+
+
+class MergeInputError(click.ClickException, ValueError):
+    """A merge refused or stopped because of its inputs or output directory."""
 
 
 def run_merge_checked(
@@ -49,24 +80,420 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
 
     register()
     run_merge = getattr(mergekit_merge.run_merge, "__wrapped__", mergekit_merge.run_merge)
-    out = Path(out_path).absolute()
-    _check_replaceable(out)
-    with staged_dir(out, replace=True) as partial:
-        run_merge(config, str(partial), options=options, config_source=config_source)
+    out = Path(os.path.normpath(Path(out_path).absolute()))  # a/../out is out
+    recipe_hash = _recipe_hash(config)
+    config, sources = resolve_hub_models(config, getattr(options, "transformers_cache", None))
+    check_output_dir(out, sources)
+    check_model_tensors(config, sources)
+    remove_stale_partials(out)
+    created = _make_parents(out.parent)
+    partial = _make_partial(out)
+    model_dir = partial / out.name  # mergekit names the model card after its directory
+    try:
+        model_dir.mkdir()
+        try:
+            run_merge(config, str(model_dir), options=options, config_source=config_source)
+        except Exception as err:
+            message = _input_fault(err)
+            if message is None:
+                raise
+            raise MergeInputError(message) from err
+        _restore_written_refs(model_dir, sources)
+        _write_output_marker(model_dir, config, recipe_hash)
+        _apply_umask(model_dir)
+        _publish(model_dir, out)
+        shutil.rmtree(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        for directory in created:
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
     return out
 
 
-def _check_replaceable(out: Path) -> None:
-    if not out.exists():
+# --- hub ids --------------------------------------------------------------------------
+
+
+def _map_model_refs(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` (a mergekit config object) with ``fn`` applied to every ModelReference."""
+    from mergekit.common import ModelReference
+    from pydantic import BaseModel
+
+    if isinstance(obj, ModelReference):
+        return fn(obj)
+    if isinstance(obj, BaseModel):
+        changes = {}
+        for name in type(obj).model_fields:
+            value = getattr(obj, name)
+            new = _map_model_refs(value, fn)
+            if new is not value:
+                changes[name] = new
+        return obj.model_copy(update=changes) if changes else obj
+    if isinstance(obj, list | tuple):
+        items = [_map_model_refs(x, fn) for x in obj]
+        return type(obj)(items) if any(a is not b for a, b in zip(items, obj, strict=True)) else obj
+    if isinstance(obj, dict):
+        items = {k: _map_model_refs(v, fn) for k, v in obj.items()}
+        return items if any(items[k] is not obj[k] for k in obj) else obj
+    return obj
+
+
+def resolve_hub_models(config, cache_dir: str | None = None) -> tuple[Any, dict[str, Path]]:
+    """Replace cached hub ids in ``config`` by their snapshot directories.
+
+    Local paths become absolute. Returns the new config and {reference as written: local
+    directory} for every model and tokenizer source found on disk. A hub id that is neither local nor cached is an
+    error offline; online it is left to mergekit (which downloads it).
+    """
+    from mergekit.common import ModelPath
+
+    sources: dict[str, Path] = {}
+    problems: list[str] = []
+    base_dir = Path.cwd()
+
+    def resolve(ref):
+        written = str(ref.model)
+        local, problem = resolve_model_ref(written, base_dir, cache_dir)
+        if problem is not None:
+            problems.append(f"{written}: {problem}")
+            return ref
+        if local is None:
+            return ref
+        sources[written] = local
+        # absolute: mergekit's model card asks the hub about relative paths ``a/b``
+        if ref.model.path == str(local.absolute()):
+            return ref
+        return ref.model_copy(update={"model": ModelPath(path=str(local.absolute()))})
+
+    resolved = _map_model_refs(config, resolve)
+    if problems:
+        raise MergeInputError("cannot find the recipe's models:\n" + "\n".join(f"  - {p}" for p in problems))
+    return resolved, sources
+
+
+# --- the output directory -------------------------------------------------------------
+
+
+def _overlaps(a: Path, b: Path) -> str | None:
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "lies inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def is_merge_output(path: Path) -> bool:
+    """True when ``path`` is a merge this tool published (it holds `OUTPUT_MARKER`)."""
+    return _read_marker(path / OUTPUT_MARKER) is not None
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("tool") == TOOL else None
+
+
+def check_output_dir(out: Path, sources: Mapping[str, Path]) -> None:
+    """Refuse an output that overlaps an input, or an existing directory not ours."""
+    real = out.resolve()
+    for written, local in sources.items():
+        relation = _overlaps(real, local.resolve())
+        if relation is not None:
+            where = "" if str(local) == written else f" ({local})"
+            raise MergeInputError(
+                f"output directory {out} {relation} the recipe's model {written}{where}; "
+                "a merge never writes into or over its inputs: choose another output directory"
+            )
+    if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
-        raise FileExistsError(f"output path {out} exists and is not a directory")
-    entries = list(out.iterdir())
-    if entries and not any((out / m).exists() for m in _MERGE_MARKERS):
-        raise FileExistsError(
-            f"output directory {out} is not empty and holds no previous merge "
-            "(no mergekit_config.yml or config.json); choose another directory"
+        raise MergeInputError(f"output path {out} exists and is not a directory")
+    if not any(out.iterdir()):
+        return
+    if not is_merge_output(out):
+        raise MergeInputError(
+            f"output directory {out} is not empty and holds no previous merge of {TOOL} "
+            f"(no {OUTPUT_MARKER}); it is left as it is: choose another directory"
         )
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the hidden directories of killed runs into ``out``; returns them.
+
+    Only ``.NAME.partial-*`` directories with `PARTIAL_MARKER` whose process is gone, and
+    ``.NAME.old-*`` earlier outputs (with `OUTPUT_MARKER`) a killed publish left.
+    """
+    removed = []
+    parent = out.parent
+    if not parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for path in parent.glob(f".{out.name}.partial-*"):
+        marker = _read_marker(path / PARTIAL_MARKER) if path.is_dir() and not path.is_symlink() else None
+        if marker is None or marker.get("out") != str(out):
+            continue
+        if marker.get("host") == host and _alive(marker.get("pid")):
+            continue  # another merge into the same output is running
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    for path in parent.glob(f".{out.name}.old-*"):
+        if path.is_dir() and not path.is_symlink() and is_merge_output(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create ``parent`` and its missing ancestors; returns those created, deepest first."""
+    missing = []
+    path = parent
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _make_partial(out: Path) -> Path:
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    marker = {"tool": TOOL, "version": __version__, "out": str(out), "pid": os.getpid(),
+              "host": socket.gethostname()}
+    (partial / PARTIAL_MARKER).write_text(json.dumps(marker), encoding="utf-8")
+    return partial
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give the output the user's umask (temporary dirs and files are made 0700/0600)."""
+    mask = _umask()
+    directory.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            (Path(root) / name).chmod(0o777 & ~mask)
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                path.chmod(0o666 & ~mask)
+
+
+def _recipe_hash(config) -> str:
+    dumped = config.model_dump(mode="json", exclude_none=True)
+    text = json.dumps(dumped, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_CARD_LIST = "The following models were included in the merge:\n"
+
+
+def _restore_written_refs(model_dir: Path, sources: Mapping[str, Path]) -> None:
+    """The model card names the models as the recipe does, not by resolved directory,
+    and lists them in a fixed order (mergekit lists a set: the order changed per run)."""
+    for name in ("README.md", "mergekit_config.yml"):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        text = original = path.read_text(encoding="utf-8")
+        for written, local in sorted(sources.items(), key=lambda kv: -len(str(kv[1]))):
+            if str(local.absolute()) != written:
+                text = text.replace(str(local.absolute()), written)
+        if name == "README.md":
+            text = _sorted_card_list(text)
+        if text != original:
+            path.write_text(text, encoding="utf-8")
+
+
+def _sorted_card_list(text: str) -> str:
+    start = text.find(_CARD_LIST)
+    if start < 0:
+        return text
+    start += len(_CARD_LIST)
+    lines = text[start:].split("\n")
+    count = next((i for i, line in enumerate(lines) if not line.startswith("* ")), len(lines))
+    return text[:start] + "\n".join(sorted(lines[:count]) + lines[count:])
+
+
+def _write_output_marker(directory: Path, config, recipe_hash: str) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mergekit_version = version("mergekit")
+    except PackageNotFoundError:
+        mergekit_version = ""
+    marker = {
+        "tool": TOOL,
+        "marker_version": MARKER_VERSION,
+        "version": __version__,
+        "mergekit_version": mergekit_version,
+        "merge_method": config.merge_method,
+        "recipe_sha256": recipe_hash,
+    }
+    (directory / OUTPUT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Rename the finished merge into place, replacing an earlier merge output."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+        partial.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        partial.rename(out)
+
+
+# --- the models' tensors --------------------------------------------------------------
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise MergeInputError(f"cannot read {index}: {err}") from err
+        files = [model_dir / name for name in names]
+        for path in files:
+            if not path.is_file():
+                raise MergeInputError(f"{index} lists {path.name}, which is missing from {model_dir}")
+        return files
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def read_tensor_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """{tensor name: (shape, file)} from the safetensors headers; a bad file is named."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for path in _safetensors_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    shapes[name] = (tuple(handle.get_slice(name).get_shape()), path)
+        except Exception as err:  # SafetensorError, OSError: a corrupt or unreadable file
+            raise MergeInputError(
+                f"cannot read the safetensors file {path}: {err} (a corrupt or truncated file?)"
+            ) from err
+    return shapes
+
+
+def check_model_tensors(config, sources: Mapping[str, Path]) -> None:
+    """Read every model's safetensors headers and compare tensor shapes across models.
+
+    A vocabulary axis (first axis of size ``vocab_size``) may differ: mergekit aligns it
+    with the recipe's tokenizer settings (checked by `validate_recipe`).
+    """
+    from fusechat_merge.merge_recipe import _vocab_size
+
+    order: list[str] = []
+
+    def collect(ref):
+        written = str(ref.model)
+        if written not in order:
+            order.append(written)
+        return ref
+
+    if config.base_model is not None:
+        collect(config.base_model)
+    _map_model_refs(config, collect)
+    merged = {str(r.model) for r in config.referenced_models()}  # not the tokenizer source
+    by_local = {str(local): written for written, local in sources.items()}
+    models: list[tuple[str, dict[str, tuple[tuple[int, ...], Path]], int | None]] = []
+    for written in order:
+        name = by_local.get(written, written)
+        local = sources.get(name)
+        if local is None or written not in merged:
+            continue  # a hub id mergekit will download
+        try:
+            vocab = _vocab_size(json.loads((local / "config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            vocab = None
+        models.append((name, read_tensor_shapes(local), vocab))
+    problems: list[str] = []
+    seen: dict[str, tuple[str, tuple[int, ...], int | None]] = {}
+    for name, shapes, vocab in models:
+        for tensor, (shape, _) in shapes.items():
+            if tensor not in seen:
+                seen[tensor] = (name, shape, vocab)
+                continue
+            first, first_shape, first_vocab = seen[tensor]
+            if shape == first_shape or _vocab_axis_only(shape, vocab, first_shape, first_vocab):
+                continue
+            problems.append(
+                f"tensor {tensor!r} of model {name} has shape {list(shape)}, "
+                f"but in {first} it has {list(first_shape)}"
+            )
+    if problems:
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise MergeInputError(
+            "the models' tensor shapes differ (the models must share architecture and sizes):\n"
+            + "\n".join(f"  - {p}" for p in problems[:5])
+            + more
+        )
+
+
+def _vocab_axis_only(a: tuple[int, ...], vocab_a: int | None, b: tuple[int, ...], vocab_b: int | None) -> bool:
+    return (
+        len(a) == len(b) >= 1
+        and a[1:] == b[1:]
+        and vocab_a is not None
+        and vocab_b is not None
+        and a[0] == vocab_a
+        and b[0] == vocab_b
+    )
+
+
+def _input_fault(err: BaseException) -> str | None:
+    """The message for an error a merge raised because of its inputs (None: a bug)."""
+    from fusechat_merge.sce import SCEInputError
+
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for e in chain:
+        if isinstance(e.__cause__, SCEInputError):
+            return str(e)
+    for e in chain:
+        kind = type(e)
+        module = kind.__module__ or ""
+        if kind.__name__ == "SafetensorError":
+            return f"a safetensors file of the recipe's models cannot be read: {e}"
+        if module.startswith("huggingface_hub") and kind.__name__.endswith(("NotFoundError", "Error")):
+            return f"cannot fetch a model from the Hugging Face hub: {e}"
+        if isinstance(e, ValueError) and str(e).startswith("Tensor size mismatch"):
+            return f"the models' tensor shapes differ: {e}"
+    return None
+
+
+# --- stock mergekit -------------------------------------------------------------------
 
 
 def _uses_fusechat_sce(config) -> bool:

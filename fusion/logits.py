@@ -218,7 +218,9 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
         backend.close()
         elapsed = time.perf_counter() - started
         log(f"scored {total_tokens:,} tokens in {elapsed:.1f}s ({total_tokens / max(elapsed, 1e-9):,.0f} tok/s)")
-    manifest = finish_run(out, options, skipped)
+    manifest = finish_run(
+        out, options, skipped, rows={"start": indices.start, "stop": indices.stop, "corpus": len(rows)}
+    )
     store = LogitStore(out)
     log(
         f"store {out}: {manifest.sequences} sequences, {manifest.tokens:,} tokens, "

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.compute as pc  # a submodule: ``import pyarrow`` alone does not load it
 
 from fusion.artifacts.atomic import (
     atomic_path,
@@ -141,6 +141,9 @@ class Manifest:
     skipped: dict[str, str] = field(default_factory=dict)
     alignment: dict[str, Any] | None = None
     """Set in aligned stores: source store, method, vocabulary map, statistics."""
+    rows: dict[str, int] | None = None
+    """The corpus rows scored: ``{"start", "stop", "corpus"}`` (``--shard`` block of a
+    corpus of ``corpus`` rows); `merge_stores` checks that the parts tile the corpus."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -306,19 +309,22 @@ def finish_run(
     options: StoreOptions,
     skipped: Mapping[str, str],
     alignment: dict[str, Any] | None = None,
+    rows: Mapping[str, int] | None = None,
 ) -> Manifest:
     """Write the manifest over the finished shards: the store is complete from now on."""
+
     shards, sequences, tokens = [], 0, 0
     for path in sorted(out.glob("shard-*.arrow")):
         table = _read_table(path)
-        rows = table.num_rows
+        n_rows = table.num_rows
         n_tokens = int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
-        shards.append({"file": path.name, "sequences": rows, "tokens": n_tokens, "bytes": path.stat().st_size,
+        shards.append({"file": path.name, "sequences": n_rows, "tokens": n_tokens, "bytes": path.stat().st_size,
                        "sha256": file_sha256(path)})
-        sequences += rows
+        sequences += n_rows
         tokens += n_tokens
     manifest = Manifest(
-        FORMAT, FORMAT_VERSION, options, shards, sequences, tokens, dict(skipped), alignment
+        FORMAT, FORMAT_VERSION, options, shards, sequences, tokens, dict(skipped), alignment,
+        dict(rows) if rows is not None else None,
     )
     write_text_atomic(out / MANIFEST, manifest.to_json())
     return manifest
@@ -442,36 +448,144 @@ class LogitStore:
         return total / max(1, self.manifest.tokens)
 
 
+def _open_part(number: int, count: int, path: Path) -> LogitStore:
+    if not path.exists():
+        raise StoreError(f"part {number + 1} of {count}: {path} does not exist")
+    try:
+        return LogitStore(path)
+    except StoreError as err:
+        raise StoreError(f"part {number + 1} of {count}: {err}") from err
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise StoreError(f"part {number + 1} of {count}: cannot read {path / MANIFEST}: {err}") from err
+
+
+def _part_shard(store: LogitStore) -> tuple[int, int]:
+    spec = str(store.options.shard)
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if count < 1 or not 0 <= index < count:
+        raise StoreError(f"{store.path}: its manifest has an invalid shard {spec!r} (expected i/N)")
+    return index, count
+
+
+def check_parts(stores: Sequence[LogitStore]) -> dict[str, int] | None:
+    """Check that ``stores`` are the N parts of one ``--shard i/N`` split, in order.
+
+    They must agree on every option but ``shard`` (the same model, tokenizer, data,
+    template, K, ...), all say N, and be parts 0..N-1 exactly once each, in that order;
+    their corpus row blocks must tile the same corpus. Returns the merged row block.
+    """
+    first = stores[0]
+    wanted = asdict(first.options)
+    for store in stores[1:]:
+        other = asdict(store.options)
+        diffs = [
+            f"{k}: {other.get(k)!r} there, {v!r} in {first.path}"
+            for k, v in wanted.items()
+            if k not in ("shard", "package_version") and other.get(k) != v
+        ]
+        if diffs:
+            raise StoreError(
+                f"{store.path} is not a part of the same run as {first.path} ({'; '.join(diffs)})"
+            )
+    specs = [_part_shard(s) for s in stores]
+    counts = {count for _, count in specs}
+    if len(counts) > 1:
+        listing = ", ".join(f"{s.path}: {s.options.shard}" for s in stores)
+        raise StoreError(f"the parts come from different --shard splits ({listing})")
+    (count,) = counts
+    by_index: dict[int, list[Path]] = {}
+    for store, (index, _) in zip(stores, specs, strict=True):
+        by_index.setdefault(index, []).append(store.path)
+    twice = {i: paths for i, paths in by_index.items() if len(paths) > 1}
+    if twice:
+        i, paths = min(twice.items())
+        raise StoreError(f"part {i}/{count} is given {len(paths)} times: {', '.join(map(str, paths))}")
+    missing = [i for i in range(count) if i not in by_index]
+    if missing:
+        names = ", ".join(f"{i}/{count}" for i in missing)
+        raise StoreError(
+            f"missing part{'s' if len(missing) > 1 else ''} {names} of the --shard split "
+            f"(got {', '.join(s.options.shard for s in stores)}): run `fusechat-merge logits "
+            f"--shard {missing[0]}/{count}` with the same options and add its store"
+        )
+    order = [index for index, _ in specs]
+    if order != sorted(order):
+        listing = " ".join(str(by_index[i][0]) for i in range(count))
+        raise StoreError(
+            f"give the parts in order 0..{count - 1} (got {', '.join(s.options.shard for s in stores)}): "
+            f"{listing}"
+        )
+    blocks = [s.manifest.rows for s in stores]
+    if any(b is None for b in blocks):
+        return None  # stores from before row blocks were recorded: the shard specs must do
+    corpus = {b["corpus"] for b in blocks}
+    if len(corpus) > 1:
+        listing = ", ".join(f"{s.path}: {s.manifest.rows['corpus']}" for s in stores)
+        raise StoreError(f"the parts were scored on corpora of different sizes ({listing}): the data changed")
+    for prev, store in zip(stores, stores[1:], strict=False):
+        if prev.manifest.rows["stop"] != store.manifest.rows["start"]:
+            raise StoreError(
+                f"{store.path} starts at corpus row {store.manifest.rows['start']}, but "
+                f"{prev.path} ends at row {prev.manifest.rows['stop']}"
+            )
+    return {"start": blocks[0]["start"], "stop": blocks[-1]["stop"], "corpus": blocks[0]["corpus"]}
+
+
 def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Manifest:
     """Combine the stores of ``--shard i/N`` runs into one store, in part order.
 
-    The parts must agree on everything but ``shard``; shards are hard-linked (copied
-    across file systems) and renumbered.
+    The parts are checked first (`check_parts`). Shards are hard-linked (copied across
+    file systems) and renumbered in a hidden sibling directory renamed to ``out`` when
+    complete, so no half-merged store ever looks finished.
     """
-    stores = [LogitStore(p) for p in parts]
-    if not stores:
+    import tempfile
+
+    if not parts:
         raise StoreError("no stores to merge")
-    first = asdict(stores[0].options)
-    for store in stores[1:]:
-        other = asdict(store.options)
-        diffs = [k for k in first if k not in ("shard", "package_version") and first[k] != other[k]]
-        if diffs:
-            raise StoreError(f"{store.path} differs from {stores[0].path} in {', '.join(diffs)}")
+    paths = [Path(p) for p in parts]
+    stores = [_open_part(i, len(paths), p) for i, p in enumerate(paths)]
+    rows = check_parts(stores)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise StoreError(f"{out} is not empty; choose another output directory")
-    out.mkdir(parents=True, exist_ok=True)
-    index = 0
-    skipped: dict[str, str] = {}
+    real = out.resolve()
     for store in stores:
-        skipped.update(store.manifest.skipped)
-        for shard in store.manifest.shards:
-            with atomic_path(out / shard_name(index)) as tmp:
+        part = store.path.resolve()
+        if real == part or part in real.parents or real in part.parents:
+            raise StoreError(f"--out {out} overlaps the part {store.path}; choose another directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StoreError(f"{out} is not empty; choose another output directory")
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # a killed merge's leftovers
+        if (stale / ".logits-merge").is_file():
+            shutil.rmtree(stale, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / ".logits-merge").write_text(str(os.getpid()), encoding="utf-8")
+        index = 0
+        skipped: dict[str, str] = {}
+        for store in stores:
+            skipped.update(store.manifest.skipped)
+            for shard in store.manifest.shards:
+                source = store.path / shard["file"]
+                if not source.is_file():
+                    raise StoreError(f"{store.path}: {shard['file']} (listed in {MANIFEST}) is missing")
+                target = tmp / shard_name(index)
                 try:
-                    os.link(store.path / shard["file"], tmp)
+                    os.link(source, target)
                 except OSError:
-                    shutil.copyfile(store.path / shard["file"], tmp)
-            index += 1
-    options = StoreOptions(**{**first, "shard": "0/1"})
-    write_json_atomic(out / RUN_FILE, asdict(options))
-    return finish_run(out, options, skipped)
+                    shutil.copyfile(source, target)
+                index += 1
+        options = StoreOptions(**{**asdict(stores[0].options), "shard": "0/1"})
+        write_json_atomic(tmp / RUN_FILE, asdict(options))
+        (tmp / ".logits-merge").unlink()
+        manifest = finish_run(tmp, options, skipped, rows=rows)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
+        tmp.rename(out)  # onto a missing or empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
