@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
-from fusion.artifacts.logit_store import LogitStore
 from helpers import BIN
 
 from fusechat_merge.cli import main as cli
+from fusion.artifacts.logit_store import LogitStore
 from fusion.logits import LogitJob, generate_logits
 
 
