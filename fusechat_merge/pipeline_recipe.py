@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,19 +18,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fusechat_merge.option_forms import recipe_section
 from fusechat_merge.recipe_keys import key_path, line_map, looks_like_hub_id
-from fusion.options import BACKENDS, TEMPLATES, AlignOptions, EvalOptions, LogitOptions
+from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
+EXECUTORS = ("local", "ray")  # `run --executor`
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Strict):
+# The scoring engine is per model (a 72B source needs tensor parallelism, a 7B one does not):
+# these LogitOptions fields are keys of each model entry, with their choices and ranges.
+ENGINE_FIELDS = ("backend", "tensor_parallel_size", "gpu_memory_utilization")
+_EngineSpec = recipe_section(
+    LogitOptions, name="_EngineSpec",
+    exclude=tuple(f.name for f in dataclasses.fields(LogitOptions) if f.name not in ENGINE_FIELDS),
+)
+
+
+class ModelSpec(_EngineSpec):  # type: ignore[misc,valid-type]
     name: str = Field(description="Short name used for outputs and reports.")
     model: str = Field(description="Model directory (or hub id) with its tokenizer.")
-    backend: Literal[BACKENDS] = "hf"  # type: ignore[valid-type]
     template: Literal[TEMPLATES] = "own"  # type: ignore[valid-type]
 
 
@@ -40,16 +50,36 @@ class DataSpec(_Strict):
 
 # Options that the run sets itself (per model, per stage) are not recipe keys here.
 LogitSpec = recipe_section(
-    LogitOptions, name="LogitSpec",
-    exclude=("backend", "template", "shard", "split", "cache_dir", "tensor_parallel_size",
-             "gpu_memory_utilization"),
-)
+    LogitOptions, name="LogitSpec", exclude=("template", "shard", "split", "cache_dir", *ENGINE_FIELDS))
 AlignSpec = recipe_section(AlignOptions, name="AlignSpec")
+
+
+class LaunchSpec(_Strict):
+    """How a fuse stage is launched: ``accelerate launch --config_file ACCELERATE_CONFIG
+    --num_processes N ... -m fusechat_merge.cli fuse ...`` in a subprocess."""
+
+    accelerate_config: str | None = Field(
+        None, description="An accelerate config file (recipes/accelerate/*.yaml); relative paths "
+        "resolve against the work directory.")
+    num_processes: int | None = Field(None, ge=1, description="Training processes (default: the config's).")
+    main_process_port: int = Field(0, ge=0, le=65535, description="0: a free port (one node).")
+    args: list[str] = Field(default_factory=list, description="More `accelerate launch` arguments.")
 
 
 class FuseSpec(_Strict):
     defaults: dict[str, Any] = Field(default_factory=dict, description="FusionConfig fields for every pair.")
     per_source: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    launch: LaunchSpec | None = Field(None, description="Run every fuse stage under accelerate launch.")
+    per_source_launch: dict[str, LaunchSpec] = Field(
+        default_factory=dict, description="Per source: keys that override `launch` for its pairs.")
+
+    def launch_for(self, source: str) -> LaunchSpec | None:
+        """``launch`` with the keys set in ``per_source_launch[source]`` on top (None: in-process)."""
+        own = self.per_source_launch.get(source)
+        if own is None:
+            return self.launch
+        base = self.launch.model_dump() if self.launch else {}
+        return LaunchSpec(**{**base, **own.model_dump(exclude_unset=True)})
 
     @field_validator("defaults", "per_source")
     @classmethod
@@ -79,6 +109,46 @@ class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
     skills: dict[str, str] = Field(default_factory=dict, description="skill name → held-out conversations")
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+class ResourceSpec(_Strict):
+    """What one stage asks of the scheduler (a Ray task's resources; `run --plan` prints them)."""
+
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    memory: int | None = Field(None, gt=0, description="Bytes of RAM (or a size such as 64GiB).")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"expected bytes or a size such as 64GiB or 512MB, got {value!r}")
+        return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+class ResourcesSpec(_Strict):
+    """Resources per stage kind, and per stage id (``stages: {logits/qwen: {num_gpus: 8}}``)."""
+
+    logits: ResourceSpec = Field(default_factory=ResourceSpec)
+    align: ResourceSpec = Field(default_factory=ResourceSpec)
+    fuse: ResourceSpec = Field(default_factory=ResourceSpec)
+    merge: ResourceSpec = Field(default_factory=ResourceSpec)
+    evaluate: ResourceSpec = Field(default_factory=ResourceSpec)
+    stages: dict[str, ResourceSpec] = Field(default_factory=dict, description="Per stage id, over its kind's.")
+
+    def for_stage(self, stage_id: str, kind: str) -> dict[str, Any]:
+        """The resources of one stage (its kind's, with the keys its own entry sets on top)."""
+        values = getattr(self, kind).model_dump()
+        if stage_id in self.stages:
+            values.update(self.stages[stage_id].model_dump(exclude_unset=True))
+        return values
+
+
 class PipelineRecipe(_Strict):
     name: str = "fusechat"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -90,6 +160,7 @@ class PipelineRecipe(_Strict):
     fuse: FuseSpec = Field(default_factory=FuseSpec)
     merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(name="sce")])
     evaluate: EvalSpec | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     def model_names(self) -> list[str]:
         return [self.pivot.name] + [s.name for s in self.sources]
@@ -170,9 +241,21 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
         if not resolve(file, work_dir).exists():
             problems.append(f"{at('evaluate', 'skills', skill)}: {resolve(file, work_dir)} does not exist")
-    for name in recipe.fuse.per_source:
-        if name not in names[1:]:
-            problems.append(f"{at('fuse', 'per_source', name)}: no source named {name!r}")
+    for section in ("per_source", "per_source_launch"):
+        for name in getattr(recipe.fuse, section):
+            if name not in names[1:]:
+                problems.append(f"{at('fuse', section, name)}: no source named {name!r}")
+    for name in recipe.sources if recipe.fuse.launch or recipe.fuse.per_source_launch else []:
+        launch = recipe.fuse.launch_for(name.name)
+        if launch is None:
+            continue
+        where = ("fuse", "per_source_launch", name.name) if name.name in recipe.fuse.per_source_launch \
+            else ("fuse", "launch")
+        if launch.accelerate_config is None:
+            problems.append(f"{at(*where)}: no accelerate_config for source {name.name!r}")
+        elif not resolve(launch.accelerate_config, work_dir).is_file():
+            problems.append(f"{at(*where, 'accelerate_config')}: "
+                            f"{resolve(launch.accelerate_config, work_dir)} does not exist")
     known = {m.spec.name for m in registry.registered_methods()}
     for i, merge in enumerate(recipe.merges):
         if merge.method not in known:
