@@ -59,8 +59,8 @@ class LaunchSpec(_Strict):
     --num_processes N ... -m fusechat_merge.cli fuse ...`` in a subprocess."""
 
     accelerate_config: str | None = Field(
-        None, description="An accelerate config file (recipes/accelerate/*.yaml); relative paths "
-        "resolve against the work directory.")
+        None, description="An accelerate config file (recipes/accelerate/*.yaml); a relative path "
+        "is relative to the recipe file.")
     num_processes: int | None = Field(None, ge=1, description="Training processes (default: the config's).")
     main_process_port: int = Field(0, ge=0, le=65535, description="0: a free port (one node).")
     args: list[str] = Field(default_factory=list, description="More `accelerate launch` arguments.")
@@ -191,10 +191,24 @@ def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineReci
             where = f" (line {line})" if line else ""
             problems.append(f"{_where(loc)}{where}: {e['msg']}")
         raise PipelineRecipeError(str(path), problems) from err
+    recipe = _launch_paths_from(recipe, path.absolute().parent)
     problems = check_resources(recipe, Path(work_dir), lines)
     if problems:
         raise PipelineRecipeError(str(path), problems)
     return recipe
+
+
+def _launch_paths_from(recipe: PipelineRecipe, folder: Path) -> PipelineRecipe:
+    """Accelerate configs ship beside the recipes: a relative one is relative to the recipe file."""
+    def absolute(spec: LaunchSpec | None) -> LaunchSpec | None:
+        if spec is None or spec.accelerate_config is None:
+            return spec
+        return spec.model_copy(update={"accelerate_config": str(resolve(spec.accelerate_config, folder))})
+
+    fuse = recipe.fuse.model_copy(update={
+        "launch": absolute(recipe.fuse.launch),
+        "per_source_launch": {k: absolute(v) for k, v in recipe.fuse.per_source_launch.items()}})
+    return recipe.model_copy(update={"fuse": fuse})
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -245,17 +259,18 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
         for name in getattr(recipe.fuse, section):
             if name not in names[1:]:
                 problems.append(f"{at('fuse', section, name)}: no source named {name!r}")
-    for name in recipe.sources if recipe.fuse.launch or recipe.fuse.per_source_launch else []:
-        launch = recipe.fuse.launch_for(name.name)
+    launch_problems: list[str] = []
+    for source in recipe.sources:
+        launch = recipe.fuse.launch_for(source.name)
+        own = source.name in recipe.fuse.per_source_launch
+        where = ("fuse", "per_source_launch", source.name) if own else ("fuse", "launch")
         if launch is None:
             continue
-        where = ("fuse", "per_source_launch", name.name) if name.name in recipe.fuse.per_source_launch \
-            else ("fuse", "launch")
         if launch.accelerate_config is None:
-            problems.append(f"{at(*where)}: no accelerate_config for source {name.name!r}")
-        elif not resolve(launch.accelerate_config, work_dir).is_file():
-            problems.append(f"{at(*where, 'accelerate_config')}: "
-                            f"{resolve(launch.accelerate_config, work_dir)} does not exist")
+            launch_problems.append(f"{at(*where)}: no accelerate_config for source {source.name!r}")
+        elif not Path(launch.accelerate_config).is_file():
+            launch_problems.append(f"{at(*where, 'accelerate_config')}: {launch.accelerate_config} does not exist")
+    problems += list(dict.fromkeys(launch_problems))  # one line per recipe key
     known = {m.spec.name for m in registry.registered_methods()}
     for i, merge in enumerate(recipe.merges):
         if merge.method not in known:

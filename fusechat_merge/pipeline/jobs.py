@@ -19,7 +19,6 @@ from fusechat_merge.pipeline_recipe import (
     MergeSpec,
     ModelSpec,
     PipelineRecipe,
-    resolve,
 )
 from fusion.artifacts.atomic import write_json_atomic
 
@@ -83,7 +82,7 @@ class FuseJob:
     aligned: list[str]
     out: str
     settings: dict[str, Any]
-    launch: dict[str, Any] | None = None  # a LaunchSpec's values, accelerate_config resolved
+    launch: dict[str, Any] | None = None  # a LaunchSpec's values
     log_file: str = ""  # launched: the subprocess's output
     config_file: str = ""  # launched: the training options, for `fuse --config`
 
@@ -91,10 +90,7 @@ class FuseJob:
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, source: str) -> FuseJob:
         stage_id = fuse_stage_id(seed, source)
         spec = recipe.fuse.launch_for(source)
-        launch = None
-        if spec is not None:
-            launch = spec.model_dump()
-            launch["accelerate_config"] = str(resolve(str(spec.accelerate_config), layout.root))
+        launch = None if spec is None else spec.model_dump()  # accelerate_config: absolute (the loader)
         return cls(str(layout.resolve(recipe.pivot.model)), [str(layout.aligned(source))],
                    str(layout.target(seed, source)), fuse_settings(recipe, seed, source), launch,
                    str(layout.log(stage_id)), str(layout.launch_config(stage_id)))
