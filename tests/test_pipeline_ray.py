@@ -109,7 +109,7 @@ def test_ray_executor_makes_the_local_executors_artifacts_at_once(inputs, tmp_pa
     assert records["fuse/seed-0/qwen"]["world_size"] == 1
     a, b = (records[f"logits/{s}"] for s in SOURCES)
     assert max(a["started_at"], b["started_at"]) < min(a["finished_at"], b["finished_at"]), (a, b)
-    assert len({records[f"logits/{s}"]["pid"] for s in ("pivot", *SOURCES)}) == 3  # one worker each
+    assert len({records[f"logits/{s}"]["pid"] for s in ("pivot", *SOURCES)}) == 3  # at once: 3 workers
     # a stage waits for its upstream stages
     for stage_id, r in records.items():
         upstream = {"align/qwen": ["logits/pivot", "logits/qwen"], "fuse/seed-0/qwen": ["align/qwen"],

@@ -9,9 +9,11 @@ and the worker's host; a fuse stage with ``launch`` runs its accelerate launch o
 (on the GPUs Ray gave the task: Ray sets ``CUDA_VISIBLE_DEVICES``). A stage that fails does
 not stop the others: stages that do not depend on it finish, then the run fails naming it.
 
-Each task runs in a fresh worker process (``max_calls=1``): its peak RSS is that stage's, and
-GPU memory is returned to the node when it ends. Tasks are not retried (``max_retries=0``):
-a rerun of the pipeline resumes an interrupted stage from its records.
+A stage that asks for GPUs runs in a fresh worker process (``max_calls=1``): GPU memory is
+returned to the node when it ends, and its peak RSS is that stage's. CPU-only stages share
+workers (no import of torch per stage); their peak RSS is the worker's peak so far, as with
+the local executor. Tasks are not retried (``max_retries=0``): a rerun of the pipeline
+resumes an interrupted stage from its records.
 
 The work directory must be one filesystem seen by every node (NFS, Lustre, ...):
 `check_shared_filesystem` has a task on each node read a probe file the driver wrote there.
@@ -67,7 +69,8 @@ class RayExecutor:
     def _schedule(self, runner: Runner, work: Work) -> None:
         import ray
 
-        task = ray.remote(max_calls=1, max_retries=0)(run_stage_task)
+        gpu_task = ray.remote(max_calls=1, max_retries=0)(run_stage_task)
+        cpu_task = ray.remote(max_retries=0)(run_stage_task)
         unfinished = {stage.id for stage, _, _ in work}
         waiting = list(work)  # plan order: a stage comes after everything it waits for
         running: dict[Any, Stage] = {}
@@ -85,6 +88,7 @@ class RayExecutor:
                 elif not any(u in unfinished for u in stage.after):
                     waiting.remove(item)
                     runner.log(f"[{stage.id}] submitted ({reason}) {_describe(stage.resources)}")
+                    task = gpu_task if stage.resources.get("num_gpus") else cpu_task
                     ref = task.options(**ray_options(stage.resources), name=stage.id).remote(
                         str(runner.layout.root), stage, resume, reason)
                     running[ref] = stage
