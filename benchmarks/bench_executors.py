@@ -2,12 +2,12 @@
 instance started by the run, as without ``--ray-address``): the overhead of Ray.
 
 By default the recipe is a small one on tiny models made here (a pivot and two sources,
-logits → align → fuse → merge); ``--demo`` uses the demo's recipe on the demo's models
-(``fusechat-merge demo --work-dir DIR`` first: its models and data are copied from there).
+logits → align → fuse → merge); ``--demo DIR`` uses the demo's recipe on the demo's models
+and data (made in DIR the first time, as `fusechat-merge demo` does; reused after).
 Each executor runs in a fresh copy of the inputs; the first run is preceded by a warm-up of
 imports. Run:
 
-    python benchmarks/bench_executors.py [--demo DEMO_WORK_DIR]
+    python benchmarks/bench_executors.py [--demo DIR]
 """
 
 from __future__ import annotations
@@ -51,13 +51,15 @@ def tiny_inputs(root: Path) -> Path:
 
 
 def demo_inputs(root: Path, demo: Path) -> Path:
-    from fusechat_merge.demo import pipeline_demo
+    from fusechat_merge.demo.pipeline_demo import DEMO_RECIPE, prepare_demo_data
+    from fusechat_merge.demo.skills import make_demo_models
 
-    shutil.copytree(demo, root, ignore=shutil.ignore_patterns(
-        "logits", "aligned", "targets", "merges", "eval", "report", "stages", "logs", ".cache"))
-    recipe = Path(pipeline_demo.__file__).with_name("demo-pipeline.yaml")
-    if not (root / "recipe.yaml").exists():
-        shutil.copy(recipe, root / "recipe.yaml")
+    make_demo_models(demo.absolute() / "models", log=print)
+    prepare_demo_data(demo.absolute())
+    root.mkdir()
+    for name in ("models", "data"):
+        shutil.copytree(demo / name, root / name)
+    shutil.copy(DEMO_RECIPE, root / "recipe.yaml")
     return root
 
 
@@ -75,7 +77,7 @@ def timed_run(inputs: Path, work: Path, executor: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo", type=Path, default=None, help="a finished `fusechat-merge demo` work dir")
+    parser.add_argument("--demo", type=Path, default=None, help="where the demo's models and data are (made)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

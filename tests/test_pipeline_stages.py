@@ -111,3 +111,15 @@ def test_resources_for_an_unknown_stage_are_refused(work):
     write(work, {**RECIPE, "resources": {"stages": {"logits/nobody": {"num_gpus": 1}}}})
     result = cli(work, "--plan")
     assert result.exit_code != 0 and "resources.stages: no stage logits/nobody" in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ray-address", "auto"], "--ray-address needs --executor ray"),
+    (["--stage", "logits/pivot", "--executor", "ray"], "--stage runs the stage in this process"),
+    (["--plan", "--stage", "logits/pivot"], "--plan, --stage and --dry-run go alone"),
+    (["--stage", "logits/pivot", "--only", "logits"], "--plan, --stage and --dry-run go alone"),
+])
+def test_run_options_that_do_not_go_together(work, args, message):
+    result = cli(work, *args)
+    assert result.exit_code == 2 and message in result.output
+    assert not (work / "stages").exists()

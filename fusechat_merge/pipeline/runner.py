@@ -166,6 +166,7 @@ class Runner:
         self.layout.record(stage.id, "done").unlink(missing_ok=True)
         write_json_atomic(self.layout.record(stage.id, "started"), {"key": stage.key})
         self.log(f"[{stage.id}] {reason}")
+        _reset_peak_gpu()
         started_at, started = time.time(), time.perf_counter()
         try:
             reported = stage.job.run(resume, self.log) or {}
@@ -206,9 +207,19 @@ def apply_record(stage: Stage, record: dict[str, Any]) -> None:
     stage.info = record
 
 
-def _peak_gpu() -> dict[str, float]:
+def _cuda():  # torch's CUDA when this process already uses it (never imports torch)
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    return torch.cuda if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def _reset_peak_gpu() -> None:
+    cuda = _cuda()
+    for i in range(cuda.device_count() if cuda else 0):
+        cuda.reset_peak_memory_stats(i)
+
+
+def _peak_gpu() -> dict[str, float]:
+    cuda = _cuda()
+    if cuda is None:
         return {}
-    return {"peak_gpu_mb": max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-            / 2**20}
+    return {"peak_gpu_mb": max(cuda.max_memory_allocated(i) for i in range(cuda.device_count())) / 2**20}
