@@ -21,23 +21,7 @@ import argparse
 import time
 
 import numpy as np
-
-SENTENCES = [
-    "Knowledge fusion distils several chat models into one compact pivot model.",
-    "The capital of France is Paris; 12 * 12 = 144 and 2 + 2 = 4.",
-    "Model merging combines the weights of several fine-tuned models!",
-    "Bonjour le monde, naïve café — ÄÖÜ ß é 😀 (a+b).",
-    "def add(a, b):\n    return a + b",
-]
-
-
-def reply(i: int, words: int) -> str:
-    out: list[str] = []
-    j = i
-    while sum(len(s.split()) for s in out) < words:
-        out.append(SENTENCES[j % len(SENTENCES)])
-        j += 3
-    return " ".join(out)
+from common import reply
 
 
 def encode_all(tokenizer, n: int, words: int):

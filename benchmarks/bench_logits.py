@@ -19,41 +19,31 @@ backend on the same data.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import toy_model, write_chats
 
 
 def build_model(path: Path, quick: bool) -> Path:
     """A ~50M-parameter Llama (vocab 32000) with the toy '▁' tokenizer, made locally."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from fusechat_merge.demo.toy import make_tokenizer
-
-    if (path / "config.json").exists():
-        return path
-    tokenizer = make_tokenizer("metaspace")
     hidden, layers = (256, 4) if quick else (512, 8)
-    config = LlamaConfig(
+    return toy_model(
+        path,
+        "metaspace",
+        "llama",
+        seed=0,
         vocab_size=32000,
         hidden_size=hidden,
         intermediate_size=int(hidden * 2.75),
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
+        layers=layers,
+        heads=8,
+        kv_heads=8,
         max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def build_corpus(path: Path, n: int) -> Path:
@@ -64,22 +54,16 @@ def build_corpus(path: Path, n: int) -> Path:
         "Model merging combines the weights of several fine-tuned models.",
         "Bonjour le monde! Hallo Welt! ÄÖÜ ß é",
     ]
-    rows = []
-    for i in range(n):
-        reply = " ".join(sentences[(i + j) % 4] for j in range(3 + i % 5))
-        rows.append(
-            {
-                "id": f"c{i}",
-                "messages": [
-                    {"role": "user", "content": f"Question {i}: {sentences[i % 4]}"},
-                    {"role": "assistant", "content": reply},
-                ],
-            }
-        )
-    path.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    return write_chats(
+        path,
+        (
+            (
+                f"Question {i}: {sentences[i % 4]}",
+                " ".join(sentences[(i + j) % 4] for j in range(3 + i % 5)),
+            )
+            for i in range(n)
+        ),
     )
-    return path
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from bench_logits import build_model as build_pivot  # noqa: E402  (the ~50M Llama)
+from common import reply, toy_model, write_chats  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "clm": {"lm_weight": 1.0},
@@ -74,54 +75,27 @@ SENTENCES = (
 
 def build_source(path: Path, quick: bool) -> Path:
     """A small Qwen2 with the byte-level toy tokenizer (another vocabulary, another arch)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from fusechat_merge.demo.toy import make_tokenizer, tiny_config
-
-    if (path / "config.json").exists():
-        return path
-    tokenizer = make_tokenizer("bytelevel")
     hidden, layers = (128, 2) if quick else (256, 4)
-    config = tiny_config(
-        "qwen2", len(tokenizer), hidden_size=hidden, layers=layers, heads=4, kv_heads=2
+    return toy_model(
+        path,
+        "bytelevel",
+        "qwen2",
+        seed=1,
+        hidden_size=hidden,
+        layers=layers,
+        heads=4,
+        kv_heads=2,
+        max_position_embeddings=4096,
     )
-    config.max_position_embeddings = 4096
-    config.bos_token_id = tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def reply(i: int, words: int) -> str:
-    """An assistant reply of at least ``words`` words, varied by ``i``."""
-    out: list[str] = []
-    j = i
-    while sum(len(s.split()) for s in out) < words:
-        out.append(SENTENCES[j % len(SENTENCES)])
-        j += 3
-    return " ".join(out)
 
 
 def build_corpus(path: Path, n: int, words: int) -> Path:
     """``n`` conversations whose replies run past the pivot's max_length."""
-    rows = [
-        {
-            "id": f"c{i}",
-            "messages": [
-                {"role": "user", "content": f"Question {i}: {SENTENCES[i % len(SENTENCES)]}"},
-                {"role": "assistant", "content": reply(i, words)},
-            ],
-        }
+    exchanges = (
+        (f"Question {i}: {SENTENCES[i % len(SENTENCES)]}", reply(i, words, SENTENCES))
         for i in range(n)
-    ]
-    path.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
     )
-    return path
+    return write_chats(path, exchanges)
 
 
 def build_aligned(work: Path, quick: bool, n: int, seq_len: int) -> tuple[Path, Path]:

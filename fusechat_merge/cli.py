@@ -18,6 +18,7 @@ import click
 from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options, field_help
 from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
+from fusion.lm_eval_runner import LmEvalOptions
 from fusion.options import FUSIONS, LOSS_TYPES, AlignOptions, FusionSettings, LogitOptions
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ def align_command(**kwargs: Any) -> None:
 
     try:
         align_stores(AlignJob(**kwargs), log=click.echo)
-    except (StoreError, ValueError) as err:
+    except (StoreError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
 
 
@@ -188,13 +189,17 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     Precedence: defaults, then --config, then flags.
     """
     from fusion.artifacts.logit_store import StoreError
+    from fusion.artifacts.provenance import InputError
     from fusion.trainer import parse_fusion_config, train_fusion
 
     from_file: dict[str, Any] = {}
     if config_file:
         import yaml
 
-        from_file = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        try:
+            from_file = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise click.ClickException(f"{config_file}: not valid YAML ({err})") from err
         if not isinstance(from_file, dict):
             raise click.ClickException(f"{config_file}: expected a mapping of training options")
     try:
@@ -204,7 +209,7 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
         raise click.ClickException(f"{config_file or 'training options'}: {err}") from err
     try:
         result = train_fusion(pivot, list(aligned), out, config, resume=resume)
-    except StoreError as err:
+    except (StoreError, InputError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"target model: {result}")
 
@@ -299,8 +304,49 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
         run_demo(work_dir or Path("demo-merge-work"), select_topk=select_topk, echo=click.echo)
         return
     from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
+    from fusion.lm_eval_runner import LmEvalError
 
-    run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None, echo=click.echo)
+    try:
+        run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
+                          echo=click.echo)
+    except LmEvalError as err:
+        raise click.ClickException(str(err)) from err
+
+
+# --------------------------------------------------------------------------- eval (lm-eval)
+
+
+@main.command("eval")
+@click.option("--model", required=True, help="A saved model folder or a hub id.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write lm-eval's results JSON.")
+@click_options(LmEvalOptions)
+def eval_command(model: str, out: Path, **options) -> None:
+    """Score a model on lm-evaluation-harness tasks (any task lm-eval knows, or local YAML
+    tasks with --include-path); write lm-eval's results JSON to --out, print its table.
+
+    \b
+      fusechat-merge eval --model ./merged --tasks fusechat_skills \\
+        --include-path demo-work/data/lm_eval --apply-chat-template --out scores.json
+
+    Needs the eval extra: pip install 'fusechat-merge[eval]'.
+    """
+    from fusion.lm_eval_runner import (
+        LmEvalError,
+        format_table,
+        require_lm_eval,
+        run_lm_eval,
+        write_results,
+    )
+
+    try:
+        require_lm_eval()
+        parsed = LmEvalOptions(**options)
+        results = run_lm_eval(model, parsed)
+    except LmEvalError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(format_table(results))
+    click.echo(f"results: {write_results(results, out)}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from fusechat_merge.recipe_keys import key_path, looks_like_hub_id
+from fusechat_merge.model_refs import looks_like_hub_id
+from fusechat_merge.recipe_keys import key_path
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,42 @@ def check_recipe(raw: Mapping[str, Any], *, base_dir: str | Path | None = None) 
         problems.extend(_check_parameters(raw, method))
     problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd()))
     return problems
+
+
+def check_merge_settings(
+    method_name: str,
+    parameters: Mapping[str, Any],
+    model_parameters: Mapping[str, Any],
+    *,
+    base: bool,
+    n_models: int,
+) -> list[tuple[tuple[str, ...], str]]:
+    """Problems of one merge of a pipeline recipe, before its models exist: the method, its
+    shared and per-model parameters. Returns ``(key path within the merge, message)``."""
+    from mergekit.merge_methods import registry
+
+    from fusechat_merge.mergekit_adapter import register
+
+    register()
+    try:
+        method = registry.get(method_name)
+    except RuntimeError:
+        names = [m.spec.name for m in registry.registered_methods()]
+        return [(("method",), f"mergekit knows no merge method {method_name!r}{_did_you_mean(method_name, names)}")]
+    entry = {"parameters": dict(model_parameters)} if model_parameters else {}
+    raw: dict[str, Any] = {"merge_method": method_name, "models": [{"model": f"target-{i}", **entry}
+                                                                   for i in range(n_models)]}
+    if base:
+        raw["base_model"] = "pivot"
+    if parameters:
+        raw["parameters"] = dict(parameters)
+    found = []
+    for problem in _check_parameters(raw, method):
+        key = problem.key
+        where = ("parameters", *key.split(".")[1:]) if key.startswith("parameters") else (
+            "model_parameters", *key.split(".")[2:])
+        found.append((where, problem.message))
+    return found
 
 
 def validate_recipe(raw: Mapping[str, Any], source: str, *, base_dir: str | Path | None = None) -> None:

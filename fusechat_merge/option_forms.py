@@ -41,6 +41,12 @@ def click_options(cls: type, *, exclude: Sequence[str] = (), required: Sequence[
             base = _base_type(hints[f.name])
             flag = "--" + f.name.replace("_", "-")
             kwargs: dict[str, Any] = {"help": meta["help"], "show_default": True}
+            if meta["metavar"]:
+                kwargs["metavar"] = meta["metavar"]
+            if typing.get_origin(base) is tuple:  # one comma-separated value on the command line
+                func = click.option(flag, f.name, default=None, required=meta["required"],
+                                    callback=_comma_separated, **kwargs)(func)
+                continue
             if base is bool:
                 func = click.option(flag, f.name, is_flag=True, default=f.default, **kwargs)(func)
                 continue
@@ -53,11 +59,15 @@ def click_options(cls: type, *, exclude: Sequence[str] = (), required: Sequence[
                 kwargs["type"] = click.FloatRange(meta["min"], meta["max"], min_open=meta["min_open"])
             if f.default is None:
                 kwargs["show_default"] = False
-            func = click.option(flag, f.name, default=f.default, required=f.name in required,
-                                **kwargs)(func)
+            func = click.option(flag, f.name, default=f.default,
+                                required=f.name in required or meta["required"], **kwargs)(func)
         return func
 
     return decorate
+
+
+def _comma_separated(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
 def _num(value: float | None) -> int | None:
@@ -81,11 +91,6 @@ def recipe_section(cls: type, *, exclude: Sequence[str] = (), name: str | None =
         fields[f.name] = (annotation, Field(f.default, description=meta["help"], **limits))
     return create_model(name or f"{cls.__name__}Section",
                         __config__=ConfigDict(extra="forbid", frozen=True), **fields)
-
-
-def section_values(section: BaseModel) -> dict[str, Any]:
-    """A recipe section's values as keyword arguments of its dataclass."""
-    return section.model_dump()
 
 
 def field_help(cls: type, name: str) -> str:

@@ -11,13 +11,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fusechat_merge.model_refs import has_chat_template, looks_like_hub_id, model_dir
 from fusechat_merge.option_forms import recipe_section
-from fusechat_merge.recipe_keys import key_path, line_map, looks_like_hub_id
+from fusechat_merge.recipe_keys import key_path, line_map
 from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
@@ -37,8 +38,19 @@ _EngineSpec = recipe_section(
 )
 
 
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _plain_name(value: str) -> str:
+    """Names become path components under the work dir: no separators, no '..'."""
+    if not PLAIN_NAME.match(value) or ".." in value:
+        raise ValueError(f"{value!r} is not a plain name (letters, digits, '.', '_', '-'; no '/' or '..')")
+    return value
+
+
 class ModelSpec(_EngineSpec):  # type: ignore[misc,valid-type]
-    name: str = Field(description="Short name used for outputs and reports.")
+    name: Annotated[str, AfterValidator(_plain_name)] = Field(
+        description="Short name used for outputs and reports (a plain name: it names folders).")
     model: str = Field(description="Model directory (or hub id) with its tokenizer.")
     template: Literal[TEMPLATES] = "own"  # type: ignore[valid-type]
 
@@ -50,8 +62,10 @@ class DataSpec(_Strict):
 
 # Options that the run sets itself (per model, per stage) are not recipe keys here.
 LogitSpec = recipe_section(
-    LogitOptions, name="LogitSpec", exclude=("template", "shard", "split", "cache_dir", *ENGINE_FIELDS))
-AlignSpec = recipe_section(AlignOptions, name="AlignSpec")
+    LogitOptions, name="LogitSpec",
+    exclude=("template", "shard", "split", "cache_dir", "overwrite", *ENGINE_FIELDS))
+# `overwrite` is the pipeline's own business: it redoes a changed stage from an empty output.
+AlignSpec = recipe_section(AlignOptions, name="AlignSpec", exclude=("overwrite",))
 
 
 class LaunchSpec(_Strict):
@@ -97,7 +111,7 @@ class FuseSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    name: str
+    name: Annotated[str, AfterValidator(_plain_name)]
     method: str = "fusechat_sce"
     parameters: dict[str, Any] = Field(default_factory=dict)
     model_parameters: dict[str, Any] = Field(default_factory=dict, description="Per-target parameters (weight, density).")
@@ -107,6 +121,22 @@ class MergeSpec(_Strict):
 
 class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
     skills: dict[str, str] = Field(default_factory=dict, description="skill name → held-out conversations")
+    lm_eval: dict[str, Any] | None = Field(
+        None, description="lm-evaluation-harness tasks scored on every model of the run "
+        "(`fusion.lm_eval_runner.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
+        "apply_chat_template, limit, ...); include_path is relative to the work dir.")
+
+    @field_validator("lm_eval")
+    @classmethod
+    def _lm_eval_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from fusion.lm_eval_runner import LmEvalError, LmEvalOptions
+
+            try:
+                LmEvalOptions.from_mapping(value, where="lm_eval")
+            except (LmEvalError, TypeError) as err:
+                raise ValueError(str(err)) from err
+        return value
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -221,12 +251,9 @@ def resolve(path: str, work_dir: Path) -> Path:
 
 
 def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list[str]:
-    """Missing models, tokenizers, data files; unknown merge methods; duplicate names."""
-    from mergekit.merge_methods import registry
-
-    from fusechat_merge.mergekit_adapter import register
-
-    register()
+    """Every problem found before any work: missing models, tokenizers, chat templates and
+    data; every stage's options (training options and values, merge methods and parameters);
+    duplicate names."""
     problems: list[str] = []
 
     def at(*loc: Any) -> str:
@@ -238,16 +265,19 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
         problems.append(f"{at('sources')}: model names must be unique, got {names}")
     specs = [(("pivot",), recipe.pivot)] + [(("sources", i), s) for i, s in enumerate(recipe.sources)]
     for loc, spec in specs:
-        local = resolve(spec.model, work_dir)
+        local = model_dir(spec.model, work_dir)
+        if local is None:
+            continue  # a hub id, not cached: downloaded when loaded (online)
         if not local.exists():
-            if looks_like_hub_id(spec.model) and not (work_dir / spec.model.split("/")[0]).exists():
-                continue  # a hub id (no local folder of that name): resolved when loaded
             problems.append(f"{at(*loc, 'model')}: model path {str(local)!r} does not exist")
             continue
         if not (local / "config.json").is_file():
             problems.append(f"{at(*loc, 'model')}: {local} has no config.json")
         if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             problems.append(f"{at(*loc, 'model')}: {local} has no tokenizer (tokenizer.json)")
+        elif spec.template == "own" and not has_chat_template(local):
+            problems.append(f"{at(*loc, 'template')}: {spec.model} has no chat template; set "
+                            "`template: shared` (one role text for all models) for it")
     data = resolve(recipe.data.train, work_dir)
     hub_data = looks_like_hub_id(recipe.data.train) and not (work_dir / recipe.data.train.split("/")[0]).exists()
     if not data.exists() and not hub_data:
@@ -255,6 +285,9 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
         if not resolve(file, work_dir).exists():
             problems.append(f"{at('evaluate', 'skills', skill)}: {resolve(file, work_dir)} does not exist")
+    include = (recipe.evaluate.lm_eval or {}).get("include_path") if recipe.evaluate else None
+    if include and not resolve(include, work_dir).is_dir():
+        problems.append(f"{at('evaluate', 'lm_eval', 'include_path')}: {resolve(include, work_dir)} is not a folder")
     for section in ("per_source", "per_source_launch"):
         for name in getattr(recipe.fuse, section):
             if name not in names[1:]:
@@ -271,13 +304,40 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
         elif not Path(launch.accelerate_config).is_file():
             launch_problems.append(f"{at(*where, 'accelerate_config')}: {launch.accelerate_config} does not exist")
     problems += list(dict.fromkeys(launch_problems))  # one line per recipe key
-    known = {m.spec.name for m in registry.registered_methods()}
+    from fusechat_merge.merge_recipe import check_merge_settings
+
     for i, merge in enumerate(recipe.merges):
-        if merge.method not in known:
-            problems.append(f"{at('merges', i, 'method')}: mergekit knows no merge method {merge.method!r}")
+        for key, message in check_merge_settings(merge.method, dict(merge.parameters),
+                                                 dict(merge.model_parameters), base=merge.base,
+                                                 n_models=len(recipe.sources)):
+            problems.append(f"{at('merges', i, *key)}: {message}")
+    problems += _check_training_options(recipe, at)
     merge_names = [m.name for m in recipe.merges]
     if len(set(merge_names)) != len(merge_names):
         problems.append(f"{at('merges')}: merge names must be unique, got {merge_names}")
+    return problems
+
+
+_MACHINE_FLAGS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "use_cpu")
+
+
+def _check_training_options(recipe: PipelineRecipe, at: Any) -> list[str]:
+    """Each pair's training options as a `FusionConfig` would take them (values, not only names).
+
+    Precision flags are left to the machine that trains (bf16 and tf32 need a GPU there,
+    not on the machine that checks the recipe)."""
+    from fusion.trainer import fusion_config
+
+    problems = []
+    blocks = [(("fuse", "defaults"), {})] + [(("fuse", "per_source", n), o) for n, o in recipe.fuse.per_source.items()]
+    for loc, extra in blocks:
+        try:
+            settings = {**recipe.fuse.defaults, **extra}
+            for flag in _MACHINE_FLAGS:
+                settings.pop(flag, None)
+            fusion_config("/nonexistent/fusechat-check", **settings)
+        except (ValueError, TypeError) as err:
+            problems.append(f"{at(*loc)}: {err}")
     return problems
 
 

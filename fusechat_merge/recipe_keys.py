@@ -1,15 +1,11 @@
 """What both recipe kinds (mergekit merge recipes, pipeline recipes) share: how a YAML key
-is named in an error, where it is in the file, and which model names are hub ids."""
+is named in an error, and where it is in the file."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import yaml
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".txt")
 
 
 def key_path(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -38,13 +34,3 @@ def line_map(text: str) -> dict[tuple[Any, ...], int]:
     if root is not None:
         walk(root, ())
     return lines
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """``org/name`` (no path prefix, no data-file suffix): a Hugging Face Hub repository,
-    used as such when no local path of that name exists."""
-    return (
-        bool(_HUB_ID.match(name))
-        and not name.startswith((".", "/", "~"))
-        and not name.endswith(_DATA_SUFFIXES)
-    )

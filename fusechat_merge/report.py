@@ -286,6 +286,12 @@ def _aggregate(model: str, skill: str, entries: list[Mapping[str, Any]]) -> dict
     kinds = {e["kind"] for e in entries}
     if len(kinds) > 1:
         raise ValueError(f"{model}: kind differs between seeds: {sorted(kinds)}")
+    if "value" in entries[0]:  # an lm-eval metric ("task/metric"), not a held-out skill
+        if any("value" not in e for e in entries):
+            raise ValueError(f"{model} on {skill}: an lm-eval metric in some seeds only")
+        mean, std = _mean_std([float(e["value"]) for e in entries])
+        return {"model": model, "kind": entries[0]["kind"], "skill": skill, "metric": True,
+                "value_mean": mean, "value_std": std, "seeds": len(entries)}
     losses = [float(e["loss"]) for e in entries]
     ems = [e.get("exact_match") for e in entries]
     if any(v is None for v in ems) and not all(v is None for v in ems):
@@ -324,6 +330,11 @@ def _grid(
     return models, skills, cells
 
 
+def _is_metric(results: Sequence[Mapping[str, Any]], skill: str) -> bool:
+    """Whether the column ``skill`` is an lm-eval metric (``task/metric``)."""
+    return any(r["skill"] == skill and r.get("metric") for r in results)
+
+
 def _has_em(results: Sequence[Mapping[str, Any]], skill: str) -> bool:
     return any(r["skill"] == skill and r.get("em_mean") is not None for r in results)
 
@@ -341,17 +352,31 @@ def _table(results: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[s
     kinds = {m: next(r["kind"] for r in results if r["model"] == m) for m in models}
     header = ["model", "kind"]
     for skill in skills:
+        if _is_metric(results, skill):
+            header.append(skill)
+            continue
         header += [f"{skill} loss"] + ([f"{skill} EM"] if _has_em(results, skill) else [])
     body = []
     for model in models:
         line = [model, kinds[model]]
         for skill in skills:
             cell = cells.get((model, skill), {})
+            if _is_metric(results, skill):
+                line.append(_pm(cell.get("value_mean"), cell.get("value_std"), 3))
+                continue
             line.append(_pm(cell.get("loss_mean"), cell.get("loss_std"), 4))
             if _has_em(results, skill):
                 line.append(_pm(cell.get("em_mean"), cell.get("em_std"), 3))
         body.append(line)
     return header, body
+
+
+def lm_eval_rows(model: str, kind: str, metrics: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """Result rows of one model's lm-eval metrics (``{task: {metric: value}}``): one
+    ``task/metric`` column each; standard errors are left to lm-eval's own JSON."""
+    return [{"model": model, "kind": kind, "skill": f"{task}/{name}", "value": value}
+            for task, values in metrics.items() for name, value in values.items()
+            if not name.endswith("_stderr") and isinstance(value, int | float)]
 
 
 def format_results_table(results: Sequence[Mapping[str, Any]]) -> str:
@@ -376,7 +401,8 @@ def _markdown(results: Sequence[Mapping[str, Any]], title: str) -> str:
     align = ["---", "---"] + ["---:"] * (len(header) - 2)
     seeds = sorted({int(r["seeds"]) for r in results})
     span = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
-    note = f"Mean ± sample standard deviation over {span} seed(s); EM is exact match."
+    note = (f"Mean ± sample standard deviation over {span} seed(s); EM is exact match; "
+            "`task/metric` columns are lm-evaluation-harness metrics.")
     lines = [f"# {title}", "", row(header), "| " + " | ".join(align) + " |"]
     return "\n".join([*lines, *(row(b) for b in body), "", note, ""])
 
@@ -415,13 +441,17 @@ def write_results_report(
 
 
 def plot_results(results: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> Path:
-    """Grouped bars (skills on x, one bar per model) of loss, and of EM for the skills
-    that have it; error bars are the std over seeds."""
+    """Grouped bars (skills on x, one bar per model) of loss, of EM for the skills that
+    have it, and of the lm-eval metrics; error bars are the std over seeds."""
     models, skills, cells = _grid(results)
-    panels = [(skills, "loss_mean", "loss_std", "loss (lower is better)")]
-    em_skills = [s for s in skills if _has_em(results, s)]
+    metrics = [s for s in skills if _is_metric(results, s)]
+    held_out = [s for s in skills if s not in metrics]
+    panels = [(held_out, "loss_mean", "loss_std", "loss (lower is better)")] if held_out else []
+    em_skills = [s for s in held_out if _has_em(results, s)]
     if em_skills:
         panels.append((em_skills, "em_mean", "em_std", "exact match (higher is better)"))
+    if metrics:
+        panels.append((metrics, "value_mean", "value_std", "lm-eval metric"))
     width = min(max(6.0, 0.4 * len(skills) * len(models) + 4.0), 30.0)
     fig = _new_figure(width, 3.2 * len(panels) + 0.6)
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]

@@ -6,6 +6,7 @@ shard, like the logit step.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from fusion.artifacts.logit_store import (
     shard_name,
     tokenizer_fingerprint,
 )
+from fusion.artifacts.provenance import check_outputs, store_fingerprint
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 from fusion.options import METHODS, AlignOptions
 
@@ -50,12 +52,27 @@ def view(seq: SequenceLogits) -> TokenView:
 
 
 def check_pair(pivot: LogitStore, source: LogitStore) -> None:
-    """Same sequences in the same order, or a clear error naming the first mismatch."""
+    """Same sequences (ids and conversation contents) in the same order, or a clear error
+    naming the first mismatch. Rows without ids (ids are row indices) pair only when their
+    contents match too."""
+    for store in (pivot, source):
+        if not store.has_row_fingerprints:
+            raise StoreError(
+                f"{store.path} is a version-{store.manifest.format_version} store without row "
+                "fingerprints, so its rows cannot be paired safely; rescore it with "
+                "`fusechat-merge logits --overwrite`"
+            )
     p_ids, s_ids = pivot.ids(), source.ids()
+    p_fps, s_fps = pivot.row_fingerprints(), source.row_fingerprints()
     for index, (a, b) in enumerate(zip(p_ids, s_ids, strict=False)):
         if a != b:
             raise StoreError(
                 f"the stores disagree at sequence {index}: pivot has id {a!r}, source has {b!r} "
+                f"({pivot.path} vs {source.path}); score the same corpus with both models"
+            )
+        if p_fps[index] != s_fps[index]:
+            raise StoreError(
+                f"the stores disagree at sequence {index} (id {a!r}): the conversation texts differ "
                 f"({pivot.path} vs {source.path}); score the same corpus with both models"
             )
     if len(p_ids) != len(s_ids):
@@ -145,20 +162,39 @@ def align_sequence(
 
 
 def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
-    """Run (or resume) an alignment job; returns the aligned store's manifest."""
-    from tqdm.auto import tqdm
+    """Run (or resume) an alignment job; returns the aligned store's manifest.
 
+    The output is checked against the inputs and the stores are paired before the run
+    record is written; a run that fails before its first shard removes what it created."""
     if job.method not in METHODS:
         raise ValueError(f"unknown alignment method {job.method!r}; use one of {', '.join(METHODS)}")
+    out = Path(job.out)
+    check_outputs(out, {"pivot store": job.pivot, "source store": job.source, "vocabulary map": job.vocab_map})
     pivot, source = LogitStore(job.pivot), LogitStore(job.source)
     if pivot.manifest.alignment is not None:
         raise StoreError(f"{pivot.path} is already an aligned store; give the pivot's logit store")
+    if source.manifest.alignment is not None:
+        raise StoreError(f"{source.path} is an aligned store; give the source's logit store")
     check_pair(pivot, source)
-    out = Path(job.out)
     options = pivot.options
     run = {**asdict(options), "align_source": str(source.path), "align_method": job.method,
-           "vocab_map": job.vocab_map, "vocab_mode": job.vocab_mode}
-    begin_run(out, run)
+           "vocab_map": job.vocab_map, "vocab_mode": job.vocab_mode,
+           "pivot_store": store_fingerprint(pivot.path), "source_store": store_fingerprint(source.path)}
+    created = not out.exists()
+    try:
+        return _align(job, pivot, source, out, run, progress=progress, log=log)
+    except BaseException:
+        if created and out.is_dir() and not any(out.glob("shard-*.arrow")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run: dict[str, Any], *,
+           progress: bool, log: Callable[[str], None]) -> Manifest:
+    from tqdm.auto import tqdm
+
+    options = pivot.options
+    begin_run(out, run, overwrite=job.overwrite)
     same_vocab = pivot.options.tokenizer_fingerprint == source.options.tokenizer_fingerprint
     k = options.top_k
     if same_vocab:
@@ -195,6 +231,7 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
         "positions": totals["positions"],
     }
     alignment = {"source": str(source.path), "source_model": source.options.model, "method": job.method,
+                 "pivot_store": run["pivot_store"], "source_store": run["source_store"],
                  "same_vocabulary": same_vocab, "vocab_map": vocab_info, "statistics": stats}
     manifest = finish_run(out, options, pivot.manifest.skipped, alignment)
     log(

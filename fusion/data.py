@@ -81,6 +81,8 @@ class Encoded:
     reply_spans: list[tuple[int, int]]
     text: str
     truncated: bool
+    content_sha1: str = ""
+    """`content_fingerprint` of the turns (set by `encode_rows`)."""
 
 
 @dataclass
@@ -111,12 +113,52 @@ def load_conversations(
     files = _local_files(source)
     if files is None:
         return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
-    return datasets.load_dataset(
-        _builder_for(files),
+    builder = _builder_for(files)
+    if builder == "json":
+        for f in files:
+            check_json_file(f)
+    elif any(f.stat().st_size == 0 for f in files):
+        raise ValueError(f"{next(f for f in files if f.stat().st_size == 0)}: empty data file")
+    rows = datasets.load_dataset(
+        builder,
         data_files={split: [str(f) for f in files]},
         split=split,
         cache_dir=cache_dir,
     )
+    if len(rows) == 0:
+        raise ValueError(f"{source}: the data holds no rows")
+    return rows
+
+
+def data_files(source: str) -> list[Path] | None:
+    """The local data files behind ``source`` (in load order), or None for a hub dataset."""
+    return _local_files(source)
+
+
+def check_json_file(path: Path) -> None:
+    """Raise ValueError naming the file and line of the first invalid JSON, or an empty file.
+
+    Accepts JSON lines and a file holding one JSON value (FuseChat-Mixture's top-level list).
+    """
+    import json
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"{path}: empty data file (no rows)")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}, line {number}: a row must be a JSON object, got {type(value).__name__}")
 
 
 def _local_files(source: str) -> list[Path] | None:
@@ -152,6 +194,16 @@ def row_id(row: Mapping, index: int) -> str:
     """The row's own ``id`` when it has one (reports then point into the source file)."""
     value = row.get("id")
     return str(index) if value is None else str(value)
+
+
+def content_fingerprint(turns: Sequence[Turn]) -> str:
+    """sha1 of a conversation's content (roles and texts), independent of any template:
+    two stores pair row by row only if their rows have the same fingerprints."""
+    import hashlib
+    import json
+
+    payload = json.dumps([[t.role, t.content] for t in turns], ensure_ascii=False)
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
 def parse_turns(row: Mapping, row_id: str) -> list[Turn]:
@@ -543,6 +595,7 @@ def encode_rows(
     """Yield ``(row id, Encoded)`` for each usable row (see `usable_rows`)."""
 
     def encode(rid: str, turns: list[Turn]) -> Encoded:
-        return render(tokenizer, turns, template=template, max_length=max_length, row_id=rid)
+        enc = render(tokenizer, turns, template=template, max_length=max_length, row_id=rid)
+        return replace(enc, content_sha1=content_fingerprint(turns))
 
     return usable_rows(rows, encode, indices=indices, strict=strict, report=report)

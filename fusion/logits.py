@@ -10,6 +10,7 @@ same way every time).
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
     SequenceLogits,
+    StoreError,
     StoreOptions,
     begin_run,
     finish_run,
@@ -28,7 +30,20 @@ from fusion.artifacts.logit_store import (
     tokenizer_fingerprint,
     write_shard,
 )
-from fusion.data import Encoded, EncodeReport, encode_rows, load_conversations, trained_positions
+from fusion.artifacts.provenance import (
+    check_outputs,
+    files_fingerprint,
+    model_fingerprint,
+    require_model_dir,
+)
+from fusion.data import (
+    Encoded,
+    EncodeReport,
+    data_files,
+    encode_rows,
+    load_conversations,
+    trained_positions,
+)
 from fusion.options import LogitOptions, parse_shard
 
 
@@ -87,6 +102,7 @@ def score_shard(
                 topk_logprobs=scores.topk_logprobs,
                 target_logprobs=gold,
                 seq_ce=float(-gold.astype(np.float64).mean()) if len(pos) else float("nan"),
+                text_sha1=enc.content_sha1,
             )
         on_batch(sum(lengths[i] for i in batch))
     return [r for r in records if r is not None]
@@ -101,27 +117,69 @@ def _resolved_dtype(job: LogitJob) -> str:
     return str(resolve_dtype("auto", resolve_device(job.device))).removeprefix("torch.")
 
 
-def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
-    """Run (or resume) a logit job; returns the finished store's manifest."""
-    from tqdm.auto import tqdm
+def load_model_parts(model: str):
+    """The tokenizer and config of ``model``; a missing local path or an unloadable
+    model is a StoreError that says which (not a hub connection error)."""
     from transformers import AutoConfig, AutoTokenizer
+
+    require_model_dir(model)
+    try:
+        return AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        where = "" if Path(model).expanduser().exists() else " (no such local directory; tried the hub)"
+        raise StoreError(f"cannot load model {model}{where}: {err}") from None
+
+
+def data_fingerprint(source: str, rows) -> str:
+    """sha256 of the local data files' bytes, or a hub dataset's own fingerprint."""
+    files = data_files(source)
+    if files is not None:
+        return files_fingerprint(files)
+    return f"datasets:{getattr(rows, '_fingerprint', '')}"
+
+
+def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
+    """Run (or resume) a logit job; returns the finished store's manifest.
+
+    Everything that can be refused (paths, model, data, ``top_k`` against the vocabulary)
+    is checked before the run record is written; a run that fails before its first shard
+    removes the directory it created.
+    """
+    out = Path(job.out)
+    check_outputs(out, {"model directory": job.model, "data": job.data})
+    tokenizer, config = load_model_parts(job.model)
+    rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
+    created = not out.exists()
+    try:
+        return _generate(job, tokenizer, config, rows, progress=progress, log=log)
+    except BaseException:
+        if created and out.is_dir() and not any(out.glob("shard-*.arrow")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Callable[[str], None]) -> Manifest:
+    from tqdm.auto import tqdm
 
     from fusion.backends import make_backend
 
-    tokenizer = AutoTokenizer.from_pretrained(job.model)
-    config = AutoConfig.from_pretrained(job.model)
-    rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
     indices = shard_rows(len(rows), job.shard)
     report = EncodeReport()
     encoded = list(encode_rows(rows, tokenizer, template=job.template, max_length=job.max_length,
                                strict=job.strict, report=report, indices=indices))
     skipped = report.skipped
+    if not encoded and len(indices):
+        first = f" (first: {next(iter(skipped.items()))})" if skipped else ""
+        raise ValueError(f"{job.data}: no usable row in {len(indices)} rows{first}")
+    vocab_size = max(len(tokenizer), int(getattr(config, "vocab_size", 0) or 0))
+    if job.top_k > vocab_size:
+        raise ValueError(f"--top-k {job.top_k} is above the vocabulary of {job.model} ({vocab_size} tokens)")
     if skipped:
         log(f"skipped {len(skipped)} malformed rows (first: {next(iter(skipped.items()))})")
     options = StoreOptions(
         model=str(job.model),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        vocab_size=max(len(tokenizer), int(getattr(config, "vocab_size", 0) or 0)),
+        vocab_size=vocab_size,
         template=job.template,
         top_k=job.top_k,
         max_length=job.max_length,
@@ -131,9 +189,11 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
         shard=job.shard,
         rows_per_shard=job.rows_per_shard,
         package_version=package_version(),
+        model_fingerprint=model_fingerprint(job.model),
+        data_fingerprint=data_fingerprint(job.data, rows),
     )
     out = Path(job.out)
-    begin_run(out, options)
+    begin_run(out, options, overwrite=job.overwrite)
     chunks = [encoded[i : i + job.rows_per_shard] for i in range(0, len(encoded), job.rows_per_shard)]
     todo = [j for j in range(len(chunks)) if not (out / shard_name(j)).exists()]
     if len(todo) < len(chunks):

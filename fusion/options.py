@@ -30,18 +30,22 @@ def option(
     min: float | None = None,
     max: float | None = None,
     min_open: bool = False,
+    metavar: str | None = None,
+    required: bool = False,
 ) -> Any:
-    """A dataclass field with its help text and the values it accepts."""
+    """A dataclass field with its help text and the values it accepts (``required``: the
+    command line must give it although the dataclass has a default)."""
     meta: dict[str, Any] = {"help": help}
     if choices:
         meta["choices"] = tuple(choices)
     made = dataclasses.field(default=default, metadata=meta)
-    _BOUNDS[id(made)] = {"min": min, "max": max, "min_open": min_open}
+    _BOUNDS[id(made)] = {"min": min, "max": max, "min_open": min_open, "metavar": metavar,
+                         "required": required}
     return made
 
 
 def bounds(f: dataclasses.Field) -> dict[str, Any]:
-    """``{"min", "max", "min_open"}`` of a field made with `option`."""
+    """``{"min", "max", "min_open", "metavar", "required"}`` of a field made with `option`."""
     return _BOUNDS[id(f)]
 
 
@@ -80,6 +84,10 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return index, count
 
 
+OVERWRITE_HELP = ("Replace what OUT holds from an earlier run of this command (only a store or run "
+                  "of this tool, never another directory), instead of resuming it; needed when "
+                  "the inputs or options changed.")
+
 # --------------------------------------------------------------------------- logits
 
 BACKENDS = ("hf", "vllm")
@@ -110,6 +118,7 @@ class LogitOptions:
                                            min=0.05, max=1.0)
     split: str = option("train", "Dataset split to read (hub datasets and folders).")
     cache_dir: str | None = option(None, "datasets cache directory.")
+    overwrite: bool = option(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -133,6 +142,7 @@ class AlignOptions:
     vocab_map: str | None = option(None, "A saved source→pivot vocabulary map (refused if made for "
                                    "other tokenizers); by default one is built from this corpus "
                                    "and saved in OUT.")
+    overwrite: bool = option(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -162,11 +172,10 @@ class FusionSettings:
 
 @dataclass(kw_only=True)
 class EvalOptions:
-    """How held-out skills are scored (the recipe's ``evaluate`` section, skills aside)."""
+    """How held-out skills' reply loss is scored (the recipe's ``evaluate`` section, skills and
+    lm-eval tasks aside; exact match is an lm-eval task, see `fusion.lm_eval_tasks`)."""
 
-    exact_match: bool = option(True, "Also decode greedily and score exact match of the last reply.")
     max_length: int = option(512, "Tokens per conversation; longer ones are truncated.", min=2)
-    max_new_tokens: int = option(32, "Greedy decoding budget per reply (exact match).", min=1)
     batch_size: int = option(16, "Conversations per forward pass.", min=1)
 
     def __post_init__(self) -> None:

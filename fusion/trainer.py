@@ -20,17 +20,35 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
 
 from fusion.artifacts.aligned_store import AlignedStore
 from fusion.artifacts.atomic import write_json_atomic
 from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
+from fusion.artifacts.provenance import (
+    check_outputs,
+    model_fingerprint,
+    require_model_dir,
+    store_fingerprint,
+)
 from fusion.batching import pad_sequences
 from fusion.losses import fuse, fusion_objective
 from fusion.options import FusionSettings
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_valid", "teacher_ce", "teacher_gold")
+RUN_FILE = "fusion_run.json"
+"""The training configuration of the checkpoints in OUT/checkpoints (`--resume` must match it)."""
+COMPLETE_FILE = "checkpoint_complete.json"
+"""Written into a checkpoint once the Trainer has saved all of it: only those are resumed."""
+# The TrainingArguments that change the trained weights (with the fusion settings and the
+# inputs' fingerprints they make a run's identity; logging, saving and tqdm do not).
+RESULT_KEYS = (
+    "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "seed", "data_seed", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio",
+    "warmup_steps", "optim", "optim_args", "bf16", "fp16", "label_smoothing_factor",
+)
 
 
 @dataclass
@@ -38,8 +56,32 @@ class FusionConfig(TrainingArguments, FusionSettings):
     """TrainingArguments plus the fusion settings (`fusion.options.FusionSettings`)."""
 
     def __post_init__(self) -> None:
+        check_training_values(self)
         super().__post_init__()
         self.check_fusion_settings()
+
+
+def check_training_values(args: Any) -> None:
+    """ValueError naming the first training value that cannot make a run (before any work)."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    need(args.learning_rate > 0, f"learning_rate must be > 0, got {args.learning_rate}")
+    need(args.max_steps == -1 or args.max_steps > 0,
+         f"max_steps must be > 0 (or -1: train num_train_epochs), got {args.max_steps}")
+    need(args.max_steps > 0 or args.num_train_epochs > 0,
+         f"num_train_epochs must be > 0 when max_steps is not set, got {args.num_train_epochs}")
+    need(args.per_device_train_batch_size >= 1,
+         f"per_device_train_batch_size must be >= 1, got {args.per_device_train_batch_size}")
+    need(args.gradient_accumulation_steps >= 1,
+         f"gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
+    need(args.weight_decay >= 0, f"weight_decay must be >= 0, got {args.weight_decay}")
+    ratio = getattr(args, "warmup_ratio", None)
+    need(ratio is None or 0 <= ratio <= 1, f"warmup_ratio must be in [0, 1], got {ratio}")
+    need(args.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {args.max_grad_norm}")
+    need(args.save_steps > 0, f"save_steps must be > 0, got {args.save_steps}")
+    need(args.logging_steps > 0, f"logging_steps must be > 0, got {args.logging_steps}")
 
 
 class FusionDataset(torch.utils.data.Dataset):
@@ -193,6 +235,60 @@ def check_pivot(model_path: str, dataset: FusionDataset):
     return tokenizer
 
 
+def training_record(pivot: str, aligned: Sequence[str], config: FusionConfig) -> dict[str, Any]:
+    """What makes a training run what it is: the options that change the weights, the
+    pivot's and the aligned stores' fingerprints."""
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(FusionSettings)}
+    values = {key: getattr(config, key, None) for key in RESULT_KEYS}
+    values = {k: v if isinstance(v, int | float | str | bool | type(None)) else str(v) for k, v in values.items()}
+    return {**values, **settings, "pivot": str(pivot), "pivot_model": model_fingerprint(pivot),
+            "aligned": [str(a) for a in aligned], "aligned_stores": [store_fingerprint(a) for a in aligned]}
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints the Trainer finished saving, by step."""
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+
+class MarkComplete(TrainerCallback):
+    """Marks each checkpoint once it is saved whole (the Trainer calls on_save after)."""
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json_atomic(folder / COMPLETE_FILE, {"global_step": state.global_step})
+
+
+def prepare_checkpoints(folder: Path, record: Mapping[str, Any], resume: bool) -> str | None:
+    """The checkpoint to resume from (None: start fresh), after checking that the
+    checkpoints in ``folder`` belong to this configuration; writes the run record."""
+    done = complete_checkpoints(folder)
+    started = [p for p in folder.glob("checkpoint-*") if p.is_dir()] if folder.is_dir() else []
+    run_file = folder / RUN_FILE
+    if started and not resume:
+        raise StoreError(f"{folder} holds checkpoints of an earlier run; pass --resume to continue it, "
+                         "or choose another --out")
+    if started:
+        if not run_file.is_file():
+            raise StoreError(f"{folder} holds checkpoints but no {RUN_FILE}: cannot tell which "
+                             "configuration made them; choose another --out")
+        try:
+            then = json.loads(run_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{run_file}: broken run record ({err})") from None
+        diffs = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in record.items() if then.get(k) != v]
+        if diffs:
+            raise StoreError(f"--resume: the checkpoints in {folder} come from another configuration "
+                             f"({'; '.join(diffs)}); choose another --out to train this one")
+        for partial in set(started) - set(done):  # a killed save: never resumed, removed
+            shutil.rmtree(partial, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_file, dict(record))
+    return str(done[-1]) if done else None
+
+
 def train_fusion(
     pivot: str,
     aligned: Sequence[str],
@@ -204,12 +300,17 @@ def train_fusion(
 ) -> Path:
     """Fine-tune ``pivot`` on the aligned stores; the finished model lands in ``out``
     (make ``config`` with `fusion_config`, which puts checkpoints in ``out/checkpoints``).
-    ``resume=True`` continues from the last checkpoint there."""
+    ``resume=True`` continues from the last complete checkpoint there, only if it was made
+    with the same configuration (`training_record`); a checkpoint already at ``max_steps``
+    is published as it is. ``out`` may not be, lie in, or hold the pivot or a store."""
     from transformers import AutoModelForCausalLM
 
+    require_model_dir(pivot, "pivot model")
+    check_outputs(out, {"pivot model": pivot, **{f"aligned store {a}": a for a in aligned}})
     dataset = FusionDataset(aligned)
     tokenizer = check_pivot(pivot, dataset)
     out = Path(out)
+    record = training_record(pivot, aligned, config)
     # float32 master weights: --bf16 is autocast mixed precision, not bf16 weights (updates
     # of lr 5e-6 would round away in bf16)
     model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32)
@@ -220,11 +321,16 @@ def train_fusion(
         train_dataset=dataset,
         data_collator=FusionCollator(pad_id=pad_id),
         processing_class=tokenizer,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, MarkComplete()],
     )
-    if resume is True:
-        resume = _last_checkpoint(out / "checkpoints")
-    trainer.train(resume_from_checkpoint=resume or None)
+    if isinstance(resume, str):
+        checkpoint: str | None = resume
+    elif trainer.is_world_process_zero():
+        checkpoint = prepare_checkpoints(Path(config.output_dir), record, bool(resume))
+    else:
+        checkpoint = str(complete_checkpoints(Path(config.output_dir))[-1]) if resume and \
+            complete_checkpoints(Path(config.output_dir)) else None
+    trainer.train(resume_from_checkpoint=checkpoint)
     publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
     return out
 
@@ -288,12 +394,6 @@ def _fusion_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     settings.setdefault("remove_unused_columns", False)
     settings.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     return settings
-
-
-def _last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
 TRAIN_RUN = "train_run.json"

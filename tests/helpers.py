@@ -63,3 +63,44 @@ def expected_merge(models: list[Path], **params) -> dict[str, torch.Tensor]:
     """Oracle: our pure function applied tensor by tensor to the saved weights."""
     base, *targets = (load_weights(m) for m in models)
     return {name: sce_merge(t, [w[name] for w in targets], **params) for name, t in base.items()}
+
+
+def lay_out_in_hub_cache(hf_home: Path, repo_id: str, model: Path, revision: str = "0" * 39 + "1") -> Path:
+    """Put ``model``'s files where the Hugging Face cache keeps ``repo_id`` (offline tests of hub ids)."""
+    import shutil
+
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(model, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path → sha256 of its bytes): what a refused
+    command must leave exactly as it was."""
+    import hashlib
+
+    root = Path(root)
+    if root.is_file():
+        return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def perturb_weights(model_dir: Path, delta: float = 0.01) -> None:
+    """Rewrite the model's weights in place (same path, same size): a changed model."""
+    from safetensors.torch import save_file
+
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        weights = load_file(shard)
+        name = sorted(weights)[0]
+        weights[name] = weights[name] + delta
+        save_file(weights, shard, metadata={"format": "pt"})
+
+
+def stray_files(root: Path) -> list[str]:
+    """Temporary or partial files and folders a killed writer could leave under ``root``."""
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob(".*")
+                  if ".tmp-" in p.name or ".partial" in p.name or ".old-" in p.name)

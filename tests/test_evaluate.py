@@ -20,10 +20,7 @@ from fusion.data import MalformedRow, Turn, parse_turns, render
 from fusion.evaluate import (
     SkillScore,
     evaluate_model,
-    generate_replies,
-    generation_prompt,
     load_model,
-    prepare_examples,
 )
 
 TEMPLATES = ("own", "shared")
@@ -163,29 +160,26 @@ def test_loss_equals_transformers_loss(arch, template, random_models, files, tmp
         tmp_path,
         template=template,
         max_length=64,
-        exact_match=False,
         batch_size=3,
     )
     loss, tokens, kept, truncated = oracle_loss(random_models[arch], files["chat"], template, 64)
     assert truncated > 0  # the cut is exercised (and may leave a row nothing to score)
-    assert score == SkillScore("chat", pytest.approx(loss, rel=1e-5), None, kept, tokens, 8 - kept)
+    assert score == SkillScore("chat", pytest.approx(loss, rel=1e-5), kept, tokens, 8 - kept)
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_exact_match_one_for_trained_model(template, trained_model, files, tmp_path):
+def test_loss_is_low_for_the_trained_model(template, trained_model, files, tmp_path):
     [score] = evaluate(trained_model, {"capital": files["capital"]}, tmp_path, template=template)
-    assert score.exact_match == 1.0
     assert score.conversations == len(PROMPTS)
     assert score.loss < 0.1
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("arch", list(ARCH_TOKENIZERS))
-def test_exact_match_zero_for_random_model(arch, template, random_models, files, tmp_path):
+def test_loss_is_high_for_a_random_model(arch, template, random_models, files, tmp_path):
     [score] = evaluate(
         random_models[arch], {"capital": files["capital"]}, tmp_path, template=template
     )
-    assert score.exact_match == 0.0
     assert score.loss > 3.0
 
 
@@ -196,11 +190,7 @@ def test_malformed_rows_are_skipped(trained_model, files, tmp_path):
     assert (mixed.skill, clean.skill) == ("mixed", "clean")
     assert mixed.skipped == len(MALFORMED)
     assert clean.skipped == 0
-    assert (mixed.conversations, mixed.tokens, mixed.exact_match) == (
-        clean.conversations,
-        clean.tokens,
-        clean.exact_match,
-    )
+    assert (mixed.conversations, mixed.tokens) == (clean.conversations, clean.tokens)
     assert mixed.loss == pytest.approx(clean.loss, rel=1e-5)
 
 
@@ -214,49 +204,7 @@ def test_file_without_usable_conversation_raises(which, trained_model, files, tm
 def test_batch_size_does_not_change_scores(model, trained_model, random_models, files, tmp_path):
     path = trained_model if model == "trained" else random_models[model]
     skills = {"chat": files["chat"], "capital": files["capital"]}
-    one, many = (evaluate(path, skills, tmp_path, batch_size=b, max_new_tokens=12) for b in (1, 3))
+    one, many = (evaluate(path, skills, tmp_path, batch_size=b) for b in (1, 3))
     for a, b in zip(one, many, strict=True):
-        assert (a.skill, a.conversations, a.tokens, a.exact_match) == (
-            b.skill,
-            b.conversations,
-            b.tokens,
-            b.exact_match,
-        )
+        assert (a.skill, a.conversations, a.tokens) == (b.skill, b.conversations, b.tokens)
         assert a.loss == pytest.approx(b.loss, rel=1e-5)
-    # Left padding must not change what greedy decoding says, word for word.
-    model_obj, tokenizer = load_model(path)
-    examples, _ = prepare_examples(
-        [json.loads(x) for x in files["chat"].read_text(encoding="utf-8").splitlines()],
-        tokenizer,
-        template="own",
-        max_length=512,
-    )
-    prompts = [e.prompt for e in examples]
-    assert generate_replies(model_obj, tokenizer, prompts, max_new_tokens=12, batch_size=1) == (
-        generate_replies(model_obj, tokenizer, prompts, max_new_tokens=12, batch_size=3)
-    )
-
-
-@pytest.mark.parametrize("template", TEMPLATES)
-@pytest.mark.parametrize("tok", ["metaspace_tokenizer", "bytelevel_tokenizer"])
-def test_prompt_is_the_training_text_before_the_last_reply(tok, template, request):
-    """The model is asked for the last reply with the context it was trained on."""
-    tokenizer = request.getfixturevalue(tok)
-    turns = [
-        Turn("user", "Hi!"),
-        Turn("assistant", "Hello."),
-        Turn("user", "And?"),
-        Turn("assistant", REPLY),
-    ]
-    prompt = generation_prompt(tokenizer, turns[:3], turns[3], template)
-    enc = render(tokenizer, turns, template=template)
-    start, end = enc.reply_spans[-1]
-    first = min(i for i, (a, b) in enumerate(enc.token_offsets) if a < b and a < end and b > start)
-    assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == enc.input_ids[:first]
-    if template == "own":
-        messages = [{"role": t.role, "content": t.content} for t in turns[:3]]
-        assert prompt == tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-    else:
-        assert prompt.rstrip().endswith("GPT4 Correct Assistant:")

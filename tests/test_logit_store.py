@@ -49,11 +49,64 @@ def test_a_newer_format_is_refused(tmp_path):
         LogitStore(out)
 
 
+def one_record() -> SequenceLogits:
+    mask = np.array([False, True, True])
+    return SequenceLogits("r0", np.array([1, 2, 3]), mask, np.zeros((3, 2), np.int32), np.array([[0, 3]]),
+                          np.zeros((2, 4), np.int64), np.zeros((2, 4), np.float16), np.zeros(2, np.float32),
+                          0.5, text_sha1="abc")
+
+
 def test_a_resumed_run_with_other_options_names_them(tmp_path):
     out = tmp_path / "s"
+    options = StoreOptions("m", "fp", 100, "own", 4, 16, "hf", "float32", "d", model_fingerprint="w1")
+    begin_run(out, options)
+    write_shard(out / "shard-00000.arrow", [one_record()], options.id_type)
+    changed = StoreOptions("m", "fp", 100, "own", 8, 16, "hf", "float32", "d", model_fingerprint="w2")
+    with pytest.raises(StoreError, match="top_k: 4 then, 8 now") as err:
+        begin_run(out, changed)
+    assert "model weights or config changed since this store was started" in str(err.value)
+    assert "--overwrite" in str(err.value)
+    begin_run(out, changed, overwrite=True)  # our own run: replaced
+    assert not list(out.glob("shard-*")) and json.loads((out / "run.json").read_text())["top_k"] == 8
+
+
+def test_a_run_that_wrote_no_shard_does_not_lock_its_options(tmp_path):
+    out = tmp_path / "s"
     begin_run(out, StoreOptions("m", "fp", 100, "own", 4, 16, "hf", "float32", "d"))
-    with pytest.raises(StoreError, match="top_k: 4 then, 8 now"):
-        begin_run(out, StoreOptions("m", "fp", 100, "own", 8, 16, "hf", "float32", "d"))
+    begin_run(out, StoreOptions("m", "fp", 100, "own", 8, 16, "hf", "float32", "d"))
+    assert json.loads((out / "run.json").read_text())["top_k"] == 8
+
+
+def test_overwrite_never_deletes_a_foreign_directory(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a store of this tool"):
+        begin_run(out, StoreOptions("m", "fp", 100, "own", 4, 16, "hf", "float32", "d"), overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_row_fingerprints_round_trip_and_a_v1_store_still_reads(tmp_path):
+    import pyarrow as pa
+
+    options = StoreOptions("m", "fp", 100, "own", 4, 16, "hf", "float32", "d")
+    out = tmp_path / "s"
+    begin_run(out, options)
+    write_shard(out / "shard-00000.arrow", [one_record()], options.id_type)
+    finish_run(out, options, {})
+    assert LogitStore(out).row_fingerprints() == ["abc"] and LogitStore(out).has_row_fingerprints
+    # a version-1 store: no text_sha1 column
+    shard = out / "shard-00000.arrow"
+    with pa.memory_map(str(shard)) as source:
+        table = pa.ipc.open_stream(source).read_all().drop_columns(["text_sha1"])
+    with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    finish_run(out, options, {})
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    old = LogitStore(out)
+    assert old[0].text_sha1 == "" and not old.has_row_fingerprints and old.row_fingerprints() == [""]
 
 
 def test_round_trip_of_the_store(tmp_path):

@@ -1,8 +1,11 @@
 """The static copy of mergekit-yaml's options (`fusechat_merge.mergekit_options`).
 
-It must not drift from what mergekit's ``add_merge_options`` generates (options, spellings,
-types, defaults, help), must build the same ``MergeOptions`` from the same command line,
-and must not import mergekit or torch until a command runs.
+The options are a generated table (`fusechat_merge._mergekit_option_table`, written by
+``tools/gen_mergekit_options.py``) read by the hand-written module. The table must be what
+the generator writes for the installed mergekit; the options must not drift from what
+mergekit's ``add_merge_options`` generates (options, spellings, types, defaults, help),
+must build the same ``MergeOptions`` from the same command line, and must not import
+mergekit or torch until a command runs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fusechat_merge import mergekit_options as static
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "tools" / "gen_mergekit_options.py"
+TABLE = ROOT / "fusechat_merge" / "_mergekit_option_table.py"
 HEAVY = ("torch", "transformers", "peft", "mergekit", "datasets", "pyarrow")
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -67,10 +71,29 @@ def _option_record(param: click.Parameter) -> dict:
     return record
 
 
-def test_generated_module_is_up_to_date():
-    text = _generator().render()
-    current = (ROOT / "fusechat_merge" / "mergekit_options.py").read_text(encoding="utf-8")
-    assert current == text, "stale: run `python tools/gen_mergekit_options.py`"
+def test_generated_table_is_up_to_date():
+    generator = _generator()
+    assert generator.TARGET == TABLE
+    current = TABLE.read_text(encoding="utf-8")
+    assert current == generator.render(), "stale: run `python tools/gen_mergekit_options.py`"
+
+
+def test_table_rows_are_the_fields_of_mergekit_option():
+    assert static.MergekitOption._fields == _generator().FIELDS
+    assert all(type(o) is static.MergekitOption for o in static.MERGEKIT_OPTIONS)
+    assert len(static.MERGEKIT_OPTIONS) == len(static.OPTION_NAMES)
+
+
+def test_generator_writes_and_checks(tmp_path, capsys):
+    generator = _generator()
+    out = tmp_path / "table.py"
+    assert generator.main(["--check", "--out", str(out)]) == 1
+    assert generator.main(["--out", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == TABLE.read_text(encoding="utf-8")
+    assert generator.main(["--check", "--out", str(out)]) == 0
+    out.write_text(out.read_text(encoding="utf-8") + "# edited\n", encoding="utf-8")
+    assert generator.main(["--check", "--out", str(out)]) == 1
+    capsys.readouterr()
 
 
 def test_options_match_mergekits():

@@ -34,7 +34,7 @@ def test_exclusions_and_bounds():
     section = recipe_section(LogitOptions, exclude=("shard",))
     assert "shard" not in section.model_fields
     top_k = next(f for f in option_fields(LogitOptions) if f.name == "top_k")
-    assert bounds(top_k) == {"min": 1, "max": 1000, "min_open": False}
+    assert bounds(top_k) == {"min": 1, "max": 1000, "min_open": False, "metavar": None, "required": False}
 
 
 def test_a_bad_shard_spec_names_the_form():

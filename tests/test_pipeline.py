@@ -29,7 +29,7 @@ RECIPE = {
         {"name": "sce", "method": "fusechat_sce", "parameters": {"select_topk": 0.5}},
         {"name": "linear", "method": "linear", "base": False, "model_parameters": {"weight": 1.0}},
     ],
-    "evaluate": {"skills": {"chat": "data/held.jsonl"}, "max_length": 96, "max_new_tokens": 4},
+    "evaluate": {"skills": {"chat": "data/held.jsonl"}, "max_length": 96},
 }
 
 
@@ -123,3 +123,53 @@ def test_cli_reports_bad_recipe_before_any_work(work):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "sources[0].model (line" in proc.stderr
     assert not (work / "stages").exists()
+
+
+def test_hub_ids_run_offline_from_the_hugging_face_cache(work, tmp_path_factory):
+    from helpers import lay_out_in_hub_cache
+
+    hf_home = tmp_path_factory.mktemp("hf-home")
+    lay_out_in_hub_cache(hf_home, "toy-org/pivot", work / "models" / "pivot")
+    lay_out_in_hub_cache(hf_home, "toy-org/qwen", work / "models" / "qwen")
+    hub = json.loads(json.dumps(RECIPE))
+    hub["pivot"]["model"], hub["sources"][0]["model"] = "toy-org/pivot", "toy-org/qwen"
+    hub["merges"] = hub["merges"][:1]
+    hub.pop("evaluate")
+    run_dir = tmp_path_factory.mktemp("hub-run")
+    (run_dir / "data").mkdir()
+    (run_dir / "data" / "train.jsonl").write_bytes((work / "data" / "train.jsonl").read_bytes())
+    write_recipe(run_dir, hub)
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run([str(BIN / "fusechat-merge"), "run", str(run_dir / "recipe.yaml"), "--work-dir",
+                           str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (run_dir / "toy-org").exists()  # never taken as a path under the work dir
+    assert (run_dir / "merges" / "seed-0" / "sce" / "config.json").exists()
+    store = json.loads((run_dir / "logits" / "pivot" / "manifest.json").read_text())
+    assert "models--toy-org--pivot" in store["options"]["model"]
+
+
+def test_lm_eval_tasks_score_every_model_once(work):
+    from fusion.lm_eval_tasks import write_skill_tasks
+
+    tasks = write_skill_tasks({"chat": work / "data" / "held.jsonl"}, work / "data" / "lm_eval", max_gen_toks=4)
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["evaluate"] = {"skills": {}, "lm_eval": {"tasks": [tasks.tag], "include_path": "data/lm_eval",
+                                                    "apply_chat_template": True, "bootstrap_iters": 0}}
+    write_recipe(work, recipe)
+    first = run(work)
+    lm_eval_stages = {k for k in first if k.startswith("evaluate/lm-eval/")}
+    assert len(lm_eval_stages) == 5 and all(first[k] == "ran" for k in lm_eval_stages)  # 2 base + target + 2 merges
+    results = json.loads((work / "report" / "results.json").read_text())["results"]
+    scored = {(r["model"], r["skill"]) for r in results if r.get("metric")}
+    for model in ("pivot", "qwen", "target:qwen", "merge:sce", "merge:linear"):
+        assert (model, "fusechat_chat_gen/exact_match") in scored, model
+        assert (model, "fusechat_chat_ll/perplexity") in scored, model
+    assert "fusechat_chat_gen/exact_match" in (work / "report" / "results.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (work / "eval" / "lm-eval").rglob("*.json")}
+    changed = json.loads(json.dumps(recipe))
+    changed["merges"] = changed["merges"][:1]  # only the report changes: nothing is scored again
+    write_recipe(work, changed)
+    again = run(work)
+    assert all(v.startswith("skipped") for k, v in again.items() if k.startswith("evaluate/lm-eval/")), again
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.exists())

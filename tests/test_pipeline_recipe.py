@@ -59,3 +59,48 @@ def test_missing_model_and_source_without_tokenizer(tmp_path):
     message = str(info.value)
     assert "pivot.model (line 1): model path" in message and "does not exist" in message
     assert "sources[0].model (line 3)" in message and "has no tokenizer" in message
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ("merges:\n  - {name: m, parameters: {select_topk: 1.5}}\n", "merges[0].parameters.select_topk (line 6)"),
+        ("merges:\n  - {name: m, method: ties, model_parameters: {densty: 0.5}}\n",
+         "merges[0].model_parameters.densty (line 6): ties has no parameter 'densty'"),
+        ("fuse:\n  defaults: {learning_rate: -1.0}\n", "fuse.defaults (line 6): learning_rate must be > 0"),
+        ("fuse:\n  defaults: {max_steps: 0}\n", "fuse.defaults (line 6): max_steps must be > 0"),
+        ("merges:\n  - {name: ../../victim}\n", "merges[0].name (line 6): Value error, '../../victim' is not a plain name"),
+    ],
+)
+def test_every_stage_option_is_checked_before_any_work(tmp_path, extra, expected):
+    (tmp_path / "data.jsonl").write_text("")
+    with pytest.raises(PipelineRecipeError) as info:
+        load_pipeline_recipe(write(tmp_path, BASE + extra), tmp_path)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["../../victim", "a/b", "..", ".hidden", "x y"])
+def test_names_that_would_leave_the_work_dir_are_refused(tmp_path, name):
+    (tmp_path / "data.jsonl").write_text("")
+    text = BASE.replace("{name: s,", f"{{name: '{name}',")
+    with pytest.raises(PipelineRecipeError, match=r"sources\[0\]\.name \(line 3\).*not a plain name"):
+        load_pipeline_recipe(write(tmp_path, text), tmp_path)
+
+
+def test_own_template_needs_a_chat_template(tmp_path, metaspace_tokenizer):
+    from fusechat_merge.demo.toy import make_model
+
+    model = make_model(tmp_path / "base-model", "llama", tokenizer=metaspace_tokenizer, seed=0)
+    config = model / "tokenizer_config.json"
+    import json
+
+    raw = json.loads(config.read_text())
+    raw.pop("chat_template", None)
+    config.write_text(json.dumps(raw))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    (tmp_path / "data.jsonl").write_text("")
+    text = BASE.replace("Qwen/Qwen1.5-72B-Chat", "base-model")
+    with pytest.raises(PipelineRecipeError, match=r"sources\[0\]\.template.*has no chat template"):
+        load_pipeline_recipe(write(tmp_path, text), tmp_path)
+    ok = text.replace("model: base-model}", "model: base-model, template: shared}")
+    load_pipeline_recipe(write(tmp_path, ok), tmp_path)

@@ -19,9 +19,10 @@ def prepare_demo_data(work_dir: Path, *, n_train: int = 300) -> None:
     """The fusion corpus (both skills, interleaved) and one held-out file per skill."""
     from fusechat_merge.demo.skills import SKILLS, train_heldout
     from fusion.artifacts.atomic import write_jsonl_atomic
+    from fusion.lm_eval_tasks import write_skill_tasks
 
     data = work_dir / "data"
-    if (data / "train.jsonl").exists():
+    if (data / "train.jsonl").exists() and (data / "lm_eval").is_dir():
         return
     train: list[dict] = []
     for skill in SKILLS:
@@ -30,6 +31,9 @@ def prepare_demo_data(work_dir: Path, *, n_train: int = 300) -> None:
         write_jsonl_atomic(data / f"heldout-{skill}.jsonl", held)
     train.sort(key=lambda row: row["id"].rsplit("-", 1)[-1].zfill(6) + row["id"])
     write_jsonl_atomic(data / "train.jsonl", train)
+    # the held-out checks as lm-eval tasks: exact match of the last reply (tag fusechat_skills)
+    write_skill_tasks({skill: data / f"heldout-{skill}.jsonl" for skill in SKILLS}, data / "lm_eval",
+                      max_gen_toks=12, cache_dir=work_dir / ".cache" / "datasets")
 
 
 def run_pipeline_demo(
@@ -40,6 +44,9 @@ def run_pipeline_demo(
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Build the demo's models and data (reused when present), then run the recipe."""
+    from fusion.lm_eval_runner import require_lm_eval
+
+    require_lm_eval()  # exact match is lm-eval's: say which extra to install before any work
     from fusechat_merge.demo.skills import make_demo_models
     from fusechat_merge.pipeline import run_pipeline
     from fusechat_merge.pipeline_recipe import load_pipeline_recipe

@@ -234,26 +234,27 @@ def train_causal_lm(
 # --------------------------------------------------------------------------- evaluation
 
 
-def _score(model: Any, tokenizer: Any, rows: Sequence[dict], max_new_tokens: int) -> float:
-    """Share of rows whose greedy reply equals the reference (`fusion.evaluate`'s decoding)."""
-    from fusion.data import parse_turns
-    from fusion.evaluate import exact_match_rate, generation_prompt
+def exact_match(model_dir: str | Path, rows: Sequence[dict], *, max_new_tokens: int = 16) -> float:
+    """Share of rows whose greedy reply equals the reference reply (both stripped), scored
+    by lm-evaluation-harness: the rows become a local ``generate_until`` task
+    (`fusion.lm_eval_tasks`) under the model's chat template."""
+    import tempfile
+
+    from fusion.artifacts.atomic import write_jsonl_atomic
+    from fusion.lm_eval_runner import LmEvalOptions, metrics_by_task, run_lm_eval
+    from fusion.lm_eval_tasks import write_skill_tasks
 
     if not rows:
         raise ValueError("exact match needs at least one row")
-    turns = [parse_turns(r, r["id"]) for r in rows]
-    prompts = [generation_prompt(tokenizer, t[:-1], t[-1], "own", r["id"]) for t, r in zip(turns, rows, strict=True)]
-    return exact_match_rate(model, tokenizer, prompts, [t[-1].content for t in turns],
-                            max_new_tokens=max_new_tokens)
-
-
-def exact_match(model_dir: str | Path, rows: Sequence[dict], *, max_new_tokens: int = 16) -> float:
-    """Share of rows whose greedy reply equals the reference reply (both stripped)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    with _torch_threads(1):
-        return _score(model, AutoTokenizer.from_pretrained(model_dir), rows, max_new_tokens)
+    with tempfile.TemporaryDirectory(prefix="fusechat-em-") as tmp:
+        data = write_jsonl_atomic(Path(tmp) / "rows.jsonl", rows)
+        tasks = write_skill_tasks({"skill": data}, Path(tmp) / "tasks", max_gen_toks=max_new_tokens,
+                                  cache_dir=Path(tmp) / "cache")
+        task = tasks.by_skill()["skill"].generate
+        options = LmEvalOptions(tasks=(task,), include_path=str(tasks.include_path), apply_chat_template=True,
+                                bootstrap_iters=0, device="cpu", batch_size=16)
+        with _torch_threads(1):
+            return metrics_by_task(run_lm_eval(str(model_dir), options))[task]["exact_match"]
 
 
 # --------------------------------------------------------------------------- demo models
@@ -282,7 +283,7 @@ def _build(spec: ModelSpec, path: Path, seed: int, steps: int, log: Callable[[st
         loss = train_causal_lm(model, tokenizer, rows, steps=steps, seed=seed)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    scores = ", ".join(f"{k} {_score(model, tokenizer, v, 48):.2f}" for k, v in evals.items())
+    scores = ", ".join(f"{k} {exact_match(path, v, max_new_tokens=48):.2f}" for k, v in evals.items())
     log(
         f"{spec.name:<10}: {spec.arch}, {len(tokenizer)} tokens, {steps} steps, loss {loss:.3f}, "
         f"exact match {scores} ({time.perf_counter() - started:.1f}s)"

@@ -124,6 +124,7 @@ def tiny_config(
     kv_heads: int = 2,
     intermediate_size: int | None = None,
     tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 512,
 ):
     """A small config of a real architecture (head_dim = hidden/heads)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
@@ -138,7 +139,7 @@ def tiny_config(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
     )
 
@@ -148,6 +149,7 @@ def make_model(
     arch: Architecture = "llama",
     *,
     tokenizer=None,
+    vocab_size: int | None = None,
     seed: int = 0,
     base: str | Path | None = None,
     delta_scale: float = 0.02,
@@ -157,7 +159,8 @@ def make_model(
     """Save a tiny random model (and its tokenizer) to ``path``.
 
     With ``base``, the model is that model plus Gaussian noise of std ``delta_scale``
-    (a stand-in for a fine-tune of the same pivot), so merges have real deltas.
+    (a stand-in for a fine-tune of the same pivot), so merges have real deltas. A new
+    model's vocabulary is ``vocab_size`` rows, by default one per token of ``tokenizer``.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -177,7 +180,7 @@ def make_model(
     else:
         if tokenizer is None:
             raise ValueError("a new model needs a tokenizer (or a base model to copy it from)")
-        config = tiny_config(arch, len(tokenizer), **config_kwargs)
+        config = tiny_config(arch, vocab_size or len(tokenizer), **config_kwargs)
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id

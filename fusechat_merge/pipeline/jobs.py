@@ -40,7 +40,7 @@ class LogitsJob:
         from fusion.logits import LogitJob
 
         return cls(LogitJob(
-            model=str(layout.resolve(spec.model)), data=str(layout.resolve(recipe.data.train)),
+            model=layout.model(spec.model), data=layout.data(recipe.data.train),
             out=str(layout.store(spec.name)), template=spec.template, split=recipe.data.split,
             cache_dir=str(layout.datasets_cache), **recipe.logits.model_dump(),
             **{name: getattr(spec, name) for name in ENGINE_FIELDS},
@@ -91,7 +91,7 @@ class FuseJob:
         stage_id = fuse_stage_id(seed, source)
         spec = recipe.fuse.launch_for(source)
         launch = None if spec is None else spec.model_dump()  # accelerate_config: absolute (the loader)
-        return cls(str(layout.resolve(recipe.pivot.model)), [str(layout.aligned(source))],
+        return cls(layout.model(recipe.pivot.model), [str(layout.aligned(source))],
                    str(layout.target(seed, source)), fuse_settings(recipe, seed, source), launch,
                    str(layout.log(stage_id)), str(layout.launch_config(stage_id)))
 
@@ -143,7 +143,7 @@ class MergeJob:
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, merge: MergeSpec) -> MergeJob:
-        pivot = str(layout.resolve(recipe.pivot.model))
+        pivot = layout.model(recipe.pivot.model)
         targets = [layout.target(seed, s.name) for s in recipe.sources]
         entry = {"parameters": dict(merge.model_parameters)} if merge.model_parameters else {}
         models = ([{"model": pivot}] if merge.base else []) + [{"model": str(t), **entry} for t in targets]
@@ -186,29 +186,59 @@ class EvalJob:
 
         assert recipe.evaluate is not None
         e = recipe.evaluate
-        pivot_template = recipe.pivot.template
-        if seed is None:
-            models = [(recipe.pivot.name, "pivot", str(layout.resolve(recipe.pivot.model)), pivot_template)] + [
-                (s.name, "source", str(layout.resolve(s.model)), s.template) for s in recipe.sources]
-        else:  # targets and merges share the pivot's tokenizer and template
-            models = [(f"target:{s.name}", "target", str(layout.target(seed, s.name)), pivot_template)
-                      for s in recipe.sources] + [
-                (f"merge:{m.name}", "merge", str(layout.merged(seed, m.name)), pivot_template)
-                for m in recipe.merges]
-        options = EvalOptions(**{k: v for k, v in e.model_dump().items() if k != "skills"})
+        models = eval_models(recipe, layout, seed)
+        options = EvalOptions(**e.model_dump(exclude={"skills", "lm_eval"}))
         return cls(models, {k: str(layout.resolve(v)) for k, v in e.skills.items()}, options,
                    str(layout.scores(seed)), str(layout.datasets_cache))
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.evaluate import evaluate_model
 
-        rows = []
+        rows: list[dict[str, Any]] = []
+        if not self.skills:  # only lm-eval tasks in this recipe
+            write_json_atomic(Path(self.out), rows)
+            return
         for name, kind, path, template in self.models:
             for score in evaluate_model(path, self.skills, self.options, template=template,
                                         cache_dir=self.cache_dir):
-                rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss,
-                             "exact_match": score.exact_match})
+                rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
         write_json_atomic(Path(self.out), rows)
+
+
+def eval_models(recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> list[tuple[str, str, str, str]]:
+    """(report name, kind, path, template) of the models scored in one evaluation group: the
+    pivot and sources (``seed`` None), or one seed's targets and merges."""
+    pivot_template = recipe.pivot.template
+    if seed is None:
+        return [(recipe.pivot.name, "pivot", layout.model(recipe.pivot.model), pivot_template)] + [
+            (s.name, "source", layout.model(s.model), s.template) for s in recipe.sources]
+    # targets and merges share the pivot's tokenizer and template
+    return [(f"target:{s.name}", "target", str(layout.target(seed, s.name)), pivot_template)
+            for s in recipe.sources] + [
+        (f"merge:{m.name}", "merge", str(layout.merged(seed, m.name)), pivot_template) for m in recipe.merges]
+
+
+@dataclass
+class LmEvalJob:
+    """Score one model on the recipe's lm-eval tasks (`fusion.lm_eval_runner.run_lm_eval`)."""
+
+    model: str
+    options: dict[str, Any]  # LmEvalOptions fields, include_path resolved
+    out: str
+
+    @classmethod
+    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, model: str, out: Path) -> LmEvalJob:
+        assert recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
+        options = dict(recipe.evaluate.lm_eval)
+        if options.get("include_path"):
+            options["include_path"] = str(layout.resolve(options["include_path"]))
+        return cls(model, options, str(out))
+
+    def run(self, resume: bool, log: Log) -> None:
+        from fusion.lm_eval_runner import LmEvalOptions, require_lm_eval, run_lm_eval, write_results
+
+        require_lm_eval()
+        write_results(run_lm_eval(self.model, LmEvalOptions.from_mapping(self.options)), Path(self.out))
 
 
 @dataclass
@@ -216,25 +246,43 @@ class ReportJob:
     """Aggregate the evaluation scores over seeds into the report (table, JSON, plot)."""
 
     scores: list[str]  # base scores first, then one file per seed
+    lm_eval: list[list[tuple[str, str, str]]]  # per group (base, seeds): (model, kind, results file)
     out: str
     title: str
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir) -> ReportJob:
-        files = [str(layout.scores(None))] + [str(layout.scores(s)) for s in recipe.seeds]
-        return cls(files, str(layout.report), f"{recipe.name}: {len(recipe.seeds)} seed(s)")
+        groups: list[int | None] = [None, *recipe.seeds]
+        files = [str(layout.scores(g)) for g in groups]
+        with_lm_eval = recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
+        lm_eval = [[(name, kind, str(layout.lm_eval_scores(g, name))) for name, kind, _, _ in
+                    eval_models(recipe, layout, g)] if with_lm_eval else [] for g in groups]
+        return cls(files, lm_eval, str(layout.report), f"{recipe.name}: {len(recipe.seeds)} seed(s)")
 
     def run(self, resume: bool, log: Log) -> None:
         from fusechat_merge.report import (
             aggregate_seeds,
             format_results_table,
+            lm_eval_rows,
             write_results_report,
         )
 
-        base, *seeds = (_read_rows(Path(f)) for f in self.scores)
+        groups = []
+        for scores, lm_eval in zip(self.scores, self.lm_eval, strict=True):
+            rows = _read_rows(Path(scores))
+            for name, kind, path in lm_eval:
+                rows += lm_eval_rows(name, kind, _lm_eval_metrics(Path(path)))
+            groups.append(rows)
+        base, *seeds = groups
         results = aggregate_seeds([base + rows for rows in seeds])
         write_results_report(results, Path(self.out), title=self.title)
         log(format_results_table(results))
+
+
+def _lm_eval_metrics(path: Path) -> dict[str, dict[str, float]]:
+    from fusion.lm_eval_runner import metrics_by_task
+
+    return metrics_by_task(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _read_rows(path: Path) -> list[Mapping[str, Any]]:

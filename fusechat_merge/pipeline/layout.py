@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusechat_merge.model_refs import looks_like_hub_id, model_dir
+
 
 @dataclass(frozen=True)
 class WorkDir:
@@ -16,6 +18,18 @@ class WorkDir:
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.root / p
+
+    def model(self, ref: str) -> str:
+        """A recipe's model as loaders take it: its local directory (a path, or a hub id's
+        cached snapshot), else the hub id itself (downloaded when loaded)."""
+        local = model_dir(ref, self.root)
+        return ref if local is None else str(local)
+
+    def data(self, ref: str) -> str:
+        """A recipe's corpus: a local file or folder (relative to the work dir), else a hub
+        dataset id as it is."""
+        local = self.resolve(ref)
+        return ref if not local.exists() and looks_like_hub_id(ref) else str(local)
 
     def store(self, model: str) -> Path:
         return self.root / "logits" / model
@@ -35,6 +49,11 @@ class WorkDir:
     def scores(self, seed: int | None) -> Path:
         """Evaluation scores of the base models (``seed`` None) or of one seed's models."""
         return self.root / "eval" / ("base.json" if seed is None else f"seed-{seed}.json")
+
+    def lm_eval_scores(self, seed: int | None, model: str) -> Path:
+        """lm-eval's results JSON of one model (a base model, or one seed's target or merge)."""
+        group = "base" if seed is None else f"seed-{seed}"
+        return self.root / "eval" / "lm-eval" / group / f"{model.replace(':', '-')}.json"
 
     @property
     def report(self) -> Path:

@@ -15,9 +15,11 @@ from fusechat_merge.pipeline.jobs import (
     AlignJob,
     EvalJob,
     FuseJob,
+    LmEvalJob,
     LogitsJob,
     MergeJob,
     ReportJob,
+    eval_models,
     fuse_launch,
     fuse_settings,
     fuse_stage_id,
@@ -56,8 +58,8 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
     """Every stage of ``recipe`` in a valid run order."""
     r = recipe
     stages: list[Stage] = []
-    data_sig = file_signature(layout.resolve(r.data.train))
-    model_sig = {s.name: file_signature(layout.resolve(s.model)) for s in [r.pivot, *r.sources]}
+    data_sig = file_signature(Path(layout.data(r.data.train)))
+    model_sig = {s.name: file_signature(Path(layout.model(s.model))) for s in [r.pivot, *r.sources]}
 
     logits: dict[str, Stage] = {}
     for spec in [r.pivot, *r.sources]:
@@ -98,7 +100,7 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
         stages += merges[seed]
 
     if r.evaluate is not None:
-        eval_opts = r.evaluate.model_dump()
+        eval_opts = r.evaluate.model_dump(exclude={"lm_eval"})  # lm-eval stages have their own keys
         skills_sig = [file_signature(layout.resolve(f)) for f in r.evaluate.skills.values()]
         base = Stage("evaluate/base", "evaluate",
                      fingerprint("evaluate", eval_opts, skills_sig, [model_sig[n] for n in r.model_names()]),
@@ -109,6 +111,8 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
             evals.append(Stage(f"evaluate/seed-{seed}", "evaluate",
                                fingerprint("evaluate", eval_opts, skills_sig, [u.key for u in up]),
                                [u.id for u in up], [layout.scores(seed)], EvalJob.from_recipe(r, layout, seed)))
+        if r.evaluate.lm_eval is not None:
+            evals += _lm_eval_stages(r, layout, model_sig, targets, merges)
         report = Stage("evaluate/report", "evaluate", fingerprint("report", [e.key for e in evals]),
                        [e.id for e in evals], [layout.report], ReportJob.from_recipe(r, layout))
         stages += [*evals, report]
@@ -120,3 +124,28 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
     for stage in stages:
         stage.resources = r.resources.for_stage(stage.id, stage.kind)
     return stages
+
+
+def _lm_eval_stages(r: PipelineRecipe, layout: WorkDir, model_sig: dict[str, Any],
+                    targets: dict[tuple[int, str], Stage], merges: dict[int, list[Stage]]) -> list[Stage]:
+    """One lm-eval stage per model: a model already scored with the same settings (its key:
+    the lm-eval settings and the model's own key) is not scored again."""
+    from fusion.lm_eval_runner import LmEvalOptions
+
+    settings = LmEvalOptions.from_mapping(LmEvalJob.from_recipe(r, layout, "", Path()).options).settings()
+    merge_names = [m.name for m in r.merges]
+    out = []
+    for seed in [None, *r.seeds]:
+        for name, _kind, path, _template in eval_models(r, layout, seed):
+            if seed is None:
+                upstream, model_key = [], model_sig[name]
+            else:
+                kind, short = name.split(":", 1)
+                stage = targets[seed, short] if kind == "target" else merges[seed][merge_names.index(short)]
+                upstream, model_key = [stage.id], stage.key
+            result = layout.lm_eval_scores(seed, name)
+            group = "base" if seed is None else f"seed-{seed}"
+            out.append(Stage(f"evaluate/lm-eval/{group}/{name.replace(':', '-')}", "evaluate",
+                             fingerprint("lm_eval", settings, model_key), upstream, [result],
+                             LmEvalJob.from_recipe(r, layout, path, result)))
+    return out

@@ -16,6 +16,8 @@ topk_ids           list<uint16|uint32>             P×K, flattened: top-K ids pe
 topk_logprobs      list<float16>                   P×K, flattened: their log-probabilities
 target_logprobs    list<float32>                   P: log-probability of the actual next token
 seq_ce             float32                         mean NLL over trained tokens (MinCE metric)
+text_sha1          string                          sha1 of the conversation's roles and texts
+                                                   (`fusion.data.content_fingerprint`; v2)
 =================  ==============================  =========================================
 
 A *trained position* is a position t whose next token t+1 is trained
@@ -24,7 +26,10 @@ Ids use uint16 when the vocabulary fits (exact), else uint32.
 
 Atomicity: each shard is written to a temporary file and renamed; ``manifest.json`` is
 written last, so a directory without it is an unfinished store (``run.json``, the run
-record, holds the options, so a re-run resumes shard by shard and refuses changed options).
+record, holds the options and the fingerprints of the model, tokenizer and data, so a
+re-run resumes shard by shard and refuses changed inputs; a run.json without any shard
+is a run that failed before its first shard, and is replaced). The manifest lists each
+shard's size and sha256: a truncated or corrupt shard is named when the store is opened.
 
 The aligned store (`fusion.artifacts.aligned_store`) is this format plus columns.
 """
@@ -53,7 +58,9 @@ from fusion.artifacts.atomic import (
 from fusion.data import trained_positions
 
 FORMAT = "fusechat-logit-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 adds the ``text_sha1`` column; version-1 stores are read (without row fingerprints)
+but not aligned."""
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
 
@@ -75,6 +82,7 @@ class SequenceLogits:
     topk_logprobs: np.ndarray  # (P, K) float16
     target_logprobs: np.ndarray  # (P,) float32
     seq_ce: float
+    text_sha1: str = ""  # the conversation's content fingerprint ("" in version-1 stores)
 
     @property
     def positions(self) -> np.ndarray:
@@ -112,6 +120,10 @@ class StoreOptions:
     shard: str = "0/1"
     rows_per_shard: int = 1024
     package_version: str = ""
+    model_fingerprint: str = ""
+    """`fusion.artifacts.provenance.model_fingerprint` of the weights and config."""
+    data_fingerprint: str = ""
+    """sha256 of the data files' bytes (a hub dataset: its datasets fingerprint)."""
 
     @property
     def id_type(self) -> str:
@@ -139,6 +151,21 @@ class Manifest:
         raw["options"] = StoreOptions(**raw["options"])
         return cls(**raw)
 
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        """The manifest at ``path``, or a StoreError naming the file and what is wrong."""
+        try:
+            manifest = cls.from_json(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StoreError(f"{path}: broken manifest, not valid JSON ({err})") from None
+        except (TypeError, KeyError, AttributeError) as err:
+            raise StoreError(f"{path}: broken manifest, missing or unknown fields ({err})") from None
+        if not isinstance(manifest.shards, list) or not all(
+            isinstance(sh, dict) and {"file", "sequences", "bytes"} <= set(sh) for sh in manifest.shards
+        ):
+            raise StoreError(f"{path}: broken manifest, 'shards' must list {{file, sequences, bytes}}")
+        return manifest
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's full definition (vocab, merges, added tokens, normalisers)."""
@@ -163,6 +190,7 @@ def arrow_schema(id_type: str) -> pa.Schema:
             ("topk_logprobs", pa.list_(pa.float16())),
             ("target_logprobs", pa.list_(pa.float32())),
             ("seq_ce", pa.float32()),
+            ("text_sha1", pa.string()),
         ]
     )
 
@@ -195,6 +223,7 @@ def write_shard(
         "topk_logprobs": [np.asarray(r.topk_logprobs, dtype=np.float16).reshape(-1) for r in records],
         "target_logprobs": [np.asarray(r.target_logprobs, dtype=np.float32) for r in records],
         "seq_ce": [float(r.seq_ce) for r in records],
+        "text_sha1": [r.text_sha1 for r in records],
     }
     columns.update({name: values for name, (_, values) in (extra or {}).items()})
     table = pa.table(columns, schema=schema)
@@ -205,25 +234,67 @@ def write_shard(
     return size
 
 
-def begin_run(out: Path, options: StoreOptions | Mapping[str, Any]) -> None:
-    """Create ``out`` for a run or check that a resumed run uses the same options."""
-    out.mkdir(parents=True, exist_ok=True)
+# Run-record keys that are inputs, not options: what a mismatch says.
+_CHANGED = {
+    "model_fingerprint": "model weights or config changed since this store was started",
+    "tokenizer_fingerprint": "tokenizer changed since this store was started",
+    "data_fingerprint": "data content changed since this store was started",
+    "pivot_store": "the pivot store changed since this store was started",
+    "source_store": "the source store changed since this store was started",
+}
+_NOT_COMPARED = ("package_version",)
+
+
+def is_tool_store(path: Path) -> bool:
+    """A directory this tool wrote as a store or a run (it holds run.json or manifest.json)."""
+    return path.is_dir() and ((path / RUN_FILE).is_file() or (path / MANIFEST).is_file())
+
+
+def run_differences(started: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """What changed between a run record and the wanted one, in words (inputs first)."""
+    changed = [k for k, v in wanted.items() if k not in _NOT_COMPARED and started.get(k) != v]
+    inputs = [f"{_CHANGED[k]} ({started.get(k)!r} then, {wanted[k]!r} now)" for k in changed if k in _CHANGED]
+    options = [f"{k}: {started.get(k)!r} then, {wanted[k]!r} now" for k in changed if k not in _CHANGED]
+    return inputs + options
+
+
+def begin_run(out: Path, options: StoreOptions | Mapping[str, Any], *, overwrite: bool = False) -> None:
+    """Create ``out`` for a run or check that a resumed run has the same inputs and options.
+
+    ``overwrite`` removes a previous store or run of this tool at ``out`` first (never a
+    foreign directory). A run record with no shard and no manifest (a run that failed
+    before writing anything) is replaced, so a corrected command is never blocked by it.
+    """
     run_file = out / RUN_FILE
     wanted = dict(options) if isinstance(options, Mapping) else asdict(options)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"--out {out} is a file, not a directory")
+    if overwrite and out.exists() and any(out.iterdir()):
+        if not is_tool_store(out):
+            raise StoreError(f"--overwrite: {out} is not a store of this tool (no {RUN_FILE} or "
+                             f"{MANIFEST}); refusing to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
     if run_file.exists():
         for stale in stale_temp_files(out):  # a killed run's half-written shard
             stale.unlink(missing_ok=True)
-        started = json.loads(run_file.read_text(encoding="utf-8"))
-        diffs = [
-            f"{k}: {started.get(k)!r} then, {v!r} now"
-            for k, v in wanted.items()
-            if k != "package_version" and started.get(k) != v
-        ]
-        if diffs:
+        try:
+            started = json.loads(run_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StoreError(f"{run_file}: broken run record ({err}); rerun with --overwrite") from None
+        if not isinstance(started, dict):
+            raise StoreError(f"{run_file}: broken run record (not a JSON object); rerun with --overwrite")
+        written = (out / MANIFEST).exists() or any(out.glob("shard-*.arrow"))
+        diffs = run_differences(started, wanted)
+        if diffs and written:
             raise StoreError(
-                f"{out} holds a run started with other options ({'; '.join(diffs)}); "
-                "use another --out or delete it"
+                f"{out} holds a run started with other inputs or options ({'; '.join(diffs)}); "
+                "rerun with --overwrite to replace it, or use another --out"
             )
+        if diffs:  # nothing was written under the old record: it binds nothing
+            shutil.rmtree(out)
+            out.mkdir(parents=True)
+            write_json_atomic(run_file, wanted)
         return
     if any(out.iterdir()):
         raise StoreError(f"{out} is not empty and holds no logit run; choose another --out")
@@ -242,7 +313,8 @@ def finish_run(
         table = _read_table(path)
         rows = table.num_rows
         n_tokens = int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
-        shards.append({"file": path.name, "sequences": rows, "tokens": n_tokens, "bytes": path.stat().st_size})
+        shards.append({"file": path.name, "sequences": rows, "tokens": n_tokens, "bytes": path.stat().st_size,
+                       "sha256": file_sha256(path)})
         sequences += rows
         tokens += n_tokens
     manifest = Manifest(
@@ -252,9 +324,20 @@ def finish_run(
     return manifest
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _read_table(path: Path) -> pa.Table:
-    with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_stream(source).read_all()
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StoreError(f"{path}: truncated or corrupt shard ({err}); rerun with --overwrite") from None
 
 
 class LogitStore:
@@ -263,18 +346,38 @@ class LogitStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         manifest = self.path / MANIFEST
+        if not self.path.exists():
+            raise StoreError(f"store path {self.path} does not exist")
         if not manifest.is_file():
             hint = " (an unfinished run: run the same command again to resume)" if (
                 self.path / RUN_FILE
             ).exists() else ""
             raise StoreError(f"{self.path} is not a finished logit store: no {MANIFEST}{hint}")
-        self.manifest = Manifest.from_json(manifest.read_text(encoding="utf-8"))
+        self.manifest = Manifest.read(manifest)
         if self.manifest.format != FORMAT or self.manifest.format_version > FORMAT_VERSION:
             raise StoreError(
                 f"{manifest}: format {self.manifest.format} v{self.manifest.format_version} "
                 f"is not readable by this version (reads {FORMAT} v{FORMAT_VERSION})"
             )
+        for shard in self.manifest.shards:  # cheap: sizes only (verify() reads the bytes)
+            file = self.path / shard["file"]
+            if not file.is_file():
+                raise StoreError(f"{file}: shard listed in {manifest} is missing")
+            if file.stat().st_size != shard["bytes"]:
+                raise StoreError(f"{file}: truncated or corrupt shard ({file.stat().st_size} bytes, "
+                                 f"the manifest says {shard['bytes']})")
         self._dataset = None
+
+    @property
+    def has_row_fingerprints(self) -> bool:
+        return self.manifest.format_version >= 2
+
+    def verify(self) -> None:
+        """Check every shard's bytes against the manifest's sha256 (StoreError naming the file)."""
+        for shard in self.manifest.shards:
+            file = self.path / shard["file"]
+            if shard.get("sha256") and file_sha256(file) != shard["sha256"]:
+                raise StoreError(f"{file}: corrupt shard (its sha256 differs from the manifest's)")
 
     @property
     def options(self) -> StoreOptions:
@@ -286,10 +389,12 @@ class LogitStore:
         if self._dataset is None:
             import datasets
 
-            parts = [
-                datasets.Dataset.from_file(str(self.path / s["file"]), in_memory=False)
-                for s in self.manifest.shards
-            ]
+            parts = []
+            for s in self.manifest.shards:
+                try:
+                    parts.append(datasets.Dataset.from_file(str(self.path / s["file"]), in_memory=False))
+                except (pa.ArrowInvalid, OSError, ValueError) as err:
+                    raise StoreError(f"{self.path / s['file']}: truncated or corrupt shard ({err})") from None
             ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else None
             if ds is None:
                 ds = datasets.Dataset.from_dict({}, features=None)
@@ -309,6 +414,14 @@ class LogitStore:
     def ids(self) -> list[str]:
         return [str(x) for x in self.dataset["id"]] if len(self) else []
 
+    def row_fingerprints(self) -> list[str]:
+        """Each row's content fingerprint (``text_sha1``), in order; empty strings in v1 stores."""
+        if not len(self):
+            return []
+        if "text_sha1" not in self.dataset.column_names:
+            return [""] * len(self)
+        return [str(x) for x in self.dataset["text_sha1"]]
+
     def _record(self, row: Mapping[str, Any]) -> SequenceLogits:
         k = self.options.top_k
         return SequenceLogits(
@@ -321,6 +434,7 @@ class LogitStore:
             topk_logprobs=np.asarray(row["topk_logprobs"], dtype=np.float16).reshape(-1, k),
             target_logprobs=np.asarray(row["target_logprobs"], dtype=np.float32),
             seq_ce=float(row["seq_ce"]),
+            text_sha1=str(row.get("text_sha1", "") or ""),
         )
 
     def bytes_per_token(self) -> float:

@@ -1,0 +1,57 @@
+"""What the benchmarks share: toy reply texts, chat corpora and tiny models, made locally.
+
+The benchmarks run as scripts (``python benchmarks/bench_X.py``), so Python puts this
+folder on ``sys.path`` and they import it as ``common``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+SENTENCES: tuple[str, ...] = (
+    "Knowledge fusion distils several chat models into one compact pivot model.",
+    "The capital of France is Paris; 12 * 12 = 144 and 2 + 2 = 4.",
+    "Model merging combines the weights of several fine-tuned models!",
+    "Bonjour le monde, naïve café — ÄÖÜ ß é 😀 (a+b).",
+    "def add(a, b):\n    return a + b",
+)
+
+
+def reply(i: int, words: int, sentences: Sequence[str] = SENTENCES) -> str:
+    """An assistant reply of at least ``words`` words, varied by ``i``: every third
+    sentence of ``sentences``, cycling, from sentence ``i``."""
+    out: list[str] = []
+    j = i
+    while sum(len(s.split()) for s in out) < words:
+        out.append(sentences[j % len(sentences)])
+        j += 3
+    return " ".join(out)
+
+
+def write_chats(path: Path, exchanges: Iterable[tuple[str, str]]) -> Path:
+    """A JSONL corpus of one-exchange conversations (ids ``c0``, ``c1``, ...) at ``path``."""
+    from fusion.artifacts.atomic import write_jsonl_atomic
+
+    rows = (
+        {
+            "id": f"c{i}",
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ],
+        }
+        for i, (question, answer) in enumerate(exchanges)
+    )
+    return write_jsonl_atomic(path, rows)
+
+
+def toy_model(path: Path, tokenizer_kind: str, arch: str, **settings: Any) -> Path:
+    """A random ``arch`` model with the toy tokenizer ``tokenizer_kind`` at ``path``
+    (`fusechat_merge.demo.toy.make_model` with ``settings``); one already there is reused."""
+    from fusechat_merge.demo.toy import make_model, make_tokenizer
+
+    if (path / "config.json").exists():
+        return path
+    return make_model(path, arch, tokenizer=make_tokenizer(tokenizer_kind), **settings)

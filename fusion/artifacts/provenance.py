@@ -1,0 +1,120 @@
+"""What a run was made from: fingerprints of its inputs, and the check that no output is an input.
+
+A store is resumed or reused only while its inputs are unchanged, so its run record holds a
+fingerprint of each of them (`model_fingerprint`, `files_fingerprint`, `store_fingerprint`);
+the tokenizer's is `fusion.artifacts.logit_store.tokenizer_fingerprint`.
+
+Model fingerprint: sha256 over the bytes of every small file of the model directory
+(``config.json``, ``generation_config.json``, tokenizer files: anything under 16 MiB) and,
+for every weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.gguf``,
+``*.h5``, ``*.msgpack``), its name, its size and its content: all of it up to 512 MiB, and
+beyond that 1 MiB at the start, at the end and at 62 evenly spaced places in between (64 MiB
+read per file, so a 7B model in 4 GiB shards costs a few seconds). Never the mtime: copying a
+model keeps its fingerprint, rewriting a weight at the same path (fine-tuning into the same
+folder, a different download) changes it. A change inside a large file that falls between
+the sampled blocks is the one case it misses (a real fine-tune changes every block).
+A hub id is recorded as ``hub:<id>`` (nothing local to read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+SMALL_FILE = 16 * 2**20
+WHOLE_FILE = 512 * 2**20
+BLOCK = 2**20
+BLOCKS = 64
+
+
+class InputError(ValueError):
+    """An input that does not exist or an output that would overwrite an input."""
+
+
+def _hash_file(h, path: Path) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with path.open("rb") as f:
+        if size <= WHOLE_FILE:
+            for block in iter(lambda: f.read(8 * BLOCK), b""):
+                h.update(block)
+            return
+        step = (size - BLOCK) / (BLOCKS - 1)
+        for i in range(BLOCKS):
+            f.seek(int(i * step))
+            h.update(f.read(BLOCK))
+
+
+def model_fingerprint(model: str | os.PathLike[str]) -> str:
+    """The fingerprint of a local model directory (see the module doc), or ``hub:<id>``."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return f"hub:{model}"
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if file.suffix in WEIGHT_SUFFIXES or file.stat().st_size <= SMALL_FILE:
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+            _hash_file(h, file)
+    return h.hexdigest()[:20]
+
+
+def files_fingerprint(files: Iterable[str | os.PathLike[str]]) -> str:
+    """sha256 over the names and full bytes of ``files`` (a corpus's data files)."""
+    h = hashlib.sha256()
+    for file in files:
+        file = Path(file)
+        h.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(8 * BLOCK), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def store_fingerprint(store_dir: str | os.PathLike[str]) -> str:
+    """A finished store's fingerprint: the hash of its manifest, which lists its options
+    (model, tokenizer and data fingerprints) and every shard's sha256."""
+    data = (Path(store_dir) / "manifest.json").read_bytes()
+    return hashlib.sha256(data).hexdigest()[:20]
+
+
+def looks_local(name: str) -> bool:
+    """A model name meant as a local path: it starts like one or is not ``org/name``."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1
+
+
+def require_model_dir(name: str, what: str = "model") -> None:
+    """A local model path that is missing says so (not a hub connection error)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{what} path {name} is a file, not a model directory")
+        if not (path / "config.json").is_file():
+            raise InputError(f"{what} path {name} holds no config.json: not a model directory")
+        return
+    if looks_local(name):
+        raise InputError(f"{what} path {name} does not exist")
+
+
+def check_outputs(out: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse an output that is, lies inside, or contains one of ``inputs`` (name → path).
+
+    Inputs that are not local paths (hub ids) are ignored.
+    """
+    target = Path(out).expanduser().resolve()
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        source = Path(value).expanduser()
+        if not source.exists():
+            continue
+        source = source.resolve()
+        if target == source:
+            raise InputError(f"--out {out} is the {name} ({value}); choose another output directory")
+        if source in target.parents:
+            raise InputError(f"--out {out} lies inside the {name} ({value}); choose a directory outside it")
+        if target in source.parents:
+            raise InputError(f"--out {out} contains the {name} ({value}); choose a directory that does not")
