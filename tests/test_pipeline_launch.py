@@ -85,14 +85,13 @@ def test_launched_fuse_stage_trains_the_one_process_target_on_two_processes(work
 
 @pytest.mark.slow
 def test_a_failed_launch_names_its_stage_exit_code_and_log_tail(work):
-    broken = json.loads(json.dumps(RECIPE))
-    broken["fuse"] = {"defaults": {**TRAIN, "learning_rate": "fast"},
-                      "launch": {**LAUNCH, "num_processes": 1}}
+    broken = json.loads(json.dumps(RECIPE))  # an argument accelerate launch refuses
+    broken["fuse"]["launch"] = {**LAUNCH, "args": ["--num_cpu_threads_per_process", "many"]}
     with pytest.raises(StageError) as err:
         run(work, broken)
     message = str(err.value)
-    assert message.startswith("stage fuse/seed-0/qwen failed: LaunchError: accelerate launch exited with code 1")
-    assert "fuse__seed-0__qwen.log" in message and "expected a number, got 'fast'" in message
+    assert message.startswith("stage fuse/seed-0/qwen failed: LaunchError: accelerate launch exited with code 2")
+    assert "fuse__seed-0__qwen.log" in message and "invalid int value: 'many'" in message
     assert (work / "stages" / "fuse__seed-0__qwen.started.json").exists()  # a rerun resumes it
 
 
