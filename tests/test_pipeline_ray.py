@@ -62,8 +62,13 @@ def record(work: Path, stage_id: str) -> dict:
     return json.loads((work / "stages" / (stage_id.replace("/", "__") + ".done.json")).read_text())
 
 
+# what a store records of its upstream stores: fingerprints of their manifests, which hold paths
+UPSTREAM_FINGERPRINTS = ("pivot_store", "source_store")
+
+
 def store_files(store: Path) -> dict[str, bytes]:
-    """A store's files; run.json holds the paths it was made from (other work dir): without them."""
+    """A store's files, byte for byte, but for the paths in run.json and manifest.json (the
+    other work dir's) and the fingerprints of upstream manifests that hold those paths."""
     files = {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
     assert files
     for name in ("run.json", "manifest.json"):
@@ -74,7 +79,7 @@ def store_files(store: Path) -> dict[str, bytes]:
 
 def _without_paths(value, root: Path):
     if isinstance(value, dict):
-        return {k: _without_paths(v, root) for k, v in value.items()}
+        return {k: _without_paths(v, root) for k, v in value.items() if k not in UPSTREAM_FINGERPRINTS}
     if isinstance(value, list):
         return [_without_paths(v, root) for v in value]
     return value.replace(str(root), "WORK") if isinstance(value, str) else value
