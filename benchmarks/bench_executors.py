@@ -7,7 +7,7 @@ and data (made in DIR the first time, as `fusechat-merge demo` does; reused afte
 Each executor runs in a fresh copy of the inputs; the first run is preceded by a warm-up of
 imports. Run:
 
-    python benchmarks/bench_executors.py [--demo DIR]
+    python benchmarks/bench_executors.py [--demo DIR [--seeds N]]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def tiny_inputs(root: Path) -> Path:
     return root
 
 
-def demo_inputs(root: Path, demo: Path) -> Path:
+def demo_inputs(root: Path, demo: Path, seeds: int | None) -> Path:
     from fusechat_merge.demo.pipeline_demo import DEMO_RECIPE, prepare_demo_data
     from fusechat_merge.demo.skills import make_demo_models
 
@@ -59,7 +59,10 @@ def demo_inputs(root: Path, demo: Path) -> Path:
     root.mkdir()
     for name in ("models", "data"):
         shutil.copytree(demo / name, root / name)
-    shutil.copy(DEMO_RECIPE, root / "recipe.yaml")
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text(encoding="utf-8"))
+    if seeds:
+        recipe["seeds"] = list(range(seeds))
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return root
 
 
@@ -78,10 +81,11 @@ def timed_run(inputs: Path, work: Path, executor: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=None, help="where the demo's models and data are (made)")
+    parser.add_argument("--seeds", type=int, default=None, help="--demo: this many seeds (default: the recipe's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        inputs = demo_inputs(root / "inputs", args.demo) if args.demo else tiny_inputs(root / "inputs")
+        inputs = demo_inputs(root / "inputs", args.demo, args.seeds) if args.demo else tiny_inputs(root / "inputs")
         subprocess.run([sys.executable, "-c", "import torch, transformers, ray"], check=True)  # warm caches
         times = {ex: timed_run(inputs, root / ex, ex) for ex in ("local", "ray")}
         stages = {}
