@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 from corpus import conversations, write_jsonl
 from helpers import load_weights
 
+from fusechat_merge.cli import main
 from fusechat_merge.pipeline import run_pipeline
-from fusechat_merge.pipeline.runner import RunError
 from fusechat_merge.pipeline_recipe import load_pipeline_recipe
 
 pytest.importorskip("ray", reason="the Ray executor needs the ray extra (pip install 'fusechat-merge[ray]')")
@@ -129,9 +130,10 @@ def test_a_failed_stage_fails_the_run_by_id_while_independent_stages_finish(inpu
     config = work / "models" / "mistral" / "config.json"
     good = config.read_text()
     config.write_text("{not json")
-    with pytest.raises(RunError, match="stage logits/mistral failed") as err:
-        run(work, executor="ray")
-    assert "not run (an upstream stage failed): align/mistral, fuse/seed-0/mistral, merge/seed-0/sce" in str(err.value)
+    result = CliRunner().invoke(main, ["run", str(work / "recipe.yaml"), "--work-dir", str(work), "--executor", "ray"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "Error: stage logits/mistral failed" in result.output
+    assert "not run (an upstream stage failed): align/mistral, fuse/seed-0/mistral, merge/seed-0/sce" in result.output
     finished = ["logits/pivot", "logits/qwen", "align/qwen", "fuse/seed-0/qwen"]
     before = {s: record(work, s) for s in finished}  # the independent stages finished
     assert (work / "stages" / "logits__mistral.started.json").exists()
