@@ -17,7 +17,7 @@ import click
 
 from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options, field_help
-from fusechat_merge.pipeline_recipe import STAGES
+from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
 from fusion.lm_eval_runner import LmEvalOptions
 from fusion.options import FUSIONS, LOSS_TYPES, AlignOptions, FusionSettings, LogitOptions
 
@@ -217,27 +217,63 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
 @main.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False),
-              help="Where every stage writes (relative recipe paths resolve here).")
+              help="Where every stage writes (relative recipe paths resolve here). With --executor "
+              "ray, on a filesystem every node sees.")
 @click.option("--from", "from_stage", type=click.Choice(STAGES),
               default=None, help="Redo this stage and all after it, even if up to date.")
 @click.option("--only", type=click.Choice(STAGES), default=None,
               help="Run only this stage (the earlier ones must be done).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (what runs, what is skipped, why).")
-def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | None, dry_run: bool) -> None:
+@click.option("--plan", "print_plan", is_flag=True,
+              help="Print the plan as JSON (id, kind, after, status, resources of every stage) and exit.")
+@click.option("--stage", "stage_id", default=None, metavar="ID",
+              help="Run exactly this stage (an id of --plan); refused until the stages it waits for are done.")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
+              help="local: stage after stage in this process. ray: every ready stage at once as a "
+              "Ray task (pip install 'fusechat-merge[ray]').")
+@click.option("--ray-address", default=None,
+              help="The Ray cluster to use (auto, HOST:6379, ray://HOST:10001); default: start a local one.")
+def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | None, dry_run: bool,
+                print_plan: bool, stage_id: str | None, executor: str, ray_address: str | None) -> None:
     """Run a whole FuseChat recipe: logits → align → fuse → merge → evaluate.
 
     Stages whose inputs and options did not change since the last run are skipped;
-    interrupted ones resume. See recipes/fusechat-7b.yaml and the demo's recipe,
-    fusechat_merge/demo/demo-pipeline.yaml.
+    interrupted ones resume. See recipes/fusechat-7b.yaml, the demo's recipe
+    (fusechat_merge/demo/demo-pipeline.yaml), and docs/cluster.md for one node, a Ray
+    cluster, and a SLURM job array (--plan, --stage).
     """
-    from fusechat_merge.pipeline import run_pipeline
+    import json
+
+    from fusechat_merge.pipeline import pipeline_runner, run_pipeline
+    from fusechat_merge.pipeline.runner import RunError, StageError
     from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
 
+    if ray_address and executor != "ray":
+        raise click.UsageError("--ray-address needs --executor ray")
+    if sum(map(bool, (print_plan, stage_id, dry_run))) > 1 or ((print_plan or stage_id) and (from_stage or only)):
+        raise click.UsageError("--plan, --stage and --dry-run go alone (not with each other, --from or --only)")
     try:
         parsed = load_pipeline_recipe(recipe, work_dir)
     except PipelineRecipeError as err:
         raise click.ClickException(str(err)) from err
-    run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run)
+    try:
+        if print_plan:
+            click.echo(json.dumps(pipeline_runner(parsed, work_dir).plan(), indent=2))
+        elif stage_id:
+            if executor != "local":
+                raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
+            pipeline_runner(parsed, work_dir, log=click.echo).run_one(stage_id)
+        else:
+            run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
+                         executor=executor, ray_address=ray_address)
+    except StageError as err:
+        if err.__cause__ is not None:  # in this process: the traceback says where
+            import traceback
+
+            traceback.print_exception(err.__cause__)
+        raise click.ClickException(str(err)) from err
+    except (RunError, RuntimeError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
 
 
 @main.command("demo")

@@ -19,13 +19,23 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from fusechat_merge.model_refs import has_chat_template, looks_like_hub_id, model_dir
 from fusechat_merge.option_forms import recipe_section
 from fusechat_merge.recipe_keys import key_path, line_map
-from fusion.options import BACKENDS, TEMPLATES, AlignOptions, EvalOptions, LogitOptions
+from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
+EXECUTORS = ("local", "ray")  # `run --executor`
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# The scoring engine is per model (a 72B source needs tensor parallelism, a 7B one does not):
+# these LogitOptions fields are keys of each model entry, with their choices and ranges.
+ENGINE_FIELDS = ("backend", "tensor_parallel_size", "gpu_memory_utilization")
+_EngineSpec = recipe_section(
+    LogitOptions, name="_EngineSpec",
+    exclude=tuple(f.name for f in dataclasses.fields(LogitOptions) if f.name not in ENGINE_FIELDS),
+)
 
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -38,11 +48,10 @@ def _plain_name(value: str) -> str:
     return value
 
 
-class ModelSpec(_Strict):
+class ModelSpec(_EngineSpec):  # type: ignore[misc,valid-type]
     name: Annotated[str, AfterValidator(_plain_name)] = Field(
         description="Short name used for outputs and reports (a plain name: it names folders).")
     model: str = Field(description="Model directory (or hub id) with its tokenizer.")
-    backend: Literal[BACKENDS] = "hf"  # type: ignore[valid-type]
     template: Literal[TEMPLATES] = "own"  # type: ignore[valid-type]
 
 
@@ -54,16 +63,37 @@ class DataSpec(_Strict):
 # Options that the run sets itself (per model, per stage) are not recipe keys here.
 LogitSpec = recipe_section(
     LogitOptions, name="LogitSpec",
-    exclude=("backend", "template", "shard", "split", "cache_dir", "tensor_parallel_size",
-             "gpu_memory_utilization", "overwrite"),
-)
+    exclude=("template", "shard", "split", "cache_dir", "overwrite", *ENGINE_FIELDS))
 # `overwrite` is the pipeline's own business: it redoes a changed stage from an empty output.
 AlignSpec = recipe_section(AlignOptions, name="AlignSpec", exclude=("overwrite",))
+
+
+class LaunchSpec(_Strict):
+    """How a fuse stage is launched: ``accelerate launch --config_file ACCELERATE_CONFIG
+    --num_processes N ... -m fusechat_merge.cli fuse ...`` in a subprocess."""
+
+    accelerate_config: str | None = Field(
+        None, description="An accelerate config file (recipes/accelerate/*.yaml); a relative path "
+        "is relative to the recipe file.")
+    num_processes: int | None = Field(None, ge=1, description="Training processes (default: the config's).")
+    main_process_port: int = Field(0, ge=0, le=65535, description="0: a free port (one node).")
+    args: list[str] = Field(default_factory=list, description="More `accelerate launch` arguments.")
 
 
 class FuseSpec(_Strict):
     defaults: dict[str, Any] = Field(default_factory=dict, description="FusionConfig fields for every pair.")
     per_source: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    launch: LaunchSpec | None = Field(None, description="Run every fuse stage under accelerate launch.")
+    per_source_launch: dict[str, LaunchSpec] = Field(
+        default_factory=dict, description="Per source: keys that override `launch` for its pairs.")
+
+    def launch_for(self, source: str) -> LaunchSpec | None:
+        """``launch`` with the keys set in ``per_source_launch[source]`` on top (None: in-process)."""
+        own = self.per_source_launch.get(source)
+        if own is None:
+            return self.launch
+        base = self.launch.model_dump() if self.launch else {}
+        return LaunchSpec(**{**base, **own.model_dump(exclude_unset=True)})
 
     @field_validator("defaults", "per_source")
     @classmethod
@@ -109,6 +139,46 @@ class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
         return value
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+class ResourceSpec(_Strict):
+    """What one stage asks of the scheduler (a Ray task's resources; `run --plan` prints them)."""
+
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    memory: int | None = Field(None, gt=0, description="Bytes of RAM (or a size such as 64GiB).")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"expected bytes or a size such as 64GiB or 512MB, got {value!r}")
+        return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+class ResourcesSpec(_Strict):
+    """Resources per stage kind, and per stage id (``stages: {logits/qwen: {num_gpus: 8}}``)."""
+
+    logits: ResourceSpec = Field(default_factory=ResourceSpec)
+    align: ResourceSpec = Field(default_factory=ResourceSpec)
+    fuse: ResourceSpec = Field(default_factory=ResourceSpec)
+    merge: ResourceSpec = Field(default_factory=ResourceSpec)
+    evaluate: ResourceSpec = Field(default_factory=ResourceSpec)
+    stages: dict[str, ResourceSpec] = Field(default_factory=dict, description="Per stage id, over its kind's.")
+
+    def for_stage(self, stage_id: str, kind: str) -> dict[str, Any]:
+        """The resources of one stage (its kind's, with the keys its own entry sets on top)."""
+        values = getattr(self, kind).model_dump()
+        if stage_id in self.stages:
+            values.update(self.stages[stage_id].model_dump(exclude_unset=True))
+        return values
+
+
 class PipelineRecipe(_Strict):
     name: str = "fusechat"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -120,6 +190,7 @@ class PipelineRecipe(_Strict):
     fuse: FuseSpec = Field(default_factory=FuseSpec)
     merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(name="sce")])
     evaluate: EvalSpec | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     def model_names(self) -> list[str]:
         return [self.pivot.name] + [s.name for s in self.sources]
@@ -150,10 +221,24 @@ def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineReci
             where = f" (line {line})" if line else ""
             problems.append(f"{_where(loc)}{where}: {e['msg']}")
         raise PipelineRecipeError(str(path), problems) from err
+    recipe = _launch_paths_from(recipe, path.absolute().parent)
     problems = check_resources(recipe, Path(work_dir), lines)
     if problems:
         raise PipelineRecipeError(str(path), problems)
     return recipe
+
+
+def _launch_paths_from(recipe: PipelineRecipe, folder: Path) -> PipelineRecipe:
+    """Accelerate configs ship beside the recipes: a relative one is relative to the recipe file."""
+    def absolute(spec: LaunchSpec | None) -> LaunchSpec | None:
+        if spec is None or spec.accelerate_config is None:
+            return spec
+        return spec.model_copy(update={"accelerate_config": str(resolve(spec.accelerate_config, folder))})
+
+    fuse = recipe.fuse.model_copy(update={
+        "launch": absolute(recipe.fuse.launch),
+        "per_source_launch": {k: absolute(v) for k, v in recipe.fuse.per_source_launch.items()}})
+    return recipe.model_copy(update={"fuse": fuse})
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -203,9 +288,22 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     include = (recipe.evaluate.lm_eval or {}).get("include_path") if recipe.evaluate else None
     if include and not resolve(include, work_dir).is_dir():
         problems.append(f"{at('evaluate', 'lm_eval', 'include_path')}: {resolve(include, work_dir)} is not a folder")
-    for name in recipe.fuse.per_source:
-        if name not in names[1:]:
-            problems.append(f"{at('fuse', 'per_source', name)}: no source named {name!r}")
+    for section in ("per_source", "per_source_launch"):
+        for name in getattr(recipe.fuse, section):
+            if name not in names[1:]:
+                problems.append(f"{at('fuse', section, name)}: no source named {name!r}")
+    launch_problems: list[str] = []
+    for source in recipe.sources:
+        launch = recipe.fuse.launch_for(source.name)
+        own = source.name in recipe.fuse.per_source_launch
+        where = ("fuse", "per_source_launch", source.name) if own else ("fuse", "launch")
+        if launch is None:
+            continue
+        if launch.accelerate_config is None:
+            launch_problems.append(f"{at(*where)}: no accelerate_config for source {source.name!r}")
+        elif not Path(launch.accelerate_config).is_file():
+            launch_problems.append(f"{at(*where, 'accelerate_config')}: {launch.accelerate_config} does not exist")
+    problems += list(dict.fromkeys(launch_problems))  # one line per recipe key
     from fusechat_merge.merge_recipe import check_merge_settings
 
     for i, merge in enumerate(recipe.merges):

@@ -396,6 +396,17 @@ def _fusion_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+TRAIN_RUN = "train_run.json"
+
+
+def read_train_run(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the training run that made the target ``out`` recorded about itself: the number
+    of training processes (``world_size``), the distributed type, steps and global batch
+    (empty for a target made before this file existed)."""
+    path = Path(out) / TRAIN_RUN
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def publish_model(trainer: Trainer, tokenizer, out: Path) -> None:
     """Save the model and the pivot's tokenizer (chat template included) atomically:
     written to a hidden sibling directory, then moved into ``out``. Call it on every
@@ -410,6 +421,12 @@ def publish_model(trainer: Trainer, tokenizer, out: Path) -> None:
     if not trainer.is_world_process_zero():
         return
     tokenizer.save_pretrained(str(staging))
+    write_json_atomic(staging / TRAIN_RUN, {
+        "world_size": trainer.args.world_size, "num_processes": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "global_step": trainer.state.global_step,
+        "global_batch": trainer.args.world_size * trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps})
     names = sorted(p.name for p in staging.iterdir())
     # config.json last: a directory with config.json and weights looks like a model
     for name in sorted(names, key=lambda n: n == "config.json"):

@@ -11,7 +11,11 @@ report). In parts:
 * `plan.plan_stages`: the stages with their ids, keys (hash of options, inputs and
   upstream keys), dependencies and jobs;
 * `runner.Runner`: the state machine (skip what is done, redo what changed, resume what
-  was cut) over the records in ``WORK/stages/``, and the timing table.
+  was cut) over the records in ``WORK/stages/``, and the timing table; it runs the stages
+  one after the other in this process (the ``local`` executor), one alone (``--stage``),
+  or hands them to an executor;
+* `launch`: a fuse stage under ``accelerate launch`` (the recipe's ``fuse.launch``);
+* `ray_executor.RayExecutor`: the stages as Ray tasks, every ready stage at once.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from pathlib import Path
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage, plan_stages
 from fusechat_merge.pipeline.runner import Runner
-from fusechat_merge.pipeline_recipe import PipelineRecipe
+from fusechat_merge.pipeline_recipe import EXECUTORS, PipelineRecipe
 
-__all__ = ["Runner", "Stage", "WorkDir", "plan_stages", "run_pipeline"]
+__all__ = ["EXECUTORS", "Runner", "Stage", "WorkDir", "pipeline_runner", "plan_stages", "run_pipeline"]
 
 
 def run_pipeline(
@@ -35,8 +39,26 @@ def run_pipeline(
     from_stage: str | None = None,
     only: str | None = None,
     dry_run: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> list[Stage]:
-    """Plan ``recipe`` in ``work_dir`` and run it; returns the stages with their status."""
+    """Plan ``recipe`` in ``work_dir`` and run it; returns the stages with their status.
+    ``executor``: ``local`` (this process, stage after stage) or ``ray`` (a Ray cluster at
+    ``ray_address``, or a local Ray instance)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     layout = WorkDir(Path(work_dir).absolute())
-    runner = Runner(plan_stages(recipe, layout), layout, log=log)
-    return runner.run(from_stage=from_stage, only=only, dry_run=dry_run)
+    runner = Runner(plan_stages(recipe, layout), layout, log=log, executor=executor)
+    run_with = None
+    if executor == "ray":
+        from fusechat_merge.pipeline.ray_executor import RayExecutor
+
+        run_with = RayExecutor(ray_address)
+    return runner.run(from_stage=from_stage, only=only, dry_run=dry_run, executor=run_with)
+
+
+def pipeline_runner(recipe: PipelineRecipe, work_dir: str | Path, *,
+                    log: Callable[[str], None] = print) -> Runner:
+    """The runner of ``recipe`` in ``work_dir`` (for ``--plan`` and ``--stage``)."""
+    layout = WorkDir(Path(work_dir).absolute())
+    return Runner(plan_stages(recipe, layout), layout, log=log)

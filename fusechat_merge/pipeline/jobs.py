@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fusechat_merge.pipeline.layout import WorkDir
-from fusechat_merge.pipeline_recipe import MergeSpec, ModelSpec, PipelineRecipe
+from fusechat_merge.pipeline_recipe import (
+    ENGINE_FIELDS,
+    MergeSpec,
+    ModelSpec,
+    PipelineRecipe,
+)
 from fusion.artifacts.atomic import write_json_atomic
 
 Log = Callable[[str], None]
@@ -36,8 +41,9 @@ class LogitsJob:
 
         return cls(LogitJob(
             model=layout.model(spec.model), data=layout.data(recipe.data.train),
-            out=str(layout.store(spec.name)), backend=spec.backend, template=spec.template,
-            split=recipe.data.split, cache_dir=str(layout.datasets_cache), **recipe.logits.model_dump(),
+            out=str(layout.store(spec.name)), template=spec.template, split=recipe.data.split,
+            cache_dir=str(layout.datasets_cache), **recipe.logits.model_dump(),
+            **{name: getattr(spec, name) for name in ENGINE_FIELDS},
         ))
 
     def run(self, resume: bool, log: Log) -> None:
@@ -67,28 +73,62 @@ class AlignJob:
 
 @dataclass
 class FuseJob:
-    """Train one target: the pivot fused with aligned stores (`fusion.trainer.train_fusion`)."""
+    """Train one target: the pivot fused with aligned stores (`fusion.trainer.train_fusion`),
+    in this process, or under ``accelerate launch`` when ``launch`` is set
+    (`fusechat_merge.pipeline.launch`). Returns the record fields of the training run
+    (``world_size``, read from the target's ``train_run.json``)."""
 
     pivot: str
     aligned: list[str]
     out: str
     settings: dict[str, Any]
+    launch: dict[str, Any] | None = None  # a LaunchSpec's values
+    log_file: str = ""  # launched: the subprocess's output
+    config_file: str = ""  # launched: the training options, for `fuse --config`
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, source: str) -> FuseJob:
+        stage_id = fuse_stage_id(seed, source)
+        spec = recipe.fuse.launch_for(source)
+        launch = None if spec is None else spec.model_dump()  # accelerate_config: absolute (the loader)
         return cls(layout.model(recipe.pivot.model), [str(layout.aligned(source))],
-                   str(layout.target(seed, source)), fuse_settings(recipe, seed, source))
+                   str(layout.target(seed, source)), fuse_settings(recipe, seed, source), launch,
+                   str(layout.log(stage_id)), str(layout.launch_config(stage_id)))
 
-    def run(self, resume: bool, log: Log) -> None:
-        from fusion.trainer import fusion_config, train_fusion
+    def training_options(self) -> dict[str, Any]:
+        """The pipeline's defaults under the recipe's options (the same in-process and launched)."""
+        return {"disable_tqdm": True, "save_strategy": "no", **self.settings}
 
-        config = fusion_config(self.out, **{"disable_tqdm": True, "save_strategy": "no", **self.settings})
-        train_fusion(self.pivot, self.aligned, self.out, config, resume=resume)
+    def run(self, resume: bool, log: Log) -> dict[str, Any]:
+        from fusion.trainer import read_train_run
+
+        if self.launch is not None:
+            from fusechat_merge.pipeline.launch import run_launched
+
+            fields = run_launched(self, resume, _indented(log))
+        else:
+            from fusion.trainer import fusion_config, train_fusion
+
+            config = fusion_config(self.out, **self.training_options())
+            train_fusion(self.pivot, self.aligned, self.out, config, resume=resume)
+            fields = {}
+        return {**fields, "world_size": read_train_run(self.out).get("world_size")}
+
+
+def fuse_stage_id(seed: int, source: str) -> str:
+    return f"fuse/seed-{seed}/{source}"
 
 
 def fuse_settings(recipe: PipelineRecipe, seed: int, source: str) -> dict[str, Any]:
     """The training options of one pair: the recipe's defaults, its per-source ones, the seed."""
     return {**recipe.fuse.defaults, **recipe.fuse.per_source.get(source, {}), "seed": seed}
+
+
+def fuse_launch(recipe: PipelineRecipe, source: str) -> dict[str, Any] | None:
+    """The launcher of one pair's stages, as part of their key: the number of processes is
+    part of the global batch (processes × batch × accumulation)."""
+    spec = recipe.fuse.launch_for(source)
+    return None if spec is None else spec.model_dump()
 
 
 @dataclass

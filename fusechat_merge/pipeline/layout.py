@@ -10,7 +10,7 @@ from fusechat_merge.model_refs import looks_like_hub_id, model_dir
 
 @dataclass(frozen=True)
 class WorkDir:
-    """``WORK/{logits,aligned,targets,merges,eval,report,stages}/...``; relative recipe
+    """``WORK/{logits,aligned,targets,merges,eval,report,stages,logs}/...``; relative recipe
     paths resolve against ``root``."""
 
     root: Path
@@ -66,6 +66,18 @@ class WorkDir:
     @property
     def datasets_cache(self) -> Path:
         return self.root / ".cache" / "datasets"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def log(self, stage_id: str) -> Path:
+        """The log of a stage run in a subprocess or on a Ray worker."""
+        return self.logs / (stage_id.replace("/", "__") + ".log")
+
+    def launch_config(self, stage_id: str) -> Path:
+        """The training options a launched fuse stage hands to ``fusechat-merge fuse --config``."""
+        return self.logs / (stage_id.replace("/", "__") + ".fuse.yaml")
 
     def record(self, stage_id: str, kind: str) -> Path:
         """A stage's ``started`` or ``done`` record."""

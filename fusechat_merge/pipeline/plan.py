@@ -20,7 +20,9 @@ from fusechat_merge.pipeline.jobs import (
     MergeJob,
     ReportJob,
     eval_models,
+    fuse_launch,
     fuse_settings,
+    fuse_stage_id,
 )
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline_recipe import PipelineRecipe, fingerprint
@@ -37,7 +39,8 @@ class Stage:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     status: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # the done record of this run
+    resources: dict[str, Any] = field(default_factory=dict)  # what a scheduler gives it
 
 
 def file_signature(path: Path) -> Any:
@@ -78,8 +81,9 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
     for seed in r.seeds:
         for spec in r.sources:
             up = aligned[spec.name]
-            key = fingerprint("fuse", fuse_settings(r, seed, spec.name), up.key, model_sig[r.pivot.name])
-            targets[seed, spec.name] = Stage(f"fuse/seed-{seed}/{spec.name}", "fuse", key, [up.id],
+            key = fingerprint("fuse", fuse_settings(r, seed, spec.name), up.key, model_sig[r.pivot.name],
+                              *([fuse_launch(r, spec.name)] if fuse_launch(r, spec.name) else []))
+            targets[seed, spec.name] = Stage(fuse_stage_id(seed, spec.name), "fuse", key, [up.id],
                                              [layout.target(seed, spec.name)],
                                              FuseJob.from_recipe(r, layout, seed, spec.name))
     stages += targets.values()
@@ -112,6 +116,13 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
         report = Stage("evaluate/report", "evaluate", fingerprint("report", [e.key for e in evals]),
                        [e.id for e in evals], [layout.report], ReportJob.from_recipe(r, layout))
         stages += [*evals, report]
+    ids = {s.id for s in stages}
+    unknown = sorted(set(r.resources.stages) - ids)
+    if unknown:
+        raise ValueError(f"resources.stages: no stage {', '.join(unknown)}; the stages are: "
+                         f"{', '.join(s.id for s in stages)}")
+    for stage in stages:
+        stage.resources = r.resources.for_stage(stage.id, stage.kind)
     return stages
 
 

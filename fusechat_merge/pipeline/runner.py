@@ -1,7 +1,13 @@
 """Runs a stage plan: skip what is done, redo what changed, resume what was cut.
 
-Each stage leaves a ``started`` record while it runs and a ``done`` record (its key, time
-and peak memory) when it finished, in ``WORK/stages/``. A stage is ``done`` when its done
+Each stage leaves a ``started`` record while it runs and a ``done`` record when it
+finished, in ``WORK/stages/``: its key, how it ran (``executor``: local or ray, ``host``,
+``pid``), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), its peak memory
+(``peak_rss_mb``: of the process that ran it, or of the largest process of an accelerate
+launch, ``peak_rss_of`` says which; ``peak_gpu_mb`` when it used CUDA in-process) and what
+its job reports (fuse: ``world_size``, the number of training processes, as the training
+run recorded it). An executor runs stages through `Runner.run_stage`, so records are the
+same whichever ran them. A stage is ``done`` when its done
 record holds its current key and its outputs exist; ``resume`` when it started with its
 current key and never finished (the logit, alignment and training jobs resume where they
 stopped; merges and evaluations are redone); ``stale`` when its records hold another key;
@@ -11,10 +17,14 @@ stopped; merges and evaluations are redone); ``stale`` when its records hold ano
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
+import socket
+import sys
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from fusechat_merge import __version__
 from fusechat_merge.pipeline.layout import WorkDir
@@ -26,13 +36,45 @@ _REASONS = {"new": "not run yet", "stale": "inputs or options changed", "resume"
             "done": "forced by --from"}
 
 
-class Runner:
-    """Runs ``stages`` (a plan) in the work dir ``layout``, one after the other."""
+class StageError(RuntimeError):
+    """A stage's job raised: the stage id and the error (its started record stays: a rerun
+    resumes it)."""
 
-    def __init__(self, stages: list[Stage], layout: WorkDir, *, log: Callable[[str], None] = print):
+    def __init__(self, stage_id: str, error: str) -> None:
+        self.stage_id = stage_id
+        self.error = error
+        super().__init__(f"stage {stage_id} failed: {error}")
+
+
+class RunError(RuntimeError):
+    """Stages failed (and the stages waiting for them did not run)."""
+
+    def __init__(self, failed: list[StageError], blocked: list[str]) -> None:
+        self.failed = failed
+        self.blocked = blocked
+        lines = [str(f) for f in failed]
+        if blocked:
+            lines.append(f"not run (an upstream stage failed): {', '.join(blocked)}")
+        super().__init__("\n".join(lines))
+
+
+Work = list[tuple[Stage, bool, str]]  # (stage, resume, reason) of each stage to run
+
+
+class Executor(Protocol):
+    def __call__(self, runner: Runner, work: Work) -> None: ...
+
+
+class Runner:
+    """Runs ``stages`` (a plan) in the work dir ``layout``: one after the other here, or
+    through an ``executor`` (`fusechat_merge.pipeline.ray_executor.RayExecutor`)."""
+
+    def __init__(self, stages: list[Stage], layout: WorkDir, *, log: Callable[[str], None] = print,
+                 executor: str = "local"):
         self.stages = stages
         self.layout = layout
         self.log = log
+        self.executor = executor  # the name written into the records
 
     def state(self, stage: Stage) -> str:
         """``done``, ``resume``, ``stale`` or ``new`` (see the module docstring)."""
@@ -46,12 +88,14 @@ class Runner:
                     return name
         return "new"
 
-    def run(self, *, from_stage: str | None = None, only: str | None = None, dry_run: bool = False) -> list[Stage]:
+    def todo(self, *, from_stage: str | None = None, only: str | None = None) -> Work:
+        """The stages to run, in plan order, with (resume, reason); the others are marked
+        skipped."""
         for flag, value in (("--from", from_stage), ("--only", only)):
             if value is not None and value not in STAGES:
                 raise ValueError(f"{flag} must be one of {', '.join(STAGES)}, got {value!r}")
         first_forced = STAGES.index(from_stage) if from_stage else len(STAGES)
-        self.layout.records.mkdir(parents=True, exist_ok=True)
+        work: Work = []
         for stage in self.stages:
             state = self.state(stage)
             forced = STAGES.index(stage.kind) >= first_forced
@@ -62,45 +106,120 @@ class Runner:
                 continue
             if state == "done" and not forced:
                 stage.status = "skipped (up to date)"
-                if dry_run:
-                    self.log(f"  {stage.id:<34} skip: up to date")
                 continue
-            reason = _REASONS[state]
-            if dry_run:
-                self.log(f"  {stage.id:<34} run: {reason}")
-                stage.status = f"would run ({reason})"
-                continue
-            self.run_stage(stage, resume=state == "resume" and not forced, reason=reason)
-        if not dry_run:
+            work.append((stage, state == "resume" and not forced, _REASONS[state]))
+        return work
+
+    def run(self, *, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
+            executor: Executor | None = None) -> list[Stage]:
+        work = self.todo(from_stage=from_stage, only=only)
+        if dry_run:
+            chosen = {stage.id: reason for stage, _, reason in work}
+            for stage in self.stages:
+                if stage.id in chosen:
+                    stage.status = f"would run ({chosen[stage.id]})"
+                self.log(f"  {stage.id:<34} " + (f"run: {chosen[stage.id]}" if stage.id in chosen
+                                                  else "skip: up to date"))
+            return self.stages
+        self.layout.records.mkdir(parents=True, exist_ok=True)
+        try:
+            if executor is None:
+                for stage, resume, reason in work:
+                    self.run_stage(stage, resume=resume, reason=reason)
+            else:
+                executor(self, work)
+        finally:
             self._write_timings()
         return self.stages
 
-    def run_stage(self, stage: Stage, *, resume: bool, reason: str) -> None:
-        """Run one stage's job between its ``started`` and ``done`` records."""
+    def run_one(self, stage_id: str) -> Stage:
+        """Run the stage ``stage_id`` alone (``run --stage``): refused unless every stage it
+        waits for is done; skipped when it is done itself."""
+        by_id = {s.id: s for s in self.stages}
+        if stage_id not in by_id:
+            raise ValueError(f"no stage {stage_id!r}; the stages are: {', '.join(by_id)}")
+        stage = by_id[stage_id]
+        missing = [u for u in stage.after if self.state(by_id[u]) != "done"]
+        if missing:
+            raise RuntimeError(f"stage {stage_id} waits for {', '.join(missing)}: not done yet")
+        state = self.state(stage)
+        if state == "done":
+            stage.status = "skipped (up to date)"
+            self.log(f"[{stage_id}] up to date")
+            return stage
+        self.layout.records.mkdir(parents=True, exist_ok=True)
+        self.run_stage(stage, resume=state == "resume", reason=_REASONS[state])
+        return stage
+
+    def plan(self) -> list[dict[str, Any]]:
+        """The plan as plain data (``run --plan``): id, kind, after, status, resources."""
+        return [{"id": s.id, "kind": s.kind, "after": list(s.after), "status": self.state(s),
+                 "resources": dict(s.resources), "outputs": [str(p) for p in s.outputs]}
+                for s in self.stages]
+
+    def run_stage(self, stage: Stage, *, resume: bool, reason: str) -> dict[str, Any]:
+        """Run one stage's job between its ``started`` and ``done`` records; returns the
+        done record. A job that raises becomes `StageError` (the started record stays)."""
         if not resume:
             for out in stage.outputs:
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
         self.layout.record(stage.id, "done").unlink(missing_ok=True)
         write_json_atomic(self.layout.record(stage.id, "started"), {"key": stage.key})
         self.log(f"[{stage.id}] {reason}")
-        started = time.perf_counter()
-        stage.job.run(resume, self.log)
-        stage.seconds = time.perf_counter() - started
-        stage.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        stage.status = "ran"
-        write_json_atomic(self.layout.record(stage.id, "done"), {
-            "key": stage.key, "seconds": stage.seconds, "peak_rss_mb": stage.peak_rss_mb,
-            "version": __version__})
+        _reset_peak_gpu()
+        started_at, started = time.time(), time.perf_counter()
+        try:
+            reported = stage.job.run(resume, self.log) or {}
+        except Exception as err:
+            raise StageError(stage.id, f"{type(err).__name__}: {err}") from err
+        seconds = time.perf_counter() - started
+        record: dict[str, Any] = {
+            "key": stage.key, "executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
+            "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_of": "process", **_peak_gpu(), "version": __version__}
+        if "peak_rss_mb" in reported:
+            record["peak_rss_of"] = "largest launched process"
+        record.update(reported)
+        write_json_atomic(self.layout.record(stage.id, "done"), record)
         self.layout.record(stage.id, "started").unlink(missing_ok=True)
+        apply_record(stage, record)
+        return record
 
     def _write_timings(self) -> None:
         rows = [{"stage": s.id, "status": s.status, "seconds": round(s.seconds, 2),
                  "peak_rss_mb": round(s.peak_rss_mb, 1)} for s in self.stages]
         write_json_atomic(self.layout.report / "stage_times.json", rows)
-        self.log("\nstage timings (peak RSS is the process's peak so far):")
+        self.log("\nstage timings (peak RSS of the process that ran the stage):")
         self.log(f"  {'stage':<34}{'status':<22}{'seconds':>9}{'peak RSS MiB':>14}")
         for row in rows:
             seconds = f"{row['seconds']:.1f}" if row["status"] == "ran" else "-"
             rss = f"{row['peak_rss_mb']:.0f}" if row["status"] == "ran" else "-"
             self.log(f"  {row['stage']:<34}{row['status']:<22}{seconds:>9}{rss:>14}")
         self.log(f"  total {sum(s.seconds for s in self.stages):.1f}s")
+
+
+def apply_record(stage: Stage, record: dict[str, Any]) -> None:
+    """Copy a done record's figures onto the (driver's) stage."""
+    stage.seconds = record["seconds"]
+    stage.peak_rss_mb = record["peak_rss_mb"]
+    stage.status = "ran"
+    stage.info = record
+
+
+def _cuda():  # torch's CUDA when this process already uses it (never imports torch)
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def _reset_peak_gpu() -> None:
+    cuda = _cuda()
+    for i in range(cuda.device_count() if cuda else 0):
+        cuda.reset_peak_memory_stats(i)
+
+
+def _peak_gpu() -> dict[str, float]:
+    cuda = _cuda()
+    if cuda is None:
+        return {}
+    return {"peak_gpu_mb": max(cuda.max_memory_allocated(i) for i in range(cuda.device_count())) / 2**20}

@@ -1,0 +1,88 @@
+"""A fuse stage under ``accelerate launch``: the command, its log, its failure.
+
+`run_launched` writes the stage's training options to ``WORK/logs/<stage>.fuse.yaml`` and
+runs ``accelerate launch --config_file C [--num_processes N] -m fusechat_merge.cli fuse
+--pivot P --aligned A --out OUT --config that.yaml [--resume]`` in a subprocess (the same
+Python, so the same environment), its output in ``WORK/logs/<stage>.log``. The target,
+its checkpoints and ``--resume`` are those of the in-process stage: the same options reach
+the same `fusion.trainer.train_fusion`, only in N processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from fusion.artifacts.atomic import write_text_atomic
+
+if TYPE_CHECKING:
+    from fusechat_merge.pipeline.jobs import FuseJob
+
+TAIL_LINES = 40
+
+
+class LaunchError(RuntimeError):
+    """A launched stage exited with an error: its exit code and the last lines of its log."""
+
+    def __init__(self, command: str, returncode: int, log_file: str, tail: str) -> None:
+        self.returncode = returncode
+        self.log_file = log_file
+        self.tail = tail
+        super().__init__(f"{command} exited with code {returncode}; the last lines of {log_file}:\n{tail}")
+
+
+def launch_command(job: FuseJob, resume: bool) -> list[str]:
+    """The ``accelerate launch`` command line of a fuse job (``job.launch`` set)."""
+    assert job.launch is not None
+    spec = job.launch
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", spec["accelerate_config"]]
+    if spec.get("num_processes"):
+        cmd += ["--num_processes", str(spec["num_processes"])]
+    cmd += ["--main_process_port", str(spec.get("main_process_port", 0)), *spec.get("args", [])]
+    cmd += ["-m", "fusechat_merge.cli", "fuse", "--pivot", job.pivot]
+    for store in job.aligned:
+        cmd += ["--aligned", store]
+    cmd += ["--out", job.out, "--config", job.config_file]
+    return [*cmd, "--resume"] if resume else cmd
+
+
+def run_launched(job: FuseJob, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run the job under accelerate launch; returns ``{"peak_rss_mb": ...}``, the peak RSS of
+    the largest process of the launch (from ``wait4``: that child and its descendants only)."""
+    write_text_atomic(job.config_file, yaml.safe_dump(job.training_options(), sort_keys=True))
+    cmd = launch_command(job, resume)
+    log_file = Path(job.log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log(f"accelerate launch ({job.launch and job.launch.get('num_processes') or 'config'} processes), "
+        f"log: {log_file}")
+    with log_file.open("ab") as out:
+        out.write(("$ " + " ".join(cmd) + "\n").encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # interrupted: do not leave training processes behind
+            proc.terminate()
+            proc.wait()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise LaunchError("accelerate launch", proc.returncode, str(log_file), tail(log_file))
+    return {"peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last ``lines`` lines of a text file."""
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        text = f.read().decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
