@@ -336,9 +336,10 @@ def train_fusion(
 
 
 def fusion_config(output_dir: str | os.PathLike[str], **kwargs: Any) -> FusionConfig:
-    """A `FusionConfig` whose checkpoints go under ``output_dir/checkpoints``."""
-    _fusion_defaults(kwargs)
-    return FusionConfig(output_dir=str(Path(output_dir) / "checkpoints"), **kwargs)
+    """A `FusionConfig` whose checkpoints go under ``output_dir/checkpoints`` (numbers that
+    YAML read as strings, ``5e-6``, become numbers)."""
+    settings = _fusion_defaults(_typed(kwargs))
+    return FusionConfig(output_dir=str(Path(output_dir) / "checkpoints"), **settings)
 
 
 def parse_fusion_config(

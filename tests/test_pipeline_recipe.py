@@ -69,6 +69,7 @@ def test_missing_model_and_source_without_tokenizer(tmp_path):
          "merges[0].model_parameters.densty (line 6): ties has no parameter 'densty'"),
         ("fuse:\n  defaults: {learning_rate: -1.0}\n", "fuse.defaults (line 6): learning_rate must be > 0"),
         ("fuse:\n  defaults: {max_steps: 0}\n", "fuse.defaults (line 6): max_steps must be > 0"),
+        ("fuse:\n  defaults: {learning_rate: 5e-6, max_steps: x}\n", "fuse.defaults (line 6): max_steps: expected a number"),
         ("merges:\n  - {name: ../../victim}\n", "merges[0].name (line 6): Value error, '../../victim' is not a plain name"),
     ],
 )
