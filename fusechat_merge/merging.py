@@ -30,7 +30,6 @@ import os
 import shutil
 import socket
 import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import click
 
 from fusechat_merge import METHOD_NAME, __version__
 from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
+from fusion.artifacts.atomic import publish_dir
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""
@@ -100,8 +100,7 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
             raise MergeInputError(message) from err
         _restore_written_refs(model_dir, sources)
         _write_output_marker(model_dir, config, recipe_hash)
-        _apply_umask(model_dir)
-        _publish(model_dir, out)
+        publish_dir(model_dir, out, replace=True)  # with the user's umask
         shutil.rmtree(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -283,25 +282,6 @@ def _make_partial(out: Path) -> Path:
     return partial
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _apply_umask(directory: Path) -> None:
-    """Give the output the user's umask (temporary dirs and files are made 0700/0600)."""
-    mask = _umask()
-    directory.chmod(0o777 & ~mask)
-    for root, dirs, files in os.walk(directory):
-        for name in dirs:
-            (Path(root) / name).chmod(0o777 & ~mask)
-        for name in files:
-            path = Path(root) / name
-            if not path.is_symlink():
-                path.chmod(0o666 & ~mask)
-
-
 def _recipe_hash(config) -> str:
     dumped = config.model_dump(mode="json", exclude_none=True)
     text = json.dumps(dumped, sort_keys=True, ensure_ascii=False, default=str)
@@ -354,17 +334,6 @@ def _write_output_marker(directory: Path, config, recipe_hash: str) -> None:
         "recipe_sha256": recipe_hash,
     }
     (directory / OUTPUT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
-def _publish(partial: Path, out: Path) -> None:
-    """Rename the finished merge into place, replacing an earlier merge output."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(old)
-        partial.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        partial.rename(out)
 
 
 # --- the models' tensors --------------------------------------------------------------

@@ -69,13 +69,34 @@ def partial_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_INFIX}", dir=out.parent))
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(directory: Path) -> None:
+    """Give the output the user's umask (temporary dirs and files are made 0700/0600)."""
+    mask = _umask()
+    directory.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            (Path(root) / name).chmod(0o777 & ~mask)
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                path.chmod(0o666 & ~mask)
+
+
 def publish_dir(partial: Path, out: Path, *, replace: bool = False) -> Path:
     """Rename the finished ``partial`` directory to ``out``.
 
     With ``replace``, an existing ``out`` is swapped out first (renamed aside, then
     removed), so ``out`` is never a mix of old and new files. Without it, an existing
-    ``out`` (a concurrent writer finished first) wins and ``partial`` is removed.
+    ``out`` (a concurrent writer finished first) wins and ``partial`` is removed. The
+    result gets the user's umask (`tempfile.mkdtemp` makes 0700 directories).
     """
+    apply_umask(partial)
     if out.exists():
         if not replace:
             shutil.rmtree(partial, ignore_errors=True)
