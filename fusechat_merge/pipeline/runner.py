@@ -115,11 +115,12 @@ class Runner:
         work = self.todo(from_stage=from_stage, only=only)
         if dry_run:
             chosen = {stage.id: reason for stage, _, reason in work}
+            width = self._id_width()
             for stage in self.stages:
                 if stage.id in chosen:
                     stage.status = f"would run ({chosen[stage.id]})"
-                self.log(f"  {stage.id:<34} " + (f"run: {chosen[stage.id]}" if stage.id in chosen
-                                                  else "skip: up to date"))
+                self.log(f"  {stage.id:<{width}} " + (f"run: {chosen[stage.id]}" if stage.id in chosen
+                                                       else "skip: up to date"))
             return self.stages
         self.layout.records.mkdir(parents=True, exist_ok=True)
         try:
@@ -186,16 +187,20 @@ class Runner:
         apply_record(stage, record)
         return record
 
+    def _id_width(self) -> int:
+        return max([34, *(len(s.id) for s in self.stages)])
+
     def _write_timings(self) -> None:
         rows = [{"stage": s.id, "status": s.status, "seconds": round(s.seconds, 2),
                  "peak_rss_mb": round(s.peak_rss_mb, 1)} for s in self.stages]
         write_json_atomic(self.layout.report / "stage_times.json", rows)
         self.log("\nstage timings (peak RSS of the process that ran the stage):")
-        self.log(f"  {'stage':<34}{'status':<22}{'seconds':>9}{'peak RSS MiB':>14}")
+        width = self._id_width() + 2
+        self.log(f"  {'stage':<{width}}{'status':<22}{'seconds':>9}{'peak RSS MiB':>14}")
         for row in rows:
             seconds = f"{row['seconds']:.1f}" if row["status"] == "ran" else "-"
             rss = f"{row['peak_rss_mb']:.0f}" if row["status"] == "ran" else "-"
-            self.log(f"  {row['stage']:<34}{row['status']:<22}{seconds:>9}{rss:>14}")
+            self.log(f"  {row['stage']:<{width}}{row['status']:<22}{seconds:>9}{rss:>14}")
         self.log(f"  total {sum(s.seconds for s in self.stages):.1f}s")
 
 
