@@ -80,7 +80,20 @@ class LaunchSpec(_Strict):
     args: list[str] = Field(default_factory=list, description="More `accelerate launch` arguments.")
 
 
+class BaselinesSpec(_Strict):
+    """The paper's baselines, trained per seed beside the targets and evaluated like them."""
+
+    sft: bool = Field(False, description="SFT: the pivot trained on the same corpus and steps, "
+                      "CLM alone (`lm_weight: 1`); report rows of kind `sft`.")
+    multi: bool = Field(False, description="Multi: all sources fused into one model at once "
+                        "(every aligned store in one training); report rows of kind `multi`.")
+
+
+BASELINES = ("sft", "multi")  # their report names, and their folder names under WORK/baselines
+
+
 class FuseSpec(_Strict):
+    baselines: BaselinesSpec = Field(default_factory=BaselinesSpec)
     defaults: dict[str, Any] = Field(default_factory=dict, description="FusionConfig fields for every pair.")
     per_source: dict[str, dict[str, Any]] = Field(default_factory=dict)
     launch: LaunchSpec | None = Field(None, description="Run every fuse stage under accelerate launch.")
@@ -263,6 +276,10 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     names = recipe.model_names()
     if len(set(names)) != len(names):
         problems.append(f"{at('sources')}: model names must be unique, got {names}")
+    for baseline in BASELINES:
+        if getattr(recipe.fuse.baselines, baseline) and baseline in names:
+            problems.append(f"{at('fuse', 'baselines', baseline)}: a model is named {baseline!r}, "
+                            "the baseline's report name; rename it")
     specs = [(("pivot",), recipe.pivot)] + [(("sources", i), s) for i, s in enumerate(recipe.sources)]
     for loc, spec in specs:
         local = model_dir(spec.model, work_dir)

@@ -15,6 +15,7 @@ from typing import Any
 
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline_recipe import (
+    BASELINES,
     ENGINE_FIELDS,
     MergeSpec,
     ModelSpec,
@@ -95,6 +96,18 @@ class FuseJob:
                    str(layout.target(seed, source)), fuse_settings(recipe, seed, source), launch,
                    str(layout.log(stage_id)), str(layout.launch_config(stage_id)))
 
+    @classmethod
+    def baseline(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, name: str) -> FuseJob:
+        """A baseline of one seed: ``sft`` (the pivot on the first source's aligned store, the
+        same corpus and steps as a target, CLM alone) or ``multi`` (every source's aligned
+        store in one training). Launched like the targets (``fuse.launch``)."""
+        stage_id = baseline_stage_id(seed, name)
+        stores = [recipe.sources[0].name] if name == "sft" else [s.name for s in recipe.sources]
+        launch = None if recipe.fuse.launch is None else recipe.fuse.launch.model_dump()
+        return cls(layout.model(recipe.pivot.model), [str(layout.aligned(s)) for s in stores],
+                   str(layout.baseline(seed, name)), baseline_settings(recipe, seed, name), launch,
+                   str(layout.log(stage_id)), str(layout.launch_config(stage_id)))
+
     def training_options(self) -> dict[str, Any]:
         """The pipeline's defaults under the recipe's options (the same in-process and launched)."""
         return {"disable_tqdm": True, "save_strategy": "no", **self.settings}
@@ -122,6 +135,21 @@ def fuse_stage_id(seed: int, source: str) -> str:
 def fuse_settings(recipe: PipelineRecipe, seed: int, source: str) -> dict[str, Any]:
     """The training options of one pair: the recipe's defaults, its per-source ones, the seed."""
     return {**recipe.fuse.defaults, **recipe.fuse.per_source.get(source, {}), "seed": seed}
+
+
+def baseline_stage_id(seed: int, name: str) -> str:
+    return f"baseline/seed-{seed}/{name}"
+
+
+def baselines(recipe: PipelineRecipe) -> list[str]:
+    """The baselines the recipe asks for (``fuse.baselines``), in report order."""
+    return [name for name in BASELINES if getattr(recipe.fuse.baselines, name)]
+
+
+def baseline_settings(recipe: PipelineRecipe, seed: int, name: str) -> dict[str, Any]:
+    """A baseline's training options: the recipe's defaults and the seed; SFT with
+    ``lm_weight`` 1 (the causal-LM loss alone)."""
+    return {**recipe.fuse.defaults, "seed": seed, **({"lm_weight": 1.0} if name == "sft" else {})}
 
 
 def fuse_launch(recipe: PipelineRecipe, source: str) -> dict[str, Any] | None:
@@ -207,14 +235,15 @@ class EvalJob:
 
 def eval_models(recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> list[tuple[str, str, str, str]]:
     """(report name, kind, path, template) of the models scored in one evaluation group: the
-    pivot and sources (``seed`` None), or one seed's targets and merges."""
+    pivot and sources (``seed`` None), or one seed's targets, baselines and merges."""
     pivot_template = recipe.pivot.template
     if seed is None:
         return [(recipe.pivot.name, "pivot", layout.model(recipe.pivot.model), pivot_template)] + [
             (s.name, "source", layout.model(s.model), s.template) for s in recipe.sources]
-    # targets and merges share the pivot's tokenizer and template
+    # targets, baselines and merges share the pivot's tokenizer and template
     return [(f"target:{s.name}", "target", str(layout.target(seed, s.name)), pivot_template)
             for s in recipe.sources] + [
+        (name, name, str(layout.baseline(seed, name)), pivot_template) for name in baselines(recipe)] + [
         (f"merge:{m.name}", "merge", str(layout.merged(seed, m.name)), pivot_template) for m in recipe.merges]
 
 
