@@ -132,8 +132,16 @@ class MergeSpec(_Strict):
     dtype: str = "float32"
 
 
+REPORT_FIELDS = ("source_skills", "diagnostics")  # evaluate keys of the report alone
+
+
 class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
     skills: dict[str, str] = Field(default_factory=dict, description="skill name → held-out conversations")
+    source_skills: dict[str, str] = Field(
+        default_factory=dict, description="source → its own skill (a key of skills), for the "
+        "fusion effect; default: the skill named like the source.")
+    diagnostics: bool = Field(True, description="Write the fusion diagnostics into the report "
+                              "(update norms, alignment, MinCE picks, the fusion loss's share).")
     lm_eval: dict[str, Any] | None = Field(
         None, description="lm-evaluation-harness tasks scored on every model of the run "
         "(`fusion.lm_eval_runner.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
@@ -302,6 +310,12 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
         if not resolve(file, work_dir).exists():
             problems.append(f"{at('evaluate', 'skills', skill)}: {resolve(file, work_dir)} does not exist")
+    for source, skill in (recipe.evaluate.source_skills.items() if recipe.evaluate else []):
+        if source not in names[1:]:
+            problems.append(f"{at('evaluate', 'source_skills', source)}: no source named {source!r}")
+        elif skill not in recipe.evaluate.skills:  # type: ignore[union-attr]
+            problems.append(f"{at('evaluate', 'source_skills', source)}: no skill named {skill!r} in "
+                            "evaluate.skills")
     include = (recipe.evaluate.lm_eval or {}).get("include_path") if recipe.evaluate else None
     if include and not resolve(include, work_dir).is_dir():
         problems.append(f"{at('evaluate', 'lm_eval', 'include_path')}: {resolve(include, work_dir)} is not a folder")

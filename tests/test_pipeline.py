@@ -185,6 +185,7 @@ def test_baselines_are_stages_trained_and_reported_like_targets(work, metaspace_
     recipe["sources"].append({"name": "other", "model": "models/other"})
     recipe["merges"] = recipe["merges"][1:]
     recipe["fuse"]["baselines"] = {"sft": True, "multi": True}
+    recipe["evaluate"]["source_skills"] = {"qwen": "chat"}
     write_recipe(work, recipe)
     plan = {s.id: s for s in plan_stages(load_pipeline_recipe(work / "recipe.yaml", work), WorkDir(work))}
     sft, multi = plan["baseline/seed-0/sft"], plan["baseline/seed-0/multi"]
@@ -198,6 +199,21 @@ def test_baselines_are_stages_trained_and_reported_like_targets(work, metaspace_
     results = json.loads((work / "report" / "results.json").read_text())["results"]
     kinds = {r["model"]: r["kind"] for r in results}
     assert kinds["sft"] == "sft" and kinds["multi"] == "multi" and kinds["target:other"] == "target"
+    report = json.loads((work / "report" / "results.json").read_text())
+    fusion = {(e["model"], e["skill"]): e for e in report["effects"]["fusion"]}
+    assert set(fusion) == {("target:qwen", "chat"), ("multi", "chat")}
+    assert fusion["target:qwen", "chat"]["loss"]["mean"] is not None
+    assert [(e["model"], e["skill"]) for e in report["effects"]["merge"]] == [("merge:linear", "chat"),
+                                                                              ("merge:linear", "mean")]
+    diagnostics = report["diagnostics"]
+    assert set(diagnostics["update"]) == {"target:qwen", "target:other", "sft", "multi"}
+    assert all(u["mean"] > 0 for u in diagnostics["update"].values())
+    assert diagnostics["loss"]["sft"][0]["fuse_share"] == 0.0
+    assert 0 < diagnostics["loss"]["multi"][0]["fuse_share"] < 1
+    assert diagnostics["mince"]["qwen"]["all"]["sequences"] == 12
+    assert diagnostics["alignment"]["qwen"]["aligned_fraction"] > 0
+    markdown = (work / "report" / "results.md").read_text()
+    assert "Fusion effect" in markdown and "Relative update" in markdown
 
     recipe["sources"][1]["name"] = "sft"
     write_recipe(work, recipe)

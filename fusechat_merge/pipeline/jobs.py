@@ -7,6 +7,7 @@ inside ``run``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline_recipe import (
     BASELINES,
     ENGINE_FIELDS,
+    REPORT_FIELDS,
     MergeSpec,
     ModelSpec,
     PipelineRecipe,
@@ -215,7 +217,7 @@ class EvalJob:
         assert recipe.evaluate is not None
         e = recipe.evaluate
         models = eval_models(recipe, layout, seed)
-        options = EvalOptions(**e.model_dump(exclude={"skills", "lm_eval"}))
+        options = EvalOptions(**e.model_dump(exclude={"skills", "lm_eval", *REPORT_FIELDS}))
         return cls(models, {k: str(layout.resolve(v)) for k, v in e.skills.items()}, options,
                    str(layout.scores(seed)), str(layout.datasets_cache))
 
@@ -278,6 +280,11 @@ class ReportJob:
     lm_eval: list[list[tuple[str, str, str]]]  # per group (base, seeds): (model, kind, results file)
     out: str
     title: str
+    skills: list[str] = dataclasses.field(default_factory=list)  # held-out skills (the effects)
+    own_skills: dict[str, str] = dataclasses.field(default_factory=dict)  # source → its skill
+    pivot: str = ""  # the diagnostics ("": none)
+    trained: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)  # seed → name → dir
+    aligned: dict[str, str] = dataclasses.field(default_factory=dict)  # source → aligned store
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir) -> ReportJob:
@@ -286,11 +293,22 @@ class ReportJob:
         with_lm_eval = recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
         lm_eval = [[(name, kind, str(layout.lm_eval_scores(g, name))) for name, kind, _, _ in
                     eval_models(recipe, layout, g)] if with_lm_eval else [] for g in groups]
-        return cls(files, lm_eval, str(layout.report), f"{recipe.name}: {len(recipe.seeds)} seed(s)")
+        e = recipe.evaluate
+        skills = list(e.skills) if e is not None else []
+        own = {s.name: s.name for s in recipe.sources if s.name in skills}
+        own.update(e.source_skills if e is not None else {})
+        diagnose = e is not None and e.diagnostics
+        trained = {seed: {name: path for name, kind, path, _ in eval_models(recipe, layout, seed)
+                          if kind != "merge"} for seed in recipe.seeds} if diagnose else {}
+        return cls(files, lm_eval, str(layout.report), f"{recipe.name}: {len(recipe.seeds)} seed(s)",
+                   skills, own, layout.model(recipe.pivot.model) if diagnose else "", trained,
+                   {s.name: str(layout.aligned(s.name)) for s in recipe.sources} if diagnose else {})
 
     def run(self, resume: bool, log: Log) -> None:
         from fusechat_merge.report import (
             aggregate_seeds,
+            compute_effects,
+            format_effects,
             format_results_table,
             lm_eval_rows,
             write_results_report,
@@ -303,9 +321,20 @@ class ReportJob:
                 rows += lm_eval_rows(name, kind, _lm_eval_metrics(Path(path)))
             groups.append(rows)
         base, *seeds = groups
-        results = aggregate_seeds([base + rows for rows in seeds])
-        write_results_report(results, Path(self.out), title=self.title)
+        per_seed = [base + rows for rows in seeds]
+        results = aggregate_seeds(per_seed)
+        effects = compute_effects(per_seed, self.own_skills, self.skills)
+        diagnostics = None
+        if self.pivot:
+            from fusechat_merge.diagnostics import collect_diagnostics, format_diagnostics
+
+            diagnostics = collect_diagnostics(self.pivot, self.trained, self.aligned, self.skills)
+        write_results_report(results, Path(self.out), title=self.title, effects=effects, diagnostics=diagnostics)
         log(format_results_table(results))
+        for text in (format_effects(effects), format_diagnostics(diagnostics) if diagnostics else ""):
+            if text:
+                log("")
+                log(text)
 
 
 def _lm_eval_metrics(path: Path) -> dict[str, dict[str, float]]:

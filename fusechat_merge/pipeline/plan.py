@@ -28,7 +28,7 @@ from fusechat_merge.pipeline.jobs import (
     fuse_stage_id,
 )
 from fusechat_merge.pipeline.layout import WorkDir
-from fusechat_merge.pipeline_recipe import PipelineRecipe, fingerprint
+from fusechat_merge.pipeline_recipe import REPORT_FIELDS, PipelineRecipe, fingerprint
 
 
 @dataclass
@@ -114,7 +114,8 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
         stages += merges[seed]
 
     if r.evaluate is not None:
-        eval_opts = r.evaluate.model_dump(exclude={"lm_eval"})  # lm-eval stages have their own keys
+        # lm-eval stages have their own keys; the report's own keys redo the report alone
+        eval_opts = r.evaluate.model_dump(exclude={"lm_eval", *REPORT_FIELDS})
         skills_sig = [file_signature(layout.resolve(f)) for f in r.evaluate.skills.values()]
         base = Stage("evaluate/base", "evaluate",
                      fingerprint("evaluate", eval_opts, skills_sig, [model_sig[n] for n in r.model_names()]),
@@ -128,8 +129,9 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
                                [u.id for u in up], [layout.scores(seed)], EvalJob.from_recipe(r, layout, seed)))
         if r.evaluate.lm_eval is not None:
             evals += _lm_eval_stages(r, layout, model_sig, targets, extra, merges)
-        report = Stage("evaluate/report", "evaluate", fingerprint("report", [e.key for e in evals]),
-                       [e.id for e in evals], [layout.report], ReportJob.from_recipe(r, layout))
+        report_key = fingerprint("report", [e.key for e in evals], r.evaluate.model_dump(include=set(REPORT_FIELDS)))
+        report = Stage("evaluate/report", "evaluate", report_key, [e.id for e in evals], [layout.report],
+                       ReportJob.from_recipe(r, layout))
         stages += [*evals, report]
     ids = {s.id for s in stages}
     unknown = sorted(set(r.resources.stages) - ids)
