@@ -23,22 +23,33 @@ from typing import Any
 
 
 def relative_update(model: str | Path, pivot: str | Path) -> float:
-    """‖θ − θ_pivot‖ / ‖θ_pivot‖ over the tensors both checkpoints hold (same shapes)."""
-    from safetensors.torch import load_file
+    """‖θ − θ_pivot‖ / ‖θ_pivot‖ over the tensors both checkpoints hold (same shapes), read
+    one tensor at a time (a 7B pair does not have to fit in memory at once)."""
+    from safetensors import safe_open
 
-    def weights(path: Path) -> dict[str, Any]:
-        tensors: dict[str, Any] = {}
+    def index(path: Path) -> dict[str, Path]:
+        keys: dict[str, Path] = {}
         for file in sorted(Path(path).glob("*.safetensors")):
-            tensors.update(load_file(str(file)))
-        return tensors
+            with safe_open(str(file), framework="pt") as handle:
+                keys.update(dict.fromkeys(handle.keys(), file))
+        return keys
 
-    a, b = weights(Path(model)), weights(Path(pivot))
-    shared = [k for k in a if k in b and a[k].shape == b[k].shape]
+    ours, theirs = index(Path(model)), index(Path(pivot))
+    diff = base = 0.0
+    shared = 0
+    for key, file in ours.items():
+        if key not in theirs:
+            continue
+        with safe_open(str(file), framework="pt") as a, safe_open(str(theirs[key]), framework="pt") as b:
+            x, y = a.get_tensor(key).double(), b.get_tensor(key).double()
+        if x.shape != y.shape:
+            continue
+        shared += 1
+        diff += float((x - y).pow(2).sum())
+        base += float(y.pow(2).sum())
     if not shared:
         raise ValueError(f"{model} and {pivot} share no tensors")
-    diff = math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in shared))
-    base = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in shared))
-    return diff / base if base else math.inf
+    return math.sqrt(diff) / math.sqrt(base) if base else math.inf
 
 
 def alignment_statistics(aligned: str | Path) -> dict[str, Any]:
