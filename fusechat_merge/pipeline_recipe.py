@@ -80,7 +80,20 @@ class LaunchSpec(_Strict):
     args: list[str] = Field(default_factory=list, description="More `accelerate launch` arguments.")
 
 
+class BaselinesSpec(_Strict):
+    """The paper's baselines, trained per seed beside the targets and evaluated like them."""
+
+    sft: bool = Field(False, description="SFT: the pivot trained on the same corpus and steps, "
+                      "CLM alone (`lm_weight: 1`); report rows of kind `sft`.")
+    multi: bool = Field(False, description="Multi: all sources fused into one model at once "
+                        "(every aligned store in one training); report rows of kind `multi`.")
+
+
+BASELINES = ("sft", "multi")  # their report names, and their folder names under WORK/baselines
+
+
 class FuseSpec(_Strict):
+    baselines: BaselinesSpec = Field(default_factory=BaselinesSpec)
     defaults: dict[str, Any] = Field(default_factory=dict, description="FusionConfig fields for every pair.")
     per_source: dict[str, dict[str, Any]] = Field(default_factory=dict)
     launch: LaunchSpec | None = Field(None, description="Run every fuse stage under accelerate launch.")
@@ -119,8 +132,16 @@ class MergeSpec(_Strict):
     dtype: str = "float32"
 
 
+REPORT_FIELDS = ("source_skills", "diagnostics")  # evaluate keys of the report alone
+
+
 class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
     skills: dict[str, str] = Field(default_factory=dict, description="skill name → held-out conversations")
+    source_skills: dict[str, str] = Field(
+        default_factory=dict, description="source → its own skill (a key of skills), for the "
+        "fusion effect; default: the skill named like the source.")
+    diagnostics: bool = Field(True, description="Write the fusion diagnostics into the report "
+                              "(update norms, alignment, MinCE picks, the fusion loss's share).")
     lm_eval: dict[str, Any] | None = Field(
         None, description="lm-evaluation-harness tasks scored on every model of the run "
         "(`fusion.lm_eval_runner.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
@@ -263,6 +284,10 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     names = recipe.model_names()
     if len(set(names)) != len(names):
         problems.append(f"{at('sources')}: model names must be unique, got {names}")
+    for baseline in BASELINES:
+        if getattr(recipe.fuse.baselines, baseline) and baseline in names:
+            problems.append(f"{at('fuse', 'baselines', baseline)}: a model is named {baseline!r}, "
+                            "the baseline's report name; rename it")
     specs = [(("pivot",), recipe.pivot)] + [(("sources", i), s) for i, s in enumerate(recipe.sources)]
     for loc, spec in specs:
         local = model_dir(spec.model, work_dir)
@@ -285,6 +310,12 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
         if not resolve(file, work_dir).exists():
             problems.append(f"{at('evaluate', 'skills', skill)}: {resolve(file, work_dir)} does not exist")
+    for source, skill in (recipe.evaluate.source_skills.items() if recipe.evaluate else []):
+        if source not in names[1:]:
+            problems.append(f"{at('evaluate', 'source_skills', source)}: no source named {source!r}")
+        elif skill not in recipe.evaluate.skills:  # type: ignore[union-attr]
+            problems.append(f"{at('evaluate', 'source_skills', source)}: no skill named {skill!r} in "
+                            "evaluate.skills")
     include = (recipe.evaluate.lm_eval or {}).get("include_path") if recipe.evaluate else None
     if include and not resolve(include, work_dir).is_dir():
         problems.append(f"{at('evaluate', 'lm_eval', 'include_path')}: {resolve(include, work_dir)} is not a folder")

@@ -408,6 +408,16 @@ def read_train_run(out: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def loss_parts(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The mean logged ``clm_loss`` and ``fuse_loss`` of a training run (None: not logged,
+    as in plain CLM training): the diagnostics' share of the fusion term."""
+    out: dict[str, float | None] = {}
+    for part in ("clm", "fuse"):
+        values = [float(e[f"{part}_loss"]) for e in log_history if f"{part}_loss" in e]
+        out[part] = sum(values) / len(values) if values else None
+    return out
+
+
 def publish_model(trainer: Trainer, tokenizer, out: Path) -> None:
     """Save the model and the pivot's tokenizer (chat template included) atomically:
     written to a hidden sibling directory, then moved into ``out``. Call it on every
@@ -427,7 +437,8 @@ def publish_model(trainer: Trainer, tokenizer, out: Path) -> None:
         "distributed_type": str(trainer.accelerator.distributed_type),
         "global_step": trainer.state.global_step,
         "global_batch": trainer.args.world_size * trainer.args.per_device_train_batch_size
-        * trainer.args.gradient_accumulation_steps})
+        * trainer.args.gradient_accumulation_steps,
+        "lm_weight": trainer.args.lm_weight, "loss_parts": loss_parts(trainer.state.log_history)})
     names = sorted(p.name for p in staging.iterdir())
     # config.json last: a directory with config.json and weights looks like a model
     for name in sorted(names, key=lambda n: n == "config.json"):

@@ -173,3 +173,49 @@ def test_lm_eval_tasks_score_every_model_once(work):
     again = run(work)
     assert all(v.startswith("skipped") for k, v in again.items() if k.startswith("evaluate/lm-eval/")), again
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.exists())
+
+
+def test_baselines_are_stages_trained_and_reported_like_targets(work, metaspace_tokenizer):
+    from fusechat_merge.demo.toy import make_model
+    from fusechat_merge.pipeline import plan_stages
+    from fusechat_merge.pipeline.layout import WorkDir
+
+    make_model(work / "models" / "other", "llama", tokenizer=metaspace_tokenizer, seed=3)
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["sources"].append({"name": "other", "model": "models/other"})
+    recipe["merges"] = recipe["merges"][1:]
+    recipe["fuse"]["baselines"] = {"sft": True, "multi": True}
+    recipe["evaluate"]["source_skills"] = {"qwen": "chat"}
+    write_recipe(work, recipe)
+    plan = {s.id: s for s in plan_stages(load_pipeline_recipe(work / "recipe.yaml", work), WorkDir(work))}
+    sft, multi = plan["baseline/seed-0/sft"], plan["baseline/seed-0/multi"]
+    assert sft.kind == multi.kind == "fuse"
+    assert sft.job.settings["lm_weight"] == 1.0 and sft.after == ["align/qwen"]
+    assert "lm_weight" not in multi.job.settings and multi.after == ["align/qwen", "align/other"]
+    assert len(multi.job.aligned) == 2 and {"baseline/seed-0/sft", "baseline/seed-0/multi"} <= set(
+        plan["evaluate/seed-0"].after)
+    statuses = run(work)
+    assert statuses["baseline/seed-0/sft"] == statuses["baseline/seed-0/multi"] == "ran"
+    results = json.loads((work / "report" / "results.json").read_text())["results"]
+    kinds = {r["model"]: r["kind"] for r in results}
+    assert kinds["sft"] == "sft" and kinds["multi"] == "multi" and kinds["target:other"] == "target"
+    report = json.loads((work / "report" / "results.json").read_text())
+    fusion = {(e["model"], e["skill"]): e for e in report["effects"]["fusion"]}
+    assert set(fusion) == {("target:qwen", "chat"), ("multi", "chat")}
+    assert fusion["target:qwen", "chat"]["loss"]["mean"] is not None
+    assert [(e["model"], e["skill"]) for e in report["effects"]["merge"]] == [("merge:linear", "chat"),
+                                                                              ("merge:linear", "mean")]
+    diagnostics = report["diagnostics"]
+    assert set(diagnostics["update"]) == {"target:qwen", "target:other", "sft", "multi"}
+    assert all(u["mean"] > 0 for u in diagnostics["update"].values())
+    assert diagnostics["loss"]["sft"][0]["fuse_share"] == 0.0
+    assert 0 < diagnostics["loss"]["multi"][0]["fuse_share"] < 1
+    assert diagnostics["mince"]["qwen"]["all"]["sequences"] == 12
+    assert diagnostics["alignment"]["qwen"]["aligned_fraction"] > 0
+    markdown = (work / "report" / "results.md").read_text()
+    assert "Fusion effect" in markdown and "Relative update" in markdown
+
+    recipe["sources"][1]["name"] = "sft"
+    write_recipe(work, recipe)
+    with pytest.raises(ValueError, match="fuse.baselines.sft"):
+        load_pipeline_recipe(work / "recipe.yaml", work)

@@ -281,3 +281,40 @@ def test_format_results_table_is_aligned():
     assert plus_minus[1] == plus_minus[2] == plus_minus[0][:2]  # no chat result: "-"
     assert body[1].endswith(" -") and body[2].endswith(" -")
     assert "12.5000 ± 0.5000" in body[2]
+
+
+def test_effects_are_per_seed_differences_with_their_spread():
+    from fusechat_merge.report import compute_effects, format_effects
+
+    def seed(sft, t_a, t_b, merge):  # exact match on skills a and b per model
+        rows = []
+        for model, kind, (a, b) in (("sft", "sft", sft), ("target:a", "target", t_a), ("target:b", "target", t_b),
+                                    ("merge:sce", "merge", merge)):
+            for skill, em in (("a", a), ("b", b)):
+                rows.append({"model": model, "kind": kind, "skill": skill, "loss": 1.0 - em})
+                rows.append({"model": model, "kind": kind, "skill": f"fusechat_{skill}_gen/exact_match",
+                             "value": em})
+        return rows
+
+    effects = compute_effects([seed((0.1, 0.2), (0.5, 0.2), (0.1, 0.6), (0.4, 0.3)),
+                               seed((0.1, 0.2), (0.7, 0.2), (0.1, 0.8), (0.35, 0.4))],
+                              {"a": "a", "b": "b"}, ["a", "b"])
+    fusion = {e["model"]: e for e in effects["fusion"]}
+    assert fusion["target:a"]["skill"] == "a"
+    assert fusion["target:a"]["em"]["mean"] == pytest.approx(0.5)  # 0.4 and 0.6 over SFT
+    assert fusion["target:a"]["em"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert fusion["target:b"]["loss"]["mean"] == pytest.approx(-0.5)
+    merge = {e["skill"]: e for e in effects["merge"]}
+    assert merge["a"]["em"]["mean"] == pytest.approx(((0.4 - 0.5) + (0.35 - 0.7)) / 2)
+    assert merge["a"]["kept"]["mean"] == pytest.approx((0.4 / 0.5 + 0.35 / 0.7) / 2)
+    # on the mean: the merge's mean over skills against the best target's mean over skills
+    assert merge["mean"]["em"]["mean"] == pytest.approx(((0.35 - 0.35) + (0.375 - 0.45)) / 2)
+    text = format_effects(effects)
+    assert "| target:a | a | +0.500 ± 0.141 |" in text and "Merge effect" in text
+
+
+def test_no_sft_no_fusion_effect():
+    from fusechat_merge.report import compute_effects
+
+    rows = [{"model": "target:a", "kind": "target", "skill": "a", "loss": 1.0}]
+    assert compute_effects([rows], {"a": "a"}, ["a"]) == {"fusion": [], "merge": []}

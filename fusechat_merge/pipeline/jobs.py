@@ -7,6 +7,7 @@ inside ``run``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from typing import Any
 
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline_recipe import (
+    BASELINES,
     ENGINE_FIELDS,
+    REPORT_FIELDS,
     MergeSpec,
     ModelSpec,
     PipelineRecipe,
@@ -95,6 +98,18 @@ class FuseJob:
                    str(layout.target(seed, source)), fuse_settings(recipe, seed, source), launch,
                    str(layout.log(stage_id)), str(layout.launch_config(stage_id)))
 
+    @classmethod
+    def baseline(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, name: str) -> FuseJob:
+        """A baseline of one seed: ``sft`` (the pivot on the first source's aligned store, the
+        same corpus and steps as a target, CLM alone) or ``multi`` (every source's aligned
+        store in one training). Launched like the targets (``fuse.launch``)."""
+        stage_id = baseline_stage_id(seed, name)
+        stores = [recipe.sources[0].name] if name == "sft" else [s.name for s in recipe.sources]
+        launch = None if recipe.fuse.launch is None else recipe.fuse.launch.model_dump()
+        return cls(layout.model(recipe.pivot.model), [str(layout.aligned(s)) for s in stores],
+                   str(layout.baseline(seed, name)), baseline_settings(recipe, seed, name), launch,
+                   str(layout.log(stage_id)), str(layout.launch_config(stage_id)))
+
     def training_options(self) -> dict[str, Any]:
         """The pipeline's defaults under the recipe's options (the same in-process and launched)."""
         return {"disable_tqdm": True, "save_strategy": "no", **self.settings}
@@ -122,6 +137,21 @@ def fuse_stage_id(seed: int, source: str) -> str:
 def fuse_settings(recipe: PipelineRecipe, seed: int, source: str) -> dict[str, Any]:
     """The training options of one pair: the recipe's defaults, its per-source ones, the seed."""
     return {**recipe.fuse.defaults, **recipe.fuse.per_source.get(source, {}), "seed": seed}
+
+
+def baseline_stage_id(seed: int, name: str) -> str:
+    return f"baseline/seed-{seed}/{name}"
+
+
+def baselines(recipe: PipelineRecipe) -> list[str]:
+    """The baselines the recipe asks for (``fuse.baselines``), in report order."""
+    return [name for name in BASELINES if getattr(recipe.fuse.baselines, name)]
+
+
+def baseline_settings(recipe: PipelineRecipe, seed: int, name: str) -> dict[str, Any]:
+    """A baseline's training options: the recipe's defaults and the seed; SFT with
+    ``lm_weight`` 1 (the causal-LM loss alone)."""
+    return {**recipe.fuse.defaults, "seed": seed, **({"lm_weight": 1.0} if name == "sft" else {})}
 
 
 def fuse_launch(recipe: PipelineRecipe, source: str) -> dict[str, Any] | None:
@@ -187,7 +217,7 @@ class EvalJob:
         assert recipe.evaluate is not None
         e = recipe.evaluate
         models = eval_models(recipe, layout, seed)
-        options = EvalOptions(**e.model_dump(exclude={"skills", "lm_eval"}))
+        options = EvalOptions(**e.model_dump(exclude={"skills", "lm_eval", *REPORT_FIELDS}))
         return cls(models, {k: str(layout.resolve(v)) for k, v in e.skills.items()}, options,
                    str(layout.scores(seed)), str(layout.datasets_cache))
 
@@ -207,14 +237,15 @@ class EvalJob:
 
 def eval_models(recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> list[tuple[str, str, str, str]]:
     """(report name, kind, path, template) of the models scored in one evaluation group: the
-    pivot and sources (``seed`` None), or one seed's targets and merges."""
+    pivot and sources (``seed`` None), or one seed's targets, baselines and merges."""
     pivot_template = recipe.pivot.template
     if seed is None:
         return [(recipe.pivot.name, "pivot", layout.model(recipe.pivot.model), pivot_template)] + [
             (s.name, "source", layout.model(s.model), s.template) for s in recipe.sources]
-    # targets and merges share the pivot's tokenizer and template
+    # targets, baselines and merges share the pivot's tokenizer and template
     return [(f"target:{s.name}", "target", str(layout.target(seed, s.name)), pivot_template)
             for s in recipe.sources] + [
+        (name, name, str(layout.baseline(seed, name)), pivot_template) for name in baselines(recipe)] + [
         (f"merge:{m.name}", "merge", str(layout.merged(seed, m.name)), pivot_template) for m in recipe.merges]
 
 
@@ -249,6 +280,11 @@ class ReportJob:
     lm_eval: list[list[tuple[str, str, str]]]  # per group (base, seeds): (model, kind, results file)
     out: str
     title: str
+    skills: list[str] = dataclasses.field(default_factory=list)  # held-out skills (the effects)
+    own_skills: dict[str, str] = dataclasses.field(default_factory=dict)  # source → its skill
+    pivot: str = ""  # the diagnostics ("": none)
+    trained: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)  # seed → name → dir
+    aligned: dict[str, str] = dataclasses.field(default_factory=dict)  # source → aligned store
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir) -> ReportJob:
@@ -257,11 +293,22 @@ class ReportJob:
         with_lm_eval = recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
         lm_eval = [[(name, kind, str(layout.lm_eval_scores(g, name))) for name, kind, _, _ in
                     eval_models(recipe, layout, g)] if with_lm_eval else [] for g in groups]
-        return cls(files, lm_eval, str(layout.report), f"{recipe.name}: {len(recipe.seeds)} seed(s)")
+        e = recipe.evaluate
+        skills = list(e.skills) if e is not None else []
+        own = {s.name: s.name for s in recipe.sources if s.name in skills}
+        own.update(e.source_skills if e is not None else {})
+        diagnose = e is not None and e.diagnostics
+        trained = {seed: {name: path for name, kind, path, _ in eval_models(recipe, layout, seed)
+                          if kind != "merge"} for seed in recipe.seeds} if diagnose else {}
+        return cls(files, lm_eval, str(layout.report), f"{recipe.name}: {len(recipe.seeds)} seed(s)",
+                   skills, own, layout.model(recipe.pivot.model) if diagnose else "", trained,
+                   {s.name: str(layout.aligned(s.name)) for s in recipe.sources} if diagnose else {})
 
     def run(self, resume: bool, log: Log) -> None:
         from fusechat_merge.report import (
             aggregate_seeds,
+            compute_effects,
+            format_effects,
             format_results_table,
             lm_eval_rows,
             write_results_report,
@@ -274,9 +321,20 @@ class ReportJob:
                 rows += lm_eval_rows(name, kind, _lm_eval_metrics(Path(path)))
             groups.append(rows)
         base, *seeds = groups
-        results = aggregate_seeds([base + rows for rows in seeds])
-        write_results_report(results, Path(self.out), title=self.title)
+        per_seed = [base + rows for rows in seeds]
+        results = aggregate_seeds(per_seed)
+        effects = compute_effects(per_seed, self.own_skills, self.skills)
+        diagnostics = None
+        if self.pivot:
+            from fusechat_merge.diagnostics import collect_diagnostics, format_diagnostics
+
+            diagnostics = collect_diagnostics(self.pivot, self.trained, self.aligned, self.skills)
+        write_results_report(results, Path(self.out), title=self.title, effects=effects, diagnostics=diagnostics)
         log(format_results_table(results))
+        for text in (format_effects(effects), format_diagnostics(diagnostics) if diagnostics else ""):
+            if text:
+                log("")
+                log(text)
 
 
 def _lm_eval_metrics(path: Path) -> dict[str, dict[str, float]]:

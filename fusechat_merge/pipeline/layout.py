@@ -10,7 +10,7 @@ from fusechat_merge.model_refs import looks_like_hub_id, model_dir
 
 @dataclass(frozen=True)
 class WorkDir:
-    """``WORK/{logits,aligned,targets,merges,eval,report,stages,logs}/...``; relative recipe
+    """``WORK/{logits,aligned,targets,baselines,merges,eval,report,stages,logs}/...``; relative recipe
     paths resolve against ``root``."""
 
     root: Path
@@ -39,6 +39,10 @@ class WorkDir:
 
     def target(self, seed: int, source: str) -> Path:
         return self.root / "targets" / f"seed-{seed}" / source
+
+    def baseline(self, seed: int, name: str) -> Path:
+        """A baseline model of one seed (``sft``, ``multi``)."""
+        return self.root / "baselines" / f"seed-{seed}" / name
 
     def merged(self, seed: int, merge: str) -> Path:
         return self.root / "merges" / f"seed-{seed}" / merge

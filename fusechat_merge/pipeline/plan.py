@@ -19,13 +19,16 @@ from fusechat_merge.pipeline.jobs import (
     LogitsJob,
     MergeJob,
     ReportJob,
+    baseline_settings,
+    baseline_stage_id,
+    baselines,
     eval_models,
     fuse_launch,
     fuse_settings,
     fuse_stage_id,
 )
 from fusechat_merge.pipeline.layout import WorkDir
-from fusechat_merge.pipeline_recipe import PipelineRecipe, fingerprint
+from fusechat_merge.pipeline_recipe import REPORT_FIELDS, PipelineRecipe, fingerprint
 
 
 @dataclass
@@ -88,6 +91,17 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
                                              FuseJob.from_recipe(r, layout, seed, spec.name))
     stages += targets.values()
 
+    extra: dict[tuple[int, str], Stage] = {}  # the baselines (fuse.baselines), per seed
+    launch = [r.fuse.launch.model_dump()] if r.fuse.launch else []
+    for seed in r.seeds:
+        for name in baselines(r):
+            up = [aligned[r.sources[0].name]] if name == "sft" else list(aligned.values())
+            key = fingerprint("fuse", baseline_settings(r, seed, name), [u.key for u in up],
+                              model_sig[r.pivot.name], *launch)
+            extra[seed, name] = Stage(baseline_stage_id(seed, name), "fuse", key, [u.id for u in up],
+                                      [layout.baseline(seed, name)], FuseJob.baseline(r, layout, seed, name))
+    stages += extra.values()
+
     merges: dict[int, list[Stage]] = {}
     for seed in r.seeds:
         up = [targets[seed, s.name] for s in r.sources]
@@ -100,21 +114,24 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
         stages += merges[seed]
 
     if r.evaluate is not None:
-        eval_opts = r.evaluate.model_dump(exclude={"lm_eval"})  # lm-eval stages have their own keys
+        # lm-eval stages have their own keys; the report's own keys redo the report alone
+        eval_opts = r.evaluate.model_dump(exclude={"lm_eval", *REPORT_FIELDS})
         skills_sig = [file_signature(layout.resolve(f)) for f in r.evaluate.skills.values()]
         base = Stage("evaluate/base", "evaluate",
                      fingerprint("evaluate", eval_opts, skills_sig, [model_sig[n] for n in r.model_names()]),
                      [], [layout.scores(None)], EvalJob.from_recipe(r, layout, None))
         evals = [base]
         for seed in r.seeds:
-            up = [targets[seed, s.name] for s in r.sources] + merges[seed]
+            up = ([targets[seed, s.name] for s in r.sources] + [extra[seed, b] for b in baselines(r)]
+                  + merges[seed])
             evals.append(Stage(f"evaluate/seed-{seed}", "evaluate",
                                fingerprint("evaluate", eval_opts, skills_sig, [u.key for u in up]),
                                [u.id for u in up], [layout.scores(seed)], EvalJob.from_recipe(r, layout, seed)))
         if r.evaluate.lm_eval is not None:
-            evals += _lm_eval_stages(r, layout, model_sig, targets, merges)
-        report = Stage("evaluate/report", "evaluate", fingerprint("report", [e.key for e in evals]),
-                       [e.id for e in evals], [layout.report], ReportJob.from_recipe(r, layout))
+            evals += _lm_eval_stages(r, layout, model_sig, targets, extra, merges)
+        report_key = fingerprint("report", [e.key for e in evals], r.evaluate.model_dump(include=set(REPORT_FIELDS)))
+        report = Stage("evaluate/report", "evaluate", report_key, [e.id for e in evals], [layout.report],
+                       ReportJob.from_recipe(r, layout))
         stages += [*evals, report]
     ids = {s.id for s in stages}
     unknown = sorted(set(r.resources.stages) - ids)
@@ -127,7 +144,8 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
 
 
 def _lm_eval_stages(r: PipelineRecipe, layout: WorkDir, model_sig: dict[str, Any],
-                    targets: dict[tuple[int, str], Stage], merges: dict[int, list[Stage]]) -> list[Stage]:
+                    targets: dict[tuple[int, str], Stage], extra: dict[tuple[int, str], Stage],
+                    merges: dict[int, list[Stage]]) -> list[Stage]:
     """One lm-eval stage per model: a model already scored with the same settings (its key:
     the lm-eval settings and the model's own key) is not scored again."""
     from fusion.lm_eval_runner import LmEvalOptions
@@ -140,8 +158,13 @@ def _lm_eval_stages(r: PipelineRecipe, layout: WorkDir, model_sig: dict[str, Any
             if seed is None:
                 upstream, model_key = [], model_sig[name]
             else:
-                kind, short = name.split(":", 1)
-                stage = targets[seed, short] if kind == "target" else merges[seed][merge_names.index(short)]
+                kind, _, short = name.partition(":")
+                if kind == "target":
+                    stage = targets[seed, short]
+                elif kind == "merge":
+                    stage = merges[seed][merge_names.index(short)]
+                else:  # a baseline: its report name is its kind
+                    stage = extra[seed, name]
                 upstream, model_key = [stage.id], stage.key
             result = layout.lm_eval_scores(seed, name)
             group = "base" if seed is None else f"seed-{seed}"

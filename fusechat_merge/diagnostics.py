@@ -1,0 +1,149 @@
+"""Why an effect appears or not: what the report says about the fusion itself.
+
+* ``update``: each trained model's relative update ‖θ − θ_pivot‖ / ‖θ_pivot‖ (all
+  parameters the two share, as one vector), per seed; FuseChat's regime keeps it small;
+* ``alignment``: per source, the share of pivot positions that got a source distribution
+  (the aligned store manifest's statistics);
+* ``mince``: per source and skill, how often MinCE picks the source over the pivot
+  (sequence CE of the source below the pivot's; ties go to the pivot, as in
+  `fusion.losses.mince_choice`); a sequence's skill is the skill its id starts with;
+* ``loss``: per trained model and seed, the mean logged CLM and fusion losses and the
+  fusion term's share of the objective, (1 − λ)·L_fuse / (λ·L_CLM + (1 − λ)·L_fuse): the
+  share of the loss, not a measured share of the gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def relative_update(model: str | Path, pivot: str | Path) -> float:
+    """‖θ − θ_pivot‖ / ‖θ_pivot‖ over the tensors both checkpoints hold (same shapes), read
+    one tensor at a time (a 7B pair does not have to fit in memory at once)."""
+    from safetensors import safe_open
+
+    def index(path: Path) -> dict[str, Path]:
+        keys: dict[str, Path] = {}
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                keys.update(dict.fromkeys(handle.keys(), file))
+        return keys
+
+    ours, theirs = index(Path(model)), index(Path(pivot))
+    diff = base = 0.0
+    shared = 0
+    for key, file in ours.items():
+        if key not in theirs:
+            continue
+        with safe_open(str(file), framework="pt") as a, safe_open(str(theirs[key]), framework="pt") as b:
+            x, y = a.get_tensor(key).double(), b.get_tensor(key).double()
+        if x.shape != y.shape:
+            continue
+        shared += 1
+        diff += float((x - y).pow(2).sum())
+        base += float(y.pow(2).sum())
+    if not shared:
+        raise ValueError(f"{model} and {pivot} share no tensors")
+    return math.sqrt(diff) / math.sqrt(base) if base else math.inf
+
+
+def alignment_statistics(aligned: str | Path) -> dict[str, Any]:
+    """The aligned store's statistics (aligned and fallback fractions, entries kept)."""
+    manifest = json.loads((Path(aligned) / "manifest.json").read_text(encoding="utf-8"))
+    return dict((manifest.get("alignment") or {}).get("statistics") or {})
+
+
+def mince_picks(aligned: str | Path, skills: Sequence[str]) -> dict[str, Any]:
+    """Per skill (and ``all``): the share of sequences where MinCE picks the source, and
+    the mean sequence CE of the pivot and of the source there."""
+    from fusion.artifacts.aligned_store import AlignedStore
+
+    data = AlignedStore(aligned).dataset
+    ids = [str(x) for x in data["id"]]
+    pivot_ce = [float(x) for x in data["seq_ce"]]
+    source_ce = [float(x) for x in data["src_seq_ce"]]
+    out: dict[str, Any] = {}
+    for skill in [*skills, "all"]:
+        rows = [i for i, name in enumerate(ids) if skill == "all" or name.startswith(skill)]
+        if not rows:
+            continue
+        picks = [not math.isnan(source_ce[i]) and source_ce[i] < pivot_ce[i] for i in rows]
+        out[skill] = {"sequences": len(rows), "source_picked": sum(picks) / len(rows),
+                      "pivot_ce": statistics.fmean(pivot_ce[i] for i in rows),
+                      "source_ce": _nanmean([source_ce[i] for i in rows])}
+    return out
+
+
+def _nanmean(values: Sequence[float]) -> float | None:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(kept) if kept else None
+
+
+def loss_share(model: str | Path) -> dict[str, Any]:
+    """A trained model's mean CLM and fusion losses (its ``train_run.json``) and the
+    fusion term's share of the objective."""
+    from fusion.trainer import read_train_run
+
+    run = read_train_run(model)
+    parts = run.get("loss_parts") or {}
+    lm_weight, clm, fuse = run.get("lm_weight"), parts.get("clm"), parts.get("fuse")
+    share = None
+    if lm_weight is not None and lm_weight >= 1.0:
+        share = 0.0
+    elif None not in (lm_weight, clm, fuse):
+        weighted = (1.0 - lm_weight) * fuse
+        total = lm_weight * clm + weighted
+        share = weighted / total if total else None
+    return {"clm_loss": clm, "fuse_loss": fuse, "lm_weight": lm_weight, "fuse_share": share}
+
+
+def collect_diagnostics(pivot: str, models: Mapping[int, Mapping[str, str]], aligned: Mapping[str, str],
+                        skills: Sequence[str]) -> dict[str, Any]:
+    """The diagnostics of a run: ``models`` maps seed → report name → trained model
+    directory (targets and baselines), ``aligned`` source → aligned store."""
+    update: dict[str, list[float]] = {}
+    loss: dict[str, list[dict[str, Any]]] = {}
+    for seed in sorted(models):
+        for name, path in models[seed].items():
+            update.setdefault(name, []).append(relative_update(path, pivot))
+            loss.setdefault(name, []).append({"seed": seed, **loss_share(path)})
+    return {
+        "update": {n: {"per_seed": v, "mean": statistics.fmean(v),
+                       "std": statistics.stdev(v) if len(v) > 1 else 0.0} for n, v in update.items()},
+        "alignment": {s: alignment_statistics(p) for s, p in aligned.items()},
+        "mince": {s: mince_picks(p, skills) for s, p in aligned.items()},
+        "loss": loss,
+    }
+
+
+def format_diagnostics(diagnostics: Mapping[str, Any]) -> str:
+    """The diagnostics as Markdown tables."""
+    lines = ["Relative update ‖θ − θ_pivot‖ / ‖θ_pivot‖ (mean ± std over seeds) and the fusion "
+             "term's share of the objective (1−λ)·L_fuse / (λ·L_CLM + (1−λ)·L_fuse), mean over seeds:", "",
+             "| model | relative update | CLM loss | fusion loss | fusion share |", "|---|---:|---:|---:|---:|"]
+
+    def mean(entries: Sequence[Mapping[str, Any]], key: str, digits: int) -> str:
+        values = [e[key] for e in entries if e.get(key) is not None]
+        return f"{statistics.fmean(values):.{digits}f}" if values else "-"
+
+    for name, u in diagnostics.get("update", {}).items():
+        parts = diagnostics.get("loss", {}).get(name, [])
+        lines.append(f"| {name} | {u['mean']:.4f} ± {u['std']:.4f} | {mean(parts, 'clm_loss', 4)} | "
+                     f"{mean(parts, 'fuse_loss', 4)} | {mean(parts, 'fuse_share', 3)} |")
+    lines += ["", "Alignment and MinCE per source (MinCE: share of sequences where the source's "
+              "sequence CE is below the pivot's, so that its distribution is the fusion target):", "",
+              "| source | aligned positions | skill | sequences | source picked | pivot CE | source CE |",
+              "|---|---:|---|---:|---:|---:|---:|"]
+    for source, per_skill in diagnostics.get("mince", {}).items():
+        aligned = diagnostics.get("alignment", {}).get(source, {}).get("aligned_fraction")
+        share = "-" if aligned is None else f"{aligned:.1%}"
+        for skill, m in per_skill.items():
+            src = "-" if m["source_ce"] is None else f"{m['source_ce']:.3f}"
+            lines.append(f"| {source} | {share} | {skill} | {m['sequences']} | {m['source_picked']:.1%} | "
+                         f"{m['pivot_ce']:.3f} | {src} |")
+    return "\n".join(lines)
