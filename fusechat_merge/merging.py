@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ import click
 
 from fusechat_merge import METHOD_NAME, __version__
 from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
-from fusion.artifacts.atomic import publish_dir
+from fusion.artifacts.atomic import partial_dir, publish_dir
+from fusion.artifacts.provenance import overlap
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""
@@ -176,16 +176,6 @@ def resolve_hub_models(config, cache_dir: str | None = None) -> tuple[Any, dict[
 # --- the output directory -------------------------------------------------------------
 
 
-def _overlaps(a: Path, b: Path) -> str | None:
-    if a == b:
-        return "is"
-    if b in a.parents:
-        return "lies inside"
-    if a in b.parents:
-        return "contains"
-    return None
-
-
 def is_merge_output(path: Path) -> bool:
     """True when ``path`` is a merge this tool published (it holds `OUTPUT_MARKER`)."""
     return _read_marker(path / OUTPUT_MARKER) is not None
@@ -203,7 +193,7 @@ def check_output_dir(out: Path, sources: Mapping[str, Path]) -> None:
     """Refuse an output that overlaps an input, or an existing directory not ours."""
     real = out.resolve()
     for written, local in sources.items():
-        relation = _overlaps(real, local.resolve())
+        relation = overlap(real, local.resolve())
         if relation is not None:
             where = "" if str(local) == written else f" ({local})"
             raise MergeInputError(
@@ -275,7 +265,7 @@ def _make_parents(parent: Path) -> list[Path]:
 
 
 def _make_partial(out: Path) -> Path:
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial = partial_dir(out)
     marker = {"tool": TOOL, "version": __version__, "out": str(out), "pid": os.getpid(),
               "host": socket.gethostname()}
     (partial / PARTIAL_MARKER).write_text(json.dumps(marker), encoding="utf-8")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -75,14 +74,3 @@ def model_dir(ref: str, work_dir: Path) -> Path | None:
     if local.exists() or not names_hub_model(ref, work_dir):
         return local
     return cached_snapshot(*split_ref(ref))
-
-
-def has_chat_template(model: Path) -> bool:
-    """Whether the tokenizer saved in ``model`` carries a chat template (read, not loaded)."""
-    if (model / "chat_template.jinja").is_file() or (model / "chat_template.json").is_file():
-        return True
-    config = model / "tokenizer_config.json"
-    try:
-        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
-    except (OSError, ValueError):
-        return False

@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fusechat_merge.model_refs import has_chat_template, looks_like_hub_id, model_dir
+from fusechat_merge.model_refs import looks_like_hub_id, model_dir
 from fusechat_merge.option_forms import recipe_section
 from fusechat_merge.recipe_keys import key_path, line_map
+from fusion.artifacts.provenance import has_chat_template
 from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fusion.artifacts.atomic import write_text_atomic
+from fusion.artifacts.provenance import has_chat_template
 from fusion.options import BACKENDS, check_options, option
 
 EXTRA_HINT = "pip install 'fusechat-merge[eval]'"
@@ -222,17 +224,8 @@ def check_include_path(include_path: str | os.PathLike | None) -> Path | None:
 def check_chat_template(model: str) -> None:
     """A local model asked to use its chat template must have one (hub ids are not checked)."""
     path = Path(model).expanduser()
-    if not path.is_dir():
+    if not path.is_dir() or has_chat_template(path):
         return
-    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
-        return
-    config = path / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            if json.loads(config.read_text(encoding="utf-8")).get("chat_template"):
-                return
-        except (ValueError, AttributeError):
-            pass
     raise LmEvalError(f"--apply-chat-template: the tokenizer of {model} has no chat template")
 
 
@@ -400,16 +393,8 @@ def results_json(results: Mapping[str, Any]) -> str:
 
 
 def write_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write the results JSON via a temporary file in the same folder, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(results_json(results) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write the results JSON atomically (a reader never sees half of it)."""
+    return write_text_atomic(path, results_json(results) + "\n")
 
 
 def format_table(results: Mapping[str, Any]) -> str:

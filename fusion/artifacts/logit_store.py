@@ -50,7 +50,9 @@ import pyarrow as pa
 import pyarrow.compute as pc  # a submodule: ``import pyarrow`` alone does not load it
 
 from fusion.artifacts.atomic import (
+    apply_umask,
     atomic_path,
+    partial_dir,
     stale_temp_files,
     write_json_atomic,
     write_text_atomic,
@@ -541,7 +543,6 @@ def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     file systems) and renumbered in a hidden sibling directory renamed to ``out`` when
     complete, so no half-merged store ever looks finished.
     """
-    import tempfile
 
     if not parts:
         raise StoreError("no stores to merge")
@@ -559,8 +560,7 @@ def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     for stale in out.parent.glob(f".{out.name}.partial-*"):  # a killed merge's leftovers
         if (stale / ".logits-merge").is_file():
             shutil.rmtree(stale, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = partial_dir(out)
     try:
         (tmp / ".logits-merge").write_text(str(os.getpid()), encoding="utf-8")
         index = 0
@@ -581,9 +581,7 @@ def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike
         write_json_atomic(tmp / RUN_FILE, asdict(options))
         (tmp / ".logits-merge").unlink()
         manifest = finish_run(tmp, options, skipped, rows=rows)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)
+        apply_umask(tmp)
         tmp.rename(out)  # onto a missing or empty directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

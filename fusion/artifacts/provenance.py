@@ -19,6 +19,7 @@ A hub id is recorded as ``hub:<id>`` (nothing local to read).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -99,6 +100,28 @@ def require_model_dir(name: str, what: str = "model") -> None:
         raise InputError(f"{what} path {name} does not exist")
 
 
+def overlap(out: Path, source: Path) -> str | None:
+    """How the resolved path ``out`` relates to ``source``: ``is``, ``lies inside``,
+    ``contains``, or None when writing ``out`` cannot touch ``source``."""
+    if out == source:
+        return "is"
+    if source in out.parents:
+        return "lies inside"
+    if out in source.parents:
+        return "contains"
+    return None
+
+
+def has_chat_template(model: Path) -> bool:
+    """Whether the tokenizer saved in ``model`` carries a chat template (read, not loaded)."""
+    if (model / "chat_template.jinja").is_file() or (model / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_outputs(out: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
     """Refuse an output that is, lies inside, or contains one of ``inputs`` (name → path).
 
@@ -111,10 +134,10 @@ def check_outputs(out: str | os.PathLike[str], inputs: Mapping[str, str | os.Pat
         source = Path(value).expanduser()
         if not source.exists():
             continue
-        source = source.resolve()
-        if target == source:
+        relation = overlap(target, source.resolve())
+        if relation == "is":
             raise InputError(f"--out {out} is the {name} ({value}); choose another output directory")
-        if source in target.parents:
+        if relation == "lies inside":
             raise InputError(f"--out {out} lies inside the {name} ({value}); choose a directory outside it")
-        if target in source.parents:
+        if relation == "contains":
             raise InputError(f"--out {out} contains the {name} ({value}); choose a directory that does not")
