@@ -249,6 +249,15 @@ def eval_models(recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> li
         (f"merge:{m.name}", "merge", str(layout.merged(seed, m.name)), pivot_template) for m in recipe.merges]
 
 
+def lm_eval_options(recipe: PipelineRecipe, layout: WorkDir) -> dict[str, Any]:
+    """The recipe's ``evaluate.lm_eval`` mapping, its include path resolved in the work dir."""
+    assert recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
+    options = dict(recipe.evaluate.lm_eval)
+    if options.get("include_path"):
+        options["include_path"] = str(layout.resolve(options["include_path"]))
+    return options
+
+
 @dataclass
 class LmEvalJob:
     """Score one model on the recipe's lm-eval tasks (`fusion.lm_eval_runner.run_lm_eval`)."""
@@ -259,11 +268,7 @@ class LmEvalJob:
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, model: str, out: Path) -> LmEvalJob:
-        assert recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
-        options = dict(recipe.evaluate.lm_eval)
-        if options.get("include_path"):
-            options["include_path"] = str(layout.resolve(options["include_path"]))
-        return cls(model, options, str(out))
+        return cls(model, lm_eval_options(recipe, layout), str(out))
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.lm_eval_runner import LmEvalOptions, require_lm_eval, run_lm_eval, write_results

@@ -26,6 +26,7 @@ from fusechat_merge.pipeline.jobs import (
     fuse_launch,
     fuse_settings,
     fuse_stage_id,
+    lm_eval_options,
 )
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline_recipe import REPORT_FIELDS, PipelineRecipe, fingerprint
@@ -150,7 +151,7 @@ def _lm_eval_stages(r: PipelineRecipe, layout: WorkDir, model_sig: dict[str, Any
     the lm-eval settings and the model's own key) is not scored again."""
     from fusion.lm_eval_runner import LmEvalOptions
 
-    settings = LmEvalOptions.from_mapping(LmEvalJob.from_recipe(r, layout, "", Path()).options).settings()
+    settings = LmEvalOptions.from_mapping(lm_eval_options(r, layout)).settings()
     merge_names = [m.name for m in r.merges]
     out = []
     for seed in [None, *r.seeds]:
