@@ -6,7 +6,9 @@ Two steps, both pure functions here (`align_stores` in `fusion.align_job` does t
    aligned, not input tokens: pivot position j and source position i correspond when the
    pivot token j + 1 and the source token i + 1 *start at the same character* of the same
    assistant reply. Where the pivot's next token starts inside a source token (no source
-   token boundary there), no source distribution predicts it.
+   token boundary there), no source distribution predicts it. Template whitespace just
+   before a reply (Llama's space, ChatML's newline) is each template's own text: it pairs
+   only with the same text on the other side.
 
    * ``offsets`` (default) reads the character spans stored with each token: exact.
    * ``dtw`` aligns the decoded token strings of each reply by edit-distance DTW
@@ -30,7 +32,7 @@ these cases; a one-hot would teach certainty the source never expressed).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,10 @@ class TokenView:
     loss_mask: np.ndarray  # (T,) bool
     token_offsets: np.ndarray  # (T, 2)
     reply_spans: np.ndarray  # (R, 2)
+    # canonical text of every id of the tokenizer (`fusion.vocab_map.piece_texts`; for one
+    # tokenizer the ids themselves), needed to pair the template whitespace in front of a
+    # reply across tokenizers; None pairs none
+    texts: Sequence[Hashable] | None = None
 
     @property
     def positions(self) -> np.ndarray:
@@ -90,6 +96,30 @@ def boundary_keys(view: TokenView, tokens: np.ndarray) -> np.ndarray:
     return np.where(reply >= 0, keys, -1)
 
 
+def _lead_texts_agree(
+    pivot: TokenView, p_tokens: np.ndarray, source: TokenView, s_tokens: np.ndarray
+) -> np.ndarray:
+    """Per matched token pair: False where the pair are the whitespace just before a reply
+    (start -1) and their texts differ or are unknown.
+
+    That whitespace is each template's own text (the Llama template's space, a lone '▁';
+    ChatML's newline after 'assistant'), so two tokenizers' lead tokens share a key without
+    being the same token: pairing them taught the pivot to put the source's newline where
+    its own template has a space (28.7% of the demo's arithmetic positions had that target).
+    """
+    _, rel = reply_keys(pivot, p_tokens)
+    lead = rel == -1
+    agree = np.ones(len(p_tokens), dtype=bool)
+    if not lead.any():
+        return agree
+    if pivot.texts is None or source.texts is None:
+        agree[lead] = False
+        return agree
+    p_ids, s_ids = pivot.input_ids[p_tokens[lead]], source.input_ids[s_tokens[lead]]
+    agree[lead] = [pivot.texts[int(a)] == source.texts[int(b)] for a, b in zip(p_ids, s_ids, strict=True)]
+    return agree
+
+
 def _match(pivot_keys: np.ndarray, source_keys: np.ndarray) -> np.ndarray:
     """Index into ``source_keys`` of each pivot key, or -1 (keys are sorted, unique)."""
     if not len(source_keys):
@@ -100,10 +130,14 @@ def _match(pivot_keys: np.ndarray, source_keys: np.ndarray) -> np.ndarray:
 
 def offsets_alignment(pivot: TokenView, source: TokenView) -> np.ndarray:
     """For each pivot trained position, the source position predicting the token that
-    starts at the same reply character, or -1."""
+    starts at the same reply character, or -1 (also for template whitespace in front of a
+    reply unless both sides have the same text there: see `_lead_texts_agree`)."""
     piv_pos, src_pos = pivot.positions, source.positions
     found = _match(boundary_keys(pivot, piv_pos + 1), boundary_keys(source, src_pos + 1))
-    return np.where(found >= 0, src_pos[np.maximum(found, 0)], -1).astype(np.int64)
+    out = np.where(found >= 0, src_pos[np.maximum(found, 0)], -1).astype(np.int64)
+    hit = np.flatnonzero(out >= 0)
+    out[hit[~_lead_texts_agree(pivot, piv_pos[hit] + 1, source, out[hit] + 1)]] = -1
+    return out
 
 
 def dtw_alignment(
@@ -194,6 +228,7 @@ def token_pairs(pivot: TokenView, source: TokenView) -> tuple[np.ndarray, np.nda
     s_tok = source.positions + 1
     found = _match(boundary_keys(pivot, p_tok), boundary_keys(source, s_tok))
     hit = found >= 0
+    hit[hit] = _lead_texts_agree(pivot, p_tok[hit], source, s_tok[found[hit]])
     return (
         pivot.input_ids[p_tok[hit]].astype(np.int64),
         source.input_ids[s_tok[found[hit]]].astype(np.int64),

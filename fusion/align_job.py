@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,9 @@ class AlignJob(AlignOptions):
     out: str
 
 
-def view(seq: SequenceLogits) -> TokenView:
-    return TokenView(seq.input_ids, seq.loss_mask, seq.token_offsets, seq.reply_spans)
+def view(seq: SequenceLogits, texts: Sequence[str] | None = None) -> TokenView:
+    """The aligner's view of a stored sequence; ``texts`` are its tokenizer's piece texts."""
+    return TokenView(seq.input_ids, seq.loss_mask, seq.token_offsets, seq.reply_spans, texts)
 
 
 def check_pair(pivot: LogitStore, source: LogitStore) -> None:
@@ -97,7 +98,7 @@ def load_tokenizer(store: LogitStore):
 
 def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_tok, src_tok, out: Path):
     """Load the given map (checked against both tokenizers) or build one from this corpus."""
-    from fusion.vocab_map import CooccurrenceCounts, VocabMap, build_vocab_map
+    from fusion.vocab_map import CooccurrenceCounts, VocabMap, build_vocab_map, piece_texts
 
     if job.vocab_map:
         return VocabMap.load(
@@ -115,8 +116,9 @@ def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_
     counts = None
     if job.vocab_mode == "ms":
         counts = CooccurrenceCounts(pivot.options.vocab_size, source.options.vocab_size)
+        p_texts, s_texts = piece_texts(piv_tok), piece_texts(src_tok)
         for p_seq, s_seq in zip(pivot, source, strict=True):
-            counts.add(*token_pairs(view(p_seq), view(s_seq)))
+            counts.add(*token_pairs(view(p_seq, p_texts), view(s_seq, s_texts)))
     vmap = build_vocab_map(
         src_tok, piv_tok, mode=job.vocab_mode, counts=counts, source_vocab_size=source.options.vocab_size
     )
@@ -130,9 +132,13 @@ def align_sequence(
     src2piv: np.ndarray,
     k: int,
     positions_of: Callable[[TokenView, TokenView], np.ndarray],
+    texts: tuple[Sequence[str] | None, Sequence[str] | None] = (None, None),
 ) -> dict[str, Any]:
-    """The aligned columns of one sequence, plus its counts for the statistics."""
-    src_for_piv = positions_of(view(p_seq), view(s_seq))
+    """The aligned columns of one sequence, plus its counts for the statistics.
+
+    ``texts`` are the pivot's and the source's piece texts (`fusion.vocab_map.piece_texts`),
+    which pair the template whitespace before a reply only where both sides have the same."""
+    src_for_piv = positions_of(view(p_seq, texts[0]), view(s_seq, texts[1]))
     s_index = {int(t): i for i, t in enumerate(s_seq.positions)}
     gold = p_seq.input_ids[p_seq.positions + 1]
     n = len(src_for_piv)
@@ -197,11 +203,15 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     begin_run(out, run, overwrite=job.overwrite)
     same_vocab = pivot.options.tokenizer_fingerprint == source.options.tokenizer_fingerprint
     k = options.top_k
+    texts: tuple[Sequence[str] | None, Sequence[str] | None] = (None, None)
     if same_vocab:
         src2piv = np.arange(max(pivot.options.vocab_size, source.options.vocab_size), dtype=np.int64)
         vocab_info: dict[str, Any] = {"mode": "identity (same tokenizer)"}
     else:
+        from fusion.vocab_map import piece_texts
+
         piv_tok, src_tok = load_tokenizer(pivot), load_tokenizer(source)
+        texts = (piece_texts(piv_tok), piece_texts(src_tok))
         vmap = resolve_vocab_map(job, pivot, source, piv_tok, src_tok, out)
         src2piv = vmap.src2piv
         vocab_info = {"mode": vmap.mode, "file": str(job.vocab_map or out / VOCAB_MAP_FILE_NAME),
@@ -216,7 +226,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
             rows = range(start_row, start_row + shard["sequences"])
             start_row += shard["sequences"]
             target = out / shard_name(index)
-            columns = [align_sequence(pivot[i], source[i], src2piv, k, positions_of) for i in rows]
+            columns = [align_sequence(pivot[i], source[i], src2piv, k, positions_of, texts) for i in rows]
             for c in columns:
                 totals["positions"] += c["_positions"]
                 totals["aligned"] += c["_aligned"]
@@ -261,7 +271,9 @@ def _position_aligner(method: str, same_vocab: bool, pivot: LogitStore, source: 
 
 
 def _identity_or_offsets(p: TokenView, s: TokenView) -> np.ndarray:
-    """Same tokenizer: identical sequences need no alignment (copied through)."""
+    """Same tokenizer: identical sequences need no alignment (copied through); otherwise an
+    id is its own text, so the whitespace before a reply pairs where the ids agree."""
     if np.array_equal(p.input_ids, s.input_ids):
         return p.positions
-    return offsets_alignment(p, s)
+    ids = range(int(max(p.input_ids.max(initial=0), s.input_ids.max(initial=0))) + 1)
+    return offsets_alignment(replace(p, texts=ids), replace(s, texts=ids))
