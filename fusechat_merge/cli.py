@@ -289,7 +289,11 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
 @click.option("--merge-only", is_flag=True,
               help="Only build three tiny random models and merge them with fusechat_sce.")
 @click.option("--select-topk", type=float, default=0.1, show_default=True, help="SCE τ (--merge-only).")
-def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, select_topk: float) -> None:
+@click.option("--split", type=click.Choice(["heldout", "validation"]), default="heldout", show_default=True,
+              help="Evaluate on the held-out prompts (the reported numbers) or on the validation prompts "
+                   "(where the recipe's settings were chosen; use another --work-dir).")
+def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, select_topk: float,
+                 split: str) -> None:
     """The whole FuseChat run at toy scale on CPU, nothing downloaded.
 
     Builds a Llama-style pivot and two sources of other architectures and tokenizers
@@ -308,7 +312,7 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
 
     try:
         run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
-                          echo=click.echo)
+                          split=split, echo=click.echo)
     except LmEvalError as err:
         raise click.ClickException(str(err)) from err
 

@@ -6,7 +6,9 @@
   (the aligned store manifest's statistics);
 * ``mince``: per source and skill, how often MinCE picks the source over the pivot
   (sequence CE of the source below the pivot's; ties go to the pivot, as in
-  `fusion.losses.mince_choice`); a sequence's skill is the skill its id starts with;
+  `fusion.losses.mince_choice`); a sequence's skill is the skill its id starts with; and
+  where it does, the *gold mass*: the probability the source's distribution gives the gold
+  next token (near 1, the fusion term only repeats the CLM term);
 * ``loss``: per trained model and seed, the mean logged CLM and fusion losses and the
   fusion term's share of the objective, (1 − λ)·L_fuse / (λ·L_CLM + (1 − λ)·L_fuse): the
   share of the loss, not a measured share of the gradient.
@@ -20,6 +22,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def relative_update(model: str | Path, pivot: str | Path) -> float:
@@ -67,16 +71,30 @@ def mince_picks(aligned: str | Path, skills: Sequence[str]) -> dict[str, Any]:
     ids = [str(x) for x in data["id"]]
     pivot_ce = [float(x) for x in data["seq_ce"]]
     source_ce = [float(x) for x in data["src_seq_ce"]]
+    gold = [np.asarray(x, dtype=np.float64) for x in data["src_target_logprobs"]]
     out: dict[str, Any] = {}
     for skill in [*skills, "all"]:
         rows = [i for i, name in enumerate(ids) if skill == "all" or name.startswith(skill)]
         if not rows:
             continue
         picks = [not math.isnan(source_ce[i]) and source_ce[i] < pivot_ce[i] for i in rows]
+        picked = [gold[i] for i, p in zip(rows, picks, strict=True) if p]
         out[skill] = {"sequences": len(rows), "source_picked": sum(picks) / len(rows),
                       "pivot_ce": statistics.fmean(pivot_ce[i] for i in rows),
-                      "source_ce": _nanmean([source_ce[i] for i in rows])}
+                      "source_ce": _nanmean([source_ce[i] for i in rows]),
+                      "gold_mass": gold_mass(picked)}
     return out
+
+
+def gold_mass(target_logprobs: Sequence[np.ndarray]) -> float | None:
+    """Mean probability a fusion target gives the gold next token, over the aligned
+    positions (NaN: not aligned; -inf: gold outside the kept top-K, mass 0).
+
+    Near 1, the fusion term teaches what the CLM term already does (a one-hot on the gold):
+    what a source adds beyond the gold replies is the mass it puts elsewhere."""
+    values = np.concatenate([np.asarray(v, dtype=np.float64) for v in target_logprobs]) if target_logprobs else []
+    values = np.asarray(values)[~np.isnan(values)] if len(values) else np.zeros(0)
+    return float(np.exp(values).mean()) if len(values) else None
 
 
 def _nanmean(values: Sequence[float]) -> float | None:
@@ -136,14 +154,16 @@ def format_diagnostics(diagnostics: Mapping[str, Any]) -> str:
         lines.append(f"| {name} | {u['mean']:.4f} ± {u['std']:.4f} | {mean(parts, 'clm_loss', 4)} | "
                      f"{mean(parts, 'fuse_loss', 4)} | {mean(parts, 'fuse_share', 3)} |")
     lines += ["", "Alignment and MinCE per source (MinCE: share of sequences where the source's "
-              "sequence CE is below the pivot's, so that its distribution is the fusion target):", "",
-              "| source | aligned positions | skill | sequences | source picked | pivot CE | source CE |",
-              "|---|---:|---|---:|---:|---:|---:|"]
+              "sequence CE is below the pivot's, so that its distribution is the fusion target; gold mass: "
+              "the mean probability that target gives the gold next token, 1 = the same as the CLM term):", "",
+              "| source | aligned positions | skill | sequences | source picked | pivot CE | source CE | gold mass |",
+              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for source, per_skill in diagnostics.get("mince", {}).items():
         aligned = diagnostics.get("alignment", {}).get(source, {}).get("aligned_fraction")
         share = "-" if aligned is None else f"{aligned:.1%}"
         for skill, m in per_skill.items():
             src = "-" if m["source_ce"] is None else f"{m['source_ce']:.3f}"
+            mass = "-" if m.get("gold_mass") is None else f"{m['gold_mass']:.3f}"
             lines.append(f"| {source} | {share} | {skill} | {m['sequences']} | {m['source_picked']:.1%} | "
-                         f"{m['pivot_ce']:.3f} | {src} |")
+                         f"{m['pivot_ce']:.3f} | {src} | {mass} |")
     return "\n".join(lines)

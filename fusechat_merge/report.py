@@ -630,4 +630,36 @@ def format_effects(effects: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         lines.append("")
     if lines:
         lines.append("Mean ± sample standard deviation over seeds of the per-seed differences.")
+        verdicts = effect_verdicts(effects)
+        if verdicts:
+            lines += ["", "In words (an effect shows when its mean is beyond one standard deviation of zero):", ""]
+            lines += [f"* {v}" for v in verdicts]
     return "\n".join(lines)
+
+
+def _shows(cell: Mapping[str, Any] | None) -> int:
+    """+1 / -1 when the mean is beyond one std of zero (and nonzero), 0 otherwise."""
+    if not cell or cell.get("mean") is None:
+        return 0
+    mean, std = cell["mean"], cell.get("std") or 0.0
+    return 0 if abs(mean) <= std or mean == 0 else (1 if mean > 0 else -1)
+
+
+def effect_verdicts(effects: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """One plain sentence per fusion effect and per merge on the mean over skills."""
+    out: list[str] = []
+    for e in effects.get("fusion", []):
+        em = e.get("em") or {}
+        if em.get("mean") is None:
+            continue
+        word = {1: "beats", -1: "falls behind", 0: "is level with"}[_shows(em)]
+        out.append(f"{e['model']} {word} SFT on {e['skill']} exact match "
+                   f"({em['mean']:+.3f} ± {em['std']:.3f}).")
+    for e in effects.get("merge", []):
+        kept = e.get("kept") or {}
+        if e["skill"] != "mean" or kept.get("mean") is None:
+            continue
+        word = "keeps most" if kept["mean"] >= 0.5 else "loses most"
+        out.append(f"{e['model']} {word} of the best single target's exact match on the mean over skills "
+                   f"(kept {kept['mean']:.2f} ± {kept['std']:.2f}).")
+    return out

@@ -212,6 +212,8 @@ def test_baselines_are_stages_trained_and_reported_like_targets(work, metaspace_
     assert 0 < diagnostics["loss"]["multi"][0]["fuse_share"] < 1
     assert diagnostics["mince"]["qwen"]["all"]["sequences"] == 12
     assert diagnostics["alignment"]["qwen"]["aligned_fraction"] > 0
+    picks = diagnostics["mince"]["qwen"]["all"]
+    assert picks["gold_mass"] is None if picks["source_picked"] == 0 else 0 <= picks["gold_mass"] <= 1
     markdown = (work / "report" / "results.md").read_text()
     assert "Fusion effect" in markdown and "Relative update" in markdown
 

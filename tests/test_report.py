@@ -311,6 +311,25 @@ def test_effects_are_per_seed_differences_with_their_spread():
     assert merge["mean"]["em"]["mean"] == pytest.approx(((0.35 - 0.35) + (0.375 - 0.45)) / 2)
     text = format_effects(effects)
     assert "| target:a | a | +0.500 ± 0.141 |" in text and "Merge effect" in text
+    # in words: +0.5 ± 0.14 shows; kept on the mean (0.35/0.35 and 0.375/0.45) is 0.92 ± 0.12
+    assert "* target:a beats SFT on a exact match (+0.500 ± 0.141)." in text
+    assert "* merge:sce keeps most of the best single target's exact match on the mean over skills " \
+           "(kept 0.92 ± 0.12)." in text
+
+
+def test_effect_verdicts_within_the_spread_and_behind():
+    from fusechat_merge.report import effect_verdicts
+
+    def fusion(mean, std):
+        return {"model": "target:a", "skill": "a", "em": {"mean": mean, "std": std}}
+
+    assert effect_verdicts({"fusion": [fusion(0.02, 0.04)]}) == [
+        "target:a is level with SFT on a exact match (+0.020 ± 0.040)."]
+    assert effect_verdicts({"fusion": [fusion(-0.2, 0.05)]})[0].startswith("target:a falls behind SFT")
+    merge = {"model": "merge:ties", "skill": "mean", "kept": {"mean": 0.2, "std": 0.1}}
+    assert effect_verdicts({"merge": [merge, {**merge, "skill": "a"}]}) == [
+        "merge:ties loses most of the best single target's exact match on the mean over skills "
+        "(kept 0.20 ± 0.10)."]
 
 
 def test_no_sft_no_fusion_effect():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -68,6 +69,27 @@ def test_train_and_heldout_do_not_overlap(skill):
     assert len({r["id"] for r in train + held}) == len(train) + len(held)
 
 
+@pytest.mark.parametrize("skill", SKILLS)
+def test_validation_is_disjoint_from_heldout_and_from_what_the_pivot_and_corpus_see(skill, tmp_path):
+    from fusechat_merge.demo.pipeline_demo import prepare_demo_data
+    from fusechat_merge.demo.skills import ModelSpec, _training_rows, validation_rows
+
+    held = {_prompt(r) for r in train_heldout(skill, 0, N_HELDOUT, seed=0)[1]}
+    valid = {_prompt(r) for r in validation_rows(skill)}
+    assert len(valid) == N_HELDOUT and not valid & held
+    pivot_rows, _ = _training_rows(ModelSpec("pivot", "llama", "metaspace", 400, None), seed=0)
+    seen = {_prompt(r) for r in pivot_rows}
+    assert any(r["id"].startswith(skill) for r in pivot_rows)  # the pivot saw a little of it
+    assert not seen & (held | valid)
+    prepare_demo_data(tmp_path)
+    corpus = {_prompt(json.loads(line)) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()}
+    assert not corpus & (held | valid)
+    for split, expected in (("heldout", held), ("validation", valid)):
+        rows = (tmp_path / "data" / f"{split}-{skill}.jsonl").read_text().splitlines()
+        assert {_prompt(json.loads(line)) for line in rows} == expected
+        assert (tmp_path / "data" / ("lm_eval" if split == "heldout" else "lm_eval_validation")).is_dir()
+
+
 def test_labels_include_the_space_before_a_llama_reply(metaspace_tokenizer):
     """Greedy decoding starts right after '[/INST]', so the lone '▁' must be learned."""
     row = {"id": "x", "messages": [{"role": "user", "content": "2+3="}, *_reply("5")]}
@@ -100,12 +122,15 @@ def test_demo_models_differ_in_architecture_and_tokenizer(demo_models):
     assert len({frozenset(t.get_vocab().items()) for t in tokenizers}) == 3
 
 
-def test_each_source_has_its_skill_and_the_pivot_has_neither(demo_models):
+def test_each_source_is_expert_where_the_pivot_is_weak_not_zero(demo_models):
     _, paths, _ = demo_models
+    pivot = []
     for skill in SKILLS:
         held = train_heldout(skill, 0, N_HELDOUT, seed=0)[1]
         assert exact_match(paths[skill], held) >= 0.8, skill
-        assert exact_match(paths["pivot"], held) <= 0.1, skill
+        pivot.append(exact_match(paths["pivot"], held))
+        assert pivot[-1] <= 0.4, skill
+    assert max(pivot) > 0
 
 
 def test_second_call_reuses_the_models(demo_models):

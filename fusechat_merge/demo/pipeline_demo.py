@@ -1,7 +1,8 @@
 """``fusechat-merge demo``: the whole FuseChat run of the shipped ``demo-pipeline.yaml``
 (package data beside this file): a Llama-style pivot and two sources of other
-architectures and tokenizers, each with a skill the pivot lacks, fused and merged, and
-every model evaluated on both skills.
+architectures and tokenizers, each expert in a skill the pivot knows only weakly, fused by
+light continual training and merged, with the paper's SFT and Multi baselines, and every
+model evaluated on both skills.
 """
 
 from __future__ import annotations
@@ -15,25 +16,58 @@ import yaml
 DEMO_RECIPE = Path(__file__).resolve().parent / "demo-pipeline.yaml"
 
 
-def prepare_demo_data(work_dir: Path, *, n_train: int = 300) -> None:
-    """The fusion corpus (both skills, interleaved) and one held-out file per skill."""
-    from fusechat_merge.demo.skills import SKILLS, train_heldout
+# The fusion corpus: some plain chat and 1000 conversations of each skill (chosen on the
+# validation split over 500 and 1000; the sources have seen most of these prompts).
+CORPUS_ROWS: dict[str, int] = {"generic": 300, "arithmetic": 1000, "reversal": 1000}
+SPLITS = ("heldout", "validation")
+
+
+def prepare_demo_data(work_dir: Path, *, corpus_rows: dict[str, int] | None = None) -> None:
+    """The fusion corpus (both skills and chat, shuffled), and per skill a held-out file
+    (the reported numbers) and a validation file (for choosing settings), disjoint from
+    each other and from the corpus, each also written as lm-eval tasks."""
+    import random
+
+    from fusechat_merge.demo.skills import (
+        SKILLS,
+        prompts,
+        skill_conversations,
+        train_heldout,
+        training_rows,
+        validation_rows,
+    )
     from fusion.artifacts.atomic import write_jsonl_atomic
     from fusion.lm_eval_tasks import write_skill_tasks
 
     data = work_dir / "data"
-    if (data / "train.jsonl").exists() and (data / "lm_eval").is_dir():
+    if (data / "train.jsonl").exists() and all((data / _task_dir(s)).is_dir() for s in SPLITS):
         return
-    train: list[dict] = []
+    counts = {**CORPUS_ROWS, **(corpus_rows or {})}
+    train = skill_conversations("generic", counts["generic"], seed=1)
     for skill in SKILLS:
-        rows, held = train_heldout(skill, n_train)
-        train.extend(rows)
+        held, valid = train_heldout(skill, 0)[1], validation_rows(skill)
+        train += training_rows(skill, counts[skill], 0, prompts(held) | prompts(valid))
         write_jsonl_atomic(data / f"heldout-{skill}.jsonl", held)
-    train.sort(key=lambda row: row["id"].rsplit("-", 1)[-1].zfill(6) + row["id"])
+        write_jsonl_atomic(data / f"validation-{skill}.jsonl", valid)
+    random.Random(1).shuffle(train)
     write_jsonl_atomic(data / "train.jsonl", train)
-    # the held-out checks as lm-eval tasks: exact match of the last reply (tag fusechat_skills)
-    write_skill_tasks({skill: data / f"heldout-{skill}.jsonl" for skill in SKILLS}, data / "lm_eval",
-                      max_gen_toks=12, cache_dir=work_dir / ".cache" / "datasets")
+    # the checks as lm-eval tasks: exact match of the last reply (tag fusechat_skills)
+    for split in SPLITS:
+        write_skill_tasks({skill: data / f"{split}-{skill}.jsonl" for skill in SKILLS}, data / _task_dir(split),
+                          max_gen_toks=12, cache_dir=work_dir / ".cache" / "datasets")
+
+
+def _task_dir(split: str) -> str:
+    return "lm_eval" if split == "heldout" else f"lm_eval_{split}"
+
+
+def _evaluate_on(raw: dict, split: str) -> dict:
+    """The recipe with its evaluation pointed at ``split``'s files and tasks."""
+    from fusechat_merge.demo.skills import SKILLS
+
+    raw["evaluate"]["skills"] = {skill: f"data/{split}-{skill}.jsonl" for skill in SKILLS}
+    raw["evaluate"]["lm_eval"]["include_path"] = f"data/{_task_dir(split)}"
+    return raw
 
 
 def run_pipeline_demo(
@@ -41,9 +75,14 @@ def run_pipeline_demo(
     *,
     recipe: Path = DEMO_RECIPE,
     seeds: list[int] | None = None,
+    split: str = "heldout",
     echo: Callable[[str], None] = print,
 ) -> Path:
-    """Build the demo's models and data (reused when present), then run the recipe."""
+    """Build the demo's models and data (reused when present), then run the recipe,
+    evaluated on the held-out prompts or, with ``split="validation"``, on the validation
+    prompts that the recipe's settings were chosen on."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     from fusion.lm_eval_runner import require_lm_eval
 
     require_lm_eval()  # exact match is lm-eval's: say which extra to install before any work
@@ -60,9 +99,12 @@ def run_pipeline_demo(
     setup_seconds = time.perf_counter() - started
     echo(f"models and data ready in {setup_seconds:.1f}s")
     text = recipe.read_text(encoding="utf-8")
-    if seeds is not None:
+    if seeds is not None or split != "heldout":
         raw = yaml.safe_load(text)
-        raw["seeds"] = seeds
+        if seeds is not None:
+            raw["seeds"] = seeds
+        if split != "heldout":
+            raw = _evaluate_on(raw, split)
         text = yaml.safe_dump(raw, sort_keys=False)
     local = work_dir / "demo-pipeline.yaml"
     local.write_text(text, encoding="utf-8")
