@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fusechat_merge.demo.skills import (
     LETTERS,
@@ -71,7 +72,7 @@ def test_train_and_heldout_do_not_overlap(skill):
 
 @pytest.mark.parametrize("skill", SKILLS)
 def test_validation_is_disjoint_from_heldout_and_from_what_the_pivot_and_corpus_see(skill, tmp_path):
-    from fusechat_merge.demo.pipeline_demo import prepare_demo_data
+    from fusechat_merge.demo.pipeline_demo import DEMO_RECIPE, _evaluate_on, prepare_demo_data
     from fusechat_merge.demo.skills import ModelSpec, _training_rows, validation_rows
 
     held = {_prompt(r) for r in train_heldout(skill, 0, N_HELDOUT, seed=0)[1]}
@@ -88,6 +89,24 @@ def test_validation_is_disjoint_from_heldout_and_from_what_the_pivot_and_corpus_
         rows = (tmp_path / "data" / f"{split}-{skill}.jsonl").read_text().splitlines()
         assert {_prompt(json.loads(line)) for line in rows} == expected
         assert (tmp_path / "data" / ("lm_eval" if split == "heldout" else "lm_eval_validation")).is_dir()
+    # `demo --split validation` points the recipe's evaluation at those files and tasks
+    recipe = _evaluate_on(yaml.safe_load(DEMO_RECIPE.read_text(encoding="utf-8")), "validation")
+    assert recipe["evaluate"]["skills"][skill] == f"data/validation-{skill}.jsonl"
+    tasks = tmp_path / recipe["evaluate"]["lm_eval"]["include_path"]
+    assert {p.stem for p in tasks.glob("*.yaml")} >= {f"fusechat_{skill}_gen", f"fusechat_{skill}_ll"}
+
+
+def test_the_demo_refuses_an_unknown_split(tmp_path):
+    from click.testing import CliRunner
+
+    from fusechat_merge.cli import main
+    from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
+
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        run_pipeline_demo(tmp_path, split="test")
+    result = CliRunner().invoke(main, ["demo", "--split", "test", "--work-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "'test' is not one of 'heldout', 'validation'" in result.output
+    assert not any(tmp_path.iterdir())  # refused before any work
 
 
 def test_labels_include_the_space_before_a_llama_reply(metaspace_tokenizer):
