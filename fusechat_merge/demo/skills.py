@@ -154,6 +154,7 @@ def training_rows(skill: str, n: int, stream_seed: int, exclude: set[str]) -> li
 
 
 def prompts(rows: Sequence[dict]) -> set[str]:
+    """The first user turn of each row: what makes two splits overlap."""
     return {row["messages"][0]["content"] for row in rows}
 
 
