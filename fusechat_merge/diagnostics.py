@@ -9,9 +9,10 @@
   `fusion.losses.mince_choice`); a sequence's skill is the skill its id starts with; and
   where it does, the *gold mass*: the probability the source's distribution gives the gold
   next token (near 1, the fusion term only repeats the CLM term);
-* ``loss``: per trained model and seed, the mean logged CLM and fusion losses and the
-  fusion term's share of the objective, (1 − λ)·L_fuse / (λ·L_CLM + (1 − λ)·L_fuse): the
-  share of the loss, not a measured share of the gradient.
+* ``loss``: per trained model and seed, the mean logged CLM and fusion losses, the fusion
+  term's share of the objective, (1 − λ)·L_fuse / (λ·L_CLM + (1 − λ)·L_fuse), and, as
+  measured in training at the student's logits (`fusion.losses.gradient_parts`), its share
+  of the gradient ‖G_fuse‖ / (‖G_clm‖ + ‖G_fuse‖) and the cosine of the two gradients.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def loss_share(model: str | Path) -> dict[str, Any]:
         weighted = (1.0 - lm_weight) * fuse
         total = lm_weight * clm + weighted
         share = weighted / total if total else None
-    return {"clm_loss": clm, "fuse_loss": fuse, "lm_weight": lm_weight, "fuse_share": share}
+    return {"clm_loss": clm, "fuse_loss": fuse, "lm_weight": lm_weight, "fuse_share": share,
+            "fuse_grad_share": 0.0 if lm_weight is not None and lm_weight >= 1.0 else parts.get("fuse_grad_share"),
+            "grad_cosine": parts.get("grad_cosine")}
 
 
 def collect_diagnostics(pivot: str, models: Mapping[int, Mapping[str, str]], aligned: Mapping[str, str],
@@ -141,9 +144,12 @@ def collect_diagnostics(pivot: str, models: Mapping[int, Mapping[str, str]], ali
 
 def format_diagnostics(diagnostics: Mapping[str, Any]) -> str:
     """The diagnostics as Markdown tables."""
-    lines = ["Relative update ‖θ − θ_pivot‖ / ‖θ_pivot‖ (mean ± std over seeds) and the fusion "
-             "term's share of the objective (1−λ)·L_fuse / (λ·L_CLM + (1−λ)·L_fuse), mean over seeds:", "",
-             "| model | relative update | CLM loss | fusion loss | fusion share |", "|---|---:|---:|---:|---:|"]
+    lines = ["Relative update ‖θ − θ_pivot‖ / ‖θ_pivot‖ (mean ± std over seeds); the fusion term's share "
+             "of the objective (1−λ)·L_fuse / (λ·L_CLM + (1−λ)·L_fuse) and of the gradient at the logits "
+             "‖G_fuse‖ / (‖G_clm‖ + ‖G_fuse‖), and the cosine of the two gradients (1: the fusion term "
+             "pushes where the CLM term does), means over seeds:", "",
+             "| model | relative update | CLM loss | fusion loss | fusion share | gradient share | cos(G_clm, G_fuse) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
 
     def mean(entries: Sequence[Mapping[str, Any]], key: str, digits: int) -> str:
         values = [e[key] for e in entries if e.get(key) is not None]
@@ -152,7 +158,8 @@ def format_diagnostics(diagnostics: Mapping[str, Any]) -> str:
     for name, u in diagnostics.get("update", {}).items():
         parts = diagnostics.get("loss", {}).get(name, [])
         lines.append(f"| {name} | {u['mean']:.4f} ± {u['std']:.4f} | {mean(parts, 'clm_loss', 4)} | "
-                     f"{mean(parts, 'fuse_loss', 4)} | {mean(parts, 'fuse_share', 3)} |")
+                     f"{mean(parts, 'fuse_loss', 4)} | {mean(parts, 'fuse_share', 3)} | "
+                     f"{mean(parts, 'fuse_grad_share', 3)} | {mean(parts, 'grad_cosine', 3)} |")
     lines += ["", "Alignment and MinCE per source (MinCE: share of sequences where the source's "
               "sequence CE is below the pivot's, so that its distribution is the fusion target; gold mass: "
               "the mean probability that target gives the gold next token, 1 = the same as the CLM term):", "",

@@ -149,6 +149,47 @@ class _SparseTargetCE(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+@torch.no_grad()
+def gradient_parts(
+    logits: torch.Tensor,
+    rows_b: torch.Tensor,
+    rows_t: torch.Tensor,
+    gold: torch.Tensor,
+    ids: torch.Tensor,
+    q: torch.Tensor,
+    lm_weight: float,
+) -> dict[str, torch.Tensor]:
+    """How the two terms push the student, measured at its logits (no extra backward).
+
+    Per trained row the CLM term's gradient is ``λ/n (p − e_gold)`` and the fusion term's
+    ``(1−λ)/n (Σq·p − Q)`` (``Q`` the target scattered on the vocabulary), so their norms
+    and inner product follow from ``Σp²``, ``p`` at the gold and target ids, and ``q``:
+    ``fuse_grad_share`` = ‖G_fuse‖ / (‖G_clm‖ + ‖G_fuse‖) and ``grad_cosine`` = cos(G_clm,
+    G_fuse). A cosine near 1 says the fusion term pushes where the CLM term already does.
+    """
+    lse = torch.stack([torch.logsumexp(seq.float(), dim=-1) for seq in logits])  # (B, T)
+    # Σp² per position, one sequence at a time with one temporary: exp(2(z − lse)) summed
+    # (the subtraction makes the copy: `.float()` of float32 logits is the logits themselves)
+    p_sq = torch.stack([(seq.float() - lse[i, :, None]).mul_(2).exp_().sum(-1) for i, seq in enumerate(logits)])
+    p_sq = p_sq[rows_b, rows_t]
+    row_lse = lse[rows_b, rows_t]
+    p_gold = torch.exp(logits[rows_b, rows_t, gold].float() - row_lse)
+    p_ids = torch.exp(logits[rows_b[:, None], rows_t[:, None], ids].float() - row_lse[:, None])
+    mass = q.sum(-1)
+    _, merged = merge_duplicates(ids, q)
+    q_at_gold = (q * (ids == gold[:, None])).sum(-1)
+    qp = (q * p_ids).sum(-1)
+    clm_sq = (p_sq - 2 * p_gold + 1).clamp_min(0).sum()
+    fuse_sq = (mass**2 * p_sq - 2 * mass * qp + (merged**2).sum(-1)).clamp_min(0).sum()
+    dot = (mass * p_sq - qp - mass * p_gold + q_at_gold).sum()
+    clm_norm, fuse_norm = lm_weight * clm_sq.sqrt(), (1.0 - lm_weight) * fuse_sq.sqrt()
+    total = clm_norm + fuse_norm
+    share = fuse_norm / total if total > 0 else torch.zeros_like(total)
+    denom = (clm_sq * fuse_sq).sqrt()
+    cosine = dot / denom if denom > 0 else torch.zeros_like(denom)
+    return {"fuse_grad_share": share, "grad_cosine": cosine}
+
+
 def fusion_objective(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -157,8 +198,10 @@ def fusion_objective(
     *,
     lm_weight: float = 0.9,
     loss_type: str = "ce",
+    measure_gradients: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``λ·L_CLM + (1−λ)·L_fuse`` and its parts.
+    """``λ·L_CLM + (1−λ)·L_fuse`` and its parts (``clm_loss``, ``fuse_loss``; with
+    ``measure_gradients`` also `gradient_parts`, one more pass over the logits).
 
     ``logits`` (B, T, V) from the student; ``labels`` (B, T) with -100 on untrained tokens
     (HF convention: logits at t predict labels at t + 1); targets (B, T, M) indexed by the
@@ -185,4 +228,7 @@ def fusion_objective(
         entropy = -(m_q * torch.log(m_q.clamp_min(1e-30))).sum(-1)
         fuse_loss = fuse_loss - entropy.mean()  # KL(q ‖ p) = CE(q, p) − H(q)
     total = lm_weight * clm + (1.0 - lm_weight) * fuse_loss
-    return total, {"clm": clm.detach(), "fuse": fuse_loss.detach()}
+    parts = {"clm_loss": clm.detach(), "fuse_loss": fuse_loss.detach()}
+    if measure_gradients and len(b_idx):
+        parts |= gradient_parts(logits.detach(), b_idx, t_idx, gold, safe_ids, q, lm_weight)
+    return total, parts

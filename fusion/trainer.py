@@ -180,7 +180,7 @@ class FusionTrainer(Trainer):
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        self._parts: dict[str, list[float]] = {"clm": [], "fuse": []}
+        self._parts: dict[str, list[float]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher = {key: inputs.pop(key) for key in TEACHER_KEYS}
@@ -205,9 +205,10 @@ class FusionTrainer(Trainer):
             target_probs,
             lm_weight=self.args.lm_weight,
             loss_type=self.args.fuse_loss_type,
+            measure_gradients=True,  # logged as fuse_grad_share and grad_cosine (diagnostics)
         )
         for key, value in parts.items():
-            self._parts[key].append(float(value))
+            self._parts.setdefault(key, []).append(float(value))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -215,7 +216,7 @@ class FusionTrainer(Trainer):
         for key, values in self._parts.items():
             if values and "loss" in logs:
                 mean = torch.tensor(sum(values) / len(values), device=self.args.device)
-                logs[f"{key}_loss"] = nested_gather(mean, self.args.parallel_mode).mean().item()
+                logs[key] = nested_gather(mean, self.args.parallel_mode).mean().item()
                 values.clear()
         super().log(logs, *args, **kwargs)
 
@@ -408,12 +409,17 @@ def read_train_run(out: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+LOGGED_PARTS = {"clm": "clm_loss", "fuse": "fuse_loss", "fuse_grad_share": "fuse_grad_share",
+                "grad_cosine": "grad_cosine"}
+
+
 def loss_parts(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """The mean logged ``clm_loss`` and ``fuse_loss`` of a training run (None: not logged,
-    as in plain CLM training): the diagnostics' share of the fusion term."""
+    """The means of what a training run logged of its two terms (None: not logged, as in
+    plain CLM training): ``clm`` and ``fuse`` losses, the fusion term's share of the
+    gradient at the logits and the cosine of the two gradients (`fusion.losses.gradient_parts`)."""
     out: dict[str, float | None] = {}
-    for part in ("clm", "fuse"):
-        values = [float(e[f"{part}_loss"]) for e in log_history if f"{part}_loss" in e]
+    for part, logged in LOGGED_PARTS.items():
+        values = [float(e[logged]) for e in log_history if logged in e]
         out[part] = sum(values) / len(values) if values else None
     return out
 

@@ -123,6 +123,43 @@ def test_loss_matches_dense_float64_reference(loss_type, lm_weight):
     torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("lm_weight", [0.5, 0.9])
+def test_gradient_parts_match_each_term_differentiated_alone(lm_weight):
+    """Share and cosine of the two terms' gradients at the logits, against autograd on the
+    dense float64 reference of each term alone (duplicate and out-of-vocabulary ids too)."""
+    g = torch.Generator().manual_seed(1)
+    b, t, v, m = 3, 7, 50, 6
+    logits = torch.randn(b, t, v, generator=g)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[1, :4] = -100
+    ids = torch.randint(0, v + 5, (b, t, m), generator=g)
+    ids[..., 0] = ids[..., 1]
+    ids[0, 2, 3] = labels[0, 3]  # the gold among the target ids
+    probs = torch.rand(b, t, m, generator=g)
+    probs = probs / probs.sum(-1, keepdim=True)
+    before = logits.clone()
+    _, parts = fusion_objective(logits, labels, ids, probs, lm_weight=lm_weight, measure_gradients=True)
+    assert torch.equal(logits, before)  # measuring leaves the student's logits alone
+
+    def grad_of(weight: float) -> torch.Tensor:  # weight 1: CLM alone, 0: fusion alone
+        x = logits.double().requires_grad_(True)
+        dense_reference(x, labels, ids, probs, weight, "ce").backward()
+        return x.grad.flatten()
+
+    g_clm, g_fuse = lm_weight * grad_of(1.0), (1 - lm_weight) * grad_of(0.0)
+    share = g_fuse.norm() / (g_clm.norm() + g_fuse.norm())
+    cosine = torch.dot(g_clm, g_fuse) / (g_clm.norm() * g_fuse.norm())
+    assert parts["fuse_grad_share"].item() == pytest.approx(share.item(), rel=1e-4)
+    assert parts["grad_cosine"].item() == pytest.approx(cosine.item(), rel=1e-4, abs=1e-6)
+    # a target that is the one-hot gold pushes exactly where CLM does
+    gold_ids = labels.roll(-1, dims=1)[..., None].clamp_min(0)
+    _, same = fusion_objective(logits, labels, gold_ids, torch.ones(b, t, 1), lm_weight=lm_weight,
+                               measure_gradients=True)
+    assert same["grad_cosine"].item() == pytest.approx(1.0, abs=1e-5)
+    _, plain = fusion_objective(logits, labels, ids, probs, lm_weight=lm_weight)
+    assert set(plain) == {"clm_loss", "fuse_loss"}  # measured only when asked
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=8))
 def test_merge_duplicates_preserves_mass_per_id(tokens):

@@ -210,6 +210,9 @@ def test_baselines_are_stages_trained_and_reported_like_targets(work, metaspace_
     assert all(u["mean"] > 0 for u in diagnostics["update"].values())
     assert diagnostics["loss"]["sft"][0]["fuse_share"] == 0.0
     assert 0 < diagnostics["loss"]["multi"][0]["fuse_share"] < 1
+    assert diagnostics["loss"]["sft"][0]["fuse_grad_share"] == 0.0
+    assert 0 < diagnostics["loss"]["multi"][0]["fuse_grad_share"] < 1
+    assert -1 <= diagnostics["loss"]["target:qwen"][0]["grad_cosine"] <= 1
     assert diagnostics["mince"]["qwen"]["all"]["sequences"] == 12
     assert diagnostics["alignment"]["qwen"]["aligned_fraction"] > 0
     picks = diagnostics["mince"]["qwen"]["all"]

@@ -123,6 +123,8 @@ def test_loss_falls_and_parts_are_logged(setup, tmp_path):
     losses = [h["loss"] for h in history if "loss" in h]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert all("clm_loss" in h and "fuse_loss" in h for h in history if "loss" in h)
+    logged = [h for h in history if "fuse_grad_share" in h]
+    assert logged and all(0 < h["fuse_grad_share"] < 1 and -1 <= h["grad_cosine"] <= 1 for h in logged)
 
 
 class StopAt(TrainerCallback):
