@@ -110,6 +110,7 @@ def check_recipe(
             )
     if method is not None:
         problems.extend(_check_parameters(raw, method))
+        problems.extend(_missing_required(raw, method))
     problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd(), need_models))
     return problems
 
@@ -135,8 +136,9 @@ def check_merge_settings(
         names = [m.spec.name for m in registry.registered_methods()]
         return [(("method",), f"mergekit knows no merge method {method_name!r}{_did_you_mean(method_name, names)}")]
     entry = {"parameters": dict(model_parameters)} if model_parameters else {}
-    raw: dict[str, Any] = {"merge_method": method_name, "models": [{"model": f"target-{i}", **entry}
-                                                                   for i in range(n_models)]}
+    # as the pipeline writes it (`pipeline.jobs.MergeJob`): with a base, the pivot is listed first
+    raw: dict[str, Any] = {"merge_method": method_name, "models": ([{"model": "pivot"}] if base else [])
+                           + [{"model": f"target-{i}", **entry} for i in range(n_models)]}
     if base:
         raw["base_model"] = "pivot"
     if parameters:
@@ -147,7 +149,24 @@ def check_merge_settings(
         where = ("parameters", *key.split(".")[1:]) if key.startswith("parameters") else (
             "model_parameters", *key.split(".")[2:])
         found.append((where, problem.message))
+    for key, parameter in dict.fromkeys(_pipeline_key(k, base) + (p,) for k, p in missing_required(raw, method)):
+        if key == "base":
+            message = (f"{method_name} needs {parameter!r} for the pivot too, which `base: true` merges as an "
+                       f"input; set base: false or give parameters.{parameter}")
+        elif key == "parameters":
+            message = f"{method_name} needs the parameter {parameter!r}"
+        else:
+            message = (f"{method_name} needs {parameter!r} for each target (model_parameters.{parameter} or "
+                       f"parameters.{parameter})")
+        found.append(((key,), message))
     return found
+
+
+def _pipeline_key(key: str, base: bool) -> tuple[str]:
+    """The pipeline merge's key for a `missing_required` key (the pivot is models[0])."""
+    if key == "parameters":
+        return ("parameters",)
+    return ("base",) if base and key in ("models[0].parameters", "base_model") else ("model_parameters",)
 
 
 def validate_recipe(
@@ -235,6 +254,54 @@ def _check_parameters(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
                     problems.append(RecipeProblem(pkey, _first_line_error(err)))
                     break
     return problems
+
+
+def _missing_required(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
+    """Required parameters without a value, for a recipe of plain ``models:`` (mergekit
+    raises them mid-merge, as a bare RuntimeError)."""
+    name = method.spec.name
+    problems = []
+    for key, parameter in missing_required(raw, method):
+        if key == "parameters":
+            message = f"{name} needs the parameter {parameter!r}"
+        elif key == "base_model":
+            message = (f"{name} merges the base model as an input too and needs its {parameter!r}: list it "
+                       f"under models with parameters.{parameter}, or give a top-level parameters.{parameter}")
+        else:
+            message = f"{name} needs {parameter!r} for each model (or a top-level parameters.{parameter})"
+        problems.append(RecipeProblem(key, message))
+    return problems
+
+
+def missing_required(raw: Mapping[str, Any], method) -> list[tuple[str, str]]:
+    """(key, parameter) of each required parameter without a value: ``parameters`` (a
+    shared one), ``models[i].parameters`` or ``base_model``. A top-level ``parameters:``
+    value serves every model; mergekit appends a ``base_model`` that is not listed among
+    the models as an input without parameters, so an input-scope parameter (linear's
+    ``weight``) needs it too. Slices and modules are left to mergekit."""
+    from mergekit.merge_methods.base import ParameterScope
+
+    if raw.get("slices") or raw.get("modules") or not isinstance(raw.get("models"), list):
+        return []
+    shared = raw.get("parameters") if isinstance(raw.get("parameters"), Mapping) else {}
+    base = raw.get("base_model")
+    models = [m for m in raw["models"] if isinstance(m, Mapping)]
+    listed = base is not None and any(str(m.get("model")) == str(base) for m in models)
+    missing: list[tuple[str, str]] = []
+    for spec in method.spec.parameters:
+        if not spec.required or spec.name in shared:
+            continue
+        if spec.scope == ParameterScope.SHARED:
+            missing.append(("parameters", spec.name))
+            continue
+        for i, model in enumerate(models):
+            own = model.get("parameters") if isinstance(model.get("parameters"), Mapping) else {}
+            is_base = base is not None and str(model.get("model")) == str(base)
+            if spec.name not in own and not (is_base and spec.scope == ParameterScope.NON_BASE):
+                missing.append((f"models[{i}].parameters", spec.name))
+        if base is not None and not listed and spec.scope == ParameterScope.INPUT:
+            missing.append(("base_model", spec.name))
+    return missing
 
 
 def _setting_values(setting: Any) -> list[Any]:

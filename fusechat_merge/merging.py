@@ -18,7 +18,9 @@ Before any work:
   tensor shapes are compared across the models (the model and tensor are named).
 
 Input faults found then or during the merge (NaN weights, say) raise `MergeInputError`,
-a `click.ClickException`: a command line prints it and exits 1, without a traceback.
+a `click.ClickException`: a command line prints it and exits 1, without a traceback. After
+the merge, before publishing, the output is scanned for non-finite values, whatever the
+method (mergekit's own pass NaN through).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
             if message is None:
                 raise
             raise MergeInputError(message) from err
+        check_finite_output(model_dir, sources)
         _restore_written_refs(model_dir, sources)
         _write_output_marker(model_dir, config, recipe_hash)
         publish_dir(model_dir, out, replace=True)  # with the user's umask
@@ -327,6 +330,46 @@ def _write_output_marker(directory: Path, config, recipe_hash: str) -> None:
 
 
 # --- the models' tensors --------------------------------------------------------------
+
+
+def check_finite_output(model_dir: Path, sources: Mapping[str, Path]) -> None:
+    """Refuse a merged model with NaN or inf weights before it is published, naming the
+    tensor and the input models that hold non-finite values in it.
+
+    `fusechat_sce` checks its inputs as it goes; mergekit's own methods (linear, TIES, …)
+    pass NaN through into a model that loads and then produces NaN. The scan reads the
+    just-written output once (usually still in the page cache)."""
+    import torch
+    from safetensors import safe_open
+
+    for file in _safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if not bool(torch.isfinite(handle.get_tensor(key)).all()):
+                    culprits = _models_with_non_finite(key, sources)
+                    where = (f"; non-finite in the input {'model' if len(culprits) == 1 else 'models'} "
+                             + ", ".join(culprits)) if culprits else " (the inputs are finite there: the method overflowed)"
+                    raise MergeInputError(f"the merged tensor {key!r} has non-finite values (NaN or inf){where}; "
+                                          "nothing was written")
+
+
+def _models_with_non_finite(key: str, sources: Mapping[str, Path]) -> list[str]:
+    import torch
+    from safetensors import safe_open
+
+    found = []
+    for name, directory in sources.items():
+        if not Path(directory).is_dir():
+            continue
+        try:
+            shapes = read_tensor_shapes(Path(directory))
+        except MergeInputError:
+            continue
+        if key in shapes:
+            with safe_open(str(shapes[key][1]), framework="pt") as handle:
+                if not bool(torch.isfinite(handle.get_tensor(key)).all()):
+                    found.append(str(directory) if str(directory) == name else f"{name} ({directory})")
+    return found
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:

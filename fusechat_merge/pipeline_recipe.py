@@ -278,8 +278,8 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     duplicate names."""
     problems: list[str] = []
 
-    def at(*loc: Any) -> str:
-        line = lines.get(loc)
+    def at(*loc: Any) -> str:  # a key the recipe leaves out takes the line of its nearest parent
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         return f"{_where(loc)}{f' (line {line})' if line else ''}"
 
     names = recipe.model_names()

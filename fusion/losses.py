@@ -201,7 +201,8 @@ def fusion_objective(
     measure_gradients: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``λ·L_CLM + (1−λ)·L_fuse`` and its parts (``clm_loss``, ``fuse_loss``; with
-    ``measure_gradients`` also `gradient_parts`, one more pass over the logits).
+    ``measure_gradients`` also `gradient_parts`: two more passes over the logits, one
+    sequence at a time, no gradient).
 
     ``logits`` (B, T, V) from the student; ``labels`` (B, T) with -100 on untrained tokens
     (HF convention: logits at t predict labels at t + 1); targets (B, T, M) indexed by the

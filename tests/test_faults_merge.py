@@ -261,6 +261,54 @@ def test_nan_in_weights_names_the_model_and_tensor(workspace):
     assert tree_hash(root) == before  # the partial directory is gone too
 
 
+@pytest.mark.parametrize("method", ["linear", "ties", "task_arithmetic"])
+def test_mergekit_methods_do_not_publish_nan(workspace, method):
+    """mergekit's own methods carry NaN into the output; the output scan refuses it before
+    anything is published, naming the tensor and the input that holds the NaN."""
+    root, _ = workspace
+    shard = root / "models" / "t2" / "model.safetensors"
+    weights = load_file(shard)
+    weights["model.layers.0.self_attn.q_proj.weight"][1, 2] = float("inf")
+    save_file(weights, shard, metadata={"format": "pt"})
+    parameters = {"weight": 0.5, **({"density": 0.5} if method == "ties" else {})}
+    models = [{"model": str(root / "models" / n), "parameters": parameters} for n in ("t1", "t2")]
+    base = {} if method == "linear" else {"base_model": str(root / "models" / "base")}
+    recipe = write_recipe(root / f"{method}.yaml", {"merge_method": method, **base, "models": models, "dtype": "float32"})
+    before = tree_hash(root)
+    result = invoke(recipe, root / "out")
+    assert_refused(result, "'model.layers.0.self_attn.q_proj.weight'", "non-finite", str(root / "models" / "t2"),
+                   "nothing was written")
+    assert str(root / "models" / "t1") not in result.output.split("non-finite in the input")[-1]
+    assert tree_hash(root) == before and not (root / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        # linear merges the base model as an input: without a weight for it mergekit stops mid-merge
+        (lambda r: r["models"].pop(0), "base_model: linear merges the base model as an input too and needs its 'weight'"),
+        (lambda r: r["models"][1]["parameters"].clear(), "models[1].parameters: linear needs 'weight' for each model"),
+        (lambda r: r.update(merge_method="slerp", models=r["models"][:2]), "parameters: slerp needs the parameter 't'"),
+    ],
+)
+def test_a_missing_required_parameter_is_named_before_any_work(workspace, change, expected):
+    root, _ = workspace
+    raw = {"merge_method": "linear", "base_model": str(root / "models" / "base"), "dtype": "float32",
+           "models": [{"model": str(root / "models" / n), "parameters": {"weight": 1.0}} for n in ("base", "t1", "t2")]}
+    change(raw)
+    if raw["merge_method"] == "slerp":
+        for model in raw["models"]:
+            model.pop("parameters")
+    before = tree_hash(root)
+    result = invoke(write_recipe(root / "missing.yaml", raw), root / "out")
+    assert_refused(result, expected)
+    assert tree_hash(root) == {**before, "missing.yaml": tree_hash(root)["missing.yaml"]}
+    # a top-level value serves every model
+    if raw["merge_method"] == "linear":
+        raw["parameters"] = {"weight": 0.5}
+        assert invoke(write_recipe(root / "missing.yaml", raw), root / "out").exit_code == 0
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_a_corrupt_safetensors_file_is_named(workspace, damage):
     root, recipe = workspace

@@ -17,7 +17,7 @@ RECIPE = {
     "pivot": {"name": "pivot", "model": "models/pivot"},
     "sources": [{"name": "a", "model": "models/a"}, {"name": "b", "model": "models/b"}],
     "data": {"train": "data/train.jsonl"},
-    "merges": [{"name": "sce"}, {"name": "linear", "method": "linear", "base": False}],
+    "merges": [{"name": "sce"}, {"name": "linear", "method": "linear", "base": False, "model_parameters": {"weight": 0.5}}],
     "evaluate": {"skills": {"chat": "data/train.jsonl"}},
 }
 

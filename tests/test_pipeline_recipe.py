@@ -71,6 +71,12 @@ def test_missing_model_and_source_without_tokenizer(tmp_path):
         ("fuse:\n  defaults: {max_steps: 0}\n", "fuse.defaults (line 6): max_steps must be > 0"),
         ("fuse:\n  defaults: {learning_rate: 5e-6, max_steps: x}\n", "fuse.defaults (line 6): max_steps: expected a number"),
         ("merges:\n  - {name: ../../victim}\n", "merges[0].name (line 6): Value error, '../../victim' is not a plain name"),
+        # required parameters mergekit would only miss mid-merge
+        ("merges:\n  - {name: m, method: ties, model_parameters: {density: 0.5}}\n",
+         "merges[0].model_parameters (line 6): ties needs 'weight' for each target"),
+        ("merges:\n  - {name: m, method: linear, model_parameters: {weight: 0.5}}\n",
+         "merges[0].base (line 6): linear needs 'weight' for the pivot too, which `base: true` merges as an input"),
+        ("merges:\n  - {name: m, method: slerp, base: true}\n", "merges[0].parameters (line 6): slerp needs the parameter 't'"),
     ],
 )
 def test_every_stage_option_is_checked_before_any_work(tmp_path, extra, expected):
