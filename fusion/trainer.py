@@ -169,6 +169,18 @@ class FusionCollator:
         return out
 
 
+def logs_after_step(global_step: int, logging_steps: float | None, strategy: Any) -> bool:
+    """Whether the Trainer logs when the optimizer step after ``global_step`` completed
+    steps ends (it logs at ``global_step % logging_steps == 0`` once the step is counted).
+    The gradient measurement costs about as much as the loss itself, so it is paid only on
+    the steps it reports; every step when logging is not by steps."""
+    from transformers.trainer_utils import IntervalStrategy
+
+    if strategy != IntervalStrategy.STEPS or not logging_steps:
+        return True
+    return (global_step + 1) % int(logging_steps) == 0
+
+
 class FusionTrainer(Trainer):
     """`Trainer` whose loss is ``λ·CLM + (1−λ)·fusion`` (plain CLM when λ = 1)."""
 
@@ -205,11 +217,14 @@ class FusionTrainer(Trainer):
             target_probs,
             lm_weight=self.args.lm_weight,
             loss_type=self.args.fuse_loss_type,
-            measure_gradients=True,  # logged as fuse_grad_share and grad_cosine (diagnostics)
+            measure_gradients=self._logs_after_this_step(),  # fuse_grad_share, grad_cosine
         )
         for key, value in parts.items():
             self._parts.setdefault(key, []).append(float(value))
         return (loss, outputs) if return_outputs else loss
+
+    def _logs_after_this_step(self) -> bool:
+        return logs_after_step(self.state.global_step, self.state.logging_steps, self.args.logging_strategy)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         # every process calls log() at the same step, like the Trainer's own loss gather

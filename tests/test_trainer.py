@@ -125,6 +125,16 @@ def test_loss_falls_and_parts_are_logged(setup, tmp_path):
     assert all("clm_loss" in h and "fuse_loss" in h for h in history if "loss" in h)
     logged = [h for h in history if "fuse_grad_share" in h]
     assert logged and all(0 < h["fuse_grad_share"] < 1 and -1 <= h["grad_cosine"] <= 1 for h in logged)
+    assert len(logged) == len(losses)  # measured on every step that is logged
+
+
+def test_gradients_are_measured_only_on_the_steps_that_are_logged():
+    from fusion.trainer import logs_after_step
+
+    # logging_steps 5: the Trainer logs after steps 5, 10, …, i.e. during global_step 4, 9, …
+    assert [s for s in range(12) if logs_after_step(s, 5, "steps")] == [4, 9]
+    assert all(logs_after_step(s, 5, "epoch") for s in range(3))  # not by steps: every step
+    assert all(logs_after_step(s, 1, "steps") for s in range(3))
 
 
 class StopAt(TrainerCallback):
