@@ -104,3 +104,32 @@ def stray_files(root: Path) -> list[str]:
     """Temporary or partial files and folders a killed writer could leave under ``root``."""
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob(".*")
                   if ".tmp-" in p.name or ".partial" in p.name or ".old-" in p.name)
+
+
+def refused(result, *words: str) -> None:
+    """A CliRunner result that failed cleanly (exit 1, no traceback) saying ``words``."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, (word, result.output)
+
+
+def kill_once_a_shard_is_written(args: list[str], out: Path, timeout: float = 180) -> list[Path]:
+    """Start the merge command ``args`` (which writes ``out``), SIGKILL it as soon as its
+    hidden partial directory holds a safetensors shard; returns those partial directories."""
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    partial: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = [p for p in out.parent.glob(f".{out.name}.partial-*") if any(p.rglob("*.safetensors"))]
+        if partial:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial, "the merge finished before any shard was written; make the models bigger"
+    return partial

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
-from helpers import BIN, perturb_weights, stray_files, tree_hash
+from helpers import BIN, perturb_weights, refused, stray_files, tree_hash
 
 from fusechat_merge.cli import main
 
@@ -55,13 +55,6 @@ def world(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
 def align(pivot: Path, source: Path, out: Path, *extra: str):
     return CliRunner().invoke(main, ["align", "--pivot", str(pivot), "--source", str(source), "--out", str(out),
                                      *extra])
-
-
-def refused(result, *words: str) -> None:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in result.output, (word, result.output)
 
 
 def test_same_ids_with_other_texts_are_refused(world, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
-from helpers import BIN, load_weights, stray_files, tree_hash
+from helpers import BIN, load_weights, refused, stray_files, tree_hash
 
 from fusechat_merge.cli import main
 
@@ -49,13 +49,6 @@ def fuse(world, out: Path, *extra: str, pivot: Path | None = None):
     args = ["fuse", "--pivot", str(pivot or world["pivot"]), "--aligned", str(world["aligned"]),
             "--out", str(out), *TRAIN, *extra]
     return CliRunner().invoke(main, args)
-
-
-def refused(result, *words: str) -> None:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in result.output, (word, result.output)
 
 
 @pytest.mark.parametrize("where", ["pivot", "aligned"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
-from helpers import perturb_weights, tree_hash
+from helpers import perturb_weights, refused, tree_hash
 
 from fusechat_merge.cli import main
 
@@ -31,13 +31,6 @@ def logits(model: Path | str, data: Path | str, out: Path, *extra: str):
     args = ["logits", "--model", str(model), "--data", str(data), "--out", str(out), "--top-k", "4",
             "--cache-dir", str(Path(out).parent / "cache"), *extra]
     return CliRunner().invoke(main, args)
-
-
-def refused(result, *words: str) -> None:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in result.output, (word, result.output)
 
 
 def test_changed_weights_at_the_same_path_are_detected(model, data, tmp_path):

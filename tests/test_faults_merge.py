@@ -11,15 +11,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import BIN, load_weights, run, sce_recipe, write_recipe
+from helpers import BIN, kill_once_a_shard_is_written, load_weights, run, sce_recipe, write_recipe
 from safetensors.torch import load_file, save_file
 
 from fusechat_merge.cli import main as cli
@@ -369,18 +367,7 @@ def test_sigkill_mid_merge_then_rerun_gives_the_same_bytes(tmp_path, metaspace_t
                 "--quiet"]
 
     run(args(clean / "out"))  # the uninterrupted reference (the card is named after the dir)
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(args(work / "out"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    partial: list[Path] = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        partial = [p for p in work.glob(".out.partial-*") if any(p.rglob("*.safetensors"))]
-        if partial:
-            break
-        time.sleep(0.005)
-    assert partial, "the merge finished before any shard was written; make the models bigger"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    partial = kill_once_a_shard_is_written(args(work / "out"), work / "out")
     assert not (work / "out").exists()  # nothing that looks complete
     assert (partial[0] / PARTIAL_MARKER).is_file()
     run(args(work / "out"))

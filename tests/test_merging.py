@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 from click.testing import CliRunner
-from helpers import BIN, run, sce_recipe, write_recipe
+from helpers import BIN, kill_once_a_shard_is_written, run, sce_recipe, write_recipe
 from safetensors.torch import load_file, save_file
 
 from fusechat_merge.cli import main as cli
@@ -56,19 +52,8 @@ def test_a_killed_merge_leaves_no_complete_looking_output(tmp_path, metaspace_to
     targets = [make_model(tmp_path / f"t{i}", base=base, seed=i) for i in (1, 2, 3)]
     recipe = write_recipe(tmp_path / "r.yaml", sce_recipe([base, *targets], select_topk=0.1))
     out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     args = [str(BIN / "fusechat-merge"), "merge", str(recipe), str(out), "--out-shard-size", "200K", "--quiet"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    partial: list[Path] = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        partial = [p for p in tmp_path.glob(".out.partial-*") if any(p.rglob("*.safetensors"))]
-        if partial:
-            break
-        time.sleep(0.005)
-    assert partial, "the merge finished before any shard was written; make the model bigger"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    partial = kill_once_a_shard_is_written(args, out, timeout=120)
     assert not out.exists()
     assert all(p.name.startswith(".out.partial-") for p in partial)
     # a re-run completes and publishes the output
