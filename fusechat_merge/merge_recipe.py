@@ -163,10 +163,11 @@ def check_merge_settings(
 
 
 def _pipeline_key(key: str, base: bool) -> tuple[str]:
-    """The pipeline merge's key for a `missing_required` key (the pivot is models[0])."""
+    """The pipeline merge's key for a `missing_required` key (with a base, the pivot is
+    listed as models[0], so ``base_model`` never comes up)."""
     if key == "parameters":
         return ("parameters",)
-    return ("base",) if base and key in ("models[0].parameters", "base_model") else ("model_parameters",)
+    return ("base",) if base and key == "models[0].parameters" else ("model_parameters",)
 
 
 def validate_recipe(

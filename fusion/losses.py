@@ -125,10 +125,11 @@ class _SparseTargetCE(torch.autograd.Function):
         clm = -(z_gold - lse).mean()
         fuse_ce = -(q * (z_ids - lse[:, None])).sum(-1).mean()
         ctx.save_for_backward(logits, rows_b, rows_t, gold, ids, q)
-        return clm, fuse_ce
+        ctx.mark_non_differentiable(lse_bt)
+        return clm, fuse_ce, lse_bt  # lse_bt for `gradient_parts`, so it is not computed twice
 
     @staticmethod
-    def backward(ctx, g_clm, g_fuse):  # type: ignore[override]
+    def backward(ctx, g_clm, g_fuse, _g_lse):  # type: ignore[override]
         logits, rows_b, rows_t, gold, ids, q = ctx.saved_tensors
         n = rows_b.numel()
         a = g_clm.float() / n  # weight of each row's CLM term
@@ -152,6 +153,7 @@ class _SparseTargetCE(torch.autograd.Function):
 @torch.no_grad()
 def gradient_parts(
     logits: torch.Tensor,
+    lse: torch.Tensor,
     rows_b: torch.Tensor,
     rows_t: torch.Tensor,
     gold: torch.Tensor,
@@ -166,8 +168,8 @@ def gradient_parts(
     and inner product follow from ``Σp²``, ``p`` at the gold and target ids, and ``q``:
     ``fuse_grad_share`` = ‖G_fuse‖ / (‖G_clm‖ + ‖G_fuse‖) and ``grad_cosine`` = cos(G_clm,
     G_fuse). A cosine near 1 says the fusion term pushes where the CLM term already does.
+    ``lse`` (B, T) is the log-sum-exp of the logits at every position.
     """
-    lse = torch.stack([torch.logsumexp(seq.float(), dim=-1) for seq in logits])  # (B, T)
     # Σp² per position, one sequence at a time with one temporary: exp(2(z − lse)) summed
     # (the subtraction makes the copy: `.float()` of float32 logits is the logits themselves)
     p_sq = torch.stack([(seq.float() - lse[i, :, None]).mul_(2).exp_().sum(-1) for i, seq in enumerate(logits)])
@@ -201,7 +203,7 @@ def fusion_objective(
     measure_gradients: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``λ·L_CLM + (1−λ)·L_fuse`` and its parts (``clm_loss``, ``fuse_loss``; with
-    ``measure_gradients`` also `gradient_parts`: two more passes over the logits, one
+    ``measure_gradients`` also `gradient_parts`: one more pass over the logits, one
     sequence at a time, no gradient).
 
     ``logits`` (B, T, V) from the student; ``labels`` (B, T) with -100 on untrained tokens
@@ -223,7 +225,7 @@ def fusion_objective(
     q = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
     safe_ids = torch.where(in_vocab, ids, torch.zeros_like(ids))
     gold = labels[b_idx, t_idx + 1]
-    clm, fuse_loss = _SparseTargetCE.apply(logits, b_idx, t_idx, gold, safe_ids, q)
+    clm, fuse_loss, lse = _SparseTargetCE.apply(logits, b_idx, t_idx, gold, safe_ids, q)
     if loss_type == "kl":
         _, m_q = merge_duplicates(ids, q)
         entropy = -(m_q * torch.log(m_q.clamp_min(1e-30))).sum(-1)
@@ -231,5 +233,5 @@ def fusion_objective(
     total = lm_weight * clm + (1.0 - lm_weight) * fuse_loss
     parts = {"clm_loss": clm.detach(), "fuse_loss": fuse_loss.detach()}
     if measure_gradients and len(b_idx):
-        parts |= gradient_parts(logits.detach(), b_idx, t_idx, gold, safe_ids, q, lm_weight)
+        parts |= gradient_parts(logits.detach(), lse, b_idx, t_idx, gold, safe_ids, q, lm_weight)
     return total, parts

@@ -172,8 +172,8 @@ class FusionCollator:
 def logs_after_step(global_step: int, logging_steps: float | None, strategy: Any) -> bool:
     """Whether the Trainer logs when the optimizer step after ``global_step`` completed
     steps ends (it logs at ``global_step % logging_steps == 0`` once the step is counted).
-    The gradient measurement costs about as much as the loss itself, so it is paid only on
-    the steps it reports; every step when logging is not by steps."""
+    The gradient measurement adds about half the loss's own cost, so it is paid only on the
+    steps it reports; every step when logging is not by steps."""
     from transformers.trainer_utils import IntervalStrategy
 
     if strategy != IntervalStrategy.STEPS or not logging_steps:
