@@ -7,8 +7,6 @@ and its line (`PipelineRecipeError`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -371,9 +369,3 @@ def _check_training_options(recipe: PipelineRecipe, at: Any) -> list[str]:
         except (ValueError, TypeError) as err:
             problems.append(f"{at(*loc)}: {err}")
     return problems
-
-
-def fingerprint(*parts: Any) -> str:
-    """Stable hash of JSON-able parts (stage options and upstream keys)."""
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]

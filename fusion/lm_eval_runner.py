@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import importlib.util
 import json
 import math
@@ -122,48 +121,19 @@ class LmEvalOptions:
             raise LmEvalError(f"include_path must be a folder path, got {self.include_path!r}")
         parse_model_args(self.model_args)
 
-    def settings(self) -> dict[str, Any]:
-        """What decides a score, as plain JSON values (for a stage's cache key).
-
-        Adds the lm-eval version and a digest of the include path's files, so an edited
-        local task or data file is scored again (data a YAML names outside that folder is
-        not digested; the generated skill tasks keep theirs inside); ``device`` and
-        ``batch_size`` are left out.
-        """
-        values = dataclasses.asdict(self)
-        values.pop("device")
-        values.pop("batch_size")
-        values["tasks"] = list(self.tasks)
-        values["include_path"] = None if self.include_path is None else str(self.include_path)
-        values["lm_eval_version"] = _lm_eval_version()
-        values["include_digest"] = (
-            None if self.include_path is None else _folder_digest(Path(self.include_path))
-        )
-        return values
-
 
 def _did_you_mean(name: str, candidates: Sequence[str], n: int = 5) -> str:
     close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
     return f" (close names: {', '.join(close)})" if close else ""
 
 
-def _lm_eval_version() -> str | None:
+def lm_eval_version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("lm-eval")
     except PackageNotFoundError:
         return None
-
-
-def _folder_digest(folder: Path) -> str | None:
-    if not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
 
 
 def parse_model_args(text: str | None) -> dict[str, str]:

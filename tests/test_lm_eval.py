@@ -291,16 +291,6 @@ def test_options_from_a_recipe_mapping(tmp_path):
     assert parse_model_args("dtype=float32, max_length=64") == {"dtype": "float32", "max_length": "64"}
 
 
-def test_settings_change_with_the_local_task_files(tmp_path):
-    (tmp_path / "t.yaml").write_text("task: t\n", encoding="utf-8")
-    options = LmEvalOptions(tasks=("t",), include_path=str(tmp_path), batch_size=4)
-    before = options.settings()
-    assert before == LmEvalOptions(tasks=("t",), include_path=str(tmp_path), batch_size=64).settings()
-    (tmp_path / "t.jsonl").write_text("{}\n", encoding="utf-8")
-    assert options.settings()["include_digest"] != before["include_digest"]
-    assert before["lm_eval_version"] == "0.4.13"
-
-
 def test_metrics_and_results_file(tmp_path):
     import numpy as np
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
 import pickle
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import yaml
 from corpus import conversations, write_jsonl
 
 from fusechat_merge.pipeline import WorkDir, plan_stages
+from fusechat_merge.pipeline.plan import Planner
 from fusechat_merge.pipeline_recipe import load_pipeline_recipe
 
 RECIPE = {
@@ -49,7 +53,10 @@ def test_every_stage_waits_for_exactly_its_inputs(work):
     assert stages["merge/seed-0/sce"].after == ["fuse/seed-0/a", "fuse/seed-0/b"]
     assert set(stages["evaluate/seed-1"].after) == {"fuse/seed-1/a", "fuse/seed-1/b", "merge/seed-1/sce",
                                                      "merge/seed-1/linear"}
-    assert stages["evaluate/report"].after == ["evaluate/base", "evaluate/seed-0", "evaluate/seed-1"]
+    # the report reads the scores, and for its diagnostics the targets and the aligned stores
+    assert stages["evaluate/report"].after == ["evaluate/base", "evaluate/seed-0", "evaluate/seed-1",
+                                               "fuse/seed-0/a", "fuse/seed-0/b", "fuse/seed-1/a",
+                                               "fuse/seed-1/b", "align/a", "align/b"]
     order = list(stages)
     for stage in stages.values():  # the list is a valid run order
         assert all(order.index(u) < order.index(stage.id) for u in stage.after)
@@ -63,6 +70,80 @@ def test_a_changed_option_changes_the_keys_downstream_only(work):
     assert not any(k.startswith("logits/") for k in moved)
     assert {"align/a", "align/b", "fuse/seed-0/a", "merge/seed-1/sce", "evaluate/report"} <= moved
     assert "evaluate/base" not in moved
+
+
+def _perturbed(value, annotation: str = ""):
+    """A different value of the same shape (a field edited by a recipe change)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, dict):  # one more entry like the first
+        return {**value, **({_perturbed(k): v for k, v in list(value.items())[:1]} or {"added": "x"})}
+    if isinstance(value, list | tuple):
+        return type(value)([*value, value[0] if value else "x"])
+    if value is None:  # an optional field given a value
+        return {"added": 1} if "dict" in str(annotation) else "x"
+    raise AssertionError(f"no perturbation for {value!r}")
+
+
+def _edits(obj):
+    """Copies of ``obj`` with one field (nested dataclass fields too) changed, by name
+    (set directly: a copy, without the options' validation)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        changed = [(f"{f.name}.{n}", v) for n, v in _edits(value)] if dataclasses.is_dataclass(value) \
+            else [(f.name, _perturbed(value, f.type))]
+        for name, new in changed:
+            edited = copy.copy(obj)
+            object.__setattr__(edited, f.name, new)
+            yield name, edited
+
+
+def test_every_field_of_every_job_is_in_its_key(work):
+    recipe = {**RECIPE, "evaluate": {**RECIPE["evaluate"], "lm_eval": {"tasks": ["t"]}},
+              "fuse": {"baselines": {"sft": True}}}
+    stages = plan(work, recipe)
+    planner = Planner(WorkDir(work), stages)
+    kinds = set()
+    for stage in stages:
+        kinds.add(type(stage.job).__name__)
+        assert planner.key(stage.job)[0] == stage.key, stage.id
+        for name, edited in _edits(stage.job):
+            assert planner.key(edited)[0] != stage.key, f"{stage.id}: {name} is not in the key"
+    assert kinds == {"LogitsJob", "AlignJob", "FuseJob", "MergeJob", "EvalJob", "LmEvalJob", "ReportJob"}
+
+
+def test_inputs_enter_the_key_by_content(work):
+    before = {s.id: s.key for s in plan(work, RECIPE)}
+    weights = work / "models" / "a" / "model.safetensors"
+    data = weights.read_bytes()
+    stat = weights.stat()
+    try:
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, same mtime
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        after = {s.id: s.key for s in plan(work, RECIPE)}
+    finally:
+        weights.write_bytes(data)
+    moved = {k for k in before if before[k] != after[k]}
+    assert {"logits/a", "align/a", "fuse/seed-1/a", "merge/seed-0/sce", "evaluate/base"} <= moved
+    assert not moved & {"logits/pivot", "logits/b", "align/b", "fuse/seed-0/b", "fuse/seed-1/b"}
+
+
+def test_lm_eval_stages_follow_the_task_files_and_the_lm_eval_version(work):
+    tasks = work / "tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "t.yaml").write_text("task: t\n", encoding="utf-8")
+    recipe = {**RECIPE, "evaluate": {"lm_eval": {"tasks": ["t"], "include_path": "tasks"}}}
+    before = {s.id: s for s in plan(work, recipe)}
+    assert before["evaluate/lm-eval/base/pivot"].job.lm_eval_version == "0.4.13"
+    (tasks / "t.jsonl").write_text("{}\n", encoding="utf-8")
+    after = {s.id: s.key for s in plan(work, recipe)}
+    lm_eval = {k for k in before if k.startswith("evaluate/lm-eval/")}
+    assert lm_eval and all(before[k].key != after[k] for k in lm_eval)
+    assert all(before[k].key == after[k] for k in before if k.startswith(("logits/", "fuse/", "merge/")))
 
 
 def test_jobs_pickle_and_carry_their_recipe_section(work):

@@ -1,8 +1,11 @@
 """One job class per stage kind: what a stage does, made from its recipe section.
 
-A job holds only paths, options and plain values (it pickles), so the local runner and
-any other executor run the same object: ``job.run(resume, log)``. Heavy imports happen
-inside ``run``.
+A job is a frozen dataclass of paths, options and plain values (it pickles), so the local
+runner and any other executor run the same object: ``job.run(resume, log)``. It declares
+what it reads (`Job.reads`: model directories, data, skill files, upstream outputs) and
+what it writes (`Job.writes`); the stage key is computed from the job itself
+(`fusechat_merge.pipeline.keys`), so every field is in the key without anyone listing it.
+Heavy imports happen inside ``run``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline_recipe import (
@@ -32,11 +35,28 @@ def _indented(log: Log) -> Log:
     return lambda message: log(f"    {message}")
 
 
-@dataclass
-class LogitsJob:
+class Job:
+    """What every job declares: its stage kind, the paths it reads and those it writes."""
+
+    kind: ClassVar[str]  # one of pipeline_recipe.STAGES
+
+    def reads(self) -> list[str]:
+        """Every path (or hub id) whose content decides the output."""
+        raise NotImplementedError
+
+    def writes(self) -> list[Path]:
+        raise NotImplementedError
+
+    def run(self, resume: bool, log: Log) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LogitsJob(Job):
     """Score the corpus with one model (`fusion.logits.generate_logits`)."""
 
-    job: Any  # fusion.logits.LogitJob
+    kind: ClassVar[str] = "logits"
+    job: Any  # fusion.logits.LogitJob: model, data, out and the scoring options
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec) -> LogitsJob:
@@ -49,17 +69,24 @@ class LogitsJob:
             **{name: getattr(spec, name) for name in ENGINE_FIELDS},
         ))
 
+    def reads(self) -> list[str]:
+        return [self.job.model, self.job.data]
+
+    def writes(self) -> list[Path]:
+        return [Path(self.job.out)]
+
     def run(self, resume: bool, log: Log) -> None:
         from fusion.logits import generate_logits
 
         generate_logits(self.job, progress=False, log=_indented(log))
 
 
-@dataclass
-class AlignJob:
+@dataclass(frozen=True)
+class AlignJob(Job):
     """Align one source's store onto the pivot's (`fusion.align_job.align_stores`)."""
 
-    job: Any  # fusion.align_job.AlignJob
+    kind: ClassVar[str] = "align"
+    job: Any  # fusion.align_job.AlignJob: pivot, source, out and the alignment options
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, source: str) -> AlignJob:
@@ -68,47 +95,64 @@ class AlignJob:
         return cls(Alignment(pivot=str(layout.store(recipe.pivot.name)), source=str(layout.store(source)),
                              out=str(layout.aligned(source)), **recipe.align.model_dump()))
 
+    def reads(self) -> list[str]:
+        return [p for p in (self.job.pivot, self.job.source, self.job.vocab_map) if p]
+
+    def writes(self) -> list[Path]:
+        return [Path(self.job.out)]
+
     def run(self, resume: bool, log: Log) -> None:
         from fusion.align_job import align_stores
 
         align_stores(self.job, progress=False, log=_indented(log))
 
 
-@dataclass
-class FuseJob:
+@dataclass(frozen=True)
+class FuseJob(Job):
     """Train one target: the pivot fused with aligned stores (`fusion.trainer.train_fusion`),
     in this process, or under ``accelerate launch`` when ``launch`` is set
     (`fusechat_merge.pipeline.launch`). Returns the record fields of the training run
     (``world_size``, read from the target's ``train_run.json``)."""
 
+    kind: ClassVar[str] = "fuse"
     pivot: str
     aligned: list[str]
     out: str
-    settings: dict[str, Any]
-    launch: dict[str, Any] | None = None  # a LaunchSpec's values
+    settings: dict[str, Any]  # FusionConfig fields: the recipe's defaults, per-source ones, the seed
+    launch: dict[str, Any] | None = None  # a LaunchSpec's values (processes × batch: the global batch)
     log_file: str = ""  # launched: the subprocess's output
     config_file: str = ""  # launched: the training options, for `fuse --config`
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, source: str) -> FuseJob:
-        stage_id = fuse_stage_id(seed, source)
-        spec = recipe.fuse.launch_for(source)
-        launch = None if spec is None else spec.model_dump()  # accelerate_config: absolute (the loader)
-        return cls(layout.model(recipe.pivot.model), [str(layout.aligned(source))],
-                   str(layout.target(seed, source)), fuse_settings(recipe, seed, source), launch,
-                   str(layout.log(stage_id)), str(layout.launch_config(stage_id)))
+        """The pair (``seed``, ``source``): the recipe's defaults, its per-source options, the seed."""
+        settings = {**recipe.fuse.defaults, **recipe.fuse.per_source.get(source, {}), "seed": seed}
+        return cls._made(recipe, layout, fuse_stage_id(seed, source), [source], layout.target(seed, source),
+                         settings, recipe.fuse.launch_for(source))
 
     @classmethod
     def baseline(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, name: str) -> FuseJob:
         """A baseline of one seed: ``sft`` (the pivot on the first source's aligned store, the
-        same corpus and steps as a target, CLM alone) or ``multi`` (every source's aligned
-        store in one training). Launched like the targets (``fuse.launch``)."""
-        stage_id = baseline_stage_id(seed, name)
+        same corpus and steps as a target, CLM alone: ``lm_weight`` 1) or ``multi`` (every
+        source's aligned store in one training). Launched like the targets (``fuse.launch``)."""
         stores = [recipe.sources[0].name] if name == "sft" else [s.name for s in recipe.sources]
-        launch = None if recipe.fuse.launch is None else recipe.fuse.launch.model_dump()
-        return cls(layout.model(recipe.pivot.model), [str(layout.aligned(s)) for s in stores],
-                   str(layout.baseline(seed, name)), baseline_settings(recipe, seed, name), launch,
+        settings = {**recipe.fuse.defaults, "seed": seed, **({"lm_weight": 1.0} if name == "sft" else {})}
+        return cls._made(recipe, layout, baseline_stage_id(seed, name), stores, layout.baseline(seed, name),
+                         settings, recipe.fuse.launch)
+
+    @classmethod
+    def _made(cls, recipe: PipelineRecipe, layout: WorkDir, stage_id: str, stores: list[str], out: Path,
+              settings: dict[str, Any], launch: Any) -> FuseJob:
+        return cls(layout.model(recipe.pivot.model), [str(layout.aligned(s)) for s in stores], str(out),
+                   settings, None if launch is None else launch.model_dump(),
                    str(layout.log(stage_id)), str(layout.launch_config(stage_id)))
+
+    def reads(self) -> list[str]:
+        config = (self.launch or {}).get("accelerate_config")
+        return [self.pivot, *self.aligned, *([config] if config else [])]
+
+    def writes(self) -> list[Path]:
+        return [Path(self.out)]
 
     def training_options(self) -> dict[str, Any]:
         """The pipeline's defaults under the recipe's options (the same in-process and launched)."""
@@ -134,11 +178,6 @@ def fuse_stage_id(seed: int, source: str) -> str:
     return f"fuse/seed-{seed}/{source}"
 
 
-def fuse_settings(recipe: PipelineRecipe, seed: int, source: str) -> dict[str, Any]:
-    """The training options of one pair: the recipe's defaults, its per-source ones, the seed."""
-    return {**recipe.fuse.defaults, **recipe.fuse.per_source.get(source, {}), "seed": seed}
-
-
 def baseline_stage_id(seed: int, name: str) -> str:
     return f"baseline/seed-{seed}/{name}"
 
@@ -148,24 +187,12 @@ def baselines(recipe: PipelineRecipe) -> list[str]:
     return [name for name in BASELINES if getattr(recipe.fuse.baselines, name)]
 
 
-def baseline_settings(recipe: PipelineRecipe, seed: int, name: str) -> dict[str, Any]:
-    """A baseline's training options: the recipe's defaults and the seed; SFT with
-    ``lm_weight`` 1 (the causal-LM loss alone)."""
-    return {**recipe.fuse.defaults, "seed": seed, **({"lm_weight": 1.0} if name == "sft" else {})}
-
-
-def fuse_launch(recipe: PipelineRecipe, source: str) -> dict[str, Any] | None:
-    """The launcher of one pair's stages, as part of their key: the number of processes is
-    part of the global batch (processes × batch × accumulation)."""
-    spec = recipe.fuse.launch_for(source)
-    return None if spec is None else spec.model_dump()
-
-
-@dataclass
-class MergeJob:
+@dataclass(frozen=True)
+class MergeJob(Job):
     """Merge one seed's targets with one method (`fusechat_merge.merging.run_merge_checked`)."""
 
-    config: dict[str, Any]
+    kind: ClassVar[str] = "merge"
+    config: dict[str, Any]  # the mergekit recipe
     out: str
     report: str
     seed: int
@@ -185,6 +212,13 @@ class MergeJob:
         return cls(config, str(layout.merged(seed, merge.name)), str(layout.merge_report(seed, merge.name)),
                    seed, merge.name)
 
+    def reads(self) -> list[str]:
+        return list(dict.fromkeys([m["model"] for m in self.config["models"]] +
+                                  ([self.config["base_model"]] if "base_model" in self.config else [])))
+
+    def writes(self) -> list[Path]:
+        return [Path(self.out), Path(self.report)]
+
     def run(self, resume: bool, log: Log) -> None:
         from mergekit.options import MergeOptions
 
@@ -200,10 +234,11 @@ class MergeJob:
             write_sce_report(rows, self.report)
 
 
-@dataclass
-class EvalJob:
+@dataclass(frozen=True)
+class EvalJob(Job):
     """Score models on the held-out skills (`fusion.evaluate.evaluate_model`)."""
 
+    kind: ClassVar[str] = "evaluate"
     models: list[tuple[str, str, str, str]]  # (report name, kind, path, template)
     skills: dict[str, str]
     options: Any  # fusion.options.EvalOptions
@@ -220,6 +255,12 @@ class EvalJob:
         options = EvalOptions(**e.model_dump(exclude={"skills", "lm_eval", *REPORT_FIELDS}))
         return cls(models, {k: str(layout.resolve(v)) for k, v in e.skills.items()}, options,
                    str(layout.scores(seed)), str(layout.datasets_cache))
+
+    def reads(self) -> list[str]:
+        return [path for _, _, path, _ in self.models] + list(self.skills.values())
+
+    def writes(self) -> list[Path]:
+        return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.evaluate import evaluate_model
@@ -249,26 +290,31 @@ def eval_models(recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> li
         (f"merge:{m.name}", "merge", str(layout.merged(seed, m.name)), pivot_template) for m in recipe.merges]
 
 
-def lm_eval_options(recipe: PipelineRecipe, layout: WorkDir) -> dict[str, Any]:
-    """The recipe's ``evaluate.lm_eval`` mapping, its include path resolved in the work dir."""
-    assert recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
-    options = dict(recipe.evaluate.lm_eval)
-    if options.get("include_path"):
-        options["include_path"] = str(layout.resolve(options["include_path"]))
-    return options
-
-
-@dataclass
-class LmEvalJob:
+@dataclass(frozen=True)
+class LmEvalJob(Job):
     """Score one model on the recipe's lm-eval tasks (`fusion.lm_eval_runner.run_lm_eval`)."""
 
+    kind: ClassVar[str] = "evaluate"
     model: str
     options: dict[str, Any]  # LmEvalOptions fields, include_path resolved
     out: str
+    lm_eval_version: str | None  # a new lm-eval may score differently
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, model: str, out: Path) -> LmEvalJob:
-        return cls(model, lm_eval_options(recipe, layout), str(out))
+        from fusion.lm_eval_runner import lm_eval_version
+
+        assert recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
+        options = dict(recipe.evaluate.lm_eval)
+        if options.get("include_path"):
+            options["include_path"] = str(layout.resolve(options["include_path"]))
+        return cls(model, options, str(out), lm_eval_version())
+
+    def reads(self) -> list[str]:
+        return [self.model, *([self.options["include_path"]] if self.options.get("include_path") else [])]
+
+    def writes(self) -> list[Path]:
+        return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.lm_eval_runner import LmEvalOptions, require_lm_eval, run_lm_eval, write_results
@@ -277,10 +323,11 @@ class LmEvalJob:
         write_results(run_lm_eval(self.model, LmEvalOptions.from_mapping(self.options)), Path(self.out))
 
 
-@dataclass
-class ReportJob:
+@dataclass(frozen=True)
+class ReportJob(Job):
     """Aggregate the evaluation scores over seeds into the report (table, JSON, plot)."""
 
+    kind: ClassVar[str] = "evaluate"
     scores: list[str]  # base scores first, then one file per seed
     lm_eval: list[list[tuple[str, str, str]]]  # per group (base, seeds): (model, kind, results file)
     out: str
@@ -308,6 +355,14 @@ class ReportJob:
         return cls(files, lm_eval, str(layout.report), f"{recipe.name}: {len(recipe.seeds)} seed(s)",
                    skills, own, layout.model(recipe.pivot.model) if diagnose else "", trained,
                    {s.name: str(layout.aligned(s.name)) for s in recipe.sources} if diagnose else {})
+
+    def reads(self) -> list[str]:
+        results = [path for group in self.lm_eval for _, _, path in group]
+        trained = [path for models in self.trained.values() for path in models.values()]
+        return [*self.scores, *results, *([self.pivot] if self.pivot else []), *trained, *self.aligned.values()]
+
+    def writes(self) -> list[Path]:
+        return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
         from fusechat_merge.report import (

@@ -1,7 +1,9 @@
-"""The stage plan of a recipe: ids, kinds, keys, dependencies and jobs.
+"""The stage plan of a recipe: which job, under which id; the rest follows from the jobs.
 
-A stage's key is the hash of its options, its inputs (file signatures) and its upstream
-stages' keys, so a change anywhere redoes that stage and everything downstream.
+`plan_stages` is wiring only: it makes one job per stage from the recipe (`jobs`). A stage's
+dependencies are the stages that write what its job reads, and its key is computed from the
+job (`keys.stage_key`): a change to any field, to the content of any input, or to an
+upstream stage redoes that stage and everything downstream, and nothing else.
 """
 
 from __future__ import annotations
@@ -10,26 +12,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusechat_merge import __version__
 from fusechat_merge.pipeline.jobs import (
     AlignJob,
     EvalJob,
     FuseJob,
+    Job,
     LmEvalJob,
     LogitsJob,
     MergeJob,
     ReportJob,
-    baseline_settings,
     baseline_stage_id,
     baselines,
     eval_models,
-    fuse_launch,
-    fuse_settings,
     fuse_stage_id,
-    lm_eval_options,
 )
+from fusechat_merge.pipeline.keys import stage_key
 from fusechat_merge.pipeline.layout import WorkDir
-from fusechat_merge.pipeline_recipe import REPORT_FIELDS, PipelineRecipe, fingerprint
+from fusechat_merge.pipeline_recipe import PipelineRecipe
+from fusion.artifacts.provenance import path_fingerprint
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Stage:
     key: str
     after: list[str]  # ids of the stages whose outputs this one reads
     outputs: list[Path]
-    job: Any  # a job of fusechat_merge.pipeline.jobs
+    job: Any  # a `jobs.Job`
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     status: str = ""
@@ -47,93 +47,72 @@ class Stage:
     resources: dict[str, Any] = field(default_factory=dict)  # what a scheduler gives it
 
 
-def file_signature(path: Path) -> Any:
-    """Cheap change detector for inputs: sizes and mtimes of a file or a directory's files."""
-    if not path.exists():
-        return str(path)
-    if path.is_file():
-        st = path.stat()
-        return [str(path), st.st_size, st.st_mtime_ns]
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    return [str(path)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+class Planner:
+    """Adds stages in run order, each after the stages that write what it reads."""
+
+    def __init__(self, layout: WorkDir, stages: list[Stage] | None = None) -> None:
+        self.layout = layout
+        self.stages: list[Stage] = list(stages or [])
+        self._fingerprints: dict[str, str] = {}  # one read of each input per plan
+
+    def add(self, stage_id: str, job: Job) -> Stage:
+        key, after = self.key(job)
+        stage = Stage(stage_id, job.kind, key, after, job.writes(), job)
+        self.stages.append(stage)
+        return stage
+
+    def key(self, job: Job) -> tuple[str, list[str]]:
+        """The key of ``job`` and the ids of the stages it waits for."""
+        inputs, after = [], []
+        for path in job.reads():
+            writer = self._writer(Path(path))
+            if writer is None:
+                if path not in self._fingerprints:
+                    self._fingerprints[path] = path_fingerprint(path)
+                inputs.append((path, self._fingerprints[path]))
+            else:
+                inputs.append((path, writer.key))
+                if writer.id not in after:
+                    after.append(writer.id)
+        return stage_key(job, inputs, self.layout.root), after
+
+    def _writer(self, path: Path) -> Stage | None:
+        for stage in self.stages:
+            if any(path == out or out in path.parents for out in stage.outputs):
+                return stage
+        return None
 
 
 def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
     """Every stage of ``recipe`` in a valid run order."""
     r = recipe
-    stages: list[Stage] = []
-    data_sig = file_signature(Path(layout.data(r.data.train)))
-    model_sig = {s.name: file_signature(Path(layout.model(s.model))) for s in [r.pivot, *r.sources]}
-
-    logits: dict[str, Stage] = {}
+    plan = Planner(layout)
     for spec in [r.pivot, *r.sources]:
-        key = fingerprint("logits", spec.model_dump(), r.logits.model_dump(), r.data.model_dump(), data_sig,
-                          model_sig[spec.name], __version__)
-        logits[spec.name] = Stage(f"logits/{spec.name}", "logits", key, [], [layout.store(spec.name)],
-                                  LogitsJob.from_recipe(r, layout, spec))
-    stages += logits.values()
-
-    aligned: dict[str, Stage] = {}
+        plan.add(f"logits/{spec.name}", LogitsJob.from_recipe(r, layout, spec))
     for spec in r.sources:
-        up = [logits[r.pivot.name], logits[spec.name]]
-        key = fingerprint("align", r.align.model_dump(), *(u.key for u in up))
-        aligned[spec.name] = Stage(f"align/{spec.name}", "align", key, [u.id for u in up],
-                                   [layout.aligned(spec.name)], AlignJob.from_recipe(r, layout, spec.name))
-    stages += aligned.values()
-
-    targets: dict[tuple[int, str], Stage] = {}
+        plan.add(f"align/{spec.name}", AlignJob.from_recipe(r, layout, spec.name))
     for seed in r.seeds:
         for spec in r.sources:
-            up = aligned[spec.name]
-            key = fingerprint("fuse", fuse_settings(r, seed, spec.name), up.key, model_sig[r.pivot.name],
-                              *([fuse_launch(r, spec.name)] if fuse_launch(r, spec.name) else []))
-            targets[seed, spec.name] = Stage(fuse_stage_id(seed, spec.name), "fuse", key, [up.id],
-                                             [layout.target(seed, spec.name)],
-                                             FuseJob.from_recipe(r, layout, seed, spec.name))
-    stages += targets.values()
-
-    extra: dict[tuple[int, str], Stage] = {}  # the baselines (fuse.baselines), per seed
-    launch = [r.fuse.launch.model_dump()] if r.fuse.launch else []
+            plan.add(fuse_stage_id(seed, spec.name), FuseJob.from_recipe(r, layout, seed, spec.name))
     for seed in r.seeds:
         for name in baselines(r):
-            up = [aligned[r.sources[0].name]] if name == "sft" else list(aligned.values())
-            key = fingerprint("fuse", baseline_settings(r, seed, name), [u.key for u in up],
-                              model_sig[r.pivot.name], *launch)
-            extra[seed, name] = Stage(baseline_stage_id(seed, name), "fuse", key, [u.id for u in up],
-                                      [layout.baseline(seed, name)], FuseJob.baseline(r, layout, seed, name))
-    stages += extra.values()
-
-    merges: dict[int, list[Stage]] = {}
+            plan.add(baseline_stage_id(seed, name), FuseJob.baseline(r, layout, seed, name))
     for seed in r.seeds:
-        up = [targets[seed, s.name] for s in r.sources]
-        merges[seed] = [
-            Stage(f"merge/seed-{seed}/{m.name}", "merge", fingerprint("merge", m.model_dump(), [u.key for u in up]),
-                  [u.id for u in up], [layout.merged(seed, m.name), layout.merge_report(seed, m.name)],
-                  MergeJob.from_recipe(r, layout, seed, m))
-            for m in r.merges
-        ]
-        stages += merges[seed]
-
+        for m in r.merges:
+            plan.add(f"merge/seed-{seed}/{m.name}", MergeJob.from_recipe(r, layout, seed, m))
     if r.evaluate is not None:
-        # lm-eval stages have their own keys; the report's own keys redo the report alone
-        eval_opts = r.evaluate.model_dump(exclude={"lm_eval", *REPORT_FIELDS})
-        skills_sig = [file_signature(layout.resolve(f)) for f in r.evaluate.skills.values()]
-        base = Stage("evaluate/base", "evaluate",
-                     fingerprint("evaluate", eval_opts, skills_sig, [model_sig[n] for n in r.model_names()]),
-                     [], [layout.scores(None)], EvalJob.from_recipe(r, layout, None))
-        evals = [base]
-        for seed in r.seeds:
-            up = ([targets[seed, s.name] for s in r.sources] + [extra[seed, b] for b in baselines(r)]
-                  + merges[seed])
-            evals.append(Stage(f"evaluate/seed-{seed}", "evaluate",
-                               fingerprint("evaluate", eval_opts, skills_sig, [u.key for u in up]),
-                               [u.id for u in up], [layout.scores(seed)], EvalJob.from_recipe(r, layout, seed)))
+        groups: list[int | None] = [None, *r.seeds]
+        for seed in groups:
+            plan.add("evaluate/base" if seed is None else f"evaluate/seed-{seed}",
+                     EvalJob.from_recipe(r, layout, seed))
         if r.evaluate.lm_eval is not None:
-            evals += _lm_eval_stages(r, layout, model_sig, targets, extra, merges)
-        report_key = fingerprint("report", [e.key for e in evals], r.evaluate.model_dump(include=set(REPORT_FIELDS)))
-        report = Stage("evaluate/report", "evaluate", report_key, [e.id for e in evals], [layout.report],
-                       ReportJob.from_recipe(r, layout))
-        stages += [*evals, report]
+            for seed in groups:
+                group = "base" if seed is None else f"seed-{seed}"
+                for name, _kind, path, _template in eval_models(r, layout, seed):
+                    plan.add(f"evaluate/lm-eval/{group}/{name.replace(':', '-')}",
+                             LmEvalJob.from_recipe(r, layout, path, layout.lm_eval_scores(seed, name)))
+        plan.add("evaluate/report", ReportJob.from_recipe(r, layout))
+    stages = plan.stages
     ids = {s.id for s in stages}
     unknown = sorted(set(r.resources.stages) - ids)
     if unknown:
@@ -142,34 +121,3 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
     for stage in stages:
         stage.resources = r.resources.for_stage(stage.id, stage.kind)
     return stages
-
-
-def _lm_eval_stages(r: PipelineRecipe, layout: WorkDir, model_sig: dict[str, Any],
-                    targets: dict[tuple[int, str], Stage], extra: dict[tuple[int, str], Stage],
-                    merges: dict[int, list[Stage]]) -> list[Stage]:
-    """One lm-eval stage per model: a model already scored with the same settings (its key:
-    the lm-eval settings and the model's own key) is not scored again."""
-    from fusion.lm_eval_runner import LmEvalOptions
-
-    settings = LmEvalOptions.from_mapping(lm_eval_options(r, layout)).settings()
-    merge_names = [m.name for m in r.merges]
-    out = []
-    for seed in [None, *r.seeds]:
-        for name, _kind, path, _template in eval_models(r, layout, seed):
-            if seed is None:
-                upstream, model_key = [], model_sig[name]
-            else:
-                kind, _, short = name.partition(":")
-                if kind == "target":
-                    stage = targets[seed, short]
-                elif kind == "merge":
-                    stage = merges[seed][merge_names.index(short)]
-                else:  # a baseline: its report name is its kind
-                    stage = extra[seed, name]
-                upstream, model_key = [stage.id], stage.key
-            result = layout.lm_eval_scores(seed, name)
-            group = "base" if seed is None else f"seed-{seed}"
-            out.append(Stage(f"evaluate/lm-eval/{group}/{name.replace(':', '-')}", "evaluate",
-                             fingerprint("lm_eval", settings, model_key), upstream, [result],
-                             LmEvalJob.from_recipe(r, layout, path, result)))
-    return out

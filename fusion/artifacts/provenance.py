@@ -75,6 +75,24 @@ def files_fingerprint(files: Iterable[str | os.PathLike[str]]) -> str:
     return h.hexdigest()[:20]
 
 
+def path_fingerprint(path: str | os.PathLike[str]) -> str:
+    """The content fingerprint of any input: a model directory (`model_fingerprint`), any
+    other directory (every file's relative path and bytes, hidden ones aside), a file, or
+    ``hub:<id>`` for what is not on disk."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return model_fingerprint(p)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for file in sorted(f for f in p.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts)):
+            h.update(str(file.relative_to(p)).encode() + b"\0" + files_fingerprint([file]).encode())
+        return h.hexdigest()[:20]
+    if p.is_file():
+        return files_fingerprint([p])
+    return f"hub:{path}"
+
+
 def store_fingerprint(store_dir: str | os.PathLike[str]) -> str:
     """A finished store's fingerprint: the hash of its manifest, which lists its options
     (model, tokenizer and data fingerprints) and every shard's sha256."""
