@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,15 @@ from fusechat_merge import METHOD_NAME, __version__
 from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
 from fusion.artifacts.atomic import partial_dir, publish_dir
 from fusion.artifacts.provenance import overlap
+from fusion.artifacts.records import (
+    StoreError,
+    locked,
+    mark_partial,
+    remove_partials,
+)
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""
-PARTIAL_MARKER = ".fusechat-merge-partial.json"
-"""Written into a hidden ``.NAME.partial-*`` directory when this tool creates it."""
 TOOL = "fusechat-merge"
 MARKER_VERSION = 1
 
@@ -87,9 +90,24 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
     config, sources = resolve_hub_models(config, getattr(options, "transformers_cache", None))
     check_output_dir(out, sources)
     check_model_tensors(config, sources)
-    remove_stale_partials(out)
     created = _make_parents(out.parent)
-    partial = _make_partial(out)
+    try:
+        lock = locked(out, f"merge output {out}").acquire()
+    except StoreError as err:
+        _remove_created(created)
+        raise MergeInputError(str(err)) from None
+    try:
+        _merge_locked(config, out, options, config_source, run_merge, sources, recipe_hash, created)
+    finally:
+        lock.release()
+    return out
+
+
+def _merge_locked(config, out: Path, options, config_source: str | None, run_merge: Callable[..., Any],
+                  sources: Mapping[str, Path], recipe_hash: str, created: list[Path]) -> None:
+    remove_stale_partials(out)
+    partial = partial_dir(out)
+    mark_partial(partial, tool=TOOL, version=__version__, out=str(out))
     model_dir = partial / out.name  # mergekit names the model card after its directory
     try:
         model_dir.mkdir()
@@ -107,13 +125,17 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
         shutil.rmtree(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
-        for directory in created:
-            try:
-                directory.rmdir()
-            except OSError:
-                break
+        _remove_created(created)
         raise
-    return out
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the (empty) parent directories a failed merge created, deepest first."""
+    for directory in created:
+        try:
+            directory.rmdir()
+        except OSError:
+            break
 
 
 # --- hub ids --------------------------------------------------------------------------
@@ -217,43 +239,15 @@ def check_output_dir(out: Path, sources: Mapping[str, Path]) -> None:
 
 
 def remove_stale_partials(out: Path) -> list[Path]:
-    """Remove the hidden directories of killed runs into ``out``; returns them.
-
-    Only ``.NAME.partial-*`` directories with `PARTIAL_MARKER` whose process is gone, and
-    ``.NAME.old-*`` earlier outputs (with `OUTPUT_MARKER`) a killed publish left.
-    """
-    removed = []
-    parent = out.parent
-    if not parent.is_dir():
-        return removed
-    host = socket.gethostname()
-    for path in parent.glob(f".{out.name}.partial-*"):
-        marker = _read_marker(path / PARTIAL_MARKER) if path.is_dir() and not path.is_symlink() else None
-        if marker is None or marker.get("out") != str(out):
-            continue
-        if marker.get("host") == host and _alive(marker.get("pid")):
-            continue  # another merge into the same output is running
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    for path in parent.glob(f".{out.name}.old-*"):
+    """Remove the hidden directories of killed runs into ``out`` (call it holding ``out``'s
+    lock); returns them: marked ``.NAME.partial-*`` staging directories, and ``.NAME.old-*``
+    earlier outputs (with `OUTPUT_MARKER`) a killed publish left."""
+    removed = remove_partials(out)
+    for path in out.parent.glob(f".{out.name}.old-*") if out.parent.is_dir() else []:
         if path.is_dir() and not path.is_symlink() and is_merge_output(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -265,14 +259,6 @@ def _make_parents(parent: Path) -> list[Path]:
         path = path.parent
     parent.mkdir(parents=True, exist_ok=True)
     return missing
-
-
-def _make_partial(out: Path) -> Path:
-    partial = partial_dir(out)
-    marker = {"tool": TOOL, "version": __version__, "out": str(out), "pid": os.getpid(),
-              "host": socket.gethostname()}
-    (partial / PARTIAL_MARKER).write_text(json.dumps(marker), encoding="utf-8")
-    return partial
 
 
 def _recipe_hash(config) -> str:

@@ -6,7 +6,6 @@ shard, like the logit step.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -30,10 +29,12 @@ from fusion.artifacts.logit_store import (
     StoreError,
     begin_run,
     finish_run,
+    has_shards,
     shard_name,
     tokenizer_fingerprint,
 )
 from fusion.artifacts.provenance import check_outputs, store_fingerprint
+from fusion.artifacts.records import locked, removed_unless
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 from fusion.options import METHODS, AlignOptions
 
@@ -167,11 +168,19 @@ def align_sequence(
     }
 
 
+# The alignment's inputs: what a mismatch with its run record says.
+ALIGNMENT_INPUTS = {
+    "pivot_store": "the pivot store changed since this store was started",
+    "source_store": "the source store changed since this store was started",
+}
+
+
 def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
     """Run (or resume) an alignment job; returns the aligned store's manifest.
 
     The output is checked against the inputs and the stores are paired before the run
-    record is written; a run that fails before its first shard removes what it created."""
+    record is written; one writer at a time per ``out``; a run that fails before its first
+    shard removes what it created."""
     if job.method not in METHODS:
         raise ValueError(f"unknown alignment method {job.method!r}; use one of {', '.join(METHODS)}")
     out = Path(job.out)
@@ -186,13 +195,8 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
     run = {**asdict(options), "align_source": str(source.path), "align_method": job.method,
            "vocab_map": job.vocab_map, "vocab_mode": job.vocab_mode,
            "pivot_store": store_fingerprint(pivot.path), "source_store": store_fingerprint(source.path)}
-    created = not out.exists()
-    try:
+    with locked(out), removed_unless(out, has_shards):
         return _align(job, pivot, source, out, run, progress=progress, log=log)
-    except BaseException:
-        if created and out.is_dir() and not any(out.glob("shard-*.arrow")):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run: dict[str, Any], *,
@@ -200,7 +204,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     from tqdm.auto import tqdm
 
     options = pivot.options
-    begin_run(out, run, overwrite=job.overwrite)
+    begin_run(out, run, overwrite=job.overwrite, inputs=ALIGNMENT_INPUTS)
     same_vocab = pivot.options.tokenizer_fingerprint == source.options.tokenizer_fingerprint
     k = options.top_k
     texts: tuple[Sequence[str] | None, Sequence[str] | None] = (None, None)

@@ -10,7 +10,6 @@ same way every time).
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from fusion.artifacts.logit_store import (
     StoreOptions,
     begin_run,
     finish_run,
+    has_shards,
     shard_name,
     tokenizer_fingerprint,
     write_shard,
@@ -36,6 +36,7 @@ from fusion.artifacts.provenance import (
     model_fingerprint,
     require_model_dir,
 )
+from fusion.artifacts.records import locked, removed_unless
 from fusion.data import (
     Encoded,
     EncodeReport,
@@ -142,20 +143,15 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
     """Run (or resume) a logit job; returns the finished store's manifest.
 
     Everything that can be refused (paths, model, data, ``top_k`` against the vocabulary)
-    is checked before the run record is written; a run that fails before its first shard
-    removes the directory it created.
+    is checked before the run record is written; one writer at a time per ``out``; a run
+    that fails before its first shard removes the directory it created.
     """
     out = Path(job.out)
     check_outputs(out, {"model directory": job.model, "data": job.data})
     tokenizer, config = load_model_parts(job.model)
     rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
-    created = not out.exists()
-    try:
+    with locked(out), removed_unless(out, has_shards):
         return _generate(job, tokenizer, config, rows, progress=progress, log=log)
-    except BaseException:
-        if created and out.is_dir() and not any(out.glob("shard-*.arrow")):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Callable[[str], None]) -> Manifest:

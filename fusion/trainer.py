@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from fusion.artifacts.provenance import (
     require_model_dir,
     store_fingerprint,
 )
+from fusion.artifacts.records import differences, locked, read_record, write_record
 from fusion.batching import pad_sequences
 from fusion.losses import fuse, fusion_objective
 from fusion.options import FusionSettings
@@ -290,18 +292,14 @@ def prepare_checkpoints(folder: Path, record: Mapping[str, Any], resume: bool) -
         if not run_file.is_file():
             raise StoreError(f"{folder} holds checkpoints but no {RUN_FILE}: cannot tell which "
                              "configuration made them; choose another --out")
-        try:
-            then = json.loads(run_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise StoreError(f"{run_file}: broken run record ({err})") from None
-        diffs = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in record.items() if then.get(k) != v]
+        diffs = differences(read_record(run_file), record)
         if diffs:
             raise StoreError(f"--resume: the checkpoints in {folder} come from another configuration "
                              f"({'; '.join(diffs)}); choose another --out to train this one")
         for partial in set(started) - set(done):  # a killed save: never resumed, removed
             shutil.rmtree(partial, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, dict(record))
+    write_record(run_file, record)
     return str(done[-1]) if done else None
 
 
@@ -318,14 +316,22 @@ def train_fusion(
     (make ``config`` with `fusion_config`, which puts checkpoints in ``out/checkpoints``).
     ``resume=True`` continues from the last complete checkpoint there, only if it was made
     with the same configuration (`training_record`); a checkpoint already at ``max_steps``
-    is published as it is. ``out`` may not be, lie in, or hold the pivot or a store."""
-    from transformers import AutoModelForCausalLM
-
+    is published as it is. ``out`` may not be, lie in, or hold the pivot or a store; one
+    training at a time writes it."""
     require_model_dir(pivot, "pivot model")
     check_outputs(out, {"pivot model": pivot, **{f"aligned store {a}": a for a in aligned}})
     dataset = FusionDataset(aligned)
     tokenizer = check_pivot(pivot, dataset)
     out = Path(out)
+    # one writer per target: the main process holds the lock (all processes of a launch share `out`)
+    with locked(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        return _train(pivot, aligned, out, config, dataset, tokenizer, resume, callbacks)
+
+
+def _train(pivot: str, aligned: Sequence[str], out: Path, config: FusionConfig, dataset: FusionDataset,
+           tokenizer: Any, resume: bool | str | None, callbacks: Sequence[Any]) -> Path:
+    from transformers import AutoModelForCausalLM
+
     record = training_record(pivot, aligned, config)
     # float32 master weights: --bf16 is autocast mixed precision, not bf16 weights (updates
     # of lr 5e-6 would round away in bf16)

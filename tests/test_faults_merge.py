@@ -21,7 +21,8 @@ from helpers import BIN, kill_once_a_shard_is_written, load_weights, run, sce_re
 from safetensors.torch import load_file, save_file
 
 from fusechat_merge.cli import main as cli
-from fusechat_merge.merging import OUTPUT_MARKER, PARTIAL_MARKER
+from fusechat_merge.merging import OUTPUT_MARKER
+from fusion.artifacts.records import PARTIAL_MARKER
 
 
 def tree_hash(root: Path) -> dict[str, str]:

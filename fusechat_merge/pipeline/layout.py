@@ -83,6 +83,15 @@ class WorkDir:
         """The training options a launched fuse stage hands to ``fusechat-merge fuse --config``."""
         return self.logs / (stage_id.replace("/", "__") + ".fuse.yaml")
 
+    @property
+    def run_lock(self) -> Path:
+        """Held by a whole run (exclusive) or by each ``run --stage`` (shared)."""
+        return self.records / ".run.lock"
+
+    def stage_lock(self, stage_id: str) -> Path:
+        """Held by whoever runs the stage (this process, a Ray worker, a scheduler's job)."""
+        return self.records / (stage_id.replace("/", "__") + ".lock")
+
     def record(self, stage_id: str, kind: str) -> Path:
         """A stage's ``started`` or ``done`` record."""
         return self.records / (stage_id.replace("/", "__") + f".{kind}.json")

@@ -16,7 +16,6 @@ stopped; merges and evaluations are redone); ``stale`` when its records hold ano
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -31,6 +30,7 @@ from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage
 from fusechat_merge.pipeline_recipe import STAGES
 from fusion.artifacts.atomic import write_json_atomic
+from fusion.artifacts.records import OutputLock, read_record, write_record
 
 _REASONS = {"new": "not run yet", "stale": "inputs or options changed", "resume": "interrupted: resume",
             "done": "forced by --from"}
@@ -81,7 +81,7 @@ class Runner:
         for kind, name in (("done", "done"), ("started", "resume")):
             path = self.layout.record(stage.id, kind)
             if path.exists():
-                record = json.loads(path.read_text(encoding="utf-8"))
+                record = read_record(path)
                 if record.get("key") != stage.key:
                     return "stale"
                 if kind == "started" or all(p.exists() for p in stage.outputs):
@@ -112,17 +112,27 @@ class Runner:
 
     def run(self, *, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
             executor: Executor | None = None) -> list[Stage]:
-        work = self.todo(from_stage=from_stage, only=only)
+        """Run what `todo` chooses; one run per work dir at a time (another is refused at
+        once, naming the process that holds the work dir)."""
         if dry_run:
-            chosen = {stage.id: reason for stage, _, reason in work}
-            width = self._id_width()
-            for stage in self.stages:
-                if stage.id in chosen:
-                    stage.status = f"would run ({chosen[stage.id]})"
-                self.log(f"  {stage.id:<{width}} " + (f"run: {chosen[stage.id]}" if stage.id in chosen
-                                                       else "skip: up to date"))
-            return self.stages
-        self.layout.records.mkdir(parents=True, exist_ok=True)
+            return self._dry_run(self.todo(from_stage=from_stage, only=only))
+        with self._lock(shared=False):
+            return self._run(self.todo(from_stage=from_stage, only=only), executor)
+
+    def _lock(self, *, shared: bool) -> OutputLock:
+        return OutputLock(self.layout.run_lock, f"work dir {self.layout.root}", shared=shared)
+
+    def _dry_run(self, work: Work) -> list[Stage]:
+        chosen = {stage.id: reason for stage, _, reason in work}
+        width = self._id_width()
+        for stage in self.stages:
+            if stage.id in chosen:
+                stage.status = f"would run ({chosen[stage.id]})"
+            self.log(f"  {stage.id:<{width}} " + (f"run: {chosen[stage.id]}" if stage.id in chosen
+                                                   else "skip: up to date"))
+        return self.stages
+
+    def _run(self, work: Work, executor: Executor | None) -> list[Stage]:
         try:
             if executor is None:
                 for stage, resume, reason in work:
@@ -148,8 +158,8 @@ class Runner:
             stage.status = "skipped (up to date)"
             self.log(f"[{stage_id}] up to date")
             return stage
-        self.layout.records.mkdir(parents=True, exist_ok=True)
-        self.run_stage(stage, resume=state == "resume", reason=_REASONS[state])
+        with self._lock(shared=True):  # beside other `--stage` runs, never beside a whole run
+            self.run_stage(stage, resume=self.state(stage) == "resume", reason=_REASONS[state])
         return stage
 
     def plan(self) -> list[dict[str, Any]]:
@@ -160,12 +170,17 @@ class Runner:
 
     def run_stage(self, stage: Stage, *, resume: bool, reason: str) -> dict[str, Any]:
         """Run one stage's job between its ``started`` and ``done`` records; returns the
-        done record. A job that raises becomes `StageError` (the started record stays)."""
+        done record. A job that raises becomes `StageError` (the started record stays).
+        The stage's lock is held meanwhile: a stage another process runs is refused."""
+        with OutputLock(self.layout.stage_lock(stage.id), f"stage {stage.id}"):
+            return self._run_stage(stage, resume=resume, reason=reason)
+
+    def _run_stage(self, stage: Stage, *, resume: bool, reason: str) -> dict[str, Any]:
         if not resume:
             for out in stage.outputs:
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
         self.layout.record(stage.id, "done").unlink(missing_ok=True)
-        write_json_atomic(self.layout.record(stage.id, "started"), {"key": stage.key})
+        write_record(self.layout.record(stage.id, "started"), {"key": stage.key})
         self.log(f"[{stage.id}] {reason}")
         _reset_peak_gpu()
         started_at, started = time.time(), time.perf_counter()
@@ -182,7 +197,7 @@ class Runner:
         if "peak_rss_mb" in reported:
             record["peak_rss_of"] = "largest launched process"
         record.update(reported)
-        write_json_atomic(self.layout.record(stage.id, "done"), record)
+        write_record(self.layout.record(stage.id, "done"), record)
         self.layout.record(stage.id, "started").unlink(missing_ok=True)
         apply_record(stage, record)
         return record

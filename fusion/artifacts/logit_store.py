@@ -54,8 +54,17 @@ from fusion.artifacts.atomic import (
     atomic_path,
     partial_dir,
     stale_temp_files,
-    write_json_atomic,
     write_text_atomic,
+)
+from fusion.artifacts.records import (
+    PARTIAL_MARKER,
+    StoreError,
+    differences,
+    locked,
+    mark_partial,
+    read_record,
+    remove_partials,
+    write_record,
 )
 from fusion.data import trained_positions
 
@@ -65,10 +74,6 @@ FORMAT_VERSION = 2
 but not aligned."""
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
-
-
-class StoreError(RuntimeError):
-    """A store that is missing, unfinished, or incompatible with what is asked of it."""
 
 
 @dataclass
@@ -239,15 +244,12 @@ def write_shard(
     return size
 
 
-# Run-record keys that are inputs, not options: what a mismatch says.
-_CHANGED = {
+# The scoring run's inputs: what a mismatch with its run record says.
+SCORING_INPUTS = {
     "model_fingerprint": "model weights or config changed since this store was started",
     "tokenizer_fingerprint": "tokenizer changed since this store was started",
     "data_fingerprint": "data content changed since this store was started",
-    "pivot_store": "the pivot store changed since this store was started",
-    "source_store": "the source store changed since this store was started",
 }
-_NOT_COMPARED = ("package_version",)
 
 
 def is_tool_store(path: Path) -> bool:
@@ -255,20 +257,20 @@ def is_tool_store(path: Path) -> bool:
     return path.is_dir() and ((path / RUN_FILE).is_file() or (path / MANIFEST).is_file())
 
 
-def run_differences(started: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """What changed between a run record and the wanted one, in words (inputs first)."""
-    changed = [k for k, v in wanted.items() if k not in _NOT_COMPARED and started.get(k) != v]
-    inputs = [f"{_CHANGED[k]} ({started.get(k)!r} then, {wanted[k]!r} now)" for k in changed if k in _CHANGED]
-    options = [f"{k}: {started.get(k)!r} then, {wanted[k]!r} now" for k in changed if k not in _CHANGED]
-    return inputs + options
+def has_shards(out: Path) -> bool:
+    """Whether a run got as far as a shard (or a finished store): what a resume can use."""
+    return (out / MANIFEST).exists() or any(out.glob("shard-*.arrow"))
 
 
-def begin_run(out: Path, options: StoreOptions | Mapping[str, Any], *, overwrite: bool = False) -> None:
+def begin_run(out: Path, options: StoreOptions | Mapping[str, Any], *, overwrite: bool = False,
+              inputs: Mapping[str, str] = SCORING_INPUTS) -> None:
     """Create ``out`` for a run or check that a resumed run has the same inputs and options.
 
-    ``overwrite`` removes a previous store or run of this tool at ``out`` first (never a
-    foreign directory). A run record with no shard and no manifest (a run that failed
-    before writing anything) is replaced, so a corrected command is never blocked by it.
+    ``inputs`` names the keys of ``options`` that are input fingerprints (what their change
+    means). ``overwrite`` removes a previous store or run of this tool at ``out`` first
+    (never a foreign directory). A run record with no shard and no manifest (a run that
+    failed before writing anything) is replaced, so a corrected command is never blocked
+    by it. Call it holding ``out``'s lock (`records.locked`).
     """
     run_file = out / RUN_FILE
     wanted = dict(options) if isinstance(options, Mapping) else asdict(options)
@@ -284,14 +286,11 @@ def begin_run(out: Path, options: StoreOptions | Mapping[str, Any], *, overwrite
         for stale in stale_temp_files(out):  # a killed run's half-written shard
             stale.unlink(missing_ok=True)
         try:
-            started = json.loads(run_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StoreError(f"{run_file}: broken run record ({err}); rerun with --overwrite") from None
-        if not isinstance(started, dict):
-            raise StoreError(f"{run_file}: broken run record (not a JSON object); rerun with --overwrite")
-        written = (out / MANIFEST).exists() or any(out.glob("shard-*.arrow"))
-        diffs = run_differences(started, wanted)
-        if diffs and written:
+            started = read_record(run_file)
+        except StoreError as err:
+            raise StoreError(f"{err}; rerun with --overwrite") from None
+        diffs = differences(started, wanted, inputs=inputs, ignore=("package_version",))
+        if diffs and has_shards(out):
             raise StoreError(
                 f"{out} holds a run started with other inputs or options ({'; '.join(diffs)}); "
                 "rerun with --overwrite to replace it, or use another --out"
@@ -299,11 +298,11 @@ def begin_run(out: Path, options: StoreOptions | Mapping[str, Any], *, overwrite
         if diffs:  # nothing was written under the old record: it binds nothing
             shutil.rmtree(out)
             out.mkdir(parents=True)
-            write_json_atomic(run_file, wanted)
+            write_record(run_file, wanted)
         return
     if any(out.iterdir()):
         raise StoreError(f"{out} is not empty and holds no logit run; choose another --out")
-    write_json_atomic(run_file, wanted)
+    write_record(run_file, wanted)
 
 
 def finish_run(
@@ -555,14 +554,17 @@ def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike
         part = store.path.resolve()
         if real == part or part in real.parents or real in part.parents:
             raise StoreError(f"--out {out} overlaps the part {store.path}; choose another directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise StoreError(f"{out} is not empty; choose another output directory")
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # a killed merge's leftovers
-        if (stale / ".logits-merge").is_file():
-            shutil.rmtree(stale, ignore_errors=True)
+    with locked(out):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise StoreError(f"{out} is not empty; choose another output directory")
+        remove_partials(out)  # a killed merge's leftovers
+        return _merge_into(stores, rows, out)
+
+
+def _merge_into(stores: Sequence[LogitStore], rows: dict[str, int] | None, out: Path) -> Manifest:
     tmp = partial_dir(out)
     try:
-        (tmp / ".logits-merge").write_text(str(os.getpid()), encoding="utf-8")
+        mark_partial(tmp, command="logits-merge")
         index = 0
         skipped: dict[str, str] = {}
         for store in stores:
@@ -578,8 +580,8 @@ def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike
                     shutil.copyfile(source, target)
                 index += 1
         options = StoreOptions(**{**asdict(stores[0].options), "shard": "0/1"})
-        write_json_atomic(tmp / RUN_FILE, asdict(options))
-        (tmp / ".logits-merge").unlink()
+        write_record(tmp / RUN_FILE, asdict(options))
+        (tmp / PARTIAL_MARKER).unlink()
         manifest = finish_run(tmp, options, skipped, rows=rows)
         apply_umask(tmp)
         tmp.rename(out)  # onto a missing or empty directory
