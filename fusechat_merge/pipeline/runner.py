@@ -145,21 +145,22 @@ class Runner:
 
     def run_one(self, stage_id: str) -> Stage:
         """Run the stage ``stage_id`` alone (``run --stage``): refused unless every stage it
-        waits for is done; skipped when it is done itself."""
+        waits for is done; skipped when it is done itself. Several stages may run so at once
+        (a scheduler's jobs), never beside a whole run of the same work dir."""
         by_id = {s.id: s for s in self.stages}
         if stage_id not in by_id:
             raise ValueError(f"no stage {stage_id!r}; the stages are: {', '.join(by_id)}")
         stage = by_id[stage_id]
-        missing = [u for u in stage.after if self.state(by_id[u]) != "done"]
-        if missing:
-            raise RuntimeError(f"stage {stage_id} waits for {', '.join(missing)}: not done yet")
-        state = self.state(stage)
-        if state == "done":
-            stage.status = "skipped (up to date)"
-            self.log(f"[{stage_id}] up to date")
-            return stage
-        with self._lock(shared=True):  # beside other `--stage` runs, never beside a whole run
-            self.run_stage(stage, resume=self.state(stage) == "resume", reason=_REASONS[state])
+        with self._lock(shared=True):
+            missing = [u for u in stage.after if self.state(by_id[u]) != "done"]
+            if missing:
+                raise RuntimeError(f"stage {stage_id} waits for {', '.join(missing)}: not done yet")
+            state = self.state(stage)
+            if state == "done":
+                stage.status = "skipped (up to date)"
+                self.log(f"[{stage_id}] up to date")
+                return stage
+            self.run_stage(stage, resume=state == "resume", reason=_REASONS[state])
         return stage
 
     def plan(self) -> list[dict[str, Any]]:
