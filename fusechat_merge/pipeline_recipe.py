@@ -52,6 +52,7 @@ class ModelSpec(_EngineSpec):  # type: ignore[misc,valid-type]
         description="Short name used for outputs and reports (a plain name: it names folders).")
     model: str = Field(description="Model directory (or hub id) with its tokenizer.")
     template: Literal[TEMPLATES] = "own"  # type: ignore[valid-type]
+    parts: int | None = Field(None, ge=1, description="Scoring parts of this model (over `logits.parts`).")
 
 
 class DataSpec(_Strict):
@@ -60,9 +61,20 @@ class DataSpec(_Strict):
 
 
 # Options that the run sets itself (per model, per stage) are not recipe keys here.
-LogitSpec = recipe_section(
-    LogitOptions, name="LogitSpec",
+_LogitOptionsSpec = recipe_section(
+    LogitOptions, name="_LogitOptionsSpec",
     exclude=("template", "shard", "split", "cache_dir", "overwrite", *ENGINE_FIELDS))
+
+
+class LogitSpec(_LogitOptionsSpec):  # type: ignore[misc,valid-type]
+    parts: int = Field(1, ge=1, description=(
+        "Score each model's corpus in this many parts, stages `logits/<model>/part-<i>` (each "
+        "with its own resources; at once under `--executor ray`), combined into `logits/<model>` "
+        "(the store an unsplit run makes). A model's own `parts` key overrides it."))
+
+    def options(self) -> dict[str, Any]:
+        """The scoring options (`LogitOptions` fields), without the pipeline's own keys."""
+        return self.model_dump(exclude={"parts"})
 # `overwrite` is the pipeline's own business: it redoes a changed stage from an empty output.
 AlignSpec = recipe_section(AlignOptions, name="AlignSpec", exclude=("overwrite",))
 

@@ -53,21 +53,25 @@ class Job:
 
 @dataclass(frozen=True)
 class LogitsJob(Job):
-    """Score the corpus with one model (`fusion.logits.generate_logits`)."""
+    """Score the corpus, or one part of it, with one model (`fusion.logits.generate_logits`)."""
 
     kind: ClassVar[str] = "logits"
     job: Any  # fusion.logits.LogitJob: model, data, out and the scoring options
+    threads: int | None = None  # CPU threads (a part's, from its resources: parts share machines)
 
     @classmethod
-    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec) -> LogitsJob:
+    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec,
+                    part: tuple[int, int] | None = None, threads: int | None = None) -> LogitsJob:
+        """The model's whole corpus, or part ``(i, N)`` of it (``--shard i/N``) into its part store."""
         from fusion.logits import LogitJob
 
+        out = layout.store(spec.name) if part is None else layout.store_part(spec.name, part[0])
         return cls(LogitJob(
-            model=layout.model(spec.model), data=layout.data(recipe.data.train),
-            out=str(layout.store(spec.name)), template=spec.template, split=recipe.data.split,
-            cache_dir=str(layout.datasets_cache), **recipe.logits.model_dump(),
+            model=layout.model(spec.model), data=layout.data(recipe.data.train), out=str(out),
+            template=spec.template, split=recipe.data.split, cache_dir=str(layout.datasets_cache),
+            shard="0/1" if part is None else f"{part[0]}/{part[1]}", **recipe.logits.options(),
             **{name: getattr(spec, name) for name in ENGINE_FIELDS},
-        ))
+        ), threads)
 
     def reads(self) -> list[str]:
         return [self.job.model, self.job.data]
@@ -78,7 +82,49 @@ class LogitsJob(Job):
     def run(self, resume: bool, log: Log) -> None:
         from fusion.logits import generate_logits
 
-        generate_logits(self.job, progress=False, log=_indented(log))
+        if self.threads is None:
+            generate_logits(self.job, progress=False, log=_indented(log))
+            return
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            generate_logits(self.job, progress=False, log=_indented(log))
+        finally:
+            torch.set_num_threads(before)
+
+
+def logit_parts(recipe: PipelineRecipe, spec: ModelSpec) -> int:
+    """How many parts a model's scoring is split into (its own ``parts``, else ``logits.parts``)."""
+    return spec.parts if spec.parts is not None else recipe.logits.parts
+
+
+@dataclass(frozen=True)
+class CombineLogitsJob(Job):
+    """Combine a model's part stores into the store an unsplit run makes
+    (`fusion.artifacts.logit_store.merge_stores`, as ``logits-merge``)."""
+
+    kind: ClassVar[str] = "logits"
+    parts: list[str]
+    out: str
+
+    @classmethod
+    def from_recipe(cls, layout: WorkDir, spec: ModelSpec, count: int) -> CombineLogitsJob:
+        return cls([str(layout.store_part(spec.name, i)) for i in range(count)], str(layout.store(spec.name)))
+
+    def reads(self) -> list[str]:
+        return list(self.parts)
+
+    def writes(self) -> list[Path]:
+        return [Path(self.out)]
+
+    def run(self, resume: bool, log: Log) -> None:
+        from fusion.artifacts.logit_store import merge_stores
+
+        manifest = merge_stores(self.parts, self.out)
+        _indented(log)(f"combined {len(self.parts)} parts: {manifest.sequences} sequences, "
+                       f"{manifest.tokens:,} tokens")
 
 
 @dataclass(frozen=True)

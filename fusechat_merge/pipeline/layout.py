@@ -34,6 +34,10 @@ class WorkDir:
     def store(self, model: str) -> Path:
         return self.root / "logits" / model
 
+    def store_part(self, model: str, index: int) -> Path:
+        """The store of one scoring part of ``model`` (``logits.parts``)."""
+        return self.root / "logit-parts" / model / f"part-{index}"
+
     def aligned(self, source: str) -> Path:
         return self.root / "aligned" / source
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from fusechat_merge.pipeline.jobs import (
     AlignJob,
+    CombineLogitsJob,
     EvalJob,
     FuseJob,
     Job,
@@ -25,6 +26,7 @@ from fusechat_merge.pipeline.jobs import (
     baselines,
     eval_models,
     fuse_stage_id,
+    logit_parts,
 )
 from fusechat_merge.pipeline.keys import stage_key
 from fusechat_merge.pipeline.layout import WorkDir
@@ -88,7 +90,15 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
     r = recipe
     plan = Planner(layout)
     for spec in [r.pivot, *r.sources]:
-        plan.add(f"logits/{spec.name}", LogitsJob.from_recipe(r, layout, spec))
+        count = logit_parts(r, spec)
+        if count == 1:
+            plan.add(f"logits/{spec.name}", LogitsJob.from_recipe(r, layout, spec))
+            continue
+        for i in range(count):
+            stage_id = f"logits/{spec.name}/part-{i}"
+            threads = max(1, int(r.resources.for_stage(stage_id, "logits")["num_cpus"]))
+            plan.add(stage_id, LogitsJob.from_recipe(r, layout, spec, (i, count), threads))
+        plan.add(f"logits/{spec.name}", CombineLogitsJob.from_recipe(layout, spec, count))
     for spec in r.sources:
         plan.add(f"align/{spec.name}", AlignJob.from_recipe(r, layout, spec.name))
     for seed in r.seeds:
@@ -120,4 +130,6 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
                          f"{', '.join(s.id for s in stages)}")
     for stage in stages:
         stage.resources = r.resources.for_stage(stage.id, stage.kind)
+        if isinstance(stage.job, LogitsJob) and stage.job.job.backend == "vllm":  # its tensor-parallel GPUs
+            stage.resources["num_gpus"] = max(stage.resources["num_gpus"], stage.job.job.tensor_parallel_size)
     return stages
