@@ -144,3 +144,25 @@ def test_a_failed_stage_fails_the_run_by_id_while_independent_stages_finish(inpu
     assert {s for s, v in statuses.items() if v == "ran"} == {
         "logits/mistral", "align/mistral", "fuse/seed-0/mistral", "merge/seed-0/sce"}
     assert all(record(work, s) == before[s] for s in finished)
+
+
+@pytest.mark.slow
+def test_ray_runs_a_models_parts_at_once_and_combines_them_as_the_local_run(inputs, tmp_path):
+    from test_pipeline_parts import store_columns
+
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["logits"].update(batch_size=1, parts=2)  # one sequence per pass: exact across batchings
+    recipe["sources"] = recipe["sources"][:1]
+    local, on_ray = work_dir(inputs, tmp_path / "local"), work_dir(inputs, tmp_path / "ray")
+    for work in (local, on_ray):
+        (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run(local)
+    statuses = run(on_ray, executor="ray")
+    assert all(v == "ran" for v in statuses.values()), statuses
+    for name in ("pivot", "qwen"):
+        assert store_columns(local / "logits" / name) == store_columns(on_ray / "logits" / name), name
+    assert_same_weights(local / "merges" / "seed-0" / "sce", on_ray / "merges" / "seed-0" / "sce")
+    a, b = (record(on_ray, f"logits/pivot/part-{i}") for i in range(2))
+    assert max(a["started_at"], b["started_at"]) < min(a["finished_at"], b["finished_at"]), (a, b)
+    combined = record(on_ray, "logits/pivot")
+    assert combined["started_at"] >= max(a["finished_at"], b["finished_at"])
