@@ -190,7 +190,8 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     """
     from fusion.artifacts.logit_store import StoreError
     from fusion.artifacts.provenance import InputError
-    from fusion.trainer import parse_fusion_config, train_fusion
+    from fusion.train_config import parse_fusion_config
+    from fusion.trainer import train_fusion
 
     from_file: dict[str, Any] = {}
     if config_file:

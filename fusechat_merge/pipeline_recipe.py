@@ -112,7 +112,7 @@ class FuseSpec(_Strict):
     @field_validator("defaults", "per_source")
     @classmethod
     def _known_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from fusion.trainer import FusionConfig
+        from fusion.train_config import FusionConfig
 
         known = {f.name for f in dataclasses.fields(FusionConfig)}
         blocks = value.values() if value and all(isinstance(v, dict) for v in value.values()) else [value]
@@ -358,7 +358,7 @@ def _check_training_options(recipe: PipelineRecipe, at: Any) -> list[str]:
 
     Precision flags are left to the machine that trains (bf16 and tf32 need a GPU there,
     not on the machine that checks the recipe)."""
-    from fusion.trainer import fusion_config
+    from fusion.train_config import fusion_config
 
     problems = []
     blocks = [(("fuse", "defaults"), {})] + [(("fuse", "per_source", n), o) for n, o in recipe.fuse.per_source.items()]

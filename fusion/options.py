@@ -1,7 +1,7 @@
 """Every stage's options, declared once: a field carries its default, help, choices and range.
 
 `LogitOptions` (teacher logits), `AlignOptions` (alignment), `FusionSettings` (the fusion
-part of training: `fusion.trainer.FusionConfig` is ``TrainingArguments`` plus these) and
+part of training: `fusion.train_config.FusionConfig` is ``TrainingArguments`` plus these) and
 `EvalOptions` (held-out evaluation). The command line
 (`fusechat_merge.option_forms.click_options`) and the pipeline recipe's sections
 (`fusechat_merge.option_forms.recipe_section`) are generated from these fields, so a

@@ -115,14 +115,15 @@ class FuseJob:
         return {"disable_tqdm": True, "save_strategy": "no", **self.settings}
 
     def run(self, resume: bool, log: Log) -> dict[str, Any]:
-        from fusion.trainer import read_train_run
+        from fusion.train_output import read_train_run
 
         if self.launch is not None:
             from fusechat_merge.pipeline.launch import run_launched
 
             fields = run_launched(self, resume, _indented(log))
         else:
-            from fusion.trainer import fusion_config, train_fusion
+            from fusion.train_config import fusion_config
+            from fusion.trainer import train_fusion
 
             config = fusion_config(self.out, **self.training_options())
             train_fusion(self.pivot, self.aligned, self.out, config, resume=resume)
