@@ -69,7 +69,7 @@ def merge_command(
     """
     from fusechat_merge.merge_recipe import RecipeError, load_recipe, validate_recipe
     from fusechat_merge.merging import run_merge_checked
-    from fusechat_merge.report import write_sce_report
+    from fusechat_merge.report.sce import write_sce_report
     from fusechat_merge.stats_sink import record_stats
 
     try:

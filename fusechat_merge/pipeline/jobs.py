@@ -190,7 +190,7 @@ class MergeJob:
         from mergekit.options import MergeOptions
 
         from fusechat_merge.merging import run_merge_checked
-        from fusechat_merge.report import write_sce_report
+        from fusechat_merge.report.sce import write_sce_report
         from fusechat_merge.stats_sink import record_stats
 
         with record_stats.collecting() as rows:
@@ -311,10 +311,9 @@ class ReportJob:
                    {s.name: str(layout.aligned(s.name)) for s in recipe.sources} if diagnose else {})
 
     def run(self, resume: bool, log: Log) -> None:
-        from fusechat_merge.report import (
+        from fusechat_merge.report.effects import compute_effects, format_effects
+        from fusechat_merge.report.results import (
             aggregate_seeds,
-            compute_effects,
-            format_effects,
             format_results_table,
             lm_eval_rows,
             write_results_report,
