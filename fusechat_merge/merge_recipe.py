@@ -9,7 +9,6 @@ all at once.
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import yaml
 
 from fusechat_merge.model_refs import cached_snapshot, hub_offline, names_hub_model, split_ref
 from fusechat_merge.recipe_keys import key_path
+from fusion.hints import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ def check_recipe(
     known_keys = set(MergeConfiguration.model_fields)
     for key in raw:
         if key not in known_keys:
-            hint = _did_you_mean(str(key), known_keys)
-            problems.append(RecipeProblem(str(key), f"unknown key (mergekit would ignore it){hint}"))
+            hint = did_you_mean(str(key), known_keys)
+            problems.append(RecipeProblem(str(key), f"unknown key{hint}: mergekit would ignore it"))
 
     try:
         MergeConfiguration.model_validate(dict(raw))
@@ -104,7 +104,7 @@ def check_recipe(
             method = registry.get(method_name)
         except RuntimeError:
             names = [m.spec.name for m in registry.registered_methods()]
-            hint = _did_you_mean(method_name, names)
+            hint = did_you_mean(method_name, names)
             problems.append(
                 RecipeProblem("merge_method", f"unknown merge method {method_name!r}{hint}")
             )
@@ -134,7 +134,7 @@ def check_merge_settings(
         method = registry.get(method_name)
     except RuntimeError:
         names = [m.spec.name for m in registry.registered_methods()]
-        return [(("method",), f"mergekit knows no merge method {method_name!r}{_did_you_mean(method_name, names)}")]
+        return [(("method",), f"mergekit knows no merge method {method_name!r}{did_you_mean(method_name, names)}")]
     entry = {"parameters": dict(model_parameters)} if model_parameters else {}
     # as the pipeline writes it (`pipeline.jobs.MergeJob`): with a base, the pivot is listed first
     raw: dict[str, Any] = {"merge_method": method_name, "models": ([{"model": "pivot"}] if base else [])
@@ -149,25 +149,9 @@ def check_merge_settings(
         where = ("parameters", *key.split(".")[1:]) if key.startswith("parameters") else (
             "model_parameters", *key.split(".")[2:])
         found.append((where, problem.message))
-    for key, parameter in dict.fromkeys(_pipeline_key(k, base) + (p,) for k, p in missing_required(raw, method)):
-        if key == "base":
-            message = (f"{method_name} needs {parameter!r} for the pivot too, which `base: true` merges as an "
-                       f"input; set base: false or give parameters.{parameter}")
-        elif key == "parameters":
-            message = f"{method_name} needs the parameter {parameter!r}"
-        else:
-            message = (f"{method_name} needs {parameter!r} for each target (model_parameters.{parameter} or "
-                       f"parameters.{parameter})")
-        found.append(((key,), message))
+    for need, parameter in dict.fromkeys((_need(k, pivot_first=base), p) for k, p in missing_required(raw, method)):
+        found.append(((_PIPELINE_KEYS[need],), _missing_message(method_name, parameter, need, _PIPELINE_FORM)))
     return found
-
-
-def _pipeline_key(key: str, base: bool) -> tuple[str]:
-    """The pipeline merge's key for a `missing_required` key (with a base, the pivot is
-    listed as models[0], so ``base_model`` never comes up)."""
-    if key == "parameters":
-        return ("parameters",)
-    return ("base",) if base and key == "models[0].parameters" else ("model_parameters",)
 
 
 def validate_recipe(
@@ -179,34 +163,52 @@ def validate_recipe(
         raise RecipeError(source, problems)
 
 
-def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
-    """(key, parameters mapping, per_model) for every ``parameters:`` in the recipe."""
-    yield "parameters", raw.get("parameters"), False
-
-    def models_and_slices(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
+def _places(raw: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any], str]]:
+    """(key, mapping, role) of every place of a recipe that names models or parameters, in
+    recipe order: ``recipe`` (the top level, key ""), then its ``model`` entries, ``slice``s
+    and their ``source``s, then each ``module`` (``modules.NAME``) with its own."""
+    def models_and_slices(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any], str]]:
         for i, model in enumerate(_as_list(node.get("models"))):
             if isinstance(model, Mapping):
-                yield f"{prefix}models[{i}].parameters", model.get("parameters"), True
+                yield f"{prefix}models[{i}]", model, "model"
         for i, sl in enumerate(_as_list(node.get("slices"))):
             if not isinstance(sl, Mapping):
                 continue
-            yield f"{prefix}slices[{i}].parameters", sl.get("parameters"), False
+            yield f"{prefix}slices[{i}]", sl, "slice"
             for j, src in enumerate(_as_list(sl.get("sources"))):
                 if isinstance(src, Mapping):
-                    yield f"{prefix}slices[{i}].sources[{j}].parameters", src.get("parameters"), True
+                    yield f"{prefix}slices[{i}].sources[{j}]", src, "source"
 
+    yield "", raw, "recipe"
     yield from models_and_slices("", raw)
     modules = raw.get("modules")
     if isinstance(modules, Mapping):
         for name, module in modules.items():
             if isinstance(module, Mapping):
-                yield f"modules.{name}.parameters", module.get("parameters"), False
+                yield f"modules.{name}", module, "module"
                 yield from models_and_slices(f"modules.{name}.", module)
+
+
+def _key(place: str, name: str) -> str:
+    return f"{place}.{name}" if place else name
+
+
+def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
+    """(key, parameters mapping, per_model) for every ``parameters:`` in the recipe."""
+    for place, node, role in _places(raw):
+        yield _key(place, "parameters"), node.get("parameters"), role in ("model", "source")
+
+
+def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(key, reference) of every model the recipe names (modules' own base models aside, as
+    mergekit reads them)."""
+    refs = {"recipe": "base_model", "model": "model", "slice": "base_model", "source": "model"}
+    for place, node, role in _places(raw):
+        if role in refs:
+            yield _key(place, refs[role]), node.get(refs[role])
+    source = raw.get("tokenizer_source")
+    if isinstance(source, str) and source not in ("union", "base"):
+        yield "tokenizer_source", source
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -230,12 +232,12 @@ def _check_parameters(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
             spec = specs.get(pname)
             if spec is None:
                 known = ", ".join(sorted(specs)) or "none"
-                hint = _did_you_mean(str(pname), specs)
+                hint = did_you_mean(str(pname), specs)
                 problems.append(
                     RecipeProblem(
                         pkey,
-                        f"{name} has no parameter {pname!r} (mergekit would silently ignore it; "
-                        f"known: {known}){hint}",
+                        f"{name} has no parameter {pname!r}{hint}: mergekit would silently ignore it "
+                        f"(known: {known})",
                     )
                 )
                 continue
@@ -257,21 +259,41 @@ def _check_parameters(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
     return problems
 
 
+# How each recipe form names what needs a missing parameter, and how to give it ({p}).
+_MERGEKIT_FORM = {
+    "base": ("the base model too, which it merges as an input",
+             "list it under models with parameters.{p}, or give a top-level parameters.{p}"),
+    "each": ("each model", "or a top-level parameters.{p}"),
+}
+_PIPELINE_FORM = {
+    "base": ("the pivot too, which `base: true` merges as an input", "set base: false or give parameters.{p}"),
+    "each": ("each target", "model_parameters.{p} or parameters.{p}"),
+}
+_PIPELINE_KEYS = {"shared": "parameters", "base": "base", "each": "model_parameters"}
+
+
+def _missing_message(method: str, parameter: str, need: str, form: Mapping[str, tuple[str, str]]) -> str:
+    """The message of a required parameter without a value; ``need`` is what lacks it:
+    ``shared`` (the merge), ``base`` or ``each`` (model), named as ``form`` names them."""
+    if need == "shared":
+        return f"{method} needs the parameter {parameter!r}"
+    who, fix = form[need]
+    return f"{method} needs {parameter!r} for {who} ({fix.format(p=parameter)})"
+
+
+def _need(key: str, *, pivot_first: bool = False) -> str:
+    """What a `missing_required` key stands for (``pivot_first``: the pipeline lists its
+    pivot as models[0] when it merges it as the base)."""
+    if key == "parameters":
+        return "shared"
+    return "base" if key == "base_model" or (pivot_first and key == "models[0].parameters") else "each"
+
+
 def _missing_required(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
     """Required parameters without a value, for a recipe of plain ``models:`` (mergekit
     raises them mid-merge, as a bare RuntimeError)."""
-    name = method.spec.name
-    problems = []
-    for key, parameter in missing_required(raw, method):
-        if key == "parameters":
-            message = f"{name} needs the parameter {parameter!r}"
-        elif key == "base_model":
-            message = (f"{name} merges the base model as an input too and needs its {parameter!r}: list it "
-                       f"under models with parameters.{parameter}, or give a top-level parameters.{parameter}")
-        else:
-            message = f"{name} needs {parameter!r} for each model (or a top-level parameters.{parameter})"
-        problems.append(RecipeProblem(key, message))
-    return problems
+    return [RecipeProblem(key, _missing_message(method.spec.name, parameter, _need(key), _MERGEKIT_FORM))
+            for key, parameter in missing_required(raw, method)]
 
 
 def missing_required(raw: Mapping[str, Any], method) -> list[tuple[str, str]]:
@@ -324,32 +346,6 @@ def _first_line_error(err: Exception) -> str:
         msgs = [e.get("msg", "") for e in errors()]
         return "; ".join(m.removeprefix("Value error, ") for m in msgs)
     return str(err)
-
-
-def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    yield "base_model", raw.get("base_model")
-
-    def walk(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-        for i, model in enumerate(_as_list(node.get("models"))):
-            if isinstance(model, Mapping):
-                yield f"{prefix}models[{i}].model", model.get("model")
-        for i, sl in enumerate(_as_list(node.get("slices"))):
-            if not isinstance(sl, Mapping):
-                continue
-            yield f"{prefix}slices[{i}].base_model", sl.get("base_model")
-            for j, src in enumerate(_as_list(sl.get("sources"))):
-                if isinstance(src, Mapping):
-                    yield f"{prefix}slices[{i}].sources[{j}].model", src.get("model")
-
-    yield from walk("", raw)
-    modules = raw.get("modules")
-    if isinstance(modules, Mapping):
-        for name, module in modules.items():
-            if isinstance(module, Mapping):
-                yield from walk(f"modules.{name}.", module)
-    source = raw.get("tokenizer_source")
-    if isinstance(source, str) and source not in ("union", "base"):
-        yield "tokenizer_source", source
 
 
 def resolve_model_ref(

@@ -14,7 +14,6 @@ library alone, so the command line can read `LmEvalOptions` at start-up for free
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -28,6 +27,7 @@ from typing import Any
 
 from fusion.artifacts.atomic import write_text_atomic
 from fusion.artifacts.provenance import has_chat_template
+from fusion.hints import did_you_mean
 from fusion.options import BACKENDS, check_options, option
 
 EXTRA_HINT = "pip install 'fusechat-merge[eval]'"
@@ -84,7 +84,7 @@ class LmEvalOptions:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in raw:
             if key not in names:
-                raise LmEvalError(f"{where}: unknown option {key!r}{_did_you_mean(str(key), names)}")
+                raise LmEvalError(f"{where}: unknown option {key!r}{did_you_mean(str(key), names)}")
         values = dict(raw)
         if isinstance(values.get("tasks"), str):
             values["tasks"] = values["tasks"].split(",")
@@ -99,25 +99,9 @@ class LmEvalOptions:
         if not all(isinstance(t, str) for t in self.tasks):
             raise LmEvalError(f"tasks must be names, got {list(self.tasks)!r}")
         try:
-            check_options(self)
+            check_options(self)  # kinds, choices and ranges, as declared on the fields
         except ValueError as err:
             raise LmEvalError(str(err)) from err
-        required_ints = ("batch_size", "bootstrap_iters")
-        for name, low in (("batch_size", 1), ("num_fewshot", 0), ("limit", 1), ("bootstrap_iters", 0)):
-            value = getattr(self, name)
-            required = name in required_ints
-            if (value is None and not required) or (
-                isinstance(value, int) and not isinstance(value, bool) and value >= low
-            ):
-                continue
-            raise LmEvalError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.apply_chat_template, bool):
-            raise LmEvalError(f"apply_chat_template must be true or false, got {self.apply_chat_template!r}")
-        for name, allowed in (("device", ("auto", "cpu", "cuda")), ("backend", ("hf", "vllm"))):
-            if getattr(self, name) not in allowed:
-                raise LmEvalError(
-                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
         if self.include_path is not None and not isinstance(self.include_path, str | os.PathLike):
             raise LmEvalError(f"include_path must be a folder path, got {self.include_path!r}")
         parse_model_args(self.model_args)
@@ -140,11 +124,6 @@ class LmEvalOptions:
             None if self.include_path is None else _folder_digest(Path(self.include_path))
         )
         return values
-
-
-def _did_you_mean(name: str, candidates: Sequence[str], n: int = 5) -> str:
-    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
-    return f" (close names: {', '.join(close)})" if close else ""
 
 
 def _lm_eval_version() -> str | None:
@@ -245,7 +224,7 @@ def task_manager(include_path: Path | None, tasks: Sequence[str]) -> Any:
     unknown = _unknown(manager, tasks)
     if unknown:
         where = "" if include_path is None else f" nor under {include_path}"
-        lines = [f"{name!r}{_did_you_mean(name, manager.all_tasks)}" for name in unknown]
+        lines = [f"{name!r}{did_you_mean(name, manager.all_tasks)}" for name in unknown]
         raise LmEvalError(
             f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} (not one lm-eval knows{where}): "
             + "; ".join(lines)

@@ -222,8 +222,8 @@ def test_unknown_task_lists_close_names(random_models, mc_tasks, root):
     code, output, exc = run_eval("--model", str(random_models["llama"]), "--tasks",
                                  "toy_mcq,hellaswg", "--include-path", str(mc_tasks),
                                  "--out", str(root / "x.json"))
-    assert_clean_error(code, output, exc, "unknown lm-eval tasks", "'toy_mcq' (close names: toy_mc",
-                       "'hellaswg' (close names: hellaswag")
+    assert_clean_error(code, output, exc, "unknown lm-eval tasks", "'toy_mcq' (did you mean 'toy_mc'",
+                       "'hellaswg' (did you mean 'hellaswag'")
     assert not (root / "x.json").exists()
 
 
