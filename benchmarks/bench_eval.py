@@ -70,7 +70,9 @@ def main() -> None:
 
     from fusechat_merge.demo.skills import SKILLS, train_heldout, write_jsonl
     from fusion.evaluate import evaluate_model
-    from fusion.lm_eval_runner import LmEvalOptions, metrics_by_task, run_lm_eval
+    from fusion.lm_eval_options import LmEvalOptions
+    from fusion.lm_eval_results import metrics_by_task
+    from fusion.lm_eval_runner import run_lm_eval
     from fusion.lm_eval_tasks import write_skill_tasks
 
     torch.set_num_threads(1)

@@ -18,7 +18,7 @@ import click
 from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options
 from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
-from fusion.lm_eval_runner import LmEvalOptions
+from fusion.lm_eval_options import LmEvalOptions
 from fusion.options import AlignOptions, FusionSettings, LogitOptions
 
 if TYPE_CHECKING:
@@ -297,7 +297,7 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
         run_demo(work_dir or Path("demo-merge-work"), select_topk=select_topk, echo=click.echo)
         return
     from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
-    from fusion.lm_eval_runner import LmEvalError
+    from fusion.lm_eval_options import LmEvalError
 
     try:
         run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
@@ -324,13 +324,9 @@ def eval_command(model: str, out: Path, **options) -> None:
 
     Needs the eval extra: pip install 'fusechat-merge[eval]'.
     """
-    from fusion.lm_eval_runner import (
-        LmEvalError,
-        format_table,
-        require_lm_eval,
-        run_lm_eval,
-        write_results,
-    )
+    from fusion.lm_eval_options import LmEvalError
+    from fusion.lm_eval_results import format_table, write_results
+    from fusion.lm_eval_runner import require_lm_eval, run_lm_eval
 
     try:
         require_lm_eval()

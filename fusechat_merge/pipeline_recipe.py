@@ -145,14 +145,14 @@ class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
                               "(update norms, alignment, MinCE picks, the fusion loss's share).")
     lm_eval: dict[str, Any] | None = Field(
         None, description="lm-evaluation-harness tasks scored on every model of the run "
-        "(`fusion.lm_eval_runner.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
+        "(`fusion.lm_eval_options.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
         "apply_chat_template, limit, ...); include_path is relative to the work dir.")
 
     @field_validator("lm_eval")
     @classmethod
     def _lm_eval_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            from fusion.lm_eval_runner import LmEvalError, LmEvalOptions
+            from fusion.lm_eval_options import LmEvalError, LmEvalOptions
 
             try:
                 LmEvalOptions.from_mapping(value, where="lm_eval")

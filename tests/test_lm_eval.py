@@ -24,13 +24,8 @@ from corpus import write_jsonl
 pytest.importorskip("lm_eval")
 
 from fusechat_merge.cli import main
-from fusion.lm_eval_runner import (
-    LmEvalError,
-    LmEvalOptions,
-    metrics_by_task,
-    parse_model_args,
-    write_results,
-)
+from fusion.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
+from fusion.lm_eval_results import metrics_by_task, write_results
 from fusion.lm_eval_tasks import write_skill_tasks
 
 QA = [("What is 2+3?", "5"), ("What is 7+1?", "8"), ("Capital of France?", "Paris"),

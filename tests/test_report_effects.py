@@ -7,7 +7,7 @@ from corpus import write_jsonl
 
 from fusechat_merge.report.effects import compute_effects, effect_verdicts, format_effects
 from fusechat_merge.report.results import lm_eval_rows
-from fusion.lm_eval_runner import metrics_by_task
+from fusion.lm_eval_results import metrics_by_task
 from fusion.lm_eval_tasks import write_skill_tasks
 
 

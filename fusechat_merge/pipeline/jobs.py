@@ -272,7 +272,9 @@ class LmEvalJob:
         return cls(model, lm_eval_options(recipe, layout), str(out))
 
     def run(self, resume: bool, log: Log) -> None:
-        from fusion.lm_eval_runner import LmEvalOptions, require_lm_eval, run_lm_eval, write_results
+        from fusion.lm_eval_options import LmEvalOptions
+        from fusion.lm_eval_results import write_results
+        from fusion.lm_eval_runner import require_lm_eval, run_lm_eval
 
         require_lm_eval()
         write_results(run_lm_eval(self.model, LmEvalOptions.from_mapping(self.options)), Path(self.out))
@@ -343,7 +345,7 @@ class ReportJob:
 
 
 def _lm_eval_metrics(path: Path) -> dict[str, dict[str, float]]:
-    from fusion.lm_eval_runner import metrics_by_task
+    from fusion.lm_eval_results import metrics_by_task
 
     return metrics_by_task(json.loads(path.read_text(encoding="utf-8")))
 

@@ -149,7 +149,7 @@ def _lm_eval_stages(r: PipelineRecipe, layout: WorkDir, model_sig: dict[str, Any
                     merges: dict[int, list[Stage]]) -> list[Stage]:
     """One lm-eval stage per model: a model already scored with the same settings (its key:
     the lm-eval settings and the model's own key) is not scored again."""
-    from fusion.lm_eval_runner import LmEvalOptions
+    from fusion.lm_eval_options import LmEvalOptions
 
     settings = LmEvalOptions.from_mapping(lm_eval_options(r, layout)).settings()
     merge_names = [m.name for m in r.merges]
