@@ -18,6 +18,15 @@ from typing import Any
 import click
 import yaml
 
+from fusechat_merge.merge_parameters import (
+    MERGEKIT_FORM,
+    PIPELINE_FORM,
+    find_method,
+    missing_message,
+    missing_required,
+    need_of,
+    parameter_problems,
+)
 from fusechat_merge.model_refs import cached_snapshot, hub_offline, names_hub_model, split_ref
 from fusechat_merge.recipe_keys import key_path
 from fusion.hints import did_you_mean
@@ -46,6 +55,8 @@ class RecipeError(click.ClickException, ValueError):
 
 
 _VOCAB_KEYS = ("vocab_size",)
+# The pipeline merge's key for what lacks a required parameter (`merge_parameters.need_of`).
+_PIPELINE_KEYS = {"shared": "parameters", "base": "base", "each": "model_parameters"}
 
 
 def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
@@ -77,12 +88,8 @@ def check_recipe(
     read from the cache nor downloaded (``HF_HUB_OFFLINE``) is a problem too.
     """
     from mergekit.config import MergeConfiguration
-    from mergekit.merge_methods import registry
     from pydantic import ValidationError
 
-    from fusechat_merge.mergekit_adapter import register
-
-    register()
     problems: list[RecipeProblem] = []
     known_keys = set(MergeConfiguration.model_fields)
     for key in raw:
@@ -98,19 +105,13 @@ def check_recipe(
             problems.append(RecipeProblem(key, e["msg"]))
 
     method_name = raw.get("merge_method")
-    method = None
-    if isinstance(method_name, str):
-        try:
-            method = registry.get(method_name)
-        except RuntimeError:
-            names = [m.spec.name for m in registry.registered_methods()]
-            hint = did_you_mean(method_name, names)
-            problems.append(
-                RecipeProblem("merge_method", f"unknown merge method {method_name!r}{hint}")
-            )
+    method, unknown = find_method(method_name) if isinstance(method_name, str) else (None, None)
+    if unknown:
+        problems.append(RecipeProblem("merge_method", unknown))
     if method is not None:
-        problems.extend(_check_parameters(raw, method))
-        problems.extend(_missing_required(raw, method))
+        problems += [RecipeProblem(key, message) for key, message in parameter_problems(_parameter_blocks(raw), method)]
+        problems += [RecipeProblem(key, missing_message(method_name, parameter, need_of(key), MERGEKIT_FORM))
+                     for key, parameter in missing_required(raw, method)]
     problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd(), need_models))
     return problems
 
@@ -125,16 +126,9 @@ def check_merge_settings(
 ) -> list[tuple[tuple[str, ...], str]]:
     """Problems of one merge of a pipeline recipe, before its models exist: the method, its
     shared and per-model parameters. Returns ``(key path within the merge, message)``."""
-    from mergekit.merge_methods import registry
-
-    from fusechat_merge.mergekit_adapter import register
-
-    register()
-    try:
-        method = registry.get(method_name)
-    except RuntimeError:
-        names = [m.spec.name for m in registry.registered_methods()]
-        return [(("method",), f"mergekit knows no merge method {method_name!r}{did_you_mean(method_name, names)}")]
+    method, unknown = find_method(method_name)
+    if unknown:
+        return [(("method",), unknown)]
     entry = {"parameters": dict(model_parameters)} if model_parameters else {}
     # as the pipeline writes it (`pipeline.jobs.MergeJob`): with a base, the pivot is listed first
     raw: dict[str, Any] = {"merge_method": method_name, "models": ([{"model": "pivot"}] if base else [])
@@ -144,13 +138,12 @@ def check_merge_settings(
     if parameters:
         raw["parameters"] = dict(parameters)
     found = []
-    for problem in _check_parameters(raw, method):
-        key = problem.key
+    for key, message in parameter_problems(_parameter_blocks(raw), method):
         where = ("parameters", *key.split(".")[1:]) if key.startswith("parameters") else (
             "model_parameters", *key.split(".")[2:])
-        found.append((where, problem.message))
-    for need, parameter in dict.fromkeys((_need(k, pivot_first=base), p) for k, p in missing_required(raw, method)):
-        found.append(((_PIPELINE_KEYS[need],), _missing_message(method_name, parameter, need, _PIPELINE_FORM)))
+        found.append((where, message))
+    for need, parameter in dict.fromkeys((need_of(k, pivot_first=base), p) for k, p in missing_required(raw, method)):
+        found.append(((_PIPELINE_KEYS[need],), missing_message(method_name, parameter, need, PIPELINE_FORM)))
     return found
 
 
@@ -213,139 +206,6 @@ def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
-
-
-def _check_parameters(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
-    from mergekit.merge_methods.base import ParameterScope
-
-    specs = {p.name: p for p in method.spec.parameters}
-    name = method.spec.name
-    problems: list[RecipeProblem] = []
-    for key, params, per_model in _parameter_blocks(raw):
-        if params is None:
-            continue
-        if not isinstance(params, Mapping):
-            problems.append(RecipeProblem(key, "must be a mapping of parameter names to values"))
-            continue
-        for pname, setting in params.items():
-            pkey = f"{key}.{pname}"
-            spec = specs.get(pname)
-            if spec is None:
-                known = ", ".join(sorted(specs)) or "none"
-                hint = did_you_mean(str(pname), specs)
-                problems.append(
-                    RecipeProblem(
-                        pkey,
-                        f"{name} has no parameter {pname!r}{hint}: mergekit would silently ignore it "
-                        f"(known: {known})",
-                    )
-                )
-                continue
-            if per_model and spec.scope == ParameterScope.SHARED:
-                problems.append(
-                    RecipeProblem(
-                        pkey,
-                        f"{pname!r} is a shared parameter of {name}: mergekit ignores it per "
-                        "model. Move it to the top-level `parameters:`",
-                    )
-                )
-                continue
-            for value in _setting_values(setting):
-                try:
-                    spec.validate(value)
-                except Exception as err:  # pydantic ValidationError or our ValueError
-                    problems.append(RecipeProblem(pkey, _first_line_error(err)))
-                    break
-    return problems
-
-
-# How each recipe form names what needs a missing parameter, and how to give it ({p}).
-_MERGEKIT_FORM = {
-    "base": ("the base model too, which it merges as an input",
-             "list it under models with parameters.{p}, or give a top-level parameters.{p}"),
-    "each": ("each model", "or a top-level parameters.{p}"),
-}
-_PIPELINE_FORM = {
-    "base": ("the pivot too, which `base: true` merges as an input", "set base: false or give parameters.{p}"),
-    "each": ("each target", "model_parameters.{p} or parameters.{p}"),
-}
-_PIPELINE_KEYS = {"shared": "parameters", "base": "base", "each": "model_parameters"}
-
-
-def _missing_message(method: str, parameter: str, need: str, form: Mapping[str, tuple[str, str]]) -> str:
-    """The message of a required parameter without a value; ``need`` is what lacks it:
-    ``shared`` (the merge), ``base`` or ``each`` (model), named as ``form`` names them."""
-    if need == "shared":
-        return f"{method} needs the parameter {parameter!r}"
-    who, fix = form[need]
-    return f"{method} needs {parameter!r} for {who} ({fix.format(p=parameter)})"
-
-
-def _need(key: str, *, pivot_first: bool = False) -> str:
-    """What a `missing_required` key stands for (``pivot_first``: the pipeline lists its
-    pivot as models[0] when it merges it as the base)."""
-    if key == "parameters":
-        return "shared"
-    return "base" if key == "base_model" or (pivot_first and key == "models[0].parameters") else "each"
-
-
-def _missing_required(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
-    """Required parameters without a value, for a recipe of plain ``models:`` (mergekit
-    raises them mid-merge, as a bare RuntimeError)."""
-    return [RecipeProblem(key, _missing_message(method.spec.name, parameter, _need(key), _MERGEKIT_FORM))
-            for key, parameter in missing_required(raw, method)]
-
-
-def missing_required(raw: Mapping[str, Any], method) -> list[tuple[str, str]]:
-    """(key, parameter) of each required parameter without a value: ``parameters`` (a
-    shared one), ``models[i].parameters`` or ``base_model``. A top-level ``parameters:``
-    value serves every model; mergekit appends a ``base_model`` that is not listed among
-    the models as an input without parameters, so an input-scope parameter (linear's
-    ``weight``) needs it too. Slices and modules are left to mergekit."""
-    from mergekit.merge_methods.base import ParameterScope
-
-    if raw.get("slices") or raw.get("modules") or not isinstance(raw.get("models"), list):
-        return []
-    shared = raw.get("parameters") if isinstance(raw.get("parameters"), Mapping) else {}
-    base = raw.get("base_model")
-    models = [m for m in raw["models"] if isinstance(m, Mapping)]
-    listed = base is not None and any(str(m.get("model")) == str(base) for m in models)
-    missing: list[tuple[str, str]] = []
-    for spec in method.spec.parameters:
-        if not spec.required or spec.name in shared:
-            continue
-        if spec.scope == ParameterScope.SHARED:
-            missing.append(("parameters", spec.name))
-            continue
-        for i, model in enumerate(models):
-            own = model.get("parameters") if isinstance(model.get("parameters"), Mapping) else {}
-            is_base = base is not None and str(model.get("model")) == str(base)
-            if spec.name not in own and not (is_base and spec.scope == ParameterScope.NON_BASE):
-                missing.append((f"models[{i}].parameters", spec.name))
-        if base is not None and not listed and spec.scope == ParameterScope.INPUT:
-            missing.append(("base_model", spec.name))
-    return missing
-
-
-def _setting_values(setting: Any) -> list[Any]:
-    """Scalars of a parameter setting: a value, a gradient list, or {filter, value} items."""
-    items = setting if isinstance(setting, list) else [setting]
-    values: list[Any] = []
-    for item in items:
-        if isinstance(item, Mapping) and "value" in item:
-            inner = item["value"]
-            values.extend(inner if isinstance(inner, list) else [inner])
-        else:
-            values.append(item)
-    return values
-
-
-def _first_line_error(err: Exception) -> str:
-    errors = getattr(err, "errors", None)
-    if callable(errors):
-        msgs = [e.get("msg", "") for e in errors()]
-        return "; ".join(m.removeprefix("Value error, ") for m in msgs)
-    return str(err)
 
 
 def resolve_model_ref(
