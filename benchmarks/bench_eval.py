@@ -1,16 +1,17 @@
-"""Eval time per model: lm-eval on the generated skill tasks vs our own evaluator.
+"""Eval time per model: lm-eval on the generated skill tasks vs our own reply loss.
 
 The demo's three model shapes (pivot, arithmetic and reversal sources: Llama/metaspace,
 Qwen2/byte-level, Mistral/metaspace at the demo's size), each briefly trained so that it
 answers and stops, are scored on the demo's held-out skill files (50 conversations per
-skill) two ways, side by side in one process:
+skill) by the two evaluations a pipeline runs, side by side in one process:
 
-* old: ``fusion.evaluate.evaluate_model`` (reply loss + greedy exact match, ours);
-* new: ``fusion.lm_eval_runner.run_lm_eval`` on the tasks ``fusion.lm_eval_tasks`` writes
-  from the same files (generate_until exact match + reply loglikelihood, lm-eval's).
+* ours: ``fusion.evaluate.evaluate_model`` (the reply loss per trained token, no decoding);
+* lm-eval: ``fusion.lm_eval_runner.run_lm_eval`` on the tasks ``fusion.lm_eval_tasks``
+  writes from the same files (generate_until exact match, at most 32 new tokens, greedy,
+  + the reply's loglikelihood).
 
-Both decode at most 32 new tokens, greedily, with batch size 16 on CPU, one thread. Prints
-each model's times, the exact matches (they should agree) and the ratio new / old.
+Batch size 16 on CPU, one thread. Prints each model's times, lm-eval's exact matches and
+the ratio lm-eval / ours.
 
     python benchmarks/bench_eval.py [--work-dir bench-work/eval] [--steps 150]
 """
@@ -69,7 +70,9 @@ def main() -> None:
 
     from fusechat_merge.demo.skills import SKILLS, train_heldout, write_jsonl
     from fusion.evaluate import evaluate_model
-    from fusion.lm_eval_runner import LmEvalOptions, metrics_by_task, run_lm_eval
+    from fusion.lm_eval_options import LmEvalOptions
+    from fusion.lm_eval_results import metrics_by_task
+    from fusion.lm_eval_runner import run_lm_eval
     from fusion.lm_eval_tasks import write_skill_tasks
 
     torch.set_num_threads(1)

@@ -208,7 +208,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusion.trainer import FusionCollator, FusionDataset, fusion_config
+    from fusion.train_config import fusion_config
+    from fusion.train_data import FusionCollator, FusionDataset
 
     torch.set_num_threads(args.threads)
     dataset = FusionDataset([args.aligned])

@@ -107,7 +107,8 @@ def check_fuse(work: Path, steps: int) -> bool:
     from bench_train import build_aligned
     from transformers import TrainerCallback
 
-    from fusion.trainer import fusion_config, train_fusion
+    from fusion.train_config import fusion_config
+    from fusion.trainer import train_fusion
 
     class Losses(TrainerCallback):
         def __init__(self) -> None:

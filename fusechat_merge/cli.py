@@ -16,18 +16,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from fusechat_merge.mergekit_options import add_mergekit_options
-from fusechat_merge.option_forms import click_options, field_help
+from fusechat_merge.option_forms import click_options
 from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
-from fusion.lm_eval_runner import LmEvalOptions
-from fusion.options import FUSIONS, LOSS_TYPES, AlignOptions, FusionSettings, LogitOptions
+from fusion.lm_eval_options import LmEvalOptions
+from fusion.options import AlignOptions, FusionSettings, LogitOptions
 
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
-
-
-def _fusion_help(name: str) -> str:
-    default = getattr(FusionSettings, name)
-    return f"{field_help(FusionSettings, name)}  [default: {default}]"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,17 +62,14 @@ def merge_command(
     parameters mergekit would ignore, missing model paths, mismatched vocabularies),
     and OUT_DIR appears only once the merge is complete.
     """
-    from fusechat_merge.merge_recipe import RecipeError, load_recipe, validate_recipe
+    from fusechat_merge.merge_recipe import load_recipe, validate_recipe
     from fusechat_merge.merging import run_merge_checked
-    from fusechat_merge.report import write_sce_report
+    from fusechat_merge.report.sce import write_sce_report
     from fusechat_merge.stats_sink import record_stats
 
-    try:
-        raw, text = load_recipe(recipe)
-        validate_recipe(raw, str(recipe))
-    except RecipeError as err:
-        raise click.ClickException(str(err)) from err
+    raw, text = load_recipe(recipe)  # a RecipeError is a ClickException: exit 1, no traceback
     if check_only:
+        validate_recipe(raw, str(recipe))
         click.echo(f"{recipe}: OK")
         return
     merge_options.apply_global_options()
@@ -168,13 +160,9 @@ def align_command(**kwargs: Any) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="YAML of training options (TrainingArguments fields, lm_weight, fuse_temperature, "
               "fusion, fuse_loss_type), e.g. recipes/fusechat-7b-fuse.yaml; flags override it.")
-@click.option("--lambda", "lm_weight", type=click.FloatRange(0.0, 1.0), default=None,
-              help=_fusion_help("lm_weight"))
-@click.option("--temperature", "fuse_temperature", type=click.FloatRange(min=0.0, min_open=True),
-              default=None, help=_fusion_help("fuse_temperature"))
-@click.option("--fusion", type=click.Choice(FUSIONS), default=None, help=_fusion_help("fusion"))
-@click.option("--loss-type", "fuse_loss_type", type=click.Choice(LOSS_TYPES), default=None,
-              help=_fusion_help("fuse_loss_type"))
+@click_options(FusionSettings, overrides=True,
+               aliases={"lm_weight": ["--lambda"], "fuse_temperature": ["--temperature"],
+                        "fuse_loss_type": ["--loss-type"]})
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoints.")
 @click.pass_context
 def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str,
@@ -190,7 +178,8 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     """
     from fusion.artifacts.logit_store import StoreError
     from fusion.artifacts.provenance import InputError
-    from fusion.trainer import parse_fusion_config, train_fusion
+    from fusion.train_config import parse_fusion_config
+    from fusion.trainer import train_fusion
 
     from_file: dict[str, Any] = {}
     if config_file:
@@ -308,7 +297,7 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
         run_demo(work_dir or Path("demo-merge-work"), select_topk=select_topk, echo=click.echo)
         return
     from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
-    from fusion.lm_eval_runner import LmEvalError
+    from fusion.lm_eval_options import LmEvalError
 
     try:
         run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
@@ -335,13 +324,9 @@ def eval_command(model: str, out: Path, **options) -> None:
 
     Needs the eval extra: pip install 'fusechat-merge[eval]'.
     """
-    from fusion.lm_eval_runner import (
-        LmEvalError,
-        format_table,
-        require_lm_eval,
-        run_lm_eval,
-        write_results,
-    )
+    from fusion.lm_eval_options import LmEvalError
+    from fusion.lm_eval_results import format_table, write_results
+    from fusion.lm_eval_runner import require_lm_eval, run_lm_eval
 
     try:
         require_lm_eval()

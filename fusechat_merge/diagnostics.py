@@ -106,7 +106,7 @@ def _nanmean(values: Sequence[float]) -> float | None:
 def loss_share(model: str | Path) -> dict[str, Any]:
     """A trained model's mean CLM and fusion losses (its ``train_run.json``) and the
     fusion term's share of the objective."""
-    from fusion.trainer import read_train_run
+    from fusion.train_output import read_train_run
 
     run = read_train_run(model)
     parts = run.get("loss_parts") or {}

@@ -9,7 +9,6 @@ all at once.
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -19,8 +18,18 @@ from typing import Any
 import click
 import yaml
 
+from fusechat_merge.merge_parameters import (
+    MERGEKIT_FORM,
+    PIPELINE_FORM,
+    find_method,
+    missing_message,
+    missing_required,
+    need_of,
+    parameter_problems,
+)
 from fusechat_merge.model_refs import cached_snapshot, hub_offline, names_hub_model, split_ref
 from fusechat_merge.recipe_keys import key_path
+from fusion.hints import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class RecipeError(click.ClickException, ValueError):
 
 
 _VOCAB_KEYS = ("vocab_size",)
+# The pipeline merge's key for what lacks a required parameter (`merge_parameters.need_of`).
+_PIPELINE_KEYS = {"shared": "parameters", "base": "base", "each": "model_parameters"}
 
 
 def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
@@ -77,18 +88,14 @@ def check_recipe(
     read from the cache nor downloaded (``HF_HUB_OFFLINE``) is a problem too.
     """
     from mergekit.config import MergeConfiguration
-    from mergekit.merge_methods import registry
     from pydantic import ValidationError
 
-    from fusechat_merge.mergekit_adapter import register
-
-    register()
     problems: list[RecipeProblem] = []
     known_keys = set(MergeConfiguration.model_fields)
     for key in raw:
         if key not in known_keys:
-            hint = _did_you_mean(str(key), known_keys)
-            problems.append(RecipeProblem(str(key), f"unknown key (mergekit would ignore it){hint}"))
+            hint = did_you_mean(str(key), known_keys)
+            problems.append(RecipeProblem(str(key), f"unknown key{hint}: mergekit would ignore it"))
 
     try:
         MergeConfiguration.model_validate(dict(raw))
@@ -98,19 +105,13 @@ def check_recipe(
             problems.append(RecipeProblem(key, e["msg"]))
 
     method_name = raw.get("merge_method")
-    method = None
-    if isinstance(method_name, str):
-        try:
-            method = registry.get(method_name)
-        except RuntimeError:
-            names = [m.spec.name for m in registry.registered_methods()]
-            hint = _did_you_mean(method_name, names)
-            problems.append(
-                RecipeProblem("merge_method", f"unknown merge method {method_name!r}{hint}")
-            )
+    method, unknown = find_method(method_name) if isinstance(method_name, str) else (None, None)
+    if unknown:
+        problems.append(RecipeProblem("merge_method", unknown))
     if method is not None:
-        problems.extend(_check_parameters(raw, method))
-        problems.extend(_missing_required(raw, method))
+        problems += [RecipeProblem(key, message) for key, message in parameter_problems(_parameter_blocks(raw), method)]
+        problems += [RecipeProblem(key, missing_message(method_name, parameter, need_of(key), MERGEKIT_FORM))
+                     for key, parameter in missing_required(raw, method)]
     problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd(), need_models))
     return problems
 
@@ -125,16 +126,9 @@ def check_merge_settings(
 ) -> list[tuple[tuple[str, ...], str]]:
     """Problems of one merge of a pipeline recipe, before its models exist: the method, its
     shared and per-model parameters. Returns ``(key path within the merge, message)``."""
-    from mergekit.merge_methods import registry
-
-    from fusechat_merge.mergekit_adapter import register
-
-    register()
-    try:
-        method = registry.get(method_name)
-    except RuntimeError:
-        names = [m.spec.name for m in registry.registered_methods()]
-        return [(("method",), f"mergekit knows no merge method {method_name!r}{_did_you_mean(method_name, names)}")]
+    method, unknown = find_method(method_name)
+    if unknown:
+        return [(("method",), unknown)]
     entry = {"parameters": dict(model_parameters)} if model_parameters else {}
     # as the pipeline writes it (`pipeline.jobs.MergeJob`): with a base, the pivot is listed first
     raw: dict[str, Any] = {"merge_method": method_name, "models": ([{"model": "pivot"}] if base else [])
@@ -144,30 +138,13 @@ def check_merge_settings(
     if parameters:
         raw["parameters"] = dict(parameters)
     found = []
-    for problem in _check_parameters(raw, method):
-        key = problem.key
+    for key, message in parameter_problems(_parameter_blocks(raw), method):
         where = ("parameters", *key.split(".")[1:]) if key.startswith("parameters") else (
             "model_parameters", *key.split(".")[2:])
-        found.append((where, problem.message))
-    for key, parameter in dict.fromkeys(_pipeline_key(k, base) + (p,) for k, p in missing_required(raw, method)):
-        if key == "base":
-            message = (f"{method_name} needs {parameter!r} for the pivot too, which `base: true` merges as an "
-                       f"input; set base: false or give parameters.{parameter}")
-        elif key == "parameters":
-            message = f"{method_name} needs the parameter {parameter!r}"
-        else:
-            message = (f"{method_name} needs {parameter!r} for each target (model_parameters.{parameter} or "
-                       f"parameters.{parameter})")
-        found.append(((key,), message))
+        found.append((where, message))
+    for need, parameter in dict.fromkeys((need_of(k, pivot_first=base), p) for k, p in missing_required(raw, method)):
+        found.append(((_PIPELINE_KEYS[need],), missing_message(method_name, parameter, need, PIPELINE_FORM)))
     return found
-
-
-def _pipeline_key(key: str, base: bool) -> tuple[str]:
-    """The pipeline merge's key for a `missing_required` key (with a base, the pivot is
-    listed as models[0], so ``base_model`` never comes up)."""
-    if key == "parameters":
-        return ("parameters",)
-    return ("base",) if base and key == "models[0].parameters" else ("model_parameters",)
 
 
 def validate_recipe(
@@ -179,177 +156,56 @@ def validate_recipe(
         raise RecipeError(source, problems)
 
 
-def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
-    """(key, parameters mapping, per_model) for every ``parameters:`` in the recipe."""
-    yield "parameters", raw.get("parameters"), False
-
-    def models_and_slices(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
+def _places(raw: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any], str]]:
+    """(key, mapping, role) of every place of a recipe that names models or parameters, in
+    recipe order: ``recipe`` (the top level, key ""), then its ``model`` entries, ``slice``s
+    and their ``source``s, then each ``module`` (``modules.NAME``) with its own."""
+    def models_and_slices(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any], str]]:
         for i, model in enumerate(_as_list(node.get("models"))):
             if isinstance(model, Mapping):
-                yield f"{prefix}models[{i}].parameters", model.get("parameters"), True
+                yield f"{prefix}models[{i}]", model, "model"
         for i, sl in enumerate(_as_list(node.get("slices"))):
             if not isinstance(sl, Mapping):
                 continue
-            yield f"{prefix}slices[{i}].parameters", sl.get("parameters"), False
+            yield f"{prefix}slices[{i}]", sl, "slice"
             for j, src in enumerate(_as_list(sl.get("sources"))):
                 if isinstance(src, Mapping):
-                    yield f"{prefix}slices[{i}].sources[{j}].parameters", src.get("parameters"), True
+                    yield f"{prefix}slices[{i}].sources[{j}]", src, "source"
 
+    yield "", raw, "recipe"
     yield from models_and_slices("", raw)
     modules = raw.get("modules")
     if isinstance(modules, Mapping):
         for name, module in modules.items():
             if isinstance(module, Mapping):
-                yield f"modules.{name}.parameters", module.get("parameters"), False
+                yield f"modules.{name}", module, "module"
                 yield from models_and_slices(f"modules.{name}.", module)
+
+
+def _key(place: str, name: str) -> str:
+    return f"{place}.{name}" if place else name
+
+
+def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]:
+    """(key, parameters mapping, per_model) for every ``parameters:`` in the recipe."""
+    for place, node, role in _places(raw):
+        yield _key(place, "parameters"), node.get("parameters"), role in ("model", "source")
+
+
+def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(key, reference) of every model the recipe names (modules' own base models aside, as
+    mergekit reads them)."""
+    refs = {"recipe": "base_model", "model": "model", "slice": "base_model", "source": "model"}
+    for place, node, role in _places(raw):
+        if role in refs:
+            yield _key(place, refs[role]), node.get(refs[role])
+    source = raw.get("tokenizer_source")
+    if isinstance(source, str) and source not in ("union", "base"):
+        yield "tokenizer_source", source
 
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
-
-
-def _check_parameters(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
-    from mergekit.merge_methods.base import ParameterScope
-
-    specs = {p.name: p for p in method.spec.parameters}
-    name = method.spec.name
-    problems: list[RecipeProblem] = []
-    for key, params, per_model in _parameter_blocks(raw):
-        if params is None:
-            continue
-        if not isinstance(params, Mapping):
-            problems.append(RecipeProblem(key, "must be a mapping of parameter names to values"))
-            continue
-        for pname, setting in params.items():
-            pkey = f"{key}.{pname}"
-            spec = specs.get(pname)
-            if spec is None:
-                known = ", ".join(sorted(specs)) or "none"
-                hint = _did_you_mean(str(pname), specs)
-                problems.append(
-                    RecipeProblem(
-                        pkey,
-                        f"{name} has no parameter {pname!r} (mergekit would silently ignore it; "
-                        f"known: {known}){hint}",
-                    )
-                )
-                continue
-            if per_model and spec.scope == ParameterScope.SHARED:
-                problems.append(
-                    RecipeProblem(
-                        pkey,
-                        f"{pname!r} is a shared parameter of {name}: mergekit ignores it per "
-                        "model. Move it to the top-level `parameters:`",
-                    )
-                )
-                continue
-            for value in _setting_values(setting):
-                try:
-                    spec.validate(value)
-                except Exception as err:  # pydantic ValidationError or our ValueError
-                    problems.append(RecipeProblem(pkey, _first_line_error(err)))
-                    break
-    return problems
-
-
-def _missing_required(raw: Mapping[str, Any], method) -> list[RecipeProblem]:
-    """Required parameters without a value, for a recipe of plain ``models:`` (mergekit
-    raises them mid-merge, as a bare RuntimeError)."""
-    name = method.spec.name
-    problems = []
-    for key, parameter in missing_required(raw, method):
-        if key == "parameters":
-            message = f"{name} needs the parameter {parameter!r}"
-        elif key == "base_model":
-            message = (f"{name} merges the base model as an input too and needs its {parameter!r}: list it "
-                       f"under models with parameters.{parameter}, or give a top-level parameters.{parameter}")
-        else:
-            message = f"{name} needs {parameter!r} for each model (or a top-level parameters.{parameter})"
-        problems.append(RecipeProblem(key, message))
-    return problems
-
-
-def missing_required(raw: Mapping[str, Any], method) -> list[tuple[str, str]]:
-    """(key, parameter) of each required parameter without a value: ``parameters`` (a
-    shared one), ``models[i].parameters`` or ``base_model``. A top-level ``parameters:``
-    value serves every model; mergekit appends a ``base_model`` that is not listed among
-    the models as an input without parameters, so an input-scope parameter (linear's
-    ``weight``) needs it too. Slices and modules are left to mergekit."""
-    from mergekit.merge_methods.base import ParameterScope
-
-    if raw.get("slices") or raw.get("modules") or not isinstance(raw.get("models"), list):
-        return []
-    shared = raw.get("parameters") if isinstance(raw.get("parameters"), Mapping) else {}
-    base = raw.get("base_model")
-    models = [m for m in raw["models"] if isinstance(m, Mapping)]
-    listed = base is not None and any(str(m.get("model")) == str(base) for m in models)
-    missing: list[tuple[str, str]] = []
-    for spec in method.spec.parameters:
-        if not spec.required or spec.name in shared:
-            continue
-        if spec.scope == ParameterScope.SHARED:
-            missing.append(("parameters", spec.name))
-            continue
-        for i, model in enumerate(models):
-            own = model.get("parameters") if isinstance(model.get("parameters"), Mapping) else {}
-            is_base = base is not None and str(model.get("model")) == str(base)
-            if spec.name not in own and not (is_base and spec.scope == ParameterScope.NON_BASE):
-                missing.append((f"models[{i}].parameters", spec.name))
-        if base is not None and not listed and spec.scope == ParameterScope.INPUT:
-            missing.append(("base_model", spec.name))
-    return missing
-
-
-def _setting_values(setting: Any) -> list[Any]:
-    """Scalars of a parameter setting: a value, a gradient list, or {filter, value} items."""
-    items = setting if isinstance(setting, list) else [setting]
-    values: list[Any] = []
-    for item in items:
-        if isinstance(item, Mapping) and "value" in item:
-            inner = item["value"]
-            values.extend(inner if isinstance(inner, list) else [inner])
-        else:
-            values.append(item)
-    return values
-
-
-def _first_line_error(err: Exception) -> str:
-    errors = getattr(err, "errors", None)
-    if callable(errors):
-        msgs = [e.get("msg", "") for e in errors()]
-        return "; ".join(m.removeprefix("Value error, ") for m in msgs)
-    return str(err)
-
-
-def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    yield "base_model", raw.get("base_model")
-
-    def walk(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-        for i, model in enumerate(_as_list(node.get("models"))):
-            if isinstance(model, Mapping):
-                yield f"{prefix}models[{i}].model", model.get("model")
-        for i, sl in enumerate(_as_list(node.get("slices"))):
-            if not isinstance(sl, Mapping):
-                continue
-            yield f"{prefix}slices[{i}].base_model", sl.get("base_model")
-            for j, src in enumerate(_as_list(sl.get("sources"))):
-                if isinstance(src, Mapping):
-                    yield f"{prefix}slices[{i}].sources[{j}].model", src.get("model")
-
-    yield from walk("", raw)
-    modules = raw.get("modules")
-    if isinstance(modules, Mapping):
-        for name, module in modules.items():
-            if isinstance(module, Mapping):
-                yield from walk(f"modules.{name}.", module)
-    source = raw.get("tokenizer_source")
-    if isinstance(source, str) and source not in ("union", "base"):
-        yield "tokenizer_source", source
 
 
 def resolve_model_ref(

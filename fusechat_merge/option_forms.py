@@ -7,10 +7,9 @@ without importing torch.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import click
@@ -31,24 +30,30 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def click_options(cls: type, *, exclude: Sequence[str] = (), required: Sequence[str] = ()) -> Callable:
-    """A decorator adding one ``--field-name`` option per declared field of ``cls``."""
+def click_options(cls: type, *, exclude: Sequence[str] = (), required: Sequence[str] = (),
+                  aliases: Mapping[str, Sequence[str]] | None = None, overrides: bool = False) -> Callable:
+    """A decorator adding one ``--field-name`` option per declared field of ``cls``.
+
+    ``aliases``: more flag names of a field (``{"lm_weight": ["--lambda"]}``). ``overrides``:
+    every option defaults to None (not given), so that it overrides another source of the
+    value only when given; the help still shows the field's default."""
     hints = _hints(cls)
+    aliases = aliases or {}
 
     def decorate(func: Callable) -> Callable:
         for f in reversed(option_fields(cls, exclude)):
             meta = {"choices": None, **f.metadata, **bounds(f)}
             base = _base_type(hints[f.name])
-            flag = "--" + f.name.replace("_", "-")
+            flag = [*aliases.get(f.name, ()), "--" + f.name.replace("_", "-")]
             kwargs: dict[str, Any] = {"help": meta["help"], "show_default": True}
             if meta["metavar"]:
                 kwargs["metavar"] = meta["metavar"]
             if typing.get_origin(base) is tuple:  # one comma-separated value on the command line
-                func = click.option(flag, f.name, default=None, required=meta["required"],
+                func = click.option(*flag, f.name, default=None, required=meta["required"],
                                     callback=_comma_separated, **kwargs)(func)
                 continue
             if base is bool:
-                func = click.option(flag, f.name, is_flag=True, default=f.default, **kwargs)(func)
+                func = click.option(*flag, f.name, is_flag=True, default=f.default, **kwargs)(func)
                 continue
             if meta["choices"]:
                 kwargs["type"] = click.Choice([str(c) for c in meta["choices"]])
@@ -59,7 +64,9 @@ def click_options(cls: type, *, exclude: Sequence[str] = (), required: Sequence[
                 kwargs["type"] = click.FloatRange(meta["min"], meta["max"], min_open=meta["min_open"])
             if f.default is None:
                 kwargs["show_default"] = False
-            func = click.option(flag, f.name, default=f.default,
+            elif overrides:
+                kwargs["show_default"] = str(f.default)
+            func = click.option(*flag, f.name, default=None if overrides else f.default,
                                 required=f.name in required or meta["required"], **kwargs)(func)
         return func
 
@@ -91,11 +98,3 @@ def recipe_section(cls: type, *, exclude: Sequence[str] = (), name: str | None =
         fields[f.name] = (annotation, Field(f.default, description=meta["help"], **limits))
     return create_model(name or f"{cls.__name__}Section",
                         __config__=ConfigDict(extra="forbid", frozen=True), **fields)
-
-
-def field_help(cls: type, name: str) -> str:
-    """The help text of one field (``TrainingArguments``-style ``metadata['help']`` too)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return str(f.metadata.get("help", ""))
-    raise KeyError(name)

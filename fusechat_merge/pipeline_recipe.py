@@ -122,7 +122,7 @@ class FuseSpec(_Strict):
     @field_validator("defaults", "per_source")
     @classmethod
     def _known_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from fusion.trainer import FusionConfig
+        from fusion.train_config import FusionConfig
 
         known = {f.name for f in dataclasses.fields(FusionConfig)}
         blocks = value.values() if value and all(isinstance(v, dict) for v in value.values()) else [value]
@@ -155,14 +155,14 @@ class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
                               "(update norms, alignment, MinCE picks, the fusion loss's share).")
     lm_eval: dict[str, Any] | None = Field(
         None, description="lm-evaluation-harness tasks scored on every model of the run "
-        "(`fusion.lm_eval_runner.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
+        "(`fusion.lm_eval_options.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
         "apply_chat_template, limit, ...); include_path is relative to the work dir.")
 
     @field_validator("lm_eval")
     @classmethod
     def _lm_eval_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            from fusion.lm_eval_runner import LmEvalError, LmEvalOptions
+            from fusion.lm_eval_options import LmEvalError, LmEvalOptions
 
             try:
                 LmEvalOptions.from_mapping(value, where="lm_eval")
@@ -368,7 +368,7 @@ def _check_training_options(recipe: PipelineRecipe, at: Any) -> list[str]:
 
     Precision flags are left to the machine that trains (bf16 and tf32 need a GPU there,
     not on the machine that checks the recipe)."""
-    from fusion.trainer import fusion_config
+    from fusion.train_config import fusion_config
 
     problems = []
     blocks = [(("fuse", "defaults"), {})] + [(("fuse", "per_source", n), o) for n, o in recipe.fuse.per_source.items()]

@@ -8,21 +8,15 @@ import numpy as np
 import torch
 
 
-def pad_sequences(
-    sequences: Sequence[Sequence[int]], pad_value: int, *, left: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, attention_mask)``, both (B, T_max) int64.
-
-    Right padding for scoring and training (a causal model's real positions never see
-    it); left padding for generation (new tokens follow the prompt directly).
-    """
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, attention_mask)``, both (B, T_max) int64, padded on the right: for scoring
+    and training, where a causal model's real positions never see the padding."""
     width = max((len(s) for s in sequences), default=0)
     values = torch.full((len(sequences), width), pad_value, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
-        values[row, cols] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
-        mask[row, cols] = 1
+        values[row, : len(seq)] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
+        mask[row, : len(seq)] = 1
     return values, mask
 
 

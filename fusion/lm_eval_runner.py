@@ -1,159 +1,30 @@
-"""Score a model on lm-evaluation-harness tasks: options, input checks, the run, its results.
+"""Score a model on lm-evaluation-harness tasks: the input checks, then the run.
 
 The one entry point is `run_lm_eval(model, options)`, used by ``fusechat-merge eval`` and
-meant for the pipeline's ``evaluate.lm_eval`` stage. It checks every input before any model
-is loaded (the model folder or hub id, the include path, the task names, the backend), so a
-typo costs seconds rather than a model load, then calls ``lm_eval.simple_evaluate`` and
-returns lm-eval's own results dictionary unchanged apart from ``config.model_args``.
-
-Every user error is an `LmEvalError` with a message meant to be shown as is. lm-eval itself
-is imported only inside the functions that need it: this module loads with the standard
-library alone, so the command line can read `LmEvalOptions` at start-up for free.
+the pipeline's ``evaluate.lm_eval`` stage. It checks every input before any model is loaded
+(the model folder or hub id, the include path, the task names, the backend), so a typo costs
+seconds rather than a model load, then calls ``lm_eval.simple_evaluate`` and returns
+lm-eval's own results dictionary unchanged apart from ``config.model_args``
+(`fusion.lm_eval_results` reads and writes it). lm-eval itself is imported only inside the
+functions that need it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib.util
-import json
-import math
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion.artifacts.atomic import write_text_atomic
 from fusion.artifacts.provenance import has_chat_template
-from fusion.options import BACKENDS, check_options, option
+from fusion.hints import did_you_mean
+from fusion.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
 
 EXTRA_HINT = "pip install 'fusechat-merge[eval]'"
 VLLM_HINT = "pip install 'fusechat-merge[vllm]'"
-# Keys of lm-eval's per-task result entries that are not metrics.
-_NOT_METRICS = frozenset({"alias", "name", "sample_len", "samples"})
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-class LmEvalError(ValueError):
-    """A user error (bad option, missing path, unknown task, model that cannot load)."""
-
-
-@dataclass(frozen=True)
-class LmEvalOptions:
-    """How to score a model with lm-eval: one definition for the CLI and the recipe.
-
-    The command line derives ``fusechat-merge eval``'s options from these fields (name,
-    type, default and ``help``); a pipeline recipe's ``evaluate.lm_eval`` mapping is read
-    with `LmEvalOptions.from_mapping`.
-    """
-
-    tasks: tuple[str, ...] = option(
-        (), "lm-eval task, group or tag names (comma-separated on the command line): any task "
-        "lm-eval knows, or one defined under --include-path.", metavar="T1[,T2...]", required=True)
-    include_path: str | None = option(
-        None, "A folder of local lm-eval task YAML files (searched recursively).", metavar="DIR")
-    num_fewshot: int | None = option(
-        None, "Few-shot examples per prompt [default: each task's own, else 0].", min=0)
-    apply_chat_template: bool = option(
-        False, "Render prompts with the model's chat template (needed for chat models).")
-    batch_size: int = option(1, "Requests per forward pass.", min=1)
-    device: str = option("auto", "auto: CUDA when available, else CPU.", choices=("auto", "cpu", "cuda"))
-    limit: int | None = option(None, "Score only the first N examples of each task (for tests).", min=1)
-    backend: str = option("hf", "hf: transformers (any device). vllm: vLLM (needs the vllm extra, CUDA).",
-                          choices=BACKENDS)
-    bootstrap_iters: int = option(
-        100000, "Resamples for lm-eval's bootstrapped standard errors (perplexity, bleu, ...; seconds "
-        "per task); 0 skips all standard errors. Metrics do not depend on it.", min=0)
-    model_args: str | None = option(
-        None, "Extra lm-eval model arguments as k=v,k=v (e.g. dtype=float32,max_length=512).",
-        metavar="K=V[,K=V...]")
-
-    def __post_init__(self) -> None:
-        tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
-        tasks = tuple(t.strip() if isinstance(t, str) else t for t in tasks)
-        object.__setattr__(self, "tasks", tuple(t for t in tasks if t != ""))
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str = "lm_eval") -> LmEvalOptions:
-        """Options from a recipe mapping; unknown keys and wrong types raise LmEvalError."""
-        if not isinstance(raw, Mapping):
-            raise LmEvalError(f"{where}: expected a mapping, got {type(raw).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in raw:
-            if key not in names:
-                raise LmEvalError(f"{where}: unknown option {key!r}{_did_you_mean(str(key), names)}")
-        values = dict(raw)
-        if isinstance(values.get("tasks"), str):
-            values["tasks"] = values["tasks"].split(",")
-        options = cls(**values)
-        options.check()
-        return options
-
-    def check(self) -> None:
-        """Raise LmEvalError for values no run could use (paths and names are checked later)."""
-        if not self.tasks:
-            raise LmEvalError("no task given: name at least one lm-eval task")
-        if not all(isinstance(t, str) for t in self.tasks):
-            raise LmEvalError(f"tasks must be names, got {list(self.tasks)!r}")
-        try:
-            check_options(self)
-        except ValueError as err:
-            raise LmEvalError(str(err)) from err
-        required_ints = ("batch_size", "bootstrap_iters")
-        for name, low in (("batch_size", 1), ("num_fewshot", 0), ("limit", 1), ("bootstrap_iters", 0)):
-            value = getattr(self, name)
-            required = name in required_ints
-            if (value is None and not required) or (
-                isinstance(value, int) and not isinstance(value, bool) and value >= low
-            ):
-                continue
-            raise LmEvalError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.apply_chat_template, bool):
-            raise LmEvalError(f"apply_chat_template must be true or false, got {self.apply_chat_template!r}")
-        for name, allowed in (("device", ("auto", "cpu", "cuda")), ("backend", ("hf", "vllm"))):
-            if getattr(self, name) not in allowed:
-                raise LmEvalError(
-                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
-        if self.include_path is not None and not isinstance(self.include_path, str | os.PathLike):
-            raise LmEvalError(f"include_path must be a folder path, got {self.include_path!r}")
-        parse_model_args(self.model_args)
-
-
-def _did_you_mean(name: str, candidates: Sequence[str], n: int = 5) -> str:
-    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
-    return f" (close names: {', '.join(close)})" if close else ""
-
-
-def lm_eval_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lm-eval")
-    except PackageNotFoundError:
-        return None
-
-
-def parse_model_args(text: str | None) -> dict[str, str]:
-    """``k=v,k=v`` as a dict (values stay strings: lm-eval converts them itself)."""
-    if not text:
-        return {}
-    if not isinstance(text, str):
-        raise LmEvalError(f"model_args must be a k=v,k=v string, got {text!r}")
-    out: dict[str, str] = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise LmEvalError(f"model_args: {part!r} is not key=value")
-        if key.strip() == "pretrained":
-            raise LmEvalError("model_args: give the model with --model, not pretrained=")
-        out[key.strip()] = value.strip()
-    return out
-
-
-# --------------------------------------------------------------------------- input checks
 
 
 def require_lm_eval() -> None:
@@ -215,7 +86,7 @@ def task_manager(include_path: Path | None, tasks: Sequence[str]) -> Any:
     unknown = _unknown(manager, tasks)
     if unknown:
         where = "" if include_path is None else f" nor under {include_path}"
-        lines = [f"{name!r}{_did_you_mean(name, manager.all_tasks)}" for name in unknown]
+        lines = [f"{name!r}{did_you_mean(name, manager.all_tasks)}" for name in unknown]
         raise LmEvalError(
             f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} (not one lm-eval knows{where}): "
             + "; ".join(lines)
@@ -263,9 +134,6 @@ def prepare(model: str, options: LmEvalOptions) -> tuple[Any, list[str]]:
         raise LmEvalError(f"--backend vllm needs vLLM: {VLLM_HINT}")
     manager = task_manager(include, options.tasks)
     return manager, resolve_tasks(manager, options.tasks)
-
-
-# --------------------------------------------------------------------------- the run
 
 
 def run_lm_eval(
@@ -344,56 +212,3 @@ def _free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-# --------------------------------------------------------------------------- results
-
-
-def _json_default(value: Any) -> Any:
-    """numpy scalars and arrays, sets, dtypes and the like as JSON."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)
-
-
-def results_json(results: Mapping[str, Any]) -> str:
-    """lm-eval's results as JSON text (per-sample logs are not part of it)."""
-    kept = {k: v for k, v in results.items() if k != "samples"}
-    return json.dumps(kept, indent=2, default=_json_default, ensure_ascii=False)
-
-
-def write_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write the results JSON atomically (a reader never sees half of it)."""
-    return write_text_atomic(path, results_json(results) + "\n")
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-    """lm-eval's own markdown table(s): tasks, then groups when there are any."""
-    from lm_eval.utils import make_table
-
-    table = make_table(dict(results))
-    if results.get("groups"):
-        table += "\n" + make_table(dict(results), "groups")
-    return table
-
-
-def metrics_by_task(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` from lm-eval's results, for reports.
-
-    lm-eval keys a metric as ``"metric,filter"``; the filter is dropped when it is lm-eval's
-    default ``none`` and kept otherwise (``"exact_match,strict-match"``). Standard errors
-    and non-numeric entries are left out.
-    """
-    out: dict[str, dict[str, float]] = {}
-    for task, entry in (results.get("results") or {}).items():
-        metrics: dict[str, float] = {}
-        for key, value in entry.items():
-            if key in _NOT_METRICS or "_stderr" in key:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            metric, _, filter_name = key.partition(",")
-            name = metric if filter_name in ("", "none") else key
-            metrics[name] = float(value) if math.isfinite(float(value)) else float("nan")
-        out[task] = metrics
-    return out

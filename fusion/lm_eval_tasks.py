@@ -33,8 +33,10 @@ from typing import Any
 
 from fusion.data import MalformedRow, parse_turns, row_id
 
+PREFIX = "fusechat"
 GENERATE = "gen"
 LOGLIKELIHOOD = "ll"
+EXACT_MATCH = "exact_match"
 # lm-eval's exact_match applies these to predictions and references alike.
 _STRIP_REGEXES = [r"^\s+", r"\s+$"]
 
@@ -74,6 +76,11 @@ class SkillTasks:
 def task_name(prefix: str, skill: str, kind: str) -> str:
     """``prefix_skill_kind`` with anything but letters, digits and ``_`` made ``_``."""
     return "_".join(_slug(part) for part in (prefix, skill, kind))
+
+
+def exact_match_column(skill: str, prefix: str = PREFIX) -> str:
+    """The results column (``task/metric``) of a skill's exact match: its generate task's."""
+    return f"{task_name(prefix, skill, GENERATE)}/{EXACT_MATCH}"
 
 
 def _slug(text: str) -> str:
@@ -146,7 +153,7 @@ def task_configs(
         "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": max_gen_toks},
         "metric_list": [
             {
-                "metric": "exact_match",
+                "metric": EXACT_MATCH,
                 "aggregation": "mean",
                 "higher_is_better": True,
                 "regexes_to_ignore": list(_STRIP_REGEXES),
@@ -169,7 +176,7 @@ def write_skill_tasks(
     skills: Mapping[str, str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    prefix: str = "fusechat",
+    prefix: str = PREFIX,
     max_gen_toks: int = 32,
     cache_dir: str | os.PathLike | None = None,
 ) -> SkillTasks:

@@ -1,7 +1,7 @@
 """Every stage's options, declared once: a field carries its default, help, choices and range.
 
 `LogitOptions` (teacher logits), `AlignOptions` (alignment), `FusionSettings` (the fusion
-part of training: `fusion.trainer.FusionConfig` is ``TrainingArguments`` plus these) and
+part of training: `fusion.train_config.FusionConfig` is ``TrainingArguments`` plus these) and
 `EvalOptions` (held-out evaluation). The command line
 (`fusechat_merge.option_forms.click_options`) and the pipeline recipe's sections
 (`fusechat_merge.option_forms.recipe_section`) are generated from these fields, so a
@@ -49,11 +49,35 @@ def bounds(f: dataclasses.Field) -> dict[str, Any]:
     return _BOUNDS[id(f)]
 
 
+# The declared kinds whose values are checked (YAML and Python callers can pass anything).
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "bool": ((bool,), "true or false"), "int": ((int,), "an integer"), "float": ((int, float), "a number")}
+
+
+def _kind_error(f: dataclasses.Field, value: Any) -> str | None:
+    """What the value of a ``bool``/``int``/``float`` field (or ``X | None``) should be, when it is not."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    names = [part.strip() for part in text.split("|")]
+    kinds = [n for n in names if n != "None"]
+    if len(kinds) != 1 or kinds[0] not in _KINDS:
+        return None
+    types, words = _KINDS[kinds[0]]
+    if value is None:
+        return None if "None" in names else words
+    if isinstance(value, types) and (kinds[0] == "bool" or not isinstance(value, bool)):
+        return None
+    return words
+
+
 def check_options(options: Any) -> None:
-    """Raise ValueError naming the first field whose value is outside its choices or range."""
+    """Raise ValueError naming the first field whose value is not of its declared kind, or
+    outside its choices or range."""
     for f in option_fields(type(options)):
         meta = f.metadata
         value = getattr(options, f.name)
+        wrong = _kind_error(f, value)
+        if wrong:
+            raise ValueError(f"{f.name} must be {wrong}, got {value!r}")
         if value is None:
             continue
         if meta.get("choices") and value not in meta["choices"]:

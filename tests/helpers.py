@@ -133,3 +133,10 @@ def kill_once_a_shard_is_written(args: list[str], out: Path, timeout: float = 18
     proc.wait()
     assert partial, "the merge finished before any shard was written; make the models bigger"
     return partial
+
+
+def assert_png(path: Path, min_bytes: int = 5_000) -> None:
+    """A real PNG file of some content (not an empty canvas)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > min_bytes

@@ -1,4 +1,4 @@
-"""Padding: right for scoring and training, left for generation; the mask marks real tokens."""
+"""Padding: on the right, for scoring and training; the mask marks real tokens."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import numpy as np
 from fusion.batching import pad_sequences
 
 
-def test_right_and_left_padding():
-    ids, mask = pad_sequences([[1, 2, 3], np.array([4], dtype=np.uint16)], 0)
-    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    ids, mask = pad_sequences([[1, 2, 3], [4]], 9, left=True)
-    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+def test_right_padding():
+    ids, mask = pad_sequences([[1, 2, 3], np.array([4], dtype=np.uint16)], 9)
+    assert ids.tolist() == [[1, 2, 3], [4, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_empty_batch():

@@ -72,7 +72,9 @@ def test_a_tokenizer_without_a_template_needs_the_shared_one(bytelevel_tokenizer
 def test_logits_evaluate_and_lm_eval_tasks_use_the_models_template(tmp_path, bytelevel_tokenizer, style):
     from fusechat_merge.demo.toy import make_model
     from fusion.evaluate import evaluate_model
-    from fusion.lm_eval_runner import LmEvalOptions, metrics_by_task, run_lm_eval
+    from fusion.lm_eval_options import LmEvalOptions
+    from fusion.lm_eval_results import metrics_by_task
+    from fusion.lm_eval_runner import run_lm_eval
     from fusion.lm_eval_tasks import write_skill_tasks
     from fusion.logits import LogitJob, generate_logits
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import click
@@ -11,7 +10,7 @@ from click.testing import CliRunner
 from helpers import run
 
 from fusechat_merge.cli import main as cli
-from fusion.options import AlignOptions, LogitOptions, bounds, option_fields
+from fusion.options import AlignOptions, FusionSettings, LogitOptions, bounds, option_fields
 
 COMMANDS = sorted(cli.commands)
 
@@ -31,20 +30,28 @@ def test_help_of_every_command(args):
             assert param.opts[0] in result.output, param.opts  # every option is documented
 
 
-@pytest.mark.parametrize(("command", "cls"), [("logits", LogitOptions), ("align", AlignOptions)])
-def test_stage_options_are_generated_from_their_dataclass(command, cls):
+FUSE_ALIASES = {"lm_weight": ["--lambda"], "fuse_temperature": ["--temperature"], "fuse_loss_type": ["--loss-type"]}
+
+
+@pytest.mark.parametrize(("command", "cls", "aliases"),
+                         [("logits", LogitOptions, {}), ("align", AlignOptions, {}), ("fuse", FusionSettings, FUSE_ALIASES)])
+def test_stage_options_are_generated_from_their_dataclass(command, cls, aliases):
+    """Names, help, choices and ranges come from the dataclass; fuse's flags keep their
+    short names and default to "not given" (they override --config only when given)."""
     params = {p.name: p for p in cli.commands[command].params}
+    overrides = command == "fuse"
     for f in option_fields(cls):
         param = params[f.name]
-        assert param.opts == ["--" + f.name.replace("_", "-")]
-        assert param.default == f.default and param.help == f.metadata["help"]
+        assert param.opts == [*aliases.get(f.name, []), "--" + f.name.replace("_", "-")]
+        assert param.default == (None if overrides else f.default) and param.help == f.metadata["help"]
+        if overrides:
+            assert param.show_default == str(f.default)
         if "choices" in f.metadata:
             assert tuple(param.type.choices) == f.metadata["choices"]
         limits = bounds(f)
-        if limits["min"] is not None:
-            assert param.type.min == limits["min"]
-        if limits["max"] is not None:
-            assert param.type.max == limits["max"]
+        for key in ("min", "max", "min_open"):
+            if limits[key] not in (None, False):
+                assert getattr(param.type, key) == limits[key], (f.name, key)
 
 
 def test_out_of_range_flag_is_refused_before_any_work(tmp_path):
@@ -61,12 +68,13 @@ def test_merge_takes_every_mergekit_option():
     assert names >= OPTION_NAMES
 
 
-def test_fuse_flags_match_the_fusion_settings():
-    from fusion.options import FusionSettings
-
-    params = {p.name: p for p in cli.commands["fuse"].params}
-    for f in dataclasses.fields(FusionSettings):
-        assert f.metadata["help"] in params[f.name].help
+@pytest.mark.parametrize(("flag", "value"), [("--lambda", "1.5"), ("--lm-weight", "-0.1"), ("--temperature", "0"),
+                                            ("--loss-type", "mse")])
+def test_out_of_range_fuse_flag_is_refused_before_any_work(tmp_path, flag, value):
+    result = CliRunner().invoke(cli, ["fuse", "--pivot", "p", "--aligned", str(tmp_path), "--out",
+                                      str(tmp_path / "o"), flag, value])
+    assert result.exit_code == 2 and flag in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_module_entry_point():

@@ -123,7 +123,7 @@ def test_deepspeed_auto_values_are_all_filled_by_the_trainer(name, tmp_path):
         unset_hf_deepspeed_config,
     )
 
-    from fusion.trainer import fusion_config
+    from fusion.train_config import fusion_config
 
     args = fusion_config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=4,
                          learning_rate=5e-6, bf16=True, use_cpu=True)
@@ -184,7 +184,7 @@ def pair(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
     for corpus, rows in (("conversations", conversations(24)), ("even", same_length_replies(24))):
         (root / corpus).mkdir()
         stores[corpus] = _build(root / corpus, rows, pivot, source)
-    from fusion.trainer import FusionDataset
+    from fusion.train_data import FusionDataset
 
     even = FusionDataset([stores["even"]])
     assert len({int(even[i]["loss_mask"][1:].sum()) for i in range(len(even))}) == 1

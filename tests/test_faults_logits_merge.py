@@ -139,3 +139,22 @@ def test_a_part_missing_a_shard_file_leaves_no_half_merged_store(stores, tmp_pat
     result, out = logits_merge(tmp_path / "o", broken, "p0", "p1", "p2")
     assert result.exit_code == 1 and "shard-00000.arrow" in result.output and "p2" in result.output
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("spec", ["3", "3/3", "a/b"])
+def test_a_part_whose_manifest_holds_a_bad_shard_spec_is_named(stores, tmp_path, spec):
+    """The manifest's spec goes through the same parser as ``--shard`` (`parse_shard`)."""
+    import json
+    import shutil
+
+    parts = tmp_path / "parts"
+    for i in range(3):
+        shutil.copytree(stores / f"p{i}", parts / f"p{i}")
+    manifest = parts / "p1" / "manifest.json"
+    document = json.loads(manifest.read_text(encoding="utf-8"))
+    document["options"]["shard"] = spec
+    manifest.write_text(json.dumps(document), encoding="utf-8")
+    result, out = logits_merge(tmp_path / "o", parts, "p0", "p1", "p2")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"p1: its manifest has an invalid shard {spec!r}" in result.output
+    assert not out.exists()

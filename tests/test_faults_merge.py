@@ -285,7 +285,7 @@ def test_mergekit_methods_do_not_publish_nan(workspace, method):
     "change,expected",
     [
         # linear merges the base model as an input: without a weight for it mergekit stops mid-merge
-        (lambda r: r["models"].pop(0), "base_model: linear merges the base model as an input too and needs its 'weight'"),
+        (lambda r: r["models"].pop(0), "base_model: linear needs 'weight' for the base model too, which it merges as an input"),
         (lambda r: r["models"][1]["parameters"].clear(), "models[1].parameters: linear needs 'weight' for each model"),
         (lambda r: r.update(merge_method="slerp", models=r["models"][:2]), "parameters: slerp needs the parameter 't'"),
     ],

@@ -11,8 +11,9 @@ a cycle: the two modules cannot be understood or loaded one without the other), 
 relative imports resolved. ``from pkg import name`` counts as importing the submodule
 ``pkg.name`` where one exists, else ``pkg``; ``import a.b.c`` counts as importing
 ``a.b.c`` (its parent packages are not counted as edges). ``importlib.import_module`` with
-a literal module name counts too. Imports inside ``if TYPE_CHECKING:`` blocks are not
-counted: they never run, and type checkers resolve such cycles.
+a literal module name counts too, and so do imports inside ``if TYPE_CHECKING:`` blocks:
+they never run, but a module whose types come from another that imports it back is a cycle
+all the same (it cannot be read, or type-checked, one without the other).
 
 Also: importing the CLI module imports none of the heavy libraries.
 """
@@ -54,12 +55,6 @@ def project_modules(root: Path = ROOT) -> dict[str, Path]:
     return modules
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _is_literal_import_module(node: ast.AST) -> bool:
     """``importlib.import_module("absolute.name")`` (or a bare ``import_module``)."""
     if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
@@ -71,16 +66,11 @@ def _is_literal_import_module(node: ast.AST) -> bool:
 
 
 def _import_nodes(tree: ast.AST):
-    """Import statements (and literal import_module calls) outside TYPE_CHECKING blocks."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
-            stack.extend(node.orelse)
-            continue
+    """Import statements (and literal import_module calls) anywhere: module level, inside
+    functions and classes, under ``if TYPE_CHECKING:``."""
+    for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)) or _is_literal_import_module(node):
             yield node
-        stack.extend(ast.iter_child_nodes(node))
 
 
 def _deepest_module(name: str, modules: dict[str, Path]) -> str | None:
@@ -201,6 +191,11 @@ def test_the_graph_reader_sees_what_it_should(tmp_path):
         ),
         "fusechat_merge/__init__.py": "",
         "fusechat_merge/x.py": "import fusion.sub.c\nfrom fusion.a import name\n",
+        # the shape of the old pipeline.jobs <-> pipeline.launch cycle: lazy one way, types the other
+        "fusechat_merge/jobs.py": "class Job:\n    def run(self):\n        from .launch import go\n",
+        "fusechat_merge/launch.py": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fusechat_merge.jobs import Job\n"
+        ),
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -211,12 +206,16 @@ def test_the_graph_reader_sees_what_it_should(tmp_path):
         ("fusion.a", "fusion.sub.c"),
         ("fusion.b", "fusechat_merge.x"),
         ("fusion.sub", "fusion.a"),
+        ("fusion.sub.c", "fusion.a"),  # under TYPE_CHECKING
         ("fusion.sub.c", "fusion.b"),
         ("fusechat_merge.x", "fusion.sub.c"),
         ("fusechat_merge.x", "fusion.a"),
+        ("fusechat_merge.jobs", "fusechat_merge.launch"),
+        ("fusechat_merge.launch", "fusechat_merge.jobs"),
     }
     cycles = find_cycles(import_edges(tmp_path))
-    assert cycles == [["fusechat_merge.x", "fusion.a", "fusion.b", "fusion.sub.c"]]
+    assert cycles == [["fusechat_merge.jobs", "fusechat_merge.launch"],
+                      ["fusechat_merge.x", "fusion.a", "fusion.b", "fusion.sub.c"]]
 
 
 def test_cli_import_is_light():

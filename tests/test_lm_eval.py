@@ -24,13 +24,8 @@ from corpus import write_jsonl
 pytest.importorskip("lm_eval")
 
 from fusechat_merge.cli import main
-from fusion.lm_eval_runner import (
-    LmEvalError,
-    LmEvalOptions,
-    metrics_by_task,
-    parse_model_args,
-    write_results,
-)
+from fusion.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
+from fusion.lm_eval_results import metrics_by_task, write_results
 from fusion.lm_eval_tasks import write_skill_tasks
 
 QA = [("What is 2+3?", "5"), ("What is 7+1?", "8"), ("Capital of France?", "Paris"),
@@ -222,8 +217,8 @@ def test_unknown_task_lists_close_names(random_models, mc_tasks, root):
     code, output, exc = run_eval("--model", str(random_models["llama"]), "--tasks",
                                  "toy_mcq,hellaswg", "--include-path", str(mc_tasks),
                                  "--out", str(root / "x.json"))
-    assert_clean_error(code, output, exc, "unknown lm-eval tasks", "'toy_mcq' (close names: toy_mc",
-                       "'hellaswg' (close names: hellaswag")
+    assert_clean_error(code, output, exc, "unknown lm-eval tasks", "'toy_mcq' (did you mean 'toy_mc'",
+                       "'hellaswg' (did you mean 'hellaswag'")
     assert not (root / "x.json").exists()
 
 

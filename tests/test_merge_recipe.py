@@ -60,3 +60,15 @@ def test_check_only_loads_nothing(model_family, tmp_path):
     result, out = merge(tmp_path, sce_recipe(model_family["qwen2"]), "--check-only")
     assert result.exit_code == 0 and "OK" in result.output
     assert not out.exists()
+
+
+def test_merge_checks_the_recipe_once(model_family, tmp_path, monkeypatch):
+    """The check reads every model's config and looks hub ids up: `merge` pays it once."""
+    import fusechat_merge.merge_recipe as merge_recipe
+
+    calls = []
+    check = merge_recipe.check_recipe
+    monkeypatch.setattr(merge_recipe, "check_recipe", lambda *a, **kw: calls.append(a) or check(*a, **kw))
+    result, out = merge(tmp_path, sce_recipe(model_family["qwen2"]))
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1 and (out / "config.json").is_file()

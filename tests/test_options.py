@@ -40,3 +40,18 @@ def test_exclusions_and_bounds():
 def test_a_bad_shard_spec_names_the_form():
     with pytest.raises(ValueError, match="i/N"):
         LogitOptions(shard="3")
+
+
+@pytest.mark.parametrize(("cls", "field", "value", "words"), [
+    (LogitOptions, "top_k", "5", "an integer"), (LogitOptions, "top_k", True, "an integer"),
+    (LogitOptions, "top_k", 2.5, "an integer"), (LogitOptions, "strict", "yes", "true or false"),
+    (LogitOptions, "gpu_memory_utilization", "0.5", "a number"), (EvalOptions, "batch_size", None, "an integer"),
+])
+def test_a_value_of_another_kind_is_refused_with_the_field_name(cls, field, value, words):
+    """Python and YAML callers can pass anything: the declared kind is checked with the range."""
+    with pytest.raises(ValueError, match=f"{field} must be {words}, got"):
+        cls(**{field: value})
+
+
+def test_optional_fields_take_none_and_floats_take_ints():
+    assert LogitOptions(cache_dir=None, gpu_memory_utilization=1).gpu_memory_utilization == 1

@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 from fusion.align_job import AlignJob, align_stores
 from fusion.artifacts.aligned_store import AlignedStore
 from fusion.logits import LogitJob, generate_logits
-from fusion.trainer import fusion_config, train_fusion
+from fusion.train_config import fusion_config
+from fusion.trainer import train_fusion
 
 
 def reverse_task(n: int, seed: int) -> list[dict]:
@@ -229,7 +230,7 @@ def test_fusechat_7b_training_recipe_parses(tmp_path):
     import yaml
     from transformers import HfArgumentParser
 
-    from fusion.trainer import FusionConfig
+    from fusion.train_config import FusionConfig
 
     recipe = Path(__file__).parent.parent / "recipes" / "fusechat-7b-fuse.yaml"
     values = yaml.safe_load(recipe.read_text())

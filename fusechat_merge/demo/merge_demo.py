@@ -31,7 +31,7 @@ def run_demo(work_dir: Path, *, select_topk: float = 0.1, echo: Callable[[str], 
 
     from fusechat_merge.demo.toy import make_model, make_tokenizer
     from fusechat_merge.merging import run_merge_checked
-    from fusechat_merge.report import mean_coefficients, write_sce_report
+    from fusechat_merge.report.sce import mean_coefficients, write_sce_report
     from fusechat_merge.stats_sink import record_stats
     from fusion.artifacts.atomic import write_text_atomic
 

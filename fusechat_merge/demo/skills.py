@@ -277,7 +277,9 @@ def exact_match(model_dir: str | Path, rows: Sequence[dict], *, max_new_tokens: 
     import tempfile
 
     from fusion.artifacts.atomic import write_jsonl_atomic
-    from fusion.lm_eval_runner import LmEvalOptions, metrics_by_task, run_lm_eval
+    from fusion.lm_eval_options import LmEvalOptions
+    from fusion.lm_eval_results import metrics_by_task
+    from fusion.lm_eval_runner import run_lm_eval
     from fusion.lm_eval_tasks import write_skill_tasks
 
     if not rows:

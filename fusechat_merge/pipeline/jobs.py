@@ -205,14 +205,15 @@ class FuseJob(Job):
         return {"disable_tqdm": True, "save_strategy": "no", **self.settings}
 
     def run(self, resume: bool, log: Log) -> dict[str, Any]:
-        from fusion.trainer import read_train_run
+        from fusion.train_output import read_train_run
 
         if self.launch is not None:
             from fusechat_merge.pipeline.launch import run_launched
 
             fields = run_launched(self, resume, _indented(log))
         else:
-            from fusion.trainer import fusion_config, train_fusion
+            from fusion.train_config import fusion_config
+            from fusion.trainer import train_fusion
 
             config = fusion_config(self.out, **self.training_options())
             train_fusion(self.pivot, self.aligned, self.out, config, resume=resume)
@@ -269,7 +270,7 @@ class MergeJob(Job):
         from mergekit.options import MergeOptions
 
         from fusechat_merge.merging import run_merge_checked
-        from fusechat_merge.report import write_sce_report
+        from fusechat_merge.report.sce import write_sce_report
         from fusechat_merge.stats_sink import record_stats
 
         with record_stats.collecting() as rows:
@@ -348,7 +349,7 @@ class LmEvalJob(Job):
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, model: str, out: Path) -> LmEvalJob:
-        from fusion.lm_eval_runner import lm_eval_version
+        from fusion.lm_eval_options import lm_eval_version
 
         assert recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
         options = dict(recipe.evaluate.lm_eval)
@@ -363,7 +364,9 @@ class LmEvalJob(Job):
         return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
-        from fusion.lm_eval_runner import LmEvalOptions, require_lm_eval, run_lm_eval, write_results
+        from fusion.lm_eval_options import LmEvalOptions
+        from fusion.lm_eval_results import write_results
+        from fusion.lm_eval_runner import require_lm_eval, run_lm_eval
 
         require_lm_eval()
         write_results(run_lm_eval(self.model, LmEvalOptions.from_mapping(self.options)), Path(self.out))
@@ -411,10 +414,9 @@ class ReportJob(Job):
         return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
-        from fusechat_merge.report import (
+        from fusechat_merge.report.effects import compute_effects, format_effects
+        from fusechat_merge.report.results import (
             aggregate_seeds,
-            compute_effects,
-            format_effects,
             format_results_table,
             lm_eval_rows,
             write_results_report,
@@ -444,7 +446,7 @@ class ReportJob(Job):
 
 
 def _lm_eval_metrics(path: Path) -> dict[str, dict[str, float]]:
-    from fusion.lm_eval_runner import metrics_by_task
+    from fusion.lm_eval_results import metrics_by_task
 
     return metrics_by_task(json.loads(path.read_text(encoding="utf-8")))
 

@@ -13,18 +13,34 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import yaml
 
 from fusion.artifacts.atomic import write_text_atomic
 
-if TYPE_CHECKING:
-    from fusechat_merge.pipeline.jobs import FuseJob
-
 TAIL_LINES = 40
+
+
+class Launchable(Protocol):
+    """What a launch needs of a fuse job (`fusechat_merge.pipeline.jobs.FuseJob` is one):
+    its inputs and output, the ``fuse.launch`` values, where its log and options go."""
+
+    @property
+    def pivot(self) -> str: ...
+    @property
+    def aligned(self) -> Sequence[str]: ...
+    @property
+    def out(self) -> str: ...
+    @property
+    def launch(self) -> Mapping[str, Any] | None: ...
+    @property
+    def log_file(self) -> str: ...
+    @property
+    def config_file(self) -> str: ...
+    def training_options(self) -> dict[str, Any]: ...
 
 
 class LaunchError(RuntimeError):
@@ -37,7 +53,7 @@ class LaunchError(RuntimeError):
         super().__init__(f"{command} exited with code {returncode}; the last lines of {log_file}:\n{tail}")
 
 
-def launch_command(job: FuseJob, resume: bool) -> list[str]:
+def launch_command(job: Launchable, resume: bool) -> list[str]:
     """The ``accelerate launch`` command line of a fuse job (``job.launch`` set)."""
     assert job.launch is not None
     spec = job.launch
@@ -52,7 +68,7 @@ def launch_command(job: FuseJob, resume: bool) -> list[str]:
     return [*cmd, "--resume"] if resume else cmd
 
 
-def run_launched(job: FuseJob, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def run_launched(job: Launchable, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Run the job under accelerate launch; returns ``{"peak_rss_mb": ...}``, the peak RSS of
     the largest process of the launch (from ``wait4``: that child and its descendants only)."""
     write_text_atomic(job.config_file, yaml.safe_dump(job.training_options(), sort_keys=True))

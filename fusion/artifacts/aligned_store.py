@@ -1,6 +1,6 @@
 """The aligned store: a pivot logit store plus a source's distribution per pivot position.
 
-Written by `fusion.align_job`, read by `fusion.trainer`. The pivot's own columns are those
+Written by `fusion.align_job`, read by `fusion.train_data`. The pivot's own columns are those
 of the logit store (`fusion.artifacts.logit_store`, docs/logit-store.md); these five are
 added, per pivot trained position unless noted:
 

@@ -67,6 +67,7 @@ from fusion.artifacts.records import (
     write_record,
 )
 from fusion.data import trained_positions
+from fusion.options import parse_shard
 
 FORMAT = "fusechat-logit-store"
 FORMAT_VERSION = 2
@@ -463,12 +464,9 @@ def _open_part(number: int, count: int, path: Path) -> LogitStore:
 def _part_shard(store: LogitStore) -> tuple[int, int]:
     spec = str(store.options.shard)
     try:
-        index, count = (int(x) for x in spec.split("/"))
+        return parse_shard(spec)
     except ValueError:
-        index, count = -1, 0
-    if count < 1 or not 0 <= index < count:
-        raise StoreError(f"{store.path}: its manifest has an invalid shard {spec!r} (expected i/N)")
-    return index, count
+        raise StoreError(f"{store.path}: its manifest has an invalid shard {spec!r} (expected i/N)") from None
 
 
 def check_parts(stores: Sequence[LogitStore]) -> dict[str, int] | None:
