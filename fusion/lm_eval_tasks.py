@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusion.artifacts.atomic import write_jsonl_atomic, write_text_atomic
 from fusion.data import MalformedRow, parse_turns, row_id
 
 PREFIX = "fusechat"
@@ -220,24 +221,12 @@ def write_skill_tasks(
     return SkillTasks(out, tag, tuple(written))
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _write_jsonl(path: Path, docs: Iterable[Mapping[str, str]]) -> Path:
-    import json
-
-    return _write_atomic(path, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    return write_jsonl_atomic(path, docs)
 
 
 def _write_yaml(path: Path, config: Mapping[str, Any]) -> Path:
     import yaml
 
     text = "# Written by fusion.lm_eval_tasks; regenerate rather than edit.\n"
-    return _write_atomic(path, text + yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True))
+    return write_text_atomic(path, text + yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True))
