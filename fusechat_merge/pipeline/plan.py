@@ -30,7 +30,7 @@ from fusechat_merge.pipeline.jobs import (
 )
 from fusechat_merge.pipeline.keys import stage_key
 from fusechat_merge.pipeline.layout import WorkDir
-from fusechat_merge.pipeline_recipe import PipelineRecipe
+from fusechat_merge.pipeline_recipe import PipelineRecipe, ResourceSpec
 from fusion.artifacts.provenance import path_fingerprint
 
 
@@ -132,4 +132,7 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
         stage.resources = r.resources.for_stage(stage.id, stage.kind)
         if isinstance(stage.job, LogitsJob) and stage.job.job.backend == "vllm":  # its tensor-parallel GPUs
             stage.resources["num_gpus"] = max(stage.resources["num_gpus"], stage.job.job.tensor_parallel_size)
+        if isinstance(stage.job, CombineLogitsJob):  # links files: one CPU, unless its own entry says more
+            stage.resources = {**ResourceSpec().model_dump(), **(r.resources.stages[stage.id].model_dump(
+                exclude_unset=True) if stage.id in r.resources.stages else {})}
     return stages
