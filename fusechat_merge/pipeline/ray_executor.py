@@ -49,7 +49,6 @@ class RayExecutor:
     def __call__(self, runner: Runner, work: Work) -> None:
         if not work:
             return
-        check_gpus(work)
         import ray
 
         started_here = not ray.is_initialized()
@@ -113,20 +112,6 @@ class RayExecutor:
                     runner.log(f"[{stage.id}] FAILED: {result['error']}")
         if failed:
             raise RunError(failed, blocked)
-
-
-def check_gpus(work: Work) -> None:
-    """A vLLM logits stage must be given the GPUs of its tensor parallelism (Ray hides the
-    others from the task), before anything starts."""
-    short = []
-    for stage, _, _ in work:
-        job = getattr(stage.job, "job", None)
-        gpus = stage.resources.get("num_gpus", 0)
-        if stage.kind == "logits" and getattr(job, "backend", "hf") == "vllm" and gpus < job.tensor_parallel_size:
-            short.append(f"{stage.id} (tensor_parallel_size {job.tensor_parallel_size}, num_gpus {gpus})")
-    if short:
-        raise ValueError("vLLM stages with fewer GPUs than their tensor parallelism: " + "; ".join(short)
-                         + ". Set resources.logits.num_gpus or resources.stages.<id>.num_gpus.")
 
 
 def ray_options(resources: dict[str, Any]) -> dict[str, Any]:
