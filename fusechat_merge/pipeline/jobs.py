@@ -49,10 +49,12 @@ class LogitsJob:
             **{name: getattr(spec, name) for name in ENGINE_FIELDS},
         ))
 
-    def run(self, resume: bool, log: Log) -> None:
+    def run(self, resume: bool, log: Log) -> dict[str, Any]:
+        """Scores the corpus; reports the scoring throughput (tokens/s, padding share, ...)."""
         from fusion.logits import generate_logits
 
-        generate_logits(self.job, progress=False, log=_indented(log))
+        manifest = generate_logits(self.job, progress=False, log=_indented(log))
+        return {"scoring": manifest.scoring}
 
 
 @dataclass
