@@ -76,11 +76,14 @@ class HFBackend:
         top_ids, top_lp, gold_lp = [], [], []
         for start in range(0, len(rows), _PROJECT_ROWS):
             sl = slice(start, start + _PROJECT_ROWS)
-            logprobs = self._logprobs(hidden[rows[sl], cols[sl]])  # (n, V) float32, on the head's device
-            values, indices = torch.topk(logprobs, self.top_k, dim=-1)
+            logits = self._logits(hidden[rows[sl], cols[sl]])  # (n, V) float32, on the head's device
+            # log_softmax = logits - logsumexp: only the K + 1 kept entries are shifted, so the
+            # (n, V) log-probabilities are never written (one pass over the logits fewer)
+            norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            values, indices = torch.topk(logits, self.top_k, dim=-1)
             top_ids.append(indices)
-            top_lp.append(values)
-            gold_lp.append(logprobs.gather(1, gold[sl, None].to(logprobs.device)).squeeze(1))
+            top_lp.append(values - norm)
+            gold_lp.append((logits.gather(1, gold[sl, None].to(logits.device)) - norm).squeeze(1))
         all_ids = torch.cat(top_ids).cpu().numpy() if top_ids else np.zeros((0, self.top_k), np.int64)
         all_lp = torch.cat(top_lp).cpu().numpy() if top_lp else np.zeros((0, self.top_k), np.float32)
         all_gold = torch.cat(gold_lp).cpu().numpy() if gold_lp else np.zeros((0,), np.float32)
@@ -91,13 +94,14 @@ class HFBackend:
             start = stop
         return out
 
-    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's output logits in float32 (its logit scale and soft-cap applied)."""
         logits = self.head(hidden).float()
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return torch.log_softmax(logits, dim=-1)
+        return logits
 
     def close(self) -> None:
         del self.model, self.decoder, self.head
