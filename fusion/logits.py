@@ -251,7 +251,7 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
     if len(todo) < len(chunks):
         log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} shards already on disk")
     total_tokens = sum(len(enc.input_ids) for j in todo for _, enc in chunks[j])
-    meter = Throughput(total_tokens)
+    scored = Throughput(0).record()  # a resumed run with nothing left to score
     if todo:
         backend = make_backend(
             job.backend,
@@ -265,7 +265,7 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
             max_length=job.max_length,
             engine_args=job.engine_args,
         )
-        meter = Throughput(total_tokens)  # from the loaded model on: the scoring rate
+        meter = Throughput(total_tokens)  # from the loaded model on: the scoring rate alone
         with tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress, desc="scoring") as bar:
             meter.on_tokens = bar.update
             for j in todo:
@@ -273,10 +273,11 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
                                       batch_tokens=job.batch_tokens, log=log)
                 write_shard(out / shard_name(j), records, options.id_type)
                 log(f"shard {j + 1}/{len(chunks)}: {meter.line()}")
+        scored = meter.record()
         backend.close()
-        log(f"scored {meter.tokens:,} tokens in {meter.seconds:.1f}s ({meter.tokens_per_s:,.0f} tok/s, "
-            f"padding {meter.padding_share:.0%})")
-    scoring = {**meter.record(), "shards_scored": len(todo), "shards_resumed": len(chunks) - len(todo)}
+        log(f"scored {scored['tokens']:,} tokens in {scored['seconds']:.1f}s ({scored['tokens_per_s']:,.0f} tok/s, "
+            f"padding {scored['padding_share']:.0%})")
+    scoring = {**scored, "shards_scored": len(todo), "shards_resumed": len(chunks) - len(todo)}
     manifest = finish_run(
         out, options, skipped, rows={"start": indices.start, "stop": indices.stop, "corpus": len(rows)},
         scoring=scoring,
