@@ -81,6 +81,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import peak_rss_kib, proc_status_kib, reset_peak_rss
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
 N_TARGETS = 3
@@ -570,23 +572,6 @@ def micro_cases() -> list[MicroCase]:
     return cases
 
 
-def _proc_status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def _micro_inputs(rows: int, cols: int, seed: int = 0):
     """bf16 base and targets, filled in row blocks so the peak RSS stays near the RSS."""
     import torch
@@ -620,14 +605,6 @@ def _micro_fn(case: MicroCase):
     return run
 
 
-def _peak_rss_kib(reset: bool) -> int:
-    import resource
-
-    return (
-        _proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    )
-
-
 def _cpu_s() -> float:
     import resource
 
@@ -648,8 +625,8 @@ def micro_child(case: MicroCase, rows: int, cols: int, threads: int) -> dict[str
     del warm
     base, targets = _micro_inputs(rows, cols)
     gc.collect()
-    rss_before = _proc_status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    rss_before = proc_status_kib("VmRSS")
+    reset = reset_peak_rss()
     cpu_before, start = _cpu_s(), time.perf_counter()
     out = fn(base, targets)
     wall, cpu = time.perf_counter() - start, _cpu_s() - cpu_before
@@ -657,7 +634,7 @@ def micro_child(case: MicroCase, rows: int, cols: int, threads: int) -> dict[str
         "case": case.label,
         "wall_s": wall,
         "cpu_s": cpu,
-        "peak_extra_mib": (_peak_rss_kib(reset) - rss_before) / 1024,
+        "peak_extra_mib": (peak_rss_kib(reset) - rss_before) / 1024,
         "peak_reset": reset,
         "output_mib": out.numel() * out.element_size() / MIB,
     }

@@ -55,3 +55,29 @@ def toy_model(path: Path, tokenizer_kind: str, arch: str, **settings: Any) -> Pa
     if (path / "config.json").exists():
         return path
     return make_model(path, arch, tokenizer=make_tokenizer(tokenizer_kind), **settings)
+
+
+def proc_status_kib(field_name: str) -> int:
+    """A KiB field of /proc/self/status (Linux): ``VmRSS`` now, ``VmHWM`` its peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its RSS now; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_kib(reset: bool) -> int:
+    """The peak RSS since `reset_peak_rss` (``reset`` True), else since the process started."""
+    import resource
+
+    return proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

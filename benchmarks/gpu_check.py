@@ -1,11 +1,16 @@
 """The checks that need a GPU, in one run (``benchmarks/gpu_check.sh`` calls this):
 
-a. logits: the same small model's top-K stored by the ``hf`` and the ``vllm`` backends on
-   CUDA (float32): equal ids except near-ties (entries within 1e-3 of each other), log-
-   probabilities within 1e-3; tokens/s of each and their ratio;
-b. SCE: `fusechat_merge.sce.sce_merge` on CUDA against CPU on the same tensors: equal to
+a. batching: the ``hf`` backend on CUDA with token-budget batches (the default) and with
+   fixed batches of 8, on a length-skewed corpus (20-2,048 tokens): the same store (log-
+   probabilities within 1e-3 plus one float16 step of the stored value, ids equal except
+   near-ties), tokens/s and padding share of each;
+b. logits: the same model's top-K at K = 50 stored by the ``hf`` backend and by the
+   ``vllm`` backend as two ``--shard`` parts merged with `merge_stores` (float32): equal ids
+   except near-ties (entries within 1e-3 of each other), log-probabilities as in a.;
+   tokens/s of each (scoring alone, from the stores' ``scoring`` record) and their ratio;
+c. SCE: `fusechat_merge.sce.sce_merge` on CUDA against CPU on the same tensors: equal to
    1e-6; time of each and their ratio;
-c. fuse: a few training steps in bf16 on CUDA against float32 on CPU from the same start:
+d. fuse: a few training steps in bf16 on CUDA against float32 on CPU from the same start:
    the loss ratio per step, and the steps/s ratio.
 
 Prints one line per result and writes them to ``--out`` (JSON). Exits non-zero when a
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 import time
 import traceback
@@ -31,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the other benchmarks' model and corpus builders
 
 RESULTS: dict[str, dict] = {}
+DEVICE = "cuda"  # the hf backend's (a CPU smoke run of the logits checks may set "cpu")
 
 
 def report(part: str, **values) -> None:
@@ -38,45 +45,96 @@ def report(part: str, **values) -> None:
     print(f"[{part}] " + " ".join(f"{k}={v}" for k, v in values.items()), flush=True)
 
 
-def check_logits(work: Path, conversations: int) -> bool:
-    from bench_logits import build_corpus, build_model
-
+def _store(work: Path, name: str, model: Path, data: Path, **options):
+    """Score ``data`` into ``work/name``; (store, seconds with the engine start, manifest)."""
     from fusion.artifacts.logit_store import LogitStore
     from fusion.logits import LogitJob, generate_logits
+
+    settings = {"max_length": 2048, "dtype": "float32", "device": DEVICE, "cache_dir": str(work / "cache"),
+                "overwrite": True, **options}
+    start = time.perf_counter()
+    manifest = generate_logits(LogitJob(model=str(model), data=str(data), out=str(work / name), **settings),
+                               progress=False, log=lambda _: None)
+    return LogitStore(work / name), time.perf_counter() - start, manifest
+
+
+def _compare(a, b) -> dict:
+    """Worst log-probability difference, the stored ones beyond 1e-3 plus one float16 step
+    (2^-10 relative), and top-K ids that differ (all, and away from near-ties)."""
+    worst, beyond, differ, entries, bad_ties = 0.0, 0, 0, 0, 0
+    assert a.ids() == b.ids()
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.loss_mask, y.loss_mask)
+        la, lb = x.topk_logprobs.astype(np.float32), y.topk_logprobs.astype(np.float32)
+        gold = np.abs(x.target_logprobs - y.target_logprobs)
+        worst = max(worst, float(np.abs(la - lb).max(initial=0)), float(gold.max(initial=0)))
+        beyond += int((np.abs(la - lb) > 1e-3 + 2**-10 * np.abs(lb)).sum()) + int((gold > 1e-3).sum())
+        mismatch = x.topk_ids != y.topk_ids
+        gaps = np.minimum(np.abs(np.diff(la, axis=1, prepend=np.inf)), np.abs(np.diff(la, axis=1, append=-np.inf)))
+        bad_ties += int((mismatch & (gaps > 1e-3)).sum())
+        differ += int(mismatch.sum())
+        entries += x.topk_ids.size
+    return {"max_abs_logprob_diff": worst, "logprobs_beyond_tolerance": beyond, "ids_differing": f"{differ}/{entries}",
+            "ids_differing_not_near_tie": bad_ties}
+
+
+def _corpus(work: Path, conversations: int) -> tuple[Path, Path]:
+    from bench_logits import build_corpus, build_model
+    from transformers import AutoTokenizer
+
+    model = build_model(work / "model-logits")
+    return model, build_corpus(work / f"chats-skewed-{conversations}.jsonl", conversations,
+                               AutoTokenizer.from_pretrained(model))
+
+
+def check_batching(work: Path, conversations: int) -> bool:
+    """hf on CUDA: token-budget batches (the default) against fixed batches of 8: the same
+    store, and tokens/s and padding share of each."""
+    model, data = _corpus(work, conversations)
+    fixed, _, m_fixed = _store(work, "store-hf-fixed", model, data, backend="hf", top_k=10, batch_tokens=0, batch_size=8)
+    budget, _, m_budget = _store(work, "store-hf-budget", model, data, backend="hf", top_k=10)
+    diff = _compare(fixed, budget)
+    ok = diff["logprobs_beyond_tolerance"] == 0 and diff["ids_differing_not_near_tie"] == 0
+    f, b = m_fixed.scoring, m_budget.scoring
+    report("batching", status="ok" if ok else "FAIL", tokens=m_budget.tokens, **_rounded(diff),
+           fixed_tokens_per_s=f["tokens_per_s"], budget_tokens_per_s=b["tokens_per_s"],
+           budget_over_fixed_speed=round(b["tokens_per_s"] / f["tokens_per_s"], 2),
+           fixed_padding=f["padding_share"], budget_padding=b["padding_share"],
+           fixed_batches=f["batches"], budget_batches=b["batches"], oom_halvings=b["oom_halvings"])
+    return ok
+
+
+def check_logits(work: Path, conversations: int, top_k: int = 50) -> bool:
+    """hf (one store) against vllm at K = 50 scored as two ``--shard`` parts and merged."""
+    from fusion.artifacts.logit_store import LogitStore, merge_stores
 
     if importlib.util.find_spec("vllm") is None:
         report("logits", status="skipped", reason="vllm is not installed (pip install 'fusechat-merge[vllm]')")
         return True
-    model = build_model(work / "model-logits", quick=True)
-    data = build_corpus(work / "chats.jsonl", conversations)
-    stores, seconds = {}, {}
-    for backend in ("hf", "vllm"):
-        out = work / f"store-{backend}"
-        job = LogitJob(model=str(model), data=str(data), out=str(out), backend=backend, top_k=10,
-                       max_length=1024, dtype="float32", batch_size=16, device="cuda",
-                       gpu_memory_utilization=0.5, cache_dir=str(work / "cache"))
-        start = time.perf_counter()
-        manifest = generate_logits(job, progress=False, log=lambda _: None)
-        seconds[backend] = time.perf_counter() - start  # engine start included (vLLM's is long)
-        stores[backend] = LogitStore(out)
-        tokens = manifest.tokens
-    hf, vl = stores["hf"], stores["vllm"]
-    worst, differ, entries, bad_ties = 0.0, 0, 0, 0
-    for a, b in zip(hf, vl, strict=True):
-        assert np.array_equal(a.input_ids, b.input_ids)
-        la, lb = a.topk_logprobs.astype(np.float32), b.topk_logprobs.astype(np.float32)
-        worst = max(worst, float(np.abs(la - lb).max()), float(np.abs(a.target_logprobs - b.target_logprobs).max()))
-        mismatch = a.topk_ids != b.topk_ids
-        gaps = np.minimum(np.abs(np.diff(la, axis=1, prepend=np.inf)), np.abs(np.diff(la, axis=1, append=-np.inf)))
-        bad_ties += int((mismatch & (gaps > 1e-3)).sum())
-        differ += int(mismatch.sum())
-        entries += a.topk_ids.size
-    ok = worst <= 1e-3 and bad_ties == 0
-    report("logits", status="ok" if ok else "FAIL", max_abs_logprob_diff=f"{worst:.2e}",
-           ids_differing=f"{differ}/{entries}", ids_differing_not_near_tie=bad_ties, tokens=tokens,
-           hf_tokens_per_s=round(tokens / seconds["hf"]), vllm_tokens_per_s=round(tokens / seconds["vllm"]),
-           vllm_over_hf_speed=round(seconds["hf"] / seconds["vllm"], 2))
+    model, data = _corpus(work, conversations)
+    hf, hf_s, manifest = _store(work, "store-hf-k50", model, data, backend="hf", top_k=top_k)
+    parts, part_s, rates = [], [], []
+    for i in range(2):
+        _, seconds, m = _store(work, f"store-vllm-k50-{i}", model, data, backend="vllm", top_k=top_k,
+                               shard=f"{i}/2", gpu_memory_utilization=0.5, device="auto")
+        parts.append(work / f"store-vllm-k50-{i}")
+        part_s.append(seconds)  # engine start included (vLLM's is long)
+        rates.append(m.scoring["tokens_per_s"])  # scoring alone
+    merged = work / "store-vllm-k50"
+    if merged.exists():
+        shutil.rmtree(merged)
+    merge_stores(parts, merged)
+    diff = _compare(hf, LogitStore(merged))
+    ok = diff["logprobs_beyond_tolerance"] == 0 and diff["ids_differing_not_near_tie"] == 0
+    report("logits", status="ok" if ok else "FAIL", top_k=top_k, parts=2, tokens=manifest.tokens, **_rounded(diff),
+           hf_tokens_per_s=manifest.scoring["tokens_per_s"], vllm_part_tokens_per_s=rates,
+           vllm_over_hf_speed=round(min(rates) / manifest.scoring["tokens_per_s"], 2),
+           hf_s_with_load=round(hf_s, 1), vllm_part_s_with_engine_start=[round(x, 1) for x in part_s])
     return ok
+
+
+def _rounded(diff: dict) -> dict:
+    return {**diff, "max_abs_logprob_diff": f"{diff['max_abs_logprob_diff']:.2e}"}
 
 
 def check_sce(numel: int) -> bool:
@@ -145,7 +203,7 @@ def main() -> int:
     parser.add_argument("--conversations", type=int, default=128)
     parser.add_argument("--sce-elements", type=int, default=16 * 2**20)
     parser.add_argument("--fuse-steps", type=int, default=5)
-    parser.add_argument("--only", choices=("logits", "sce", "fuse"), default=None)
+    parser.add_argument("--only", choices=("batching", "logits", "sce", "fuse"), default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check", file=sys.stderr)
@@ -154,6 +212,7 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
     checks = {"sce": lambda: check_sce(args.sce_elements),
               "fuse": lambda: check_fuse(args.work, args.fuse_steps),
+              "batching": lambda: check_batching(args.work, args.conversations),
               "logits": lambda: check_logits(args.work, args.conversations)}  # vLLM last: slowest start
     ok = True
     for name, check in checks.items():

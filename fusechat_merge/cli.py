@@ -106,11 +106,12 @@ def logits_command(**kwargs: Any) -> None:
       fusechat-merge logits --model ./pivot --data chats.jsonl --out stores/pivot
     """
     from fusion.artifacts.logit_store import StoreError
+    from fusion.backends.base import ScoringError
     from fusion.logits import LogitJob, generate_logits
 
     try:
         generate_logits(LogitJob(**kwargs), log=click.echo)
-    except (StoreError, ValueError, FileNotFoundError) as err:
+    except (StoreError, ScoringError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
 
 

@@ -52,6 +52,10 @@ def click_options(cls: type, *, exclude: Sequence[str] = (), required: Sequence[
                 func = click.option(*flag, f.name, default=None, required=meta["required"],
                                     callback=_comma_separated, **kwargs)(func)
                 continue
+            if typing.get_origin(base) is dict:  # KEY=VALUE,KEY=VALUE, each value read as YAML
+                func = click.option(flag, f.name, default=None, required=meta["required"],
+                                    callback=_key_values, **{**kwargs, "show_default": False})(func)
+                continue
             if base is bool:
                 func = click.option(*flag, f.name, is_flag=True, default=f.default, **kwargs)(func)
                 continue
@@ -77,6 +81,19 @@ def _comma_separated(ctx: click.Context, param: click.Parameter, value: str | No
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
+def _key_values(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    """``"a=1,b=true,c=fp8"`` → ``{"a": 1, "b": True, "c": "fp8"}`` (None when not given)."""
+    import yaml
+
+    if not value:
+        return None
+    pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+    bad = [key for key, sep, _ in pairs if not sep or not key.strip()]
+    if bad:
+        raise click.BadParameter(f"expected KEY=VALUE,KEY=VALUE; {bad[0]!r} has no KEY=")
+    return {key.strip(): yaml.safe_load(text.strip()) if text.strip() else None for key, _, text in pairs}
+
+
 def _num(value: float | None) -> int | None:
     return None if value is None else int(value)
 
@@ -90,6 +107,8 @@ def recipe_section(cls: type, *, exclude: Sequence[str] = (), name: str | None =
         annotation = hints[f.name]
         if meta["choices"]:
             annotation = Literal[tuple(meta["choices"])]  # type: ignore[valid-type]
+            if f.default is None:
+                annotation = annotation | None
         limits: dict[str, Any] = {}
         if meta["min"] is not None:
             limits["gt" if meta["min_open"] else "ge"] = meta["min"]

@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 
 # The scoring engine is per model (a 72B source needs tensor parallelism, a 7B one does not):
 # these LogitOptions fields are keys of each model entry, with their choices and ranges.
-ENGINE_FIELDS = ("backend", "tensor_parallel_size", "gpu_memory_utilization")
+ENGINE_FIELDS = ("backend", "device_map", "tensor_parallel_size", "gpu_memory_utilization", "engine_args")
 _EngineSpec = recipe_section(
     LogitOptions, name="_EngineSpec",
     exclude=tuple(f.name for f in dataclasses.fields(LogitOptions) if f.name not in ENGINE_FIELDS),

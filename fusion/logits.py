@@ -10,12 +10,12 @@ same way every time).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fusion.artifacts.logit_store import (
     LogitStore,
@@ -37,6 +37,8 @@ from fusion.artifacts.provenance import (
     require_model_dir,
 )
 from fusion.artifacts.records import locked, removed_unless
+from fusion.backends.base import Backend, PositionScores, ScoringError
+from fusion.batching import length_sorted_batches, padded_tokens
 from fusion.data import (
     Encoded,
     EncodeReport,
@@ -46,6 +48,7 @@ from fusion.data import (
     trained_positions,
 )
 from fusion.options import LogitOptions, parse_shard
+from fusion.throughput import Throughput
 
 
 @dataclass(kw_only=True)
@@ -75,22 +78,39 @@ def shard_rows(n_rows: int, spec: str) -> range:
     return range(min(n_rows, index * per), min(n_rows, (index + 1) * per))
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (less padding), deterministic."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def score_shard(
-    backend, items: Sequence[tuple[str, Encoded]], batch_size: int, on_batch: Callable[[int], None]
+    backend: Backend,
+    items: Sequence[tuple[str, Encoded]],
+    meter: Throughput,
+    *,
+    batch_size: int,
+    batch_tokens: int = 0,
+    log: Callable[[str], None] = print,
 ) -> list[SequenceLogits]:
-    """Score one shard's sequences; records come back in input order."""
+    """Score one shard's sequences; records come back in input order.
+
+    The hf backend gets length-sorted batches of at most ``batch_size`` sequences and
+    ``batch_tokens`` padded tokens; vLLM the whole shard (its scheduler batches). Each
+    forward pass is counted in ``meter`` (real and padded tokens).
+    """
     records: list[SequenceLogits | None] = [None] * len(items)
     lengths = [len(enc.input_ids) for _, enc in items]
-    for batch in length_sorted_batches(lengths, batch_size):
-        seqs = [items[i][1].input_ids for i in batch]
-        positions = [trained_positions(np.asarray(items[i][1].loss_mask)) for i in batch]
-        for i, pos, scores in zip(batch, positions, backend.score(seqs, positions), strict=True):
+    if backend.schedules_batches:
+        batches = [list(range(len(items)))]
+    else:
+        batches = length_sorted_batches(lengths, batch_size, batch_tokens)
+    positions = [trained_positions(np.asarray(enc.loss_mask)) for _, enc in items]
+
+    def forward(part: list[int]) -> list[PositionScores]:
+        scores = backend.score([items[i][1].input_ids for i in part], [positions[i] for i in part])
+        tokens = sum(lengths[i] for i in part)
+        meter.add(tokens, tokens if backend.schedules_batches else padded_tokens(lengths, part))
+        return scores
+
+    settings = f"batch_tokens (now {batch_tokens}) or batch_size (now {batch_size})"
+    for batch in batches:
+        scored = halving_on_oom(forward, batch, settings=settings, meter=meter, log=log)
+        for i, scores in zip(batch, scored, strict=True):
             rid, enc = items[i]
             gold = scores.target_logprobs.astype(np.float32)
             records[i] = SequenceLogits(
@@ -102,11 +122,38 @@ def score_shard(
                 topk_ids=scores.topk_ids,
                 topk_logprobs=scores.topk_logprobs,
                 target_logprobs=gold,
-                seq_ce=float(-gold.astype(np.float64).mean()) if len(pos) else float("nan"),
+                seq_ce=float(-gold.astype(np.float64).mean()) if len(positions[i]) else float("nan"),
                 text_sha1=enc.content_sha1,
             )
-        on_batch(sum(lengths[i] for i in batch))
     return [r for r in records if r is not None]
+
+
+def halving_on_oom(
+    forward: Callable[[list[int]], list[PositionScores]], batch: list[int], *, settings: str,
+    meter: Throughput, log: Callable[[str], None],
+) -> list[PositionScores]:
+    """``forward(batch)``; after a CUDA out-of-memory error, its two halves one after the
+    other (once: a half that fails too is a ScoringError naming ``settings`` to lower).
+
+    The retry runs outside the ``except`` block, so the failed pass's tensors are freed.
+    """
+    try:
+        return forward(batch)
+    except torch.cuda.OutOfMemoryError:
+        if len(batch) == 1:
+            raise ScoringError("CUDA out of memory on a single sequence: lower max_length, or spread the "
+                               "model over the GPUs with device_map: auto") from None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = (len(batch) + 1) // 2
+    meter.halved += 1
+    log(f"CUDA out of memory on a batch of {len(batch)} sequences: scoring it in two halves")
+    try:
+        return forward(batch[:half]) + forward(batch[half:])
+    except torch.cuda.OutOfMemoryError:
+        pass
+    raise ScoringError(f"CUDA out of memory on a batch of {len(batch)} sequences, also after halving it: "
+                       f"lower {settings}")
 
 
 def _resolved_dtype(job: LogitJob) -> str:
@@ -115,7 +162,8 @@ def _resolved_dtype(job: LogitJob) -> str:
         return job.dtype
     from fusion.backends.hf import resolve_device, resolve_dtype
 
-    return str(resolve_dtype("auto", resolve_device(job.device))).removeprefix("torch.")
+    device = resolve_device("auto" if job.device_map else job.device)
+    return str(resolve_dtype("auto", device)).removeprefix("torch.")
 
 
 def load_model_parts(model: str):
@@ -170,6 +218,10 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
     vocab_size = max(len(tokenizer), int(getattr(config, "vocab_size", 0) or 0))
     if job.top_k > vocab_size:
         raise ValueError(f"--top-k {job.top_k} is above the vocabulary of {job.model} ({vocab_size} tokens)")
+    if job.backend == "vllm":  # before the run record: a misspelt engine option costs nothing
+        from fusion.backends.vllm import check_engine_args, installed_engine_args
+
+        check_engine_args(job.engine_args or {}, installed_engine_args())
     if skipped:
         log(f"skipped {len(skipped)} malformed rows (first: {next(iter(skipped.items()))})")
     options = StoreOptions(
@@ -195,6 +247,7 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
     if len(todo) < len(chunks):
         log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} shards already on disk")
     total_tokens = sum(len(enc.input_ids) for j in todo for _, enc in chunks[j])
+    scored = Throughput(0).record()  # a resumed run with nothing left to score
     if todo:
         backend = make_backend(
             job.backend,
@@ -202,20 +255,28 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
             top_k=job.top_k,
             dtype=job.dtype,
             device=job.device,
+            device_map=job.device_map,
             tensor_parallel_size=job.tensor_parallel_size,
             gpu_memory_utilization=job.gpu_memory_utilization,
             max_length=job.max_length,
+            engine_args=job.engine_args,
         )
-        started = time.perf_counter()
+        meter = Throughput(total_tokens)  # from the loaded model on: the scoring rate alone
         with tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress, desc="scoring") as bar:
+            meter.on_tokens = bar.update
             for j in todo:
-                records = score_shard(backend, chunks[j], job.batch_size, bar.update)
+                records = score_shard(backend, chunks[j], meter, batch_size=job.batch_size,
+                                      batch_tokens=job.batch_tokens, log=log)
                 write_shard(out / shard_name(j), records, options.id_type)
+                log(f"shard {j + 1}/{len(chunks)}: {meter.line()}")
+        scored = meter.record()
         backend.close()
-        elapsed = time.perf_counter() - started
-        log(f"scored {total_tokens:,} tokens in {elapsed:.1f}s ({total_tokens / max(elapsed, 1e-9):,.0f} tok/s)")
+        log(f"scored {scored['tokens']:,} tokens in {scored['seconds']:.1f}s ({scored['tokens_per_s']:,.0f} tok/s, "
+            f"padding {scored['padding_share']:.0%})")
+    scoring = {**scored, "shards_scored": len(todo), "shards_resumed": len(chunks) - len(todo)}
     manifest = finish_run(
-        out, options, skipped, rows={"start": indices.start, "stop": indices.stop, "corpus": len(rows)}
+        out, options, skipped, rows={"start": indices.start, "stop": indices.stop, "corpus": len(rows)},
+        scoring=scoring,
     )
     store = LogitStore(out)
     log(

@@ -117,6 +117,7 @@ OVERWRITE_HELP = ("Replace what OUT holds from an earlier run of this command (o
 BACKENDS = ("hf", "vllm")
 TEMPLATES = ("own", "shared")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map strategies
 
 
 @dataclass(kw_only=True)
@@ -130,9 +131,18 @@ class LogitOptions:
     template: str = option("own", "own: each model's chat template. shared: one role text for all "
                            "models (FuseChat's OpenChat-style template), as the reference code does.",
                            choices=TEMPLATES)
-    batch_size: int = option(8, "Sequences per forward pass (length-sorted, padded per batch).", min=1)
+    batch_tokens: int = option(16384, "hf backend: padded tokens per forward pass (sequences × the "
+                               "longest); length-sorted sequences fill each batch up to it, so short "
+                               "ones go many to a batch and long ones few. 0: fixed batches of "
+                               "batch_size.", min=0)
+    batch_size: int = option(128, "hf backend: most sequences per forward pass (the batch itself when "
+                             "batch_tokens is 0).", min=1)
     dtype: str = option("auto", "Model dtype (auto: bf16 on GPU, fp32 on CPU).", choices=DTYPES)
     device: str = option("auto", "hf backend: auto, cpu or cuda[:N].")
+    device_map: str | None = option(None, "hf backend: spread a model too large for one GPU over all "
+                                    "visible GPUs (then CPU) with accelerate's big-model loading "
+                                    "(auto, balanced, balanced_low_0, sequential); replaces device.",
+                                    choices=DEVICE_MAPS)
     shard: str = option("0/1", "i/N: score only the i-th of N contiguous blocks of rows (one per "
                         "machine or GPU); combine the stores with `fusechat-merge logits-merge`.")
     rows_per_shard: int = option(1024, "Sequences per store file; the unit of resumption.", min=1)
@@ -140,6 +150,11 @@ class LogitOptions:
     tensor_parallel_size: int = option(1, "vllm backend: GPUs per model.", min=1)
     gpu_memory_utilization: float = option(0.9, "vllm backend: fraction of GPU memory vLLM may take.",
                                            min=0.05, max=1.0)
+    engine_args: dict[str, Any] | None = option(None, "vllm backend: more vllm.EngineArgs, checked "
+                                                "against the installed vLLM (max_num_batched_tokens, "
+                                                "max_num_seqs, enforce_eager, kv_cache_dtype, ...); on "
+                                                "the command line KEY=VALUE,KEY=VALUE.",
+                                                metavar="KEY=VALUE,...")
     split: str = option("train", "Dataset split to read (hub datasets and folders).")
     cache_dir: str | None = option(None, "datasets cache directory.")
     overwrite: bool = option(False, OVERWRITE_HELP)
@@ -147,6 +162,11 @@ class LogitOptions:
     def __post_init__(self) -> None:
         check_options(self)
         parse_shard(self.shard)
+        if self.backend != "hf" and self.device_map is not None:
+            raise ValueError(f"device_map is for the hf backend; the {self.backend} backend spreads a "
+                             "model with tensor_parallel_size")
+        if self.backend != "vllm" and self.engine_args:
+            raise ValueError("engine_args are vllm.EngineArgs: they need backend vllm")
 
 
 # --------------------------------------------------------------------------- align

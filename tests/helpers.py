@@ -140,3 +140,27 @@ def assert_png(path: Path, min_bytes: int = 5_000) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > min_bytes
+
+
+def assert_same_store(a, b, atol: float = 0.0) -> None:
+    """Two logit stores hold the same sequences in the same order, every column equal:
+    floating-point ones to ``atol`` (0: bit for bit), float16 ones also to one float16
+    step (a float32 difference of one ulp can round to the neighbouring float16)."""
+    import dataclasses
+
+    import numpy as np
+
+    assert a.ids() == b.ids()
+    for x, y in zip(a, b, strict=True):
+        for f in dataclasses.fields(x):
+            u, v = getattr(x, f.name), getattr(y, f.name)
+            if isinstance(u, np.ndarray) and u.dtype.kind == "f":
+                step = 2.0**-10 if u.dtype == np.float16 and atol else 0.0
+                np.testing.assert_allclose(u.astype(np.float32), v.astype(np.float32), rtol=step, atol=atol,
+                                           err_msg=f"{x.id}: {f.name}")
+            elif isinstance(u, np.ndarray):
+                assert u.dtype == v.dtype and np.array_equal(u, v), (x.id, f.name)
+            elif isinstance(u, float):
+                assert abs(u - v) <= atol or (u != u and v != v), (x.id, f.name, u, v)
+            else:
+                assert u == v, (x.id, f.name)

@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import torch
 from corpus import conversations, write_jsonl
-from helpers import BIN
+from helpers import BIN, assert_same_store, refused
 
 from fusion.artifacts.logit_store import (
     LogitStore,
     StoreError,
     merge_stores,
 )
+from fusion.backends.base import ScoringError
 from fusion.logits import LogitJob, generate_logits, shard_rows
+from fusion.throughput import Throughput
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,125 @@ def test_strict_mode_raises_on_the_first_malformed_row(teachers, corpus, tmp_pat
 
     with pytest.raises(MalformedRow, match="bad-role"):
         run_job(teachers["llama"], corpus, tmp_path / "s", strict=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_token_budget_batches_store_what_fixed_batches_store(arch, teachers, corpus, tmp_path):
+    """Batches change the padding, never the store: every column of every sequence equal to
+    one sequence per pass (no padding at all) and to today's fixed batches."""
+    common = {"top_k": 6, "rows_per_shard": 5}
+    alone = run_job(teachers[arch], corpus, tmp_path / "alone", batch_tokens=0, batch_size=1, **common)
+    fixed = run_job(teachers[arch], corpus, tmp_path / "fixed", batch_tokens=0, batch_size=3, **common)
+    budget = run_job(teachers[arch], corpus, tmp_path / "budget", batch_tokens=120, **common)
+    default = run_job(teachers[arch], corpus, tmp_path / "default", **common)
+    assert default.manifest.scoring["batches"] == 3  # one per store shard: the default budget holds them all
+    assert alone.manifest.scoring["padding_share"] == 0
+    assert budget.manifest.scoring["batches"] > fixed.manifest.scoring["batches"] > 3
+    for store in (fixed, budget, default):
+        assert_same_store(alone, store, atol=1e-5)
+
+
+class MemoryLimit:
+    """Fault injection: the real decoder, raising CUDA's out-of-memory error for a batch of
+    more than ``limit`` padded tokens (as a device of that size would)."""
+
+    def __init__(self, decoder, limit: int) -> None:
+        self.decoder, self.limit, self.calls = decoder, limit, []
+
+    def __call__(self, *, input_ids, attention_mask):
+        self.calls.append(tuple(input_ids.shape))
+        if input_ids.numel() > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: {input_ids.numel()} tokens)")
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.fixture
+def memory_limit(monkeypatch):
+    """Set ``limit[0]`` (padded tokens); scoring backends built from now on have that memory."""
+    import fusion.backends
+
+    made, limit = [], [10**9]
+    real = fusion.backends.make_backend
+
+    def limited(*args, **kwargs):
+        backend = real(*args, **kwargs)
+        backend.decoder = MemoryLimit(backend.decoder, limit[0])
+        made.append(backend.decoder)
+        return backend
+
+    monkeypatch.setattr(fusion.backends, "make_backend", limited)
+    return limit, made
+
+
+def test_out_of_memory_halves_the_batch_once_and_the_store_is_unchanged(teachers, corpus, tmp_path, memory_limit):
+    limit, made = memory_limit
+    whole = run_job(teachers["llama"], corpus, tmp_path / "whole", top_k=6, batch_tokens=0, batch_size=1)
+    width = max(len(s.input_ids) for s in whole)
+    limit[0] = 8 * width  # a batch of 14 does not fit, its halves of 7 do
+    lines: list[str] = []
+    job = LogitJob(model=str(teachers["llama"]), data=str(corpus), out=str(tmp_path / "halved"), top_k=6,
+                   cache_dir=str(tmp_path / "cache"))
+    manifest = generate_logits(job, progress=False, log=lines.append)
+    assert_same_store(whole, LogitStore(tmp_path / "halved"), atol=1e-5)
+    assert manifest.scoring["oom_halvings"] == 1 and manifest.scoring["batches"] == 2
+    assert [b for b, _ in made[-1].calls] == [14, 7, 7]
+    assert any("CUDA out of memory on a batch of 14 sequences: scoring it in two halves" in x for x in lines)
+
+
+def test_out_of_memory_after_halving_names_the_options_to_lower(teachers, corpus, tmp_path, memory_limit):
+    from click.testing import CliRunner
+
+    from fusechat_merge.cli import main as cli
+
+    limit, made = memory_limit
+    limit[0] = 3 * 40  # not even 4 sequences of ~40 tokens
+    args = ["logits", "--model", str(teachers["llama"]), "--data", str(corpus), "--out", str(tmp_path / "s"),
+            "--cache-dir", str(tmp_path / "c")]
+    result = CliRunner().invoke(cli, [*args, "--batch-tokens", "4000", "--batch-size", "14"])
+    refused(result, "CUDA out of memory on a batch of 14 sequences, also after halving it",
+            "lower batch_tokens (now 4000) or batch_size (now 14)")
+    assert [b for b, _ in made[-1].calls] == [14, 7]  # retried once, then stopped
+    assert not (tmp_path / "s").exists()  # nothing written: nothing half-made stays
+    limit[0] = 1
+    result = CliRunner().invoke(cli, [*args, "--batch-size", "1"])
+    refused(result, "CUDA out of memory on a single sequence", "max_length", "device_map: auto")
+    with pytest.raises(ScoringError, match="single sequence"):
+        run_job(teachers["llama"], corpus, tmp_path / "t", batch_size=1)
+
+
+def test_progress_and_throughput_per_shard_in_the_log_and_the_manifest(teachers, corpus, tmp_path):
+    lines: list[str] = []
+    job = LogitJob(model=str(teachers["qwen2"]), data=str(corpus), out=str(tmp_path / "s"), top_k=4,
+                   rows_per_shard=4, batch_tokens=0, batch_size=2, cache_dir=str(tmp_path / "c"))
+    manifest = generate_logits(job, progress=False, log=lines.append)
+    shard_lines = [x for x in lines if x.startswith("shard ")]
+    assert [x.split(":")[0] for x in shard_lines] == ["shard 1/4", "shard 2/4", "shard 3/4", "shard 4/4"]
+    assert all("tok/s" in x and "ETA" in x for x in shard_lines) and "(100%)" in shard_lines[-1]
+    scoring = manifest.scoring
+    assert scoring["tokens"] == manifest.tokens and scoring["shards_scored"] == 4
+    assert scoring["tokens_per_s"] > 0 and scoring["batches"] == 7  # 4 + 4 + 4 + 2 sequences, two a pass
+    store = LogitStore(tmp_path / "s")
+    lengths = [len(s.input_ids) for s in store]
+    padded = 0
+    for start in range(0, len(lengths), 4):  # brute force: each shard's pairs of the length order
+        shard = sorted(lengths[start:start + 4], reverse=True)
+        padded += sum(len(pair) * pair[0] for pair in (shard[i:i + 2] for i in range(0, len(shard), 2)))
+    assert scoring["padding_share"] == pytest.approx(1 - sum(lengths) / padded, abs=1e-4)
+    # a resumed run that had nothing left to score says so
+    (tmp_path / "s" / "manifest.json").unlink()
+    again = generate_logits(job, progress=False, log=lambda _: None)
+    assert again.scoring["shards_resumed"] == 4 and again.scoring["tokens"] == 0
+
+
+def test_throughput_rate_and_eta_on_a_clock():
+    now = [100.0]
+    meter = Throughput(total=1000, clock=lambda: now[0])
+    assert meter.eta_s() is None
+    now[0] = 102.0
+    meter.add(200, 250)
+    assert meter.tokens_per_s == 100.0 and meter.eta_s() == 8.0  # 800 tokens left at 100 tok/s
+    now[0] = 104.0
+    meter.add(200, 200)
+    assert meter.line() == "400/1,000 tokens (40%), 100 tok/s, padding 11%, ETA 0:00:06"
+    assert meter.record() == {"tokens": 400, "seconds": 4.0, "tokens_per_s": 100.0, "padding_share": 0.1111,
+                              "batches": 2, "oom_halvings": 0}

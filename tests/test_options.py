@@ -55,3 +55,49 @@ def test_a_value_of_another_kind_is_refused_with_the_field_name(cls, field, valu
 
 def test_optional_fields_take_none_and_floats_take_ints():
     assert LogitOptions(cache_dir=None, gpu_memory_utilization=1).gpu_memory_utilization == 1
+
+
+def test_engine_args_from_the_command_line_and_the_recipe():
+    import click
+    from click.testing import CliRunner
+
+    from fusechat_merge.option_forms import click_options
+
+    @click.command()
+    @click_options(LogitOptions)
+    def show(**kwargs):
+        click.echo(repr(LogitOptions(**kwargs).engine_args))
+
+    ok = CliRunner().invoke(show, ["--backend", "vllm", "--engine-args",
+                                   "max_num_seqs=64, enforce_eager=true,kv_cache_dtype=fp8"])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip() == "{'max_num_seqs': 64, 'enforce_eager': True, 'kv_cache_dtype': 'fp8'}"
+    assert CliRunner().invoke(show, []).output.strip() == "None"
+    bad = CliRunner().invoke(show, ["--backend", "vllm", "--engine-args", "max_num_seqs"])
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+    section = recipe_section(LogitOptions)(backend="vllm", engine_args={"enforce_eager": True}, device_map=None)
+    assert section.engine_args == {"enforce_eager": True}
+
+
+@pytest.mark.parametrize(("given", "words"), [
+    ({"backend": "vllm", "device_map": "auto"}, "device_map is for the hf backend"),
+    ({"backend": "hf", "engine_args": {"enforce_eager": True}}, "engine_args are vllm.EngineArgs"),
+    ({"device_map": "everywhere"}, "device_map must be one of auto"),
+    ({"batch_tokens": -1}, "batch_tokens must be >= 0"),
+])
+def test_options_of_the_other_backend_are_refused(given, words):
+    with pytest.raises(ValueError, match=words):
+        LogitOptions(**given)
+
+
+def test_engine_args_are_checked_by_name_with_the_nearest_one():
+    from fusion.backends.vllm import check_engine_args
+
+    known = {"max_num_batched_tokens", "max_num_seqs", "enforce_eager", "kv_cache_dtype"}
+    check_engine_args({"max_num_seqs": 8, "enforce_eager": True}, known)
+    with pytest.raises(ValueError, match="'max_num_seq' is not .*did you mean 'max_num_seqs'"):
+        check_engine_args({"max_num_seq": 8}, known)
+    with pytest.raises(ValueError, match="'foo' is not an engine option of the installed vLLM$"):
+        check_engine_args({"foo": 1}, known)
+    with pytest.raises(ValueError, match="tensor_parallel_size is set from tensor_parallel_size"):
+        check_engine_args({"tensor_parallel_size": 2}, known | {"tensor_parallel_size"})

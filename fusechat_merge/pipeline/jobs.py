@@ -79,18 +79,18 @@ class LogitsJob(Job):
     def writes(self) -> list[Path]:
         return [Path(self.job.out)]
 
-    def run(self, resume: bool, log: Log) -> None:
+    def run(self, resume: bool, log: Log) -> dict[str, Any]:
+        """Scores the corpus; reports the scoring throughput (tokens/s, padding share, ...)."""
         from fusion.logits import generate_logits
 
         if self.threads is None:
-            generate_logits(self.job, progress=False, log=_indented(log))
-            return
+            return {"scoring": generate_logits(self.job, progress=False, log=_indented(log)).scoring}
         import torch
 
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            generate_logits(self.job, progress=False, log=_indented(log))
+            return {"scoring": generate_logits(self.job, progress=False, log=_indented(log)).scoring}
         finally:
             torch.set_num_threads(before)
 

@@ -152,6 +152,9 @@ class Manifest:
     rows: dict[str, int] | None = None
     """The corpus rows scored: ``{"start", "stop", "corpus"}`` (``--shard`` block of a
     corpus of ``corpus`` rows); `merge_stores` checks that the parts tile the corpus."""
+    scoring: dict[str, Any] | None = None
+    """What the run that finished the store measured (`fusion.throughput.Throughput.record`:
+    tokens, seconds, tokens/s, padding share, ...); a merged store: ``{"parts": [...]}``."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -312,6 +315,7 @@ def finish_run(
     skipped: Mapping[str, str],
     alignment: dict[str, Any] | None = None,
     rows: Mapping[str, int] | None = None,
+    scoring: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write the manifest over the finished shards: the store is complete from now on."""
 
@@ -326,7 +330,7 @@ def finish_run(
         tokens += n_tokens
     manifest = Manifest(
         FORMAT, FORMAT_VERSION, options, shards, sequences, tokens, dict(skipped), alignment,
-        dict(rows) if rows is not None else None,
+        dict(rows) if rows is not None else None, scoring,
     )
     write_text_atomic(out / MANIFEST, manifest.to_json())
     return manifest
@@ -580,7 +584,8 @@ def _merge_into(stores: Sequence[LogitStore], rows: dict[str, int] | None, out: 
         options = StoreOptions(**{**asdict(stores[0].options), "shard": "0/1"})
         write_record(tmp / RUN_FILE, asdict(options))
         (tmp / PARTIAL_MARKER).unlink()
-        manifest = finish_run(tmp, options, skipped, rows=rows)
+        manifest = finish_run(tmp, options, skipped, rows=rows,
+                              scoring={"parts": [store.manifest.scoring for store in stores]})
         apply_umask(tmp)
         tmp.rename(out)  # onto a missing or empty directory
     except BaseException:

@@ -7,10 +7,13 @@ and ``vllm`` (``vllm.LLM`` with ``prompt_logprobs``). `make_backend` builds one 
 
 from __future__ import annotations
 
-from fusion.backends.base import Backend, PositionScores
+from collections.abc import Mapping
+from typing import Any
+
+from fusion.backends.base import Backend, PositionScores, ScoringError
 from fusion.options import BACKENDS
 
-__all__ = ["BACKENDS", "Backend", "PositionScores", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "PositionScores", "ScoringError", "make_backend"]
 
 
 def make_backend(
@@ -20,14 +23,16 @@ def make_backend(
     top_k: int,
     dtype: str = "auto",
     device: str = "auto",
+    device_map: str | None = None,
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.9,
     max_length: int = 2048,
+    engine_args: Mapping[str, Any] | None = None,
 ) -> Backend:
     if name == "hf":
         from fusion.backends.hf import HFBackend
 
-        return HFBackend(model, top_k=top_k, dtype=dtype, device=device)
+        return HFBackend(model, top_k=top_k, dtype=dtype, device=device, device_map=device_map)
     if name == "vllm":
         from fusion.backends.vllm import VLLMBackend
 
@@ -38,5 +43,6 @@ def make_backend(
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             max_length=max_length,
+            engine_args=engine_args,
         )
     raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")

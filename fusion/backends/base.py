@@ -1,4 +1,5 @@
-"""What every scoring backend returns (`PositionScores`) and provides (`Backend`)."""
+"""What every scoring backend returns (`PositionScores`), provides (`Backend`) and raises
+when scoring cannot go on (`ScoringError`)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,16 @@ class PositionScores:
     target_logprobs: np.ndarray  # (P,) float32: log p(input_ids[t + 1]) at position t
 
 
+class ScoringError(RuntimeError):
+    """Scoring cannot go on as configured (out of memory, an engine that cannot start); the
+    message names the options to change. The CLI prints it and exits with code 1."""
+
+
 class Backend(Protocol):
     name: str
+    schedules_batches: bool
+    """True: `score` takes a whole store shard and batches it itself (vLLM's scheduler);
+    False: it takes the token-budget batches of `fusion.batching.length_sorted_batches`."""
 
     def score(
         self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray]

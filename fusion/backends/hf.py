@@ -37,15 +37,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class HFBackend:
     name = "hf"
+    schedules_batches = False  # score() takes the batches `fusion.batching` forms
 
-    def __init__(self, model: str, *, top_k: int, dtype: str = "auto", device: str = "auto"):
+    def __init__(self, model: str, *, top_k: int, dtype: str = "auto", device: str = "auto",
+                 device_map: str | None = None):
+        """``device_map`` (auto, balanced, ...) loads the model with accelerate over every
+        visible GPU (then CPU): its layers run where they were placed, one after another."""
         from transformers import AutoModelForCausalLM
 
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        place = resolve_device("auto" if device_map else device)
+        self.dtype = resolve_dtype(dtype, place)
         self.top_k = top_k
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        if device_map:
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype, device_map=device_map)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype).to(place)
+        self.model.eval()
+        embedding = self.model.get_input_embeddings().weight.device  # where the input ids go
+        self.device = embedding if embedding.type != "meta" else torch.device("cpu")  # offloaded: hooks move
         self.decoder = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
         cfg = self.model.config
@@ -62,16 +71,19 @@ class HFBackend:
 
         rows = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)])
         cols = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in positions])
-        rows, cols = rows.to(self.device), cols.to(self.device)
-        gold = ids[rows, cols + 1]
+        rows, cols = rows.to(hidden.device), cols.to(hidden.device)  # the last layer's device
+        gold = ids.to(hidden.device)[rows, cols + 1]
         top_ids, top_lp, gold_lp = [], [], []
         for start in range(0, len(rows), _PROJECT_ROWS):
             sl = slice(start, start + _PROJECT_ROWS)
-            logprobs = self._logprobs(hidden[rows[sl], cols[sl]])  # (n, V) float32
-            values, indices = torch.topk(logprobs, self.top_k, dim=-1)
+            logits = self._logits(hidden[rows[sl], cols[sl]])  # (n, V) float32, on the head's device
+            # log_softmax = logits - logsumexp: only the K + 1 kept entries are shifted, so the
+            # (n, V) log-probabilities are never written (one pass over the logits fewer)
+            norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            values, indices = torch.topk(logits, self.top_k, dim=-1)
             top_ids.append(indices)
-            top_lp.append(values)
-            gold_lp.append(logprobs.gather(1, gold[sl, None]).squeeze(1))
+            top_lp.append(values - norm)
+            gold_lp.append((logits.gather(1, gold[sl, None].to(logits.device)) - norm).squeeze(1))
         all_ids = torch.cat(top_ids).cpu().numpy() if top_ids else np.zeros((0, self.top_k), np.int64)
         all_lp = torch.cat(top_lp).cpu().numpy() if top_lp else np.zeros((0, self.top_k), np.float32)
         all_gold = torch.cat(gold_lp).cpu().numpy() if gold_lp else np.zeros((0,), np.float32)
@@ -82,15 +94,16 @@ class HFBackend:
             start = stop
         return out
 
-    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's output logits in float32 (its logit scale and soft-cap applied)."""
         logits = self.head(hidden).float()
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return torch.log_softmax(logits, dim=-1)
+        return logits
 
     def close(self) -> None:
-        del self.model
-        if self.device.type == "cuda":
+        del self.model, self.decoder, self.head
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
