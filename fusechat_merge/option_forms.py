@@ -53,7 +53,7 @@ def click_options(cls: type, *, exclude: Sequence[str] = (), required: Sequence[
                                     callback=_comma_separated, **kwargs)(func)
                 continue
             if typing.get_origin(base) is dict:  # KEY=VALUE,KEY=VALUE, each value read as YAML
-                func = click.option(flag, f.name, default=None, required=meta["required"],
+                func = click.option(*flag, f.name, default=None, required=meta["required"],
                                     callback=_key_values, **{**kwargs, "show_default": False})(func)
                 continue
             if base is bool:
