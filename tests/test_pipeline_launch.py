@@ -76,8 +76,11 @@ def test_launched_fuse_stage_trains_the_one_process_target_on_two_processes(work
     assert json.loads((target / "train_run.json").read_text())["global_batch"] == 4
     one, two = load_weights(single), load_weights(target)
     assert one.keys() == two.keys()
+    # all-reduced gradients round differently from one process's batch; Adam scales a near-zero
+    # gradient's rounding up to the step size (seen: 3.5e-6 on this CPU); a wrong global batch
+    # or a missing all-reduce moves weights by about the learning rate (1e-3)
     for name in one:
-        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-6), name
+        assert torch.allclose(one[name], two[name], rtol=0, atol=2e-5), (name, (one[name] - two[name]).abs().max())
     log = (work / "logs" / "fuse__seed-0__qwen.log").read_text()
     assert "accelerate.commands.launch" in log and "--num_processes 2" in log
     assert yaml.safe_load((work / "logs" / "fuse__seed-0__qwen.fuse.yaml").read_text())["seed"] == 0
