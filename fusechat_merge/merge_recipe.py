@@ -19,8 +19,14 @@ from typing import Any
 import click
 import yaml
 
-from fusechat_merge.model_refs import cached_snapshot, hub_offline, names_hub_model, split_ref
 from fusechat_merge.recipe_keys import key_path
+from fusion.model_refs import (
+    cached_snapshot,
+    hub_unreachable,
+    names_hub_model,
+    not_cached,
+    split_ref,
+)
 
 
 @dataclass(frozen=True)
@@ -359,7 +365,7 @@ def resolve_model_ref(
 
     A local path is returned as is (the problem says when it does not exist). A hub id
     is looked up in the Hugging Face cache: its snapshot directory when cached; when it
-    is not, offline that is a problem, online (None, None) leaves it to mergekit.
+    is not, an unreachable hub is a problem, a reachable one (None, None) leaves it to mergekit.
     """
     path, revision = split_ref(ref)
     candidate = Path(path).expanduser()
@@ -372,13 +378,8 @@ def resolve_model_ref(
     snapshot = cached_snapshot(path, revision, cache_dir)
     if snapshot is not None:
         return snapshot, None
-    if hub_offline():
-        at = f" at revision {revision!r}" if revision else ""
-        return None, (
-            f"{path!r} is not a local directory (no {candidate}) and the hub model {path!r}{at} "
-            "is not in the Hugging Face cache (HF_HUB_OFFLINE is set, so it cannot be downloaded)"
-        )
-    return None, None
+    why = hub_unreachable()
+    return None, (None if why is None else not_cached(ref, why))
 
 
 def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> list[RecipeProblem]:

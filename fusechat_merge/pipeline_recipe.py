@@ -16,10 +16,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fusechat_merge.model_refs import looks_like_hub_id, model_dir
 from fusechat_merge.option_forms import recipe_section
 from fusechat_merge.recipe_keys import key_path, line_map
 from fusion.artifacts.provenance import has_chat_template
+from fusion.model_refs import hub_unreachable, looks_like_hub_id, model_dir, not_cached
 from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
@@ -292,8 +292,11 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     specs = [(("pivot",), recipe.pivot)] + [(("sources", i), s) for i, s in enumerate(recipe.sources)]
     for loc, spec in specs:
         local = model_dir(spec.model, work_dir)
-        if local is None:
-            continue  # a hub id, not cached: downloaded when loaded (online)
+        if local is None:  # a hub id, not cached: downloaded when loaded, if the hub answers
+            why = hub_unreachable()
+            if why is not None:
+                problems.append(f"{at(*loc, 'model')}: {not_cached(spec.model, why)}")
+            continue
         if not local.exists():
             problems.append(f"{at(*loc, 'model')}: model path {str(local)!r} does not exist")
             continue

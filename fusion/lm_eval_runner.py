@@ -20,21 +20,20 @@ import importlib.util
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fusion.artifacts.atomic import write_text_atomic
-from fusion.artifacts.provenance import has_chat_template
+from fusion.artifacts.provenance import InputError, has_chat_template
+from fusion.model_refs import resolve_model
 from fusion.options import BACKENDS, check_options, option
 
 EXTRA_HINT = "pip install 'fusechat-merge[eval]'"
 VLLM_HINT = "pip install 'fusechat-merge[vllm]'"
 # Keys of lm-eval's per-task result entries that are not metrics.
 _NOT_METRICS = frozenset({"alias", "name", "sample_len", "samples"})
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class LmEvalError(ValueError):
@@ -194,18 +193,13 @@ def require_lm_eval() -> None:
         raise LmEvalError(f"lm-evaluation-harness is not installed: {EXTRA_HINT}") from err
 
 
-def check_model(model: str) -> None:
-    """A saved model folder, or a name that can only be a hub id."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise LmEvalError(f"model {model} is a file, not a model folder")
-        if not (path / "config.json").is_file():
-            raise LmEvalError(f"model folder {model} has no config.json (not a saved model)")
-        return
-    looks_like_path = model.startswith(("/", "./", "../", "~", ".")) or "\\" in model
-    if looks_like_path or model.count("/") > 1 or not _HUB_ID.fullmatch(model):
-        raise LmEvalError(f"model path does not exist: {model}")
+def check_model(model: str) -> str:
+    """What lm-eval loads for ``model`` (`fusion.model_refs.resolve_model`: a saved model
+    folder, or a hub id, from the cache when it is there)."""
+    try:
+        return resolve_model(model)
+    except InputError as err:
+        raise LmEvalError(str(err)) from None
 
 
 def check_include_path(include_path: str | os.PathLike | None) -> Path | None:
@@ -313,14 +307,12 @@ def run_lm_eval(
     model = str(model)
     if manager is None or tasks is None:
         manager, tasks = prepare(model, options)
-    else:
-        check_model(model)
-        if options.apply_chat_template:
-            check_chat_template(model)
+    elif options.apply_chat_template:
+        check_chat_template(model)
     import lm_eval
     from lm_eval.api.registry import get_model
 
-    model_args: dict[str, Any] = {"pretrained": model, **parse_model_args(options.model_args)}
+    model_args: dict[str, Any] = {"pretrained": check_model(model), **parse_model_args(options.model_args)}
     device = resolve_device(options.device)
     # vLLM places the model itself (CUDA_VISIBLE_DEVICES) and warns about a device argument.
     extra = {"batch_size": options.batch_size, "device": device if options.backend == "hf" else None}

@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,6 @@ from fusion.artifacts.provenance import (
     check_outputs,
     files_fingerprint,
     model_fingerprint,
-    require_model_dir,
 )
 from fusion.data import (
     Encoded,
@@ -44,6 +43,7 @@ from fusion.data import (
     load_conversations,
     trained_positions,
 )
+from fusion.model_refs import resolve_model
 from fusion.options import LogitOptions, parse_shard
 
 
@@ -118,11 +118,10 @@ def _resolved_dtype(job: LogitJob) -> str:
 
 
 def load_model_parts(model: str):
-    """The tokenizer and config of ``model``; a missing local path or an unloadable
-    model is a StoreError that says which (not a hub connection error)."""
+    """The tokenizer and config of ``model`` (resolved by `resolve_model`); an unloadable
+    model is a StoreError that says which."""
     from transformers import AutoConfig, AutoTokenizer
 
-    require_model_dir(model)
     try:
         return AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as err:
@@ -146,6 +145,7 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
     removes the directory it created.
     """
     out = Path(job.out)
+    job = replace(job, model=resolve_model(job.model))  # a cached hub id: its snapshot
     check_outputs(out, {"model directory": job.model, "data": job.data})
     tokenizer, config = load_model_parts(job.model)
     rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)

@@ -29,11 +29,11 @@ from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
 from fusion.artifacts.provenance import (
     check_outputs,
     model_fingerprint,
-    require_model_dir,
     store_fingerprint,
 )
 from fusion.batching import pad_sequences
 from fusion.losses import fuse, fusion_objective
+from fusion.model_refs import resolve_model
 from fusion.options import FusionSettings
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_valid", "teacher_ce", "teacher_gold")
@@ -321,7 +321,7 @@ def train_fusion(
     is published as it is. ``out`` may not be, lie in, or hold the pivot or a store."""
     from transformers import AutoModelForCausalLM
 
-    require_model_dir(pivot, "pivot model")
+    pivot = resolve_model(pivot, "pivot model")  # a cached hub id: its snapshot
     check_outputs(out, {"pivot model": pivot, **{f"aligned store {a}": a for a in aligned}})
     dataset = FusionDataset(aligned)
     tokenizer = check_pivot(pivot, dataset)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusechat_merge.model_refs import looks_like_hub_id, model_dir
+from fusion.model_refs import looks_like_hub_id, model_dir
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""What users bring, second round (issue 19): paths and files as they come, hub ids resolved
+one way, errors that name the real cause. One test per class, through the CLI, on the tiny
+models: the expected result, or exit 1 naming the file/key/row at fault with no traceback,
+every input and earlier result left byte-identical."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from corpus import conversations, write_jsonl
+from helpers import BIN, lay_out_in_hub_cache, refused, sce_recipe, tree_hash, write_recipe
+
+from fusechat_merge.cli import main
+
+TRAIN = ["--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--seed", "0",
+         "--disable-tqdm", "true", "--max-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
+    """A pivot, a source of another tokenizer, their stores and the aligned store."""
+    from fusechat_merge.demo.toy import make_model
+
+    root = tmp_path_factory.mktemp("users")
+    data = write_jsonl(root / "chats.jsonl", conversations(8))
+    pivot = make_model(root / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
+    source = make_model(root / "source", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
+    stores = {}
+    for name, model in (("pivot", pivot), ("source", source)):
+        stores[name] = root / f"s-{name}"
+        ok(cli("logits", "--model", model, "--data", data, "--out", stores[name], "--top-k", "4",
+               "--cache-dir", root / "cache"))
+    aligned = root / "aligned"
+    ok(cli("align", "--pivot", stores["pivot"], "--source", stores["source"], "--out", aligned))
+    return {"root": root, "data": data, "pivot": pivot, "source": source, "stores": stores, "aligned": aligned}
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def shell(*args, env: dict[str, str], cwd: Path | None = None, timeout: float = 300):
+    """The installed command in a fresh process (the hub's settings are read at import)."""
+    return subprocess.run([str(BIN / "fusechat-merge"), *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# --- 19.5: hub ids, resolved one way everywhere ------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_ids_from_the_cache_at_once_and_unreachable_hub_fails_fast(world, tmp_path):
+    """HF_HUB_OFFLINE unset, the hub unreachable (HF_ENDPOINT on a closed port): a cached id
+    is read from the cache by logits, fuse --pivot, merge and eval; an id that is not cached
+    is refused in seconds, naming the id and the unreachable hub. Before, logits and fuse
+    handed the id to transformers, which retried each optional file for minutes."""
+    hf_home = tmp_path / "hf"
+    lay_out_in_hub_cache(hf_home, "toy-org/pivot", world["pivot"], "c" * 40)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")])))
+    before = tree_hash(world["root"])
+    store = tmp_path / "store"
+    proc = shell("logits", "--model", "toy-org/pivot", "--data", world["data"], "--out", store, "--top-k", "4",
+                 "--cache-dir", world["root"] / "cache", env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted(p.name for p in store.glob("shard-*.arrow"))
+    assert shards and all((store / s).read_bytes() == (world["stores"]["pivot"] / s).read_bytes() for s in shards)
+    proc = shell("fuse", "--pivot", "toy-org/pivot", "--aligned", world["aligned"], "--out", tmp_path / "target",
+                 *TRAIN, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "target" / "config.json").is_file()
+
+    recipe = write_recipe(tmp_path / "r.yaml", sce_recipe([world["pivot"], world["pivot"]]))
+    recipe.write_text(recipe.read_text().replace(f"- model: {world['pivot']}", "- model: toy-org/absent", 1))
+    for args in (["merge", recipe, tmp_path / "merged"],
+                 ["logits", "--model", "toy-org/absent", "--data", world["data"], "--out", tmp_path / "x"],
+                 ["fuse", "--pivot", "toy-org/absent", "--aligned", world["aligned"], "--out", tmp_path / "y",
+                  *TRAIN],
+                 ["eval", "--model", "toy-org/absent", "--tasks", "t", "--out", tmp_path / "e.json"]):
+        proc = shell(*args, env=env, timeout=60)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        for words in ("toy-org/absent", "not in the Hugging Face cache", "cannot be reached"):
+            assert words in proc.stderr, (words, proc.stderr)
+    assert not any((tmp_path / name).exists() for name in ("x", "y", "merged"))
+    assert tree_hash(world["root"]) == before
