@@ -19,7 +19,7 @@ from typing import Any
 import click
 import yaml
 
-from fusechat_merge.recipe_keys import key_path
+from fusechat_merge.recipe_keys import key_path, load_yaml
 from fusion.model_refs import (
     cached_snapshot,
     hub_unreachable,
@@ -62,7 +62,7 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     except OSError as err:
         raise RecipeError(str(path), [RecipeProblem("<file>", str(err))]) from err
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         raise RecipeError(str(path), [RecipeProblem("<yaml>", str(err))]) from err
     if not isinstance(raw, dict):

@@ -84,6 +84,11 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
     run_merge = getattr(mergekit_merge.run_merge, "__wrapped__", mergekit_merge.run_merge)
     out = Path(os.path.normpath(Path(out_path).absolute()))  # a/../out is out
     recipe_hash = _recipe_hash(config)
+    if config_source is None:  # mergekit's own to_yaml fails on a path with a space
+        import yaml
+
+        config_source = yaml.safe_dump(_plain_dump(config, exclude_defaults=True), sort_keys=False,
+                                       allow_unicode=True)
     config, sources = resolve_hub_models(config, getattr(options, "transformers_cache", None))
     check_output_dir(out, sources)
     check_model_tensors(config, sources)
@@ -275,8 +280,39 @@ def _make_partial(out: Path) -> Path:
     return partial
 
 
+def _plain_dump(obj: Any, **how: bool) -> Any:
+    """``obj`` (a mergekit config object) as plain JSON data, every model reference as its
+    string; pydantic dumps the rest. mergekit's serializer hands back a reference whose path
+    holds a space or a quote as the object itself, which pydantic refuses ("Circular
+    reference detected")."""
+    from mergekit.common import ModelReference
+    from pydantic import BaseModel
+
+    if isinstance(obj, ModelReference):
+        return str(obj)
+    if isinstance(obj, BaseModel):
+        fields = type(obj).model_fields
+        refs = {name for name in fields if _holds_ref(getattr(obj, name))}
+        out = obj.model_dump(mode="json", exclude=refs, **how)
+        for name in refs:
+            if not (how.get("exclude_defaults") and getattr(obj, name) == fields[name].default):
+                out[name] = _plain_dump(getattr(obj, name), **how)
+        return out
+    if isinstance(obj, list | tuple):
+        return [_plain_dump(x, **how) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _plain_dump(v, **how) for k, v in obj.items()}
+    return obj
+
+
+def _holds_ref(obj: Any) -> bool:
+    found: list[Any] = []
+    _map_model_refs(obj, lambda ref: found.append(ref) or ref)
+    return bool(found)
+
+
 def _recipe_hash(config) -> str:
-    dumped = config.model_dump(mode="json", exclude_none=True)
+    dumped = _plain_dump(config, exclude_none=True)
     text = json.dumps(dumped, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -17,7 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fusechat_merge.option_forms import recipe_section
-from fusechat_merge.recipe_keys import key_path, line_map
+from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
 from fusion.artifacts.provenance import has_chat_template
 from fusion.model_refs import hub_unreachable, looks_like_hub_id, model_dir, not_cached
 from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
@@ -229,7 +229,7 @@ def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineReci
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except (OSError, yaml.YAMLError) as err:
         raise PipelineRecipeError(str(path), [str(err)]) from err
     lines = line_map(text)

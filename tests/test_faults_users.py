@@ -6,11 +6,13 @@ every input and earlier result left byte-identical."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
 from helpers import BIN, lay_out_in_hub_cache, refused, sce_recipe, tree_hash, write_recipe
@@ -45,7 +47,7 @@ def cli(*args):
 
 
 def ok(result):
-    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.exit_code == 0, print(result.output) or result.exception
     return result
 
 
@@ -100,3 +102,49 @@ def test_hub_ids_from_the_cache_at_once_and_unreachable_hub_fails_fast(world, tm
             assert words in proc.stderr, (words, proc.stderr)
     assert not any((tmp_path / name).exists() for name in ("x", "y", "merged"))
     assert tree_hash(world["root"]) == before
+
+
+# --- 19.2: paths with spaces, unicode and shell characters --------------------------------
+
+ODD = "my models ünï $HOME;'q\"&(x)"
+
+
+def test_odd_paths_merge_like_plain_ones(tmp_path, model_family):
+    """mergekit's serializer hands back a path with a space or a quote as an object, which
+    the recipe hash and a recipe without source text dumped into "Circular reference"."""
+    from helpers import load_weights
+
+    plain, odd = tmp_path / "plain", tmp_path / ODD
+    for root in (plain, odd):
+        for name, src in zip(("base", "t1", "t2"), model_family["llama"][:3], strict=True):
+            shutil.copytree(src, root / name)
+        write_recipe(root / "r.yaml", sce_recipe([root / "base", root / "t1", root / "t2"], select_topk=0.5))
+        ok(cli("merge", root / "r.yaml", root / "merged ü", "--quiet"))
+    a, b = load_weights(plain / "merged ü"), load_weights(odd / "merged ü")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert str(odd / "t1") in (odd / "merged ü" / "README.md").read_text(encoding="utf-8")
+
+
+def test_odd_work_dir_runs_the_whole_pipeline(tmp_path, metaspace_tokenizer, bytelevel_tokenizer):
+    """A work dir with a space, unicode and shell characters: every stage, through `run`."""
+    from fusechat_merge.demo.toy import make_model
+
+    work = tmp_path / ODD
+    make_model(work / "models" / "piv ot", "llama", tokenizer=metaspace_tokenizer, seed=1)
+    make_model(work / "models" / "qw én", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
+    (work / "da ta").mkdir()
+    write_jsonl(work / "da ta" / "train ü.jsonl", conversations(8))
+    write_jsonl(work / "da ta" / "held.jsonl", conversations(3))
+    recipe = {
+        "name": "odd", "seeds": [0],
+        "pivot": {"name": "pivot", "model": "models/piv ot"},
+        "sources": [{"name": "qwen", "model": "models/qw én"}],
+        "data": {"train": "da ta/train ü.jsonl"},
+        "logits": {"top_k": 4, "max_length": 96, "batch_size": 8},
+        "fuse": {"defaults": {"max_steps": 1, "per_device_train_batch_size": 4}},
+        "merges": [{"name": "sce", "method": "fusechat_sce", "parameters": {"select_topk": 0.5}}],
+        "evaluate": {"skills": {"chat": "da ta/held.jsonl"}, "max_length": 96},
+    }
+    write_recipe(work / "recipe ü.yaml", recipe)
+    ok(cli("run", work / "recipe ü.yaml", "--work-dir", work))
+    assert any((work / "merges").rglob("*.safetensors"))
