@@ -41,6 +41,7 @@ from fusechat_merge import METHOD_NAME, __version__
 from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
 from fusion.artifacts.atomic import partial_dir, publish_dir
 from fusion.artifacts.provenance import overlap
+from fusion.artifacts.weights import Weights, WeightsError
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""
@@ -376,69 +377,41 @@ def check_finite_output(model_dir: Path, sources: Mapping[str, Path]) -> None:
     pass NaN through into a model that loads and then produces NaN. The scan reads the
     just-written output once (usually still in the page cache)."""
     import torch
-    from safetensors import safe_open
 
-    for file in _safetensors_files(model_dir):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if not bool(torch.isfinite(handle.get_tensor(key)).all()):
-                    culprits = _models_with_non_finite(key, sources)
-                    where = (f"; non-finite in the input {'model' if len(culprits) == 1 else 'models'} "
-                             + ", ".join(culprits)) if culprits else " (the inputs are finite there: the method overflowed)"
-                    raise MergeInputError(f"the merged tensor {key!r} has non-finite values (NaN or inf){where}; "
-                                          "nothing was written")
+    with Weights(model_dir) as weights:
+        for key in weights:
+            if not bool(torch.isfinite(weights.get(key)).all()):
+                culprits = _models_with_non_finite(key, sources)
+                where = (f"; non-finite in the input {'model' if len(culprits) == 1 else 'models'} "
+                         + ", ".join(culprits)) if culprits else " (the inputs are finite there: the method overflowed)"
+                raise MergeInputError(f"the merged tensor {key!r} has non-finite values (NaN or inf){where}; "
+                                      "nothing was written")
 
 
 def _models_with_non_finite(key: str, sources: Mapping[str, Path]) -> list[str]:
     import torch
-    from safetensors import safe_open
 
     found = []
     for name, directory in sources.items():
         if not Path(directory).is_dir():
             continue
         try:
-            shapes = read_tensor_shapes(Path(directory))
-        except MergeInputError:
-            continue
-        if key in shapes:
-            with safe_open(str(shapes[key][1]), framework="pt") as handle:
-                if not bool(torch.isfinite(handle.get_tensor(key)).all()):
+            with Weights(directory) as weights:
+                if key in weights and not bool(torch.isfinite(weights.get(key)).all()):
                     found.append(str(directory) if str(directory) == name else f"{name} ({directory})")
+        except WeightsError:
+            continue
     return found
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise MergeInputError(f"cannot read {index}: {err}") from err
-        files = [model_dir / name for name in names]
-        for path in files:
-            if not path.is_file():
-                raise MergeInputError(f"{index} lists {path.name}, which is missing from {model_dir}")
-        return files
-    return sorted(model_dir.glob("*.safetensors"))
-
-
 def read_tensor_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """{tensor name: (shape, file)} from the safetensors headers; a bad file is named."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for path in _safetensors_files(model_dir):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                    shapes[name] = (tuple(handle.get_slice(name).get_shape()), path)
-        except Exception as err:  # SafetensorError, OSError: a corrupt or unreadable file
-            raise MergeInputError(
-                f"cannot read the safetensors file {path}: {err} (a corrupt or truncated file?)"
-            ) from err
-    return shapes
+    """{tensor name: (shape, file)} of every weight file (safetensors: headers only); a bad
+    file is named."""
+    try:
+        with Weights(model_dir) as weights:
+            return {name: (weights.shape(name), weights.file(name)) for name in weights}
+    except WeightsError as err:
+        raise MergeInputError(str(err)) from err
 
 
 def check_model_tensors(config, sources: Mapping[str, Path]) -> None:

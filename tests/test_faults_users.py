@@ -5,6 +5,7 @@ every input and earlier result left byte-identical."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -15,7 +16,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
-from helpers import BIN, lay_out_in_hub_cache, refused, sce_recipe, tree_hash, write_recipe
+from helpers import (
+    BIN,
+    lay_out_in_hub_cache,
+    load_weights,
+    refused,
+    sce_recipe,
+    tree_hash,
+    write_recipe,
+)
 
 from fusechat_merge.cli import main
 
@@ -112,8 +121,6 @@ ODD = "my models ünï $HOME;'q\"&(x)"
 def test_odd_paths_merge_like_plain_ones(tmp_path, model_family):
     """mergekit's serializer hands back a path with a space or a quote as an object, which
     the recipe hash and a recipe without source text dumped into "Circular reference"."""
-    from helpers import load_weights
-
     plain, odd = tmp_path / "plain", tmp_path / ODD
     for root in (plain, odd):
         for name, src in zip(("base", "t1", "t2"), model_family["llama"][:3], strict=True):
@@ -148,3 +155,78 @@ def test_odd_work_dir_runs_the_whole_pipeline(tmp_path, metaspace_tokenizer, byt
     write_recipe(work / "recipe ü.yaml", recipe)
     ok(cli("run", work / "recipe ü.yaml", "--work-dir", work))
     assert any((work / "merges").rglob("*.safetensors"))
+
+
+# --- 19.3 / 19.7: data files as they come -------------------------------------------------
+
+
+def test_raw_line_separators_inside_json_strings_are_one_row(world, tmp_path):
+    """U+2028 and U+0085 are valid raw inside a JSON string; before, the file check split
+    lines there and refused the file ("invalid JSON ... at column 59")."""
+    rows = conversations(4)
+    rows[1]["conversations"][1]["value"] = "one\u2028two\u0085three\u2029four"
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    assert "\u2028" in data.read_text(encoding="utf-8")
+    store = tmp_path / "store"
+    ok(cli("logits", "--model", world["pivot"], "--data", data, "--out", store, "--top-k", "4",
+           "--cache-dir", tmp_path / "cache"))
+    assert json.loads((store / "manifest.json").read_text())["sequences"] == 4
+
+
+@pytest.mark.parametrize("kind", ["rows", "files"])
+def test_a_data_folder_mixing_two_formats_names_the_files(world, tmp_path, kind):
+    folder = tmp_path / "data"
+    write_jsonl(folder.mkdir() or folder / "a.jsonl", conversations(3))
+    if kind == "rows":  # OpenAI messages next to ShareGPT conversations: a raw datasets traceback before
+        messages = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+        write_jsonl(folder / "b.jsonl", messages)
+        words = ("a.jsonl: conversations", "b.jsonl: messages")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": ["x"]}), folder / "b.parquet")
+        words = ("json: a.jsonl", "parquet: b.parquet")
+    before = tree_hash(tmp_path)
+    refused(cli("logits", "--model", world["pivot"], "--data", folder, "--out", tmp_path / "store",
+                "--top-k", "4", "--cache-dir", world["root"] / "cache"), str(folder), *words)
+    assert tree_hash(tmp_path) == before
+
+
+# --- 19.8: a key given twice ---------------------------------------------------------------
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(world, tmp_path):
+    merge = tmp_path / "merge.yaml"
+    merge.write_text(f"merge_method: linear\nmodels:\n  - model: {world['pivot']}\n    parameters:\n"
+                     f"      weight: 1.0\n      weight: 0.5\ndtype: float32\n", encoding="utf-8")
+    refused(cli("merge", merge, tmp_path / "out"), str(merge), "key 'weight' is given twice, on line 5 and on line 6")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("name: a\nseeds: [0]\nname: b\n", encoding="utf-8")
+    refused(cli("run", pipeline, "--work-dir", tmp_path / "work"), str(pipeline),
+            "key 'name' is given twice, on line 1 and on line 3")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+# --- 19.4: pytorch_model.bin models ------------------------------------------------------
+
+
+def test_bin_models_are_read_like_safetensors(world, tmp_path):
+    """The report's relative update (and the merge's checks) read .bin weights too; before,
+    a .bin target "shared no tensors" with its pivot."""
+    from fusechat_merge.diagnostics import relative_update
+
+    def as_bin(model: Path, out: Path, delta: float) -> dict[str, torch.Tensor]:
+        shutil.copytree(model, out, ignore=shutil.ignore_patterns("*.safetensors"))
+        weights = {k: v + delta for k, v in load_weights(model).items()}
+        torch.save(weights, out / "pytorch_model.bin")
+        return weights
+
+    pivot = load_weights(world["source"])
+    as_bin(world["source"], tmp_path / "bin", 0.0)
+    assert relative_update(tmp_path / "bin", world["source"]) == 0.0
+    theta = as_bin(world["source"], tmp_path / "bin2", 0.01)
+    expected = (sum(float((theta[k].double() - pivot[k].double()).pow(2).sum()) for k in pivot)
+                / sum(float(pivot[k].double().pow(2).sum()) for k in pivot)) ** 0.5
+    assert relative_update(tmp_path / "bin2", world["source"]) == pytest.approx(expected, rel=1e-9)
+    assert relative_update(world["source"], tmp_path / "bin2") > 0
