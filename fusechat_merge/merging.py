@@ -107,6 +107,7 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
                 raise
             raise MergeInputError(message) from err
         check_finite_output(model_dir, sources)
+        describe_tied_head(model_dir)
         _restore_written_refs(model_dir, sources)
         _write_output_marker(model_dir, config, recipe_hash)
         publish_dir(model_dir, out, replace=True)  # with the user's umask
@@ -386,6 +387,33 @@ def check_finite_output(model_dir: Path, sources: Mapping[str, Path]) -> None:
                          + ", ".join(culprits)) if culprits else " (the inputs are finite there: the method overflowed)"
                 raise MergeInputError(f"the merged tensor {key!r} has non-finite values (NaN or inf){where}; "
                                       "nothing was written")
+
+
+def describe_tied_head(model_dir: Path) -> None:
+    """Make ``config.json``'s ``tie_word_embeddings`` say what the merged weights hold.
+
+    mergekit copies the base model's config: a tied base merged with untied targets says
+    ``true`` beside a separate output head, which a loader that ties then drops (and the
+    reverse leaves a missing head to random initialisation)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = model_dir / "config.json"
+    config = AutoConfig.from_pretrained(model_dir)
+    if not hasattr(config, "tie_word_embeddings"):
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    names = [f"{n}.weight" for n, module in model.named_modules(remove_duplicate=False) if module is head]
+    if head is None or not names:
+        return
+    with Weights(model_dir) as weights:
+        has_head = any(name in weights for name in names)
+    if bool(config.tie_word_embeddings) == has_head:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw["tie_word_embeddings"] = not has_head
+        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _models_with_non_finite(key: str, sources: Mapping[str, Path]) -> list[str]:

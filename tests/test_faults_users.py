@@ -230,3 +230,27 @@ def test_bin_models_are_read_like_safetensors(world, tmp_path):
                 / sum(float(pivot[k].double().pow(2).sum()) for k in pivot)) ** 0.5
     assert relative_update(tmp_path / "bin2", world["source"]) == pytest.approx(expected, rel=1e-9)
     assert relative_update(world["source"], tmp_path / "bin2") > 0
+
+
+# --- 19.10: the merged config describes the merged weights --------------------------------
+
+
+def test_tied_base_with_untied_targets_keeps_the_merged_head(tmp_path, metaspace_tokenizer):
+    """Before, the merged config said `tie_word_embeddings: true` (the base's) beside a
+    separate merged `lm_head`, and transformers replaced that head by the embeddings."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fusechat_merge.demo.toy import make_model
+
+    base = make_model(tmp_path / "base", "llama", tokenizer=metaspace_tokenizer, seed=0, tie_word_embeddings=True)
+    targets = [make_model(tmp_path / f"t{i}", "llama", tokenizer=metaspace_tokenizer, seed=i,
+                          tie_word_embeddings=False) for i in (1, 2)]
+    write_recipe(tmp_path / "r.yaml", sce_recipe([base, *targets], select_topk=0.5))
+    ok(cli("merge", tmp_path / "r.yaml", tmp_path / "out", "--quiet"))
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert "lm_head.weight" in written
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(loaded.lm_head.weight, written["lm_head.weight"])
+    assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
