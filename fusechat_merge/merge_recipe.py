@@ -23,6 +23,7 @@ from fusechat_merge.recipe_keys import key_path, load_yaml
 from fusion.model_refs import (
     cached_snapshot,
     hub_unreachable,
+    local_path,
     names_hub_model,
     not_cached,
     split_ref,
@@ -368,9 +369,7 @@ def resolve_model_ref(
     is not, an unreachable hub is a problem, a reachable one (None, None) leaves it to mergekit.
     """
     path, revision = split_ref(ref)
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute():
-        candidate = base_dir / candidate
+    candidate = local_path(path, base_dir)
     if candidate.exists():
         return candidate, None
     if not names_hub_model(ref, base_dir):

@@ -87,21 +87,27 @@ def cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | 
     return snapshot if (snapshot / "config.json").is_file() else None
 
 
+def local_path(path: str | os.PathLike[str], base_dir: Path) -> Path:
+    """``path`` (``~`` expanded) relative to ``base_dir``, with ``..`` resolved by name: the
+    same answer before and after ``base_dir`` exists (the kernel refuses ``WORK/../x``
+    while ``WORK`` is missing)."""
+    p = Path(path).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else Path(base_dir).absolute() / p))
+
+
 def names_hub_model(ref: str, base_dir: Path) -> bool:
     """A model reference (``path[@revision][+lora]``) that can only mean a hub repository:
     ``models/t9`` is a local path when ``models`` is a local directory."""
     path, _ = split_ref(ref)
     if not looks_like_hub_id(path):
         return False
-    first = Path(path.split("/", 1)[0]).expanduser()
-    return not (first if first.is_absolute() else base_dir / first).is_dir()
+    return not local_path(path.split("/", 1)[0], base_dir).is_dir()
 
 
 def model_dir(ref: str, work_dir: Path) -> Path | None:
     """The local directory of a recipe's model: a path (relative to the work dir), or a hub
     id's snapshot in the Hugging Face cache; None for a hub id that is not cached."""
-    local = Path(ref).expanduser()
-    local = local if local.is_absolute() else work_dir / local
+    local = local_path(ref, work_dir)
     if local.exists() or not names_hub_model(ref, work_dir):
         return local
     return cached_snapshot(*split_ref(ref))

@@ -254,3 +254,36 @@ def test_tied_base_with_untied_targets_keeps_the_merged_head(tmp_path, metaspace
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(loaded.lm_head.weight, written["lm_head.weight"])
     assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+
+
+# --- 19.9: `../` paths resolve one way, before any work -------------------------------------
+
+
+def test_parent_paths_resolve_before_the_work_dir_exists(world, tmp_path):
+    """Before, `../models/pivot` was "missing" until the work dir existed (the kernel
+    resolves WORK/.. only when WORK is there), then accepted."""
+    shared = tmp_path / "shared"
+    shutil.copytree(world["pivot"], shared / "pivot")
+    shutil.copytree(world["source"], shared / "source")
+    shutil.copy(world["data"], shared / "chats.jsonl")
+    recipe = {
+        "name": "up", "seeds": [0],
+        "pivot": {"name": "pivot", "model": "../shared/pivot"},
+        "sources": [{"name": "src", "model": "../shared/source"}],
+        "data": {"train": "../shared/chats.jsonl"},
+        "logits": {"top_k": 4},
+        "fuse": {"defaults": {"max_steps": 1}},
+        "merges": [{"name": "sce", "method": "fusechat_sce", "parameters": {"select_topk": 0.5}}],
+        "evaluate": {"skills": {"chat": "../shared/chats.jsonl"}},
+    }
+    write_recipe(tmp_path / "recipe.yaml", recipe)
+    work = tmp_path / "work"
+    fresh = ok(cli("run", tmp_path / "recipe.yaml", "--work-dir", work, "--plan")).output
+    assert not work.exists()
+    work.mkdir()
+    assert ok(cli("run", tmp_path / "recipe.yaml", "--work-dir", work, "--plan")).output == fresh
+    recipe["data"]["train"] = "../shared/absent.jsonl"
+    write_recipe(tmp_path / "recipe.yaml", recipe)
+    work.rmdir()
+    refused(cli("run", tmp_path / "recipe.yaml", "--work-dir", work, "--plan"),
+            "data.train (line", f"{shared / 'absent.jsonl'} does not exist")
