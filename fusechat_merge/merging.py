@@ -39,7 +39,7 @@ import click
 
 from fusechat_merge import METHOD_NAME, __version__
 from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
-from fusion.artifacts.atomic import partial_dir, publish_dir
+from fusion.artifacts.atomic import partial_dir, publish_dir, write_fault
 from fusion.artifacts.provenance import overlap
 from fusion.artifacts.weights import Weights, WeightsError
 
@@ -93,6 +93,18 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
     config, sources = resolve_hub_models(config, getattr(options, "transformers_cache", None))
     check_output_dir(out, sources)
     check_model_tensors(config, sources)
+    try:
+        _merge_into(out, config, sources, options, config_source, recipe_hash, run_merge)
+    except Exception as err:
+        fault = write_fault(err, out)
+        if fault is None:
+            raise
+        raise MergeInputError(f"cannot write the merged model {out}: {fault}; nothing of it was kept") from err
+    return out
+
+
+def _merge_into(out: Path, config, sources: Mapping[str, Path], options, config_source: str | None,
+                recipe_hash: str, run_merge: Callable[..., Any]) -> None:
     remove_stale_partials(out)
     created = _make_parents(out.parent)
     partial = _make_partial(out)
@@ -102,7 +114,7 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
         try:
             run_merge(config, str(model_dir), options=options, config_source=config_source)
         except Exception as err:
-            message = _input_fault(err)
+            message = None if write_fault(err, out) else _input_fault(err)
             if message is None:
                 raise
             raise MergeInputError(message) from err
@@ -120,7 +132,6 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
             except OSError:
                 break
         raise
-    return out
 
 
 # --- hub ids --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusion.artifacts.atomic import write_fault
 from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
@@ -152,10 +153,15 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
     created = not out.exists()
     try:
         return _generate(job, tokenizer, config, rows, progress=progress, log=log)
-    except BaseException:
-        if created and out.is_dir() and not any(out.glob("shard-*.arrow")):
+    except BaseException as err:
+        kept = out.is_dir() and any(out.glob("shard-*.arrow"))
+        if created and out.is_dir() and not kept:
             shutil.rmtree(out, ignore_errors=True)
-        raise
+        fault = write_fault(err, out)
+        if fault is None:
+            raise
+        then = "its complete shards are kept: the same command resumes" if kept else "nothing of it was kept"
+        raise StoreError(f"cannot write the logit store {out}: {fault}; {then}") from err
 
 
 def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Callable[[str], None]) -> Manifest:

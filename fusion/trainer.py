@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
 
 from fusion.artifacts.aligned_store import AlignedStore
-from fusion.artifacts.atomic import write_json_atomic
+from fusion.artifacts.atomic import write_fault, write_json_atomic
 from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
 from fusion.artifacts.provenance import (
     check_outputs,
@@ -331,23 +331,35 @@ def train_fusion(
     # of lr 5e-6 would round away in bf16)
     model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    trainer = FusionTrainer(
-        model=model,
-        args=config,
-        train_dataset=dataset,
-        data_collator=FusionCollator(pad_id=pad_id),
-        processing_class=tokenizer,
-        callbacks=[*callbacks, MarkComplete()],
-    )
-    if isinstance(resume, str):
-        checkpoint: str | None = resume
-    elif trainer.is_world_process_zero():
-        checkpoint = prepare_checkpoints(Path(config.output_dir), record, bool(resume))
-    else:
-        checkpoint = str(complete_checkpoints(Path(config.output_dir))[-1]) if resume and \
-            complete_checkpoints(Path(config.output_dir)) else None
-    trainer.train(resume_from_checkpoint=checkpoint)
-    publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
+    try:
+        trainer = FusionTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            data_collator=FusionCollator(pad_id=pad_id),
+            processing_class=tokenizer,
+            callbacks=[*callbacks, MarkComplete()],
+        )
+        if isinstance(resume, str):
+            checkpoint: str | None = resume
+        elif trainer.is_world_process_zero():
+            checkpoint = prepare_checkpoints(Path(config.output_dir), record, bool(resume))
+        else:
+            checkpoint = str(complete_checkpoints(Path(config.output_dir))[-1]) if resume and \
+                complete_checkpoints(Path(config.output_dir)) else None
+        trainer.train(resume_from_checkpoint=checkpoint)
+        publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
+    except Exception as err:
+        fault = write_fault(err, out)
+        if fault is None:
+            raise
+        folder = Path(config.output_dir)
+        kept = complete_checkpoints(folder) if folder.is_dir() else []
+        for partial in set(folder.glob("checkpoint-*")) - set(kept):  # a save cut short
+            shutil.rmtree(partial, ignore_errors=True)
+        then = (f"the checkpoints up to {kept[-1].name} are kept: --resume continues" if kept
+                else "no checkpoint was complete")
+        raise StoreError(f"cannot write the target model {out}: {fault}; {then}") from err
     return out
 
 
@@ -449,6 +461,15 @@ def publish_model(trainer: Trainer, tokenizer, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
+    try:
+        _save_staged(trainer, tokenizer, staging, out)
+    except BaseException:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _save_staged(trainer: Trainer, tokenizer, staging: Path, out: Path) -> None:
     trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return

@@ -5,6 +5,7 @@ every input and earlier result left byte-identical."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from helpers import (
     load_weights,
     refused,
     sce_recipe,
+    stray_files,
     tree_hash,
     write_recipe,
 )
@@ -287,3 +289,79 @@ def test_parent_paths_resolve_before_the_work_dir_exists(world, tmp_path):
     work.rmdir()
     refused(cli("run", tmp_path / "recipe.yaml", "--work-dir", work, "--plan"),
             "data.train (line", f"{shared / 'absent.jsonl'} does not exist")
+
+
+# --- 19.6 / 19.7: outputs that cannot be written --------------------------------------------
+
+
+@pytest.fixture
+def read_only(tmp_path) -> Path:
+    """A folder nothing may be written into (root writes through a mode, not into /sys)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif Path("/sys").is_dir():
+        yield Path("/sys")
+    else:
+        pytest.skip("no folder root cannot write into")
+
+
+def commands(world, family, tmp_path, out: Path) -> dict[str, list]:
+    recipe = write_recipe(tmp_path / "r.yaml", sce_recipe(family["llama"][:3]))
+    pipeline = write_recipe(tmp_path / "p.yaml", {
+        "name": "ro", "seeds": [0], "pivot": {"name": "pivot", "model": str(world["pivot"])},
+        "sources": [{"name": "src", "model": str(world["source"])}], "data": {"train": str(world["data"])},
+        "logits": {"top_k": 4}, "fuse": {"defaults": {"max_steps": 1}},
+        "merges": [{"name": "sce", "method": "fusechat_sce", "parameters": {"select_topk": 0.5}}]})
+    return {
+        "merge": ["merge", recipe, out, "--quiet"],
+        "logits": ["logits", "--model", world["pivot"], "--data", world["data"], "--out", out, "--top-k", "4",
+                   "--cache-dir", tmp_path / "cache"],
+        "fuse": ["fuse", "--pivot", world["pivot"], "--aligned", world["aligned"], "--out", out, *TRAIN],
+        "run": ["run", pipeline, "--work-dir", out],
+    }
+
+
+@pytest.mark.parametrize("command", ["merge", "logits", "fuse", "run"])
+def test_a_read_only_output_folder_is_named_without_a_traceback(world, model_family, tmp_path, read_only,
+                                                               command):
+    out = read_only / "fusechat-out"
+    before = tree_hash(world["root"])
+    refused(cli(*commands(world, model_family, tmp_path, out)[command]), str(out), os.strerror(errno.EACCES)
+            if os.geteuid() != 0 else os.strerror(errno.EPERM))
+    assert not out.exists() and tree_hash(world["root"]) == before
+
+
+@pytest.mark.parametrize("command", ["merge", "logits", "fuse"])
+def test_a_full_disk_says_which_output_and_keeps_nothing_half_written(world, model_family, tmp_path, command):
+    """The write fails in the kernel (a file size limit: EFBIG, like ENOSPC a failed write).
+    Before, the merge blamed "a safetensors file of the recipe's models", logits and fuse
+    showed a traceback."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    out = tmp_path / "out"
+    args = commands(world, model_family, tmp_path, out)[command]
+    if command == "logits":  # a store's shards are small: more rows per shard
+        args = [*args, "--max-length", "4096"]
+        shutil.copy(world["data"], tmp_path / "big.jsonl")
+        write_jsonl(tmp_path / "big.jsonl", conversations(400))
+        args[args.index(world["data"])] = tmp_path / "big.jsonl"
+    before = tree_hash(world["root"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([str(BIN / "fusechat-merge"), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert f"cannot write the {'merged model' if command == 'merge' else 'logit store' if command == 'logits' else 'target model'} {out}" in proc.stderr, proc.stderr
+    assert os.strerror(errno.EFBIG) in proc.stderr and "recipe's models" not in proc.stderr
+    assert stray_files(tmp_path) == [] and tree_hash(world["root"]) == before
+    assert not out.exists() or command != "merge"
+    assert not any(out.rglob("*.partial*")) if out.exists() else True
