@@ -333,20 +333,21 @@ def _first_line_error(err: Exception) -> str:
     return str(err)
 
 
-def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    yield "base_model", raw.get("base_model")
+def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any, Any]]:
+    """(key, model reference, the layer_range it is read with, if any) of every model."""
+    yield "base_model", raw.get("base_model"), None
 
-    def walk(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    def walk(prefix: str, node: Mapping[str, Any]) -> Iterator[tuple[str, Any, Any]]:
         for i, model in enumerate(_as_list(node.get("models"))):
             if isinstance(model, Mapping):
-                yield f"{prefix}models[{i}].model", model.get("model")
+                yield f"{prefix}models[{i}].model", model.get("model"), None
         for i, sl in enumerate(_as_list(node.get("slices"))):
             if not isinstance(sl, Mapping):
                 continue
-            yield f"{prefix}slices[{i}].base_model", sl.get("base_model")
+            yield f"{prefix}slices[{i}].base_model", sl.get("base_model"), None
             for j, src in enumerate(_as_list(sl.get("sources"))):
                 if isinstance(src, Mapping):
-                    yield f"{prefix}slices[{i}].sources[{j}].model", src.get("model")
+                    yield f"{prefix}slices[{i}].sources[{j}].model", src.get("model"), src.get("layer_range")
 
     yield from walk("", raw)
     modules = raw.get("modules")
@@ -356,7 +357,7 @@ def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
                 yield from walk(f"modules.{name}.", module)
     source = raw.get("tokenizer_source")
     if isinstance(source, str) and source not in ("union", "base"):
-        yield "tokenizer_source", source
+        yield "tokenizer_source", source, None
 
 
 def resolve_model_ref(
@@ -384,7 +385,7 @@ def resolve_model_ref(
 def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> list[RecipeProblem]:
     problems: list[RecipeProblem] = []
     vocab: dict[str, tuple[str, int]] = {}
-    for key, ref in _model_refs(raw):
+    for key, ref, layer_range in _model_refs(raw):
         if ref is None:
             continue
         if not isinstance(ref, str):
@@ -409,6 +410,9 @@ def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> 
         except (OSError, ValueError) as err:
             problems.append(RecipeProblem(key, f"cannot read {config}: {err}"))
             continue
+        layers = _layer_range_problem(layer_range, cfg, str(local))
+        if layers is not None:
+            problems.append(RecipeProblem(key.removesuffix(".model") + ".layer_range", layers))
         size = _vocab_size(cfg)
         if size is not None:
             vocab.setdefault(ref, (key, size))
@@ -424,6 +428,20 @@ def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> 
             )
         )
     return problems
+
+
+def _layer_range_problem(layer_range: Any, cfg: Mapping[str, Any], model: str) -> str | None:
+    """Why ``layer_range`` ([start, end), as mergekit reads it) does not fit the model."""
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), Mapping) else cfg
+    layers = text.get("num_hidden_layers", cfg.get("num_hidden_layers"))
+    if not (isinstance(layer_range, list | tuple) and len(layer_range) == 2 and isinstance(layers, int)
+            and all(isinstance(x, int) for x in layer_range)):
+        return None  # no range, or one the schema check reports
+    start, end = layer_range
+    if 0 <= start < end <= layers:
+        return None
+    return (f"{list(layer_range)} does not fit {model!r}, which has {layers} layers "
+            f"(num_hidden_layers): use 0 <= start < end <= {layers}")
 
 
 def _vocab_size(cfg: Mapping[str, Any]) -> int | None:

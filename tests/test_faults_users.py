@@ -365,3 +365,53 @@ def test_a_full_disk_says_which_output_and_keeps_nothing_half_written(world, mod
     assert stray_files(tmp_path) == [] and tree_hash(world["root"]) == before
     assert not out.exists() or command != "merge"
     assert not any(out.rglob("*.partial*")) if out.exists() else True
+
+
+# --- 19.7: a layer_range beyond the model's layers ------------------------------------------
+
+
+def test_a_layer_range_beyond_the_layers_names_the_key(model_family, tmp_path):
+    """Before: mergekit's RuntimeError "Tensor model.layers.2... required but not present" as a traceback."""
+    base, t1, _ = model_family["llama"][:3]
+    recipe = {"merge_method": "linear", "dtype": "float32", "slices": [{"sources": [
+        {"model": str(base), "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+        {"model": str(t1), "layer_range": [0, 8], "parameters": {"weight": 0.5}}]}]}
+    write_recipe(tmp_path / "r.yaml", recipe)
+    before = tree_hash(base.parent)
+    refused(cli("merge", tmp_path / "r.yaml", tmp_path / "out"), "slices[0].sources[1].layer_range: [0, 8]",
+            str(t1), "2 layers")
+    assert not (tmp_path / "out").exists() and tree_hash(base.parent) == before
+
+
+# --- 19.11: evaluation max_length, the report's title ----------------------------------------
+
+
+def test_eval_max_length_below_the_prompts_and_a_renamed_recipe(world, tmp_path):
+    """Before: a traceback and "48 malformed rows skipped"; a renamed recipe kept the old title."""
+    work = tmp_path / "work"
+    recipe = {
+        "name": "first", "seeds": [0],
+        "pivot": {"name": "pivot", "model": str(world["pivot"])},
+        "sources": [{"name": "src", "model": str(world["source"])}],
+        "data": {"train": str(world["data"])},
+        "logits": {"top_k": 4}, "fuse": {"defaults": {"max_steps": 1}},
+        "merges": [{"name": "sce", "method": "fusechat_sce", "parameters": {"select_topk": 0.5}}],
+        "evaluate": {"skills": {"chat": str(world["data"])}, "max_length": 8},
+    }
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    refused(cli("run", path, "--work-dir", work), str(world["data"]), "no usable conversation",
+            "no trained token within the first 8 tokens", "max_length 8")
+    done = {p.name: p.read_bytes() for p in (work / "stages").glob("*.done.json")}
+    assert done  # logits ... merge finished and stay
+    recipe["evaluate"]["max_length"] = 512
+    write_recipe(path, recipe)
+    ok(cli("run", path, "--work-dir", work))
+    assert all((work / "stages" / n).read_bytes() == b for n, b in done.items())
+    assert (work / "report" / "results.md").read_text(encoding="utf-8").startswith("# first:")
+    recipe["name"] = "second"
+    write_recipe(path, recipe)
+    records = {p.name: p.read_bytes() for p in (work / "stages").glob("*.done.json")}
+    ok(cli("run", path, "--work-dir", work))
+    changed = {p.name for p in (work / "stages").glob("*.done.json") if p.read_bytes() != records.get(p.name)}
+    assert changed == {"evaluate__report.done.json"}
+    assert (work / "report" / "results.md").read_text(encoding="utf-8").startswith("# second:")

@@ -130,9 +130,11 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
                                [u.id for u in up], [layout.scores(seed)], EvalJob.from_recipe(r, layout, seed)))
         if r.evaluate.lm_eval is not None:
             evals += _lm_eval_stages(r, layout, model_sig, targets, extra, merges)
-        report_key = fingerprint("report", [e.key for e in evals], r.evaluate.model_dump(include=set(REPORT_FIELDS)))
+        report_job = ReportJob.from_recipe(r, layout)
+        report_key = fingerprint("report", [e.key for e in evals], r.evaluate.model_dump(include=set(REPORT_FIELDS)),
+                                 report_job.title)
         report = Stage("evaluate/report", "evaluate", report_key, [e.id for e in evals], [layout.report],
-                       ReportJob.from_recipe(r, layout))
+                       report_job)
         stages += [*evals, report]
     ids = {s.id for s in stages}
     unknown = sorted(set(r.resources.stages) - ids)
