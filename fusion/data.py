@@ -204,7 +204,7 @@ def _plain_names(files: Sequence[Path]) -> list[Path]:
         if not any(c in str(f) for c in _MISREAD):
             out.append(f)
             continue
-        folder = Path(tempfile.gettempdir()).absolute() / "fusechat-data-links"
+        folder = Path(tempfile.gettempdir()).absolute() / f"fusechat-data-links-{getattr(os, 'getuid', int)()}"
         link = folder / (hashlib.sha1(str(f).encode()).hexdigest()[:16] + f.suffix.lower())
         if any(c in str(link) for c in _MISREAD):
             raise ValueError(f"{f}: datasets cannot read this path; rename it or its folders (no {_MISREAD})")
