@@ -257,13 +257,30 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
             run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
                          executor=executor, ray_address=ray_address)
     except StageError as err:
-        if err.__cause__ is not None:  # in this process: the traceback says where
+        if err.__cause__ is not None and not _user_fault(err.__cause__):  # a bug: the traceback says where
             import traceback
 
             traceback.print_exception(err.__cause__)
         raise click.ClickException(str(err)) from err
     except (RunError, RuntimeError, ValueError) as err:
         raise click.ClickException(str(err)) from err
+    except OSError as err:
+        from fusion.artifacts.atomic import write_fault
+
+        fault = write_fault(err, work_dir)
+        if fault is None:
+            raise
+        raise click.ClickException(f"cannot write the work dir {work_dir}: {fault}") from err
+
+
+def _user_fault(err: BaseException) -> bool:
+    """A stage error the user fixes (an input, an output folder, a full disk): its message
+    says what and where, a traceback would only hide it."""
+    from fusion.artifacts.logit_store import StoreError
+    from fusion.artifacts.provenance import InputError
+    from fusion.lm_eval_runner import LmEvalError
+
+    return isinstance(err, click.ClickException | StoreError | InputError | LmEvalError)
 
 
 @main.command("demo")

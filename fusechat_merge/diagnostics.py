@@ -28,30 +28,21 @@ import numpy as np
 
 
 def relative_update(model: str | Path, pivot: str | Path) -> float:
-    """‖θ − θ_pivot‖ / ‖θ_pivot‖ over the tensors both checkpoints hold (same shapes), read
-    one tensor at a time (a 7B pair does not have to fit in memory at once)."""
-    from safetensors import safe_open
+    """‖θ − θ_pivot‖ / ‖θ_pivot‖ over the tensors both checkpoints hold (same shapes), in
+    any format transformers saves, read one tensor at a time (a 7B pair does not have to fit
+    in memory at once)."""
+    from fusion.artifacts.weights import Weights
 
-    def index(path: Path) -> dict[str, Path]:
-        keys: dict[str, Path] = {}
-        for file in sorted(Path(path).glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as handle:
-                keys.update(dict.fromkeys(handle.keys(), file))
-        return keys
-
-    ours, theirs = index(Path(model)), index(Path(pivot))
     diff = base = 0.0
     shared = 0
-    for key, file in ours.items():
-        if key not in theirs:
-            continue
-        with safe_open(str(file), framework="pt") as a, safe_open(str(theirs[key]), framework="pt") as b:
-            x, y = a.get_tensor(key).double(), b.get_tensor(key).double()
-        if x.shape != y.shape:
-            continue
-        shared += 1
-        diff += float((x - y).pow(2).sum())
-        base += float(y.pow(2).sum())
+    with Weights(model) as ours, Weights(pivot) as theirs:
+        for key in ours:
+            if key not in theirs or ours.shape(key) != theirs.shape(key):
+                continue
+            x, y = ours.get(key).double(), theirs.get(key).double()
+            shared += 1
+            diff += float((x - y).pow(2).sum())
+            base += float(y.pow(2).sum())
     if not shared:
         raise ValueError(f"{model} and {pivot} share no tensors")
     return math.sqrt(diff) / math.sqrt(base) if base else math.inf

@@ -27,9 +27,16 @@ from fusechat_merge.merge_parameters import (
     need_of,
     parameter_problems,
 )
-from fusechat_merge.model_refs import cached_snapshot, hub_offline, names_hub_model, split_ref
-from fusechat_merge.recipe_keys import key_path
+from fusechat_merge.recipe_keys import key_path, load_yaml
 from fusion.hints import did_you_mean
+from fusion.model_refs import (
+    cached_snapshot,
+    hub_unreachable,
+    local_path,
+    names_hub_model,
+    not_cached,
+    split_ref,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     except OSError as err:
         raise RecipeError(str(path), [RecipeProblem("<file>", str(err))]) from err
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         raise RecipeError(str(path), [RecipeProblem("<yaml>", str(err))]) from err
     if not isinstance(raw, dict):
@@ -192,16 +199,16 @@ def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any, bool]]
         yield _key(place, "parameters"), node.get("parameters"), role in ("model", "source")
 
 
-def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    """(key, reference) of every model the recipe names (modules' own base models aside, as
-    mergekit reads them)."""
+def _model_refs(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any, Any]]:
+    """(key, reference, the layer_range it is read with, if any) of every model the recipe
+    names (modules' own base models aside, as mergekit reads them)."""
     refs = {"recipe": "base_model", "model": "model", "slice": "base_model", "source": "model"}
     for place, node, role in _places(raw):
         if role in refs:
-            yield _key(place, refs[role]), node.get(refs[role])
+            yield _key(place, refs[role]), node.get(refs[role]), node.get("layer_range") if role == "source" else None
     source = raw.get("tokenizer_source")
     if isinstance(source, str) and source not in ("union", "base"):
-        yield "tokenizer_source", source
+        yield "tokenizer_source", source, None
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -215,12 +222,10 @@ def resolve_model_ref(
 
     A local path is returned as is (the problem says when it does not exist). A hub id
     is looked up in the Hugging Face cache: its snapshot directory when cached; when it
-    is not, offline that is a problem, online (None, None) leaves it to mergekit.
+    is not, an unreachable hub is a problem, a reachable one (None, None) leaves it to mergekit.
     """
     path, revision = split_ref(ref)
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute():
-        candidate = base_dir / candidate
+    candidate = local_path(path, base_dir)
     if candidate.exists():
         return candidate, None
     if not names_hub_model(ref, base_dir):
@@ -228,19 +233,14 @@ def resolve_model_ref(
     snapshot = cached_snapshot(path, revision, cache_dir)
     if snapshot is not None:
         return snapshot, None
-    if hub_offline():
-        at = f" at revision {revision!r}" if revision else ""
-        return None, (
-            f"{path!r} is not a local directory (no {candidate}) and the hub model {path!r}{at} "
-            "is not in the Hugging Face cache (HF_HUB_OFFLINE is set, so it cannot be downloaded)"
-        )
-    return None, None
+    why = hub_unreachable()
+    return None, (None if why is None else not_cached(ref, why))
 
 
 def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> list[RecipeProblem]:
     problems: list[RecipeProblem] = []
     vocab: dict[str, tuple[str, int]] = {}
-    for key, ref in _model_refs(raw):
+    for key, ref, layer_range in _model_refs(raw):
         if ref is None:
             continue
         if not isinstance(ref, str):
@@ -265,6 +265,9 @@ def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> 
         except (OSError, ValueError) as err:
             problems.append(RecipeProblem(key, f"cannot read {config}: {err}"))
             continue
+        layers = _layer_range_problem(layer_range, cfg, str(local))
+        if layers is not None:
+            problems.append(RecipeProblem(key.removesuffix(".model") + ".layer_range", layers))
         size = _vocab_size(cfg)
         if size is not None:
             vocab.setdefault(ref, (key, size))
@@ -280,6 +283,20 @@ def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> 
             )
         )
     return problems
+
+
+def _layer_range_problem(layer_range: Any, cfg: Mapping[str, Any], model: str) -> str | None:
+    """Why ``layer_range`` ([start, end), as mergekit reads it) does not fit the model."""
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), Mapping) else cfg
+    layers = text.get("num_hidden_layers", cfg.get("num_hidden_layers"))
+    if not (isinstance(layer_range, list | tuple) and len(layer_range) == 2 and isinstance(layers, int)
+            and all(isinstance(x, int) for x in layer_range)):
+        return None  # no range, or one the schema check reports
+    start, end = layer_range
+    if 0 <= start < end <= layers:
+        return None
+    return (f"{list(layer_range)} does not fit {model!r}, which has {layers} layers "
+            f"(num_hidden_layers): use 0 <= start < end <= {layers}")
 
 
 def _vocab_size(cfg: Mapping[str, Any]) -> int | None:

@@ -38,14 +38,16 @@ import click
 
 from fusechat_merge import METHOD_NAME, __version__
 from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
-from fusion.artifacts.atomic import partial_dir, publish_dir
+from fusion.artifacts.atomic import partial_dir, publish_dir, write_fault
 from fusion.artifacts.provenance import overlap
 from fusion.artifacts.records import (
     StoreError,
     locked,
     mark_partial,
     remove_partials,
+    write_faults_named,
 )
+from fusion.artifacts.weights import Weights, WeightsError
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""
@@ -87,24 +89,36 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
     run_merge = getattr(mergekit_merge.run_merge, "__wrapped__", mergekit_merge.run_merge)
     out = Path(os.path.normpath(Path(out_path).absolute()))  # a/../out is out
     recipe_hash = _recipe_hash(config)
+    if config_source is None:  # mergekit's own to_yaml fails on a path with a space
+        import yaml
+
+        config_source = yaml.safe_dump(_plain_dump(config, exclude_defaults=True), sort_keys=False,
+                                       allow_unicode=True)
     config, sources = resolve_hub_models(config, getattr(options, "transformers_cache", None))
     check_output_dir(out, sources)
     check_model_tensors(config, sources)
-    created = _make_parents(out.parent)
     try:
-        lock = locked(out, f"merge output {out}").acquire()
-    except StoreError as err:
-        _remove_created(created)
-        raise MergeInputError(str(err)) from None
-    try:
-        _merge_locked(config, out, options, config_source, run_merge, sources, recipe_hash, created)
-    finally:
-        lock.release()
+        with write_faults_named(out, "the merged model", lambda: "nothing of it was kept"):
+            _merge_into(out, config, sources, options, config_source, recipe_hash, run_merge)
+    except StoreError as err:  # a full disk, a read-only folder, another merge into `out`
+        raise MergeInputError(str(err)) from err
     return out
 
 
+def _merge_into(out: Path, config, sources: Mapping[str, Path], options, config_source: str | None,
+                recipe_hash: str, run_merge: Callable[..., Any]) -> None:
+    """Merge holding ``out``'s lock; the parent folders it had to make go if it fails."""
+    created = _make_parents(out.parent)
+    try:
+        with locked(out, f"merge output {out}"):
+            _merge_locked(config, out, options, config_source, run_merge, sources, recipe_hash)
+    except BaseException:
+        _remove_created(created)
+        raise
+
+
 def _merge_locked(config, out: Path, options, config_source: str | None, run_merge: Callable[..., Any],
-                  sources: Mapping[str, Path], recipe_hash: str, created: list[Path]) -> None:
+                  sources: Mapping[str, Path], recipe_hash: str) -> None:
     remove_stale_partials(out)
     partial = partial_dir(out)
     mark_partial(partial, tool=TOOL, version=__version__, out=str(out))
@@ -114,18 +128,18 @@ def _merge_locked(config, out: Path, options, config_source: str | None, run_mer
         try:
             run_merge(config, str(model_dir), options=options, config_source=config_source)
         except Exception as err:
-            message = _input_fault(err)
+            message = None if write_fault(err, out) else _input_fault(err)
             if message is None:
                 raise
             raise MergeInputError(message) from err
         check_finite_output(model_dir, sources)
+        describe_tied_head(model_dir)
         _restore_written_refs(model_dir, sources)
         _write_output_marker(model_dir, config, recipe_hash)
         publish_dir(model_dir, out, replace=True)  # with the user's umask
         shutil.rmtree(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
-        _remove_created(created)
         raise
 
 
@@ -261,8 +275,39 @@ def _make_parents(parent: Path) -> list[Path]:
     return missing
 
 
+def _plain_dump(obj: Any, **how: bool) -> Any:
+    """``obj`` (a mergekit config object) as plain JSON data, every model reference as its
+    string; pydantic dumps the rest. mergekit's serializer hands back a reference whose path
+    holds a space or a quote as the object itself, which pydantic refuses ("Circular
+    reference detected")."""
+    from mergekit.common import ModelReference
+    from pydantic import BaseModel
+
+    if isinstance(obj, ModelReference):
+        return str(obj)
+    if isinstance(obj, BaseModel):
+        fields = type(obj).model_fields
+        refs = {name for name in fields if _holds_ref(getattr(obj, name))}
+        out = obj.model_dump(mode="json", exclude=refs, **how)
+        for name in refs:
+            if not (how.get("exclude_defaults") and getattr(obj, name) == fields[name].default):
+                out[name] = _plain_dump(getattr(obj, name), **how)
+        return out
+    if isinstance(obj, list | tuple):
+        return [_plain_dump(x, **how) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _plain_dump(v, **how) for k, v in obj.items()}
+    return obj
+
+
+def _holds_ref(obj: Any) -> bool:
+    found: list[Any] = []
+    _map_model_refs(obj, lambda ref: found.append(ref) or ref)
+    return bool(found)
+
+
 def _recipe_hash(config) -> str:
-    dumped = config.model_dump(mode="json", exclude_none=True)
+    dumped = _plain_dump(config, exclude_none=True)
     text = json.dumps(dumped, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -326,69 +371,68 @@ def check_finite_output(model_dir: Path, sources: Mapping[str, Path]) -> None:
     pass NaN through into a model that loads and then produces NaN. The scan reads the
     just-written output once (usually still in the page cache)."""
     import torch
-    from safetensors import safe_open
 
-    for file in _safetensors_files(model_dir):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if not bool(torch.isfinite(handle.get_tensor(key)).all()):
-                    culprits = _models_with_non_finite(key, sources)
-                    where = (f"; non-finite in the input {'model' if len(culprits) == 1 else 'models'} "
-                             + ", ".join(culprits)) if culprits else " (the inputs are finite there: the method overflowed)"
-                    raise MergeInputError(f"the merged tensor {key!r} has non-finite values (NaN or inf){where}; "
-                                          "nothing was written")
+    with Weights(model_dir) as weights:
+        for key in weights:
+            if not bool(torch.isfinite(weights.get(key)).all()):
+                culprits = _models_with_non_finite(key, sources)
+                where = (f"; non-finite in the input {'model' if len(culprits) == 1 else 'models'} "
+                         + ", ".join(culprits)) if culprits else " (the inputs are finite there: the method overflowed)"
+                raise MergeInputError(f"the merged tensor {key!r} has non-finite values (NaN or inf){where}; "
+                                      "nothing was written")
+
+
+def describe_tied_head(model_dir: Path) -> None:
+    """Make ``config.json``'s ``tie_word_embeddings`` say what the merged weights hold.
+
+    mergekit copies the base model's config: a tied base merged with untied targets says
+    ``true`` beside a separate output head, which a loader that ties then drops (and the
+    reverse leaves a missing head to random initialisation)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = model_dir / "config.json"
+    config = AutoConfig.from_pretrained(model_dir)
+    if not hasattr(config, "tie_word_embeddings"):
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    names = [f"{n}.weight" for n, module in model.named_modules(remove_duplicate=False) if module is head]
+    if head is None or not names:
+        return
+    with Weights(model_dir) as weights:
+        has_head = any(name in weights for name in names)
+    if bool(config.tie_word_embeddings) == has_head:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw["tie_word_embeddings"] = not has_head
+        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _models_with_non_finite(key: str, sources: Mapping[str, Path]) -> list[str]:
     import torch
-    from safetensors import safe_open
 
     found = []
     for name, directory in sources.items():
         if not Path(directory).is_dir():
             continue
         try:
-            shapes = read_tensor_shapes(Path(directory))
-        except MergeInputError:
-            continue
-        if key in shapes:
-            with safe_open(str(shapes[key][1]), framework="pt") as handle:
-                if not bool(torch.isfinite(handle.get_tensor(key)).all()):
+            with Weights(directory) as weights:
+                if key in weights and not bool(torch.isfinite(weights.get(key)).all()):
                     found.append(str(directory) if str(directory) == name else f"{name} ({directory})")
+        except WeightsError:
+            continue
     return found
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise MergeInputError(f"cannot read {index}: {err}") from err
-        files = [model_dir / name for name in names]
-        for path in files:
-            if not path.is_file():
-                raise MergeInputError(f"{index} lists {path.name}, which is missing from {model_dir}")
-        return files
-    return sorted(model_dir.glob("*.safetensors"))
-
-
 def read_tensor_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """{tensor name: (shape, file)} from the safetensors headers; a bad file is named."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for path in _safetensors_files(model_dir):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                    shapes[name] = (tuple(handle.get_slice(name).get_shape()), path)
-        except Exception as err:  # SafetensorError, OSError: a corrupt or unreadable file
-            raise MergeInputError(
-                f"cannot read the safetensors file {path}: {err} (a corrupt or truncated file?)"
-            ) from err
-    return shapes
+    """{tensor name: (shape, file)} of every weight file (safetensors: headers only); a bad
+    file is named."""
+    try:
+        with Weights(model_dir) as weights:
+            return {name: (weights.shape(name), weights.file(name)) for name in weights}
+    except WeightsError as err:
+        raise MergeInputError(str(err)) from err
 
 
 def check_model_tensors(config, sources: Mapping[str, Path]) -> None:

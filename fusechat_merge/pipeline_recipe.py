@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fusechat_merge.model_refs import looks_like_hub_id, model_dir
 from fusechat_merge.option_forms import recipe_section
-from fusechat_merge.recipe_keys import key_path, line_map
+from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
 from fusion.artifacts.provenance import has_chat_template
+from fusion.model_refs import local_path, looks_like_hub_id, model_dir
 from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
@@ -239,7 +239,7 @@ def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineReci
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except (OSError, yaml.YAMLError) as err:
         raise PipelineRecipeError(str(path), [str(err)]) from err
     lines = line_map(text)
@@ -265,7 +265,7 @@ def _launch_paths_from(recipe: PipelineRecipe, folder: Path) -> PipelineRecipe:
     def absolute(spec: LaunchSpec | None) -> LaunchSpec | None:
         if spec is None or spec.accelerate_config is None:
             return spec
-        return spec.model_copy(update={"accelerate_config": str(resolve(spec.accelerate_config, folder))})
+        return spec.model_copy(update={"accelerate_config": str(local_path(spec.accelerate_config, folder))})
 
     fuse = recipe.fuse.model_copy(update={
         "launch": absolute(recipe.fuse.launch),
@@ -275,11 +275,6 @@ def _launch_paths_from(recipe: PipelineRecipe, folder: Path) -> PipelineRecipe:
 
 def _where(loc: tuple[Any, ...]) -> str:
     return key_path(loc) or "<top level>"
-
-
-def resolve(path: str, work_dir: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else work_dir / p
 
 
 def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list[str]:
@@ -303,7 +298,7 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     for loc, spec in specs:
         local = model_dir(spec.model, work_dir)
         if local is None:
-            continue  # a hub id, not cached: downloaded when loaded (online)
+            continue  # a hub id, not cached: its stage downloads it, or fails in seconds without the hub
         if not local.exists():
             problems.append(f"{at(*loc, 'model')}: model path {str(local)!r} does not exist")
             continue
@@ -314,13 +309,13 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
         elif spec.template == "own" and not has_chat_template(local):
             problems.append(f"{at(*loc, 'template')}: {spec.model} has no chat template; set "
                             "`template: shared` (one role text for all models) for it")
-    data = resolve(recipe.data.train, work_dir)
-    hub_data = looks_like_hub_id(recipe.data.train) and not (work_dir / recipe.data.train.split("/")[0]).exists()
+    data = local_path(recipe.data.train, work_dir)
+    hub_data = looks_like_hub_id(recipe.data.train) and not local_path(recipe.data.train.split("/")[0], work_dir).exists()
     if not data.exists() and not hub_data:
         problems.append(f"{at('data', 'train')}: {data} does not exist")
     for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
-        if not resolve(file, work_dir).exists():
-            problems.append(f"{at('evaluate', 'skills', skill)}: {resolve(file, work_dir)} does not exist")
+        if not local_path(file, work_dir).exists():
+            problems.append(f"{at('evaluate', 'skills', skill)}: {local_path(file, work_dir)} does not exist")
     for source, skill in (recipe.evaluate.source_skills.items() if recipe.evaluate else []):
         if source not in names[1:]:
             problems.append(f"{at('evaluate', 'source_skills', source)}: no source named {source!r}")
@@ -328,8 +323,8 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
             problems.append(f"{at('evaluate', 'source_skills', source)}: no skill named {skill!r} in "
                             "evaluate.skills")
     include = (recipe.evaluate.lm_eval or {}).get("include_path") if recipe.evaluate else None
-    if include and not resolve(include, work_dir).is_dir():
-        problems.append(f"{at('evaluate', 'lm_eval', 'include_path')}: {resolve(include, work_dir)} is not a folder")
+    if include and not local_path(include, work_dir).is_dir():
+        problems.append(f"{at('evaluate', 'lm_eval', 'include_path')}: {local_path(include, work_dir)} is not a folder")
     for section in ("per_source", "per_source_launch"):
         for name in getattr(recipe.fuse, section):
             if name not in names[1:]:

@@ -1,5 +1,6 @@
-"""What both recipe kinds (mergekit merge recipes, pipeline recipes) share: how a YAML key
-is named in an error, and where it is in the file."""
+"""What both recipe kinds (mergekit merge recipes, pipeline recipes) share: how they are
+read (a key given twice is an error, not last-wins), how a YAML key is named in an error,
+and where it is in the file."""
 
 from __future__ import annotations
 
@@ -34,3 +35,32 @@ def line_map(text: str) -> dict[tuple[Any, ...], int]:
     if root is not None:
         walk(root, ())
     return lines
+
+
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping that gives one key twice (PyYAML would silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if earlier is not key_node:
+                raise DuplicateKeyError(
+                    problem=f"key {key!r} is given twice, on line {earlier.start_mark.line + 1} and on "
+                    f"line {key_node.start_mark.line + 1}; keep one",
+                    problem_mark=key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (both lines named)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass

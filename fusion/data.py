@@ -17,6 +17,7 @@ Differences from the reference code (FuseAI ``FuseChat/train/train.py``), on pur
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ _ROLES: dict[str, Role] = {
     "gpt": "assistant",
 }
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_MISREAD = "$~*?[]#%{}"
 
 # The OpenChat-3.5 role text that FuseChat feeds to every model, pivot and sources alike.
 SHARED_HEADS: dict[Role, str] = {
@@ -119,12 +121,20 @@ def load_conversations(
             check_json_file(f)
     elif any(f.stat().st_size == 0 for f in files):
         raise ValueError(f"{next(f for f in files if f.stat().st_size == 0)}: empty data file")
-    rows = datasets.load_dataset(
-        builder,
-        data_files={split: [str(f) for f in files]},
-        split=split,
-        cache_dir=cache_dir,
-    )
+    try:
+        rows = datasets.load_dataset(
+            builder,
+            data_files={split: [str(f) for f in _plain_names(files)]},
+            split=split,
+            cache_dir=cache_dir,
+        )
+    except datasets.exceptions.DatasetGenerationError as err:
+        if len(files) < 2:
+            raise ValueError(f"{files[0]}: cannot read the rows ({err.__cause__ or err})") from None
+        listing = "; ".join(f"{f.name}: {', '.join(_columns(f)) or '?'}" for f in files)
+        raise ValueError(f"{source}: its files hold rows of different formats, which cannot be read as one "
+                         f"corpus ({listing}); convert them to one format (`conversations` or `messages`) "
+                         "or give one file") from None
     if len(rows) == 0:
         raise ValueError(f"{source}: the data holds no rows")
     return rows
@@ -150,7 +160,8 @@ def check_json_file(path: Path) -> None:
         return
     except json.JSONDecodeError:
         pass
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON lines end at "\n" alone: U+2028, U+0085 and the like are valid inside a JSON string
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -180,11 +191,58 @@ def _local_files(source: str) -> list[Path] | None:
     return None
 
 
+def _plain_names(files: Sequence[Path]) -> list[Path]:
+    """``files``, each one whose path datasets would misread (it expands ``$VAR`` and ``~``,
+    takes ``* ? [`` as a pattern, ``#`` as a URL fragment) behind a symlink of a plain name
+    (in the temporary folder, stable per file, so datasets' cache still finds it)."""
+    import hashlib
+    import tempfile
+
+    out = []
+    for f in files:
+        f = f.absolute()
+        if not any(c in str(f) for c in _MISREAD):
+            out.append(f)
+            continue
+        folder = Path(tempfile.gettempdir()).absolute() / f"fusechat-data-links-{getattr(os, 'getuid', int)()}"
+        link = folder / (hashlib.sha1(str(f).encode()).hexdigest()[:16] + f.suffix.lower())
+        if any(c in str(link) for c in _MISREAD):
+            raise ValueError(f"{f}: datasets cannot read this path; rename it or its folders (no {_MISREAD})")
+        folder.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink() or link.readlink() != f:
+            tmp = link.with_name(f".{link.name}.{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(f)
+            tmp.replace(link)
+        out.append(link)
+    return out
+
+
 def _builder_for(files: Sequence[Path]) -> str:
     builders = {_LOCAL_BUILDERS[f.suffix.lower()] for f in files}
     if len(builders) > 1:
-        raise ValueError("a data folder must hold only JSON(L) files or only Parquet files")
+        listing = "; ".join(f"{b}: {', '.join(f.name for f in files if _LOCAL_BUILDERS[f.suffix.lower()] == b)}"
+                            for b in sorted(builders))
+        raise ValueError(f"{files[0].parent}: a data folder must hold only JSON(L) files or only Parquet "
+                         f"files, this one holds both ({listing})")
     return builders.pop()
+
+
+def _columns(path: Path) -> list[str]:
+    """The top-level keys of a data file's first row (named when files disagree)."""
+    import json
+
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        first = json.loads(text)
+        first = first[0] if isinstance(first, list) and first else first
+    except json.JSONDecodeError:
+        first = json.loads(next(line for line in text.split("\n") if line.strip()))
+    return sorted(first) if isinstance(first, dict) else []
 
 
 # --------------------------------------------------------------------------- parsing

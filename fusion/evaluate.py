@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fusion.artifacts.provenance import InputError
 from fusion.backends.hf import resolve_device
 from fusion.batching import pad_sequences, pad_token_id
 from fusion.data import (
@@ -103,11 +104,16 @@ def evaluate_skill(
 ) -> SkillScore:
     """Scores of a loaded model on one conversation file."""
     opts = options or EvalOptions()
-    examples, skipped = prepare_examples(
+    examples, report = prepare_examples(
         _load_rows(path, cache_dir), tokenizer, template=template, max_length=opts.max_length
     )
+    skipped = report.skipped_rows
     if not examples:
-        raise ValueError(f"{path}: no usable conversation ({skipped} malformed rows skipped)")
+        first = next(iter(report.skipped.items()), None)
+        why = f"; the first, row {first[0]}: {first[1]}" if first else ""
+        hint = (f" (max_length {opts.max_length} ends before every reply: raise it)"
+                if first and "within the first" in first[1] else "")
+        raise InputError(f"{path}: no usable conversation, all {skipped} rows skipped{why}{hint}")
     nll, tokens = reply_nll(model, examples, pad_id=pad_token_id(tokenizer), batch_size=opts.batch_size)
     if tokens == 0:  # only when every reply opens its row: position 0 has no context
         raise ValueError(f"{path}: no reply token has context to be scored")
@@ -133,15 +139,15 @@ def _load_rows(path: str | Path, cache_dir: str | Path | None) -> Any:
 
 def prepare_examples(
     rows: Iterable[Mapping], tokenizer: Any, *, template: TemplateKind, max_length: int
-) -> tuple[list[Encoded], int]:
-    """The usable conversations, encoded as for training, and how many malformed rows were skipped."""
+) -> tuple[list[Encoded], EncodeReport]:
+    """The usable conversations, encoded as for training, and the report of the rows skipped."""
 
     def encode(rid: str, turns: list[Turn]) -> Encoded:
         return render(tokenizer, turns, template=template, max_length=max_length, row_id=rid)
 
     report = EncodeReport()
     examples = [e for _, e in usable_rows(rows, encode, report=report)]
-    return examples, report.skipped_rows
+    return examples, report
 
 
 # --------------------------------------------------------------------------- loss

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion.artifacts.provenance import has_chat_template
+from fusion.artifacts.provenance import InputError, has_chat_template
 from fusion.hints import did_you_mean
 from fusion.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
+from fusion.model_refs import resolve_model
 
 EXTRA_HINT = "pip install 'fusechat-merge[eval]'"
 VLLM_HINT = "pip install 'fusechat-merge[vllm]'"
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def require_lm_eval() -> None:
@@ -35,18 +34,13 @@ def require_lm_eval() -> None:
         raise LmEvalError(f"lm-evaluation-harness is not installed: {EXTRA_HINT}") from err
 
 
-def check_model(model: str) -> None:
-    """A saved model folder, or a name that can only be a hub id."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise LmEvalError(f"model {model} is a file, not a model folder")
-        if not (path / "config.json").is_file():
-            raise LmEvalError(f"model folder {model} has no config.json (not a saved model)")
-        return
-    looks_like_path = model.startswith(("/", "./", "../", "~", ".")) or "\\" in model
-    if looks_like_path or model.count("/") > 1 or not _HUB_ID.fullmatch(model):
-        raise LmEvalError(f"model path does not exist: {model}")
+def check_model(model: str) -> str:
+    """What lm-eval loads for ``model`` (`fusion.model_refs.resolve_model`: a saved model
+    folder, or a hub id, from the cache when it is there)."""
+    try:
+        return resolve_model(model)
+    except InputError as err:
+        raise LmEvalError(str(err)) from None
 
 
 def check_include_path(include_path: str | os.PathLike | None) -> Path | None:
@@ -151,14 +145,12 @@ def run_lm_eval(
     model = str(model)
     if manager is None or tasks is None:
         manager, tasks = prepare(model, options)
-    else:
-        check_model(model)
-        if options.apply_chat_template:
-            check_chat_template(model)
+    elif options.apply_chat_template:
+        check_chat_template(model)
     import lm_eval
     from lm_eval.api.registry import get_model
 
-    model_args: dict[str, Any] = {"pretrained": model, **parse_model_args(options.model_args)}
+    model_args: dict[str, Any] = {"pretrained": check_model(model), **parse_model_args(options.model_args)}
     device = resolve_device(options.device)
     # vLLM places the model itself (CUDA_VISIBLE_DEVICES) and warns about a device argument.
     extra = {"batch_size": options.batch_size, "device": device if options.backend == "hf" else None}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +34,8 @@ from fusion.artifacts.provenance import (
     check_outputs,
     files_fingerprint,
     model_fingerprint,
-    require_model_dir,
 )
-from fusion.artifacts.records import locked, removed_unless
+from fusion.artifacts.records import locked, removed_unless, write_faults_named
 from fusion.backends.base import Backend, PositionScores, ScoringError
 from fusion.batching import length_sorted_batches, padded_tokens
 from fusion.data import (
@@ -47,6 +46,7 @@ from fusion.data import (
     load_conversations,
     trained_positions,
 )
+from fusion.model_refs import resolve_model
 from fusion.options import LogitOptions, parse_shard
 from fusion.throughput import Throughput
 
@@ -167,11 +167,10 @@ def _resolved_dtype(job: LogitJob) -> str:
 
 
 def load_model_parts(model: str):
-    """The tokenizer and config of ``model``; a missing local path or an unloadable
-    model is a StoreError that says which (not a hub connection error)."""
+    """The tokenizer and config of ``model`` (resolved by `resolve_model`); an unloadable
+    model is a StoreError that says which."""
     from transformers import AutoConfig, AutoTokenizer
 
-    require_model_dir(model)
     try:
         return AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as err:
@@ -195,10 +194,15 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
     that fails before its first shard removes the directory it created.
     """
     out = Path(job.out)
+    job = replace(job, model=resolve_model(job.model))  # a cached hub id: its snapshot
     check_outputs(out, {"model directory": job.model, "data": job.data})
     tokenizer, config = load_model_parts(job.model)
     rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
-    with locked(out), removed_unless(out, has_shards):
+    def kept() -> str:
+        return "its complete shards are kept: the same command resumes" if has_shards(out) else \
+            "nothing of it was kept"
+
+    with write_faults_named(out, "the logit store", kept), locked(out), removed_unless(out, has_shards):
         return _generate(job, tokenizer, config, rows, progress=progress, log=log)
 
 

@@ -11,6 +11,7 @@ fusion settings), `fusion.train_data` (dataset and collator), `fusion.train_chec
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,11 +22,17 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
-from fusion.artifacts.provenance import check_outputs, require_model_dir
-from fusion.artifacts.records import locked
+from fusion.artifacts.provenance import check_outputs
+from fusion.artifacts.records import locked, write_faults_named
 from fusion.batching import pad_token_id
 from fusion.losses import fuse, fusion_objective
-from fusion.train_checkpoints import MarkComplete, resume_point, training_record
+from fusion.model_refs import resolve_model
+from fusion.train_checkpoints import (
+    MarkComplete,
+    complete_checkpoints,
+    resume_point,
+    training_record,
+)
 from fusion.train_config import FusionConfig
 from fusion.train_data import TEACHER_KEYS, FusionCollator, FusionDataset
 from fusion.train_output import publish_model
@@ -128,7 +135,7 @@ def train_fusion(
     only if it was made with the same configuration (`training_record`); a checkpoint
     already at ``max_steps`` is published as it is. ``out`` may not be, lie in, or hold
     the pivot or a store; one training at a time writes it."""
-    require_model_dir(pivot, "pivot model")
+    pivot = resolve_model(pivot, "pivot model")  # a cached hub id: its snapshot
     check_outputs(out, {"pivot model": pivot, **{f"aligned store {a}": a for a in aligned}})
     dataset = FusionDataset(aligned)
     tokenizer = check_pivot(pivot, dataset)
@@ -146,16 +153,26 @@ def _train(pivot: str, aligned: Sequence[str], out: Path, config: FusionConfig, 
     # float32 master weights: --bf16 is autocast mixed precision, not bf16 weights (updates
     # of lr 5e-6 would round away in bf16)
     model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32)
-    trainer = FusionTrainer(
-        model=model,
-        args=config,
-        train_dataset=dataset,
-        data_collator=FusionCollator(pad_id=pad_token_id(tokenizer)),
-        processing_class=tokenizer,
-        callbacks=[*callbacks, MarkComplete()],
-    )
-    checkpoint = resume if isinstance(resume, str) else resume_point(
-        Path(config.output_dir), record, bool(resume), trainer.is_world_process_zero())
-    trainer.train(resume_from_checkpoint=checkpoint)
-    publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
+    folder = Path(config.output_dir)
+
+    def kept() -> str:  # a save cut short is never resumed: removed
+        done = complete_checkpoints(folder) if folder.is_dir() else []
+        for partial in set(folder.glob("checkpoint-*")) - set(done):
+            shutil.rmtree(partial, ignore_errors=True)
+        return f"the checkpoints up to {done[-1].name} are kept: --resume continues" if done else \
+            "no checkpoint was complete"
+
+    with write_faults_named(out, "the target model", kept):
+        trainer = FusionTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            data_collator=FusionCollator(pad_id=pad_token_id(tokenizer)),
+            processing_class=tokenizer,
+            callbacks=[*callbacks, MarkComplete()],
+        )
+        checkpoint = resume if isinstance(resume, str) else resume_point(
+            folder, record, bool(resume), trainer.is_world_process_zero())
+        trainer.train(resume_from_checkpoint=checkpoint)
+        publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
     return out

@@ -232,20 +232,20 @@ def test_missing_include_path(random_models, root):
 def test_missing_model(model, mc_tasks, root):
     code, output, exc = run_eval("--model", model, "--tasks", "toy_mc", "--include-path",
                                  str(mc_tasks), "--out", str(root / "x.json"))
-    assert_clean_error(code, output, exc, f"model path does not exist: {model}")
+    assert_clean_error(code, output, exc, f"model path {model} does not exist")
 
 
 def test_folder_that_is_not_a_model(mc_tasks, root):
     code, output, exc = run_eval("--model", str(mc_tasks), "--tasks", "toy_mc", "--include-path",
                                  str(mc_tasks), "--out", str(root / "x.json"))
-    assert_clean_error(code, output, exc, "has no config.json")
+    assert_clean_error(code, output, exc, "holds no config.json")
 
 
 def test_hub_id_not_in_the_offline_cache(mc_tasks, root, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, output, exc = run_eval("--model", "no-such-org/no-such-model", "--tasks", "toy_mc",
                                  "--include-path", str(mc_tasks), "--out", str(root / "x.json"))
-    assert_clean_error(code, output, exc, "cannot load model no-such-org/no-such-model")
+    assert_clean_error(code, output, exc, "no-such-org/no-such-model' is not in the Hugging Face cache")
 
 
 def test_chat_template_required(root, mc_tasks, bytelevel_tokenizer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusechat_merge.model_refs import looks_like_hub_id, model_dir
+from fusion.model_refs import local_path, looks_like_hub_id, model_dir
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,7 @@ class WorkDir:
     root: Path
 
     def resolve(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else self.root / p
+        return local_path(path, self.root)
 
     def model(self, ref: str) -> str:
         """A recipe's model as loaders take it: its local directory (a path, or a hub id's

@@ -100,24 +100,6 @@ def store_fingerprint(store_dir: str | os.PathLike[str]) -> str:
     return hashlib.sha256(data).hexdigest()[:20]
 
 
-def looks_local(name: str) -> bool:
-    """A model name meant as a local path: it starts like one or is not ``org/name``."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1
-
-
-def require_model_dir(name: str, what: str = "model") -> None:
-    """A local model path that is missing says so (not a hub connection error)."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"{what} path {name} is a file, not a model directory")
-        if not (path / "config.json").is_file():
-            raise InputError(f"{what} path {name} holds no config.json: not a model directory")
-        return
-    if looks_local(name):
-        raise InputError(f"{what} path {name} does not exist")
-
-
 def overlap(out: Path, source: Path) -> str | None:
     """How the resolved path ``out`` relates to ``source``: ``is``, ``lies inside``,
     ``contains``, or None when writing ``out`` cannot touch ``source``."""

@@ -9,6 +9,7 @@ pipeline's stage records alike:
 * **One writer at a time** (`OutputLock`): an advisory ``flock`` on a lock file. The
   kernel releases it when its process dies, so a killed run never blocks the next one; a
   second writer is refused at once, naming the process that holds it.
+* **A failed write says what it failed to write** (`write_faults_named`).
 * **Nothing half-made survives a failure** (`removed_unless`): an output a failed run
   created is removed unless it got as far as a piece a resume can use. Staging
   directories (`atomic.partial_dir`) carry `PARTIAL_MARKER`; they are used only under their
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fusion.artifacts.atomic import PARTIAL_INFIX, write_json_atomic
+from fusion.artifacts.atomic import PARTIAL_INFIX, write_fault, write_json_atomic
 
 PARTIAL_MARKER = ".fusechat-partial.json"
 """Written into every staging directory this tool creates (so only ours are removed)."""
@@ -189,3 +190,17 @@ def removed_unless(out: Path, resumable: Callable[[Path], bool]) -> Iterator[Non
         if created and out.is_dir() and not resumable(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+@contextmanager
+def write_faults_named(out: Path, what: str, kept: Callable[[], str]) -> Iterator[None]:
+    """A failed write into ``out`` (full disk, quota, read-only folder: `atomic.write_fault`)
+    becomes a `StoreError` naming ``what`` was being written and what of it is ``kept()``
+    (not a traceback, and never the inputs' fault)."""
+    try:
+        yield
+    except Exception as err:
+        fault = write_fault(err, out)
+        if fault is None:
+            raise
+        raise StoreError(f"cannot write {what} {out}: {fault}; {kept()}") from err
