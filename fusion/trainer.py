@@ -140,8 +140,18 @@ def train_fusion(
     dataset = FusionDataset(aligned)
     tokenizer = check_pivot(pivot, dataset)
     out = Path(out)
+    folder = Path(config.output_dir)
+
+    def kept() -> str:  # a save cut short is never resumed: removed
+        done = complete_checkpoints(folder) if folder.is_dir() else []
+        for partial in set(folder.glob("checkpoint-*")) - set(done):
+            shutil.rmtree(partial, ignore_errors=True)
+        return f"the checkpoints up to {done[-1].name} are kept: --resume continues" if done else \
+            "no checkpoint was complete"
+
     # one writer per target: the main process holds the lock (all processes of a launch share `out`)
-    with locked(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+    with write_faults_named(out, "the target model", kept), \
+            locked(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
         return _train(pivot, aligned, out, config, dataset, tokenizer, resume, callbacks)
 
 
@@ -153,26 +163,16 @@ def _train(pivot: str, aligned: Sequence[str], out: Path, config: FusionConfig, 
     # float32 master weights: --bf16 is autocast mixed precision, not bf16 weights (updates
     # of lr 5e-6 would round away in bf16)
     model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32)
-    folder = Path(config.output_dir)
-
-    def kept() -> str:  # a save cut short is never resumed: removed
-        done = complete_checkpoints(folder) if folder.is_dir() else []
-        for partial in set(folder.glob("checkpoint-*")) - set(done):
-            shutil.rmtree(partial, ignore_errors=True)
-        return f"the checkpoints up to {done[-1].name} are kept: --resume continues" if done else \
-            "no checkpoint was complete"
-
-    with write_faults_named(out, "the target model", kept):
-        trainer = FusionTrainer(
-            model=model,
-            args=config,
-            train_dataset=dataset,
-            data_collator=FusionCollator(pad_id=pad_token_id(tokenizer)),
-            processing_class=tokenizer,
-            callbacks=[*callbacks, MarkComplete()],
-        )
-        checkpoint = resume if isinstance(resume, str) else resume_point(
-            folder, record, bool(resume), trainer.is_world_process_zero())
-        trainer.train(resume_from_checkpoint=checkpoint)
-        publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
+    trainer = FusionTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        data_collator=FusionCollator(pad_id=pad_token_id(tokenizer)),
+        processing_class=tokenizer,
+        callbacks=[*callbacks, MarkComplete()],
+    )
+    checkpoint = resume if isinstance(resume, str) else resume_point(
+        Path(config.output_dir), record, bool(resume), trainer.is_world_process_zero())
+    trainer.train(resume_from_checkpoint=checkpoint)
+    publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
     return out
