@@ -193,17 +193,26 @@ def _strip(piece: str, marker: str) -> str:
 
 
 def map_distribution(
-    ids: np.ndarray, logprobs: np.ndarray, src2piv: np.ndarray, k: int
+    ids: np.ndarray, logprobs: np.ndarray, src2piv: np.ndarray, k: int, closing: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One source top-K list → pivot ids: map, merge duplicates by log-sum-exp, renormalise.
 
-    Returns (ids, logprobs) padded to ``k`` with id 0 and -inf, best first, and the number
-    of kept entries.
+    ``closing`` = (source id, pivot id) pairs the source's own end-of-turn token with the
+    pivot's at a closing position, whatever the vocabulary map says (Llama-3's
+    '<|eot_id|>' is not its eos). Returns (ids, logprobs) padded to ``k`` with id 0 and
+    -inf, best first, and the number of kept entries.
     """
-    lp = logprobs.astype(np.float64)
-    valid = np.isfinite(lp)
+    valid = np.isfinite(logprobs)
     mapped = src2piv[ids[valid]]
-    lp = lp[valid]
+    if closing is not None:
+        mapped = np.where(ids[valid] == closing[0], closing[1], mapped)
+    return merge_distribution(mapped, logprobs[valid], k)
+
+
+def merge_distribution(mapped: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Entries already in pivot ids: merge duplicates by log-sum-exp, renormalise, keep the
+    best ``k`` (ties keep the given order); padded with id 0 and -inf."""
+    lp = np.asarray(logprobs, dtype=np.float64)
     out_ids = np.zeros(k, dtype=np.int64)
     out_lp = np.full(k, -np.inf, dtype=np.float32)
     if not len(mapped):
@@ -214,7 +223,7 @@ def map_distribution(
     np.add.at(mass, inverse, np.exp(lp - peak))
     merged = np.log(mass) + peak
     merged -= np.logaddexp.reduce(merged)  # renormalise over the kept entries
-    order = np.lexsort((first, -merged))[:k]  # ties keep the source's order
+    order = np.lexsort((first, -merged))[:k]
     n = len(order)
     out_ids[:n] = uniq[order]
     out_lp[:n] = merged[order]
