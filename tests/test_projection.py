@@ -202,12 +202,12 @@ def reference(logprobs: np.ndarray, allowed, prefix: bytes, s_voc, p_voc, src2pi
 
 @pytest.mark.parametrize("pair", STORE_PAIRS, ids=["->".join(p) for p in STORE_PAIRS])
 def test_projection_equals_the_full_softmax_reference(scored, pair, tmp_path):
+    from transformers import AutoTokenizer
+
     from fusion.align_job import AlignJob, align_stores
     from fusion.artifacts.aligned_store import AlignedStore
     from fusion.artifacts.logit_store import LogitStore
     from fusion.artifacts.vocab_map_file import VocabMap
-
-    from transformers import AutoTokenizer
 
     pivot, source = pair
     # as the stages load them (a qwen2 model's tokenizer loads as Qwen2's, which splits digits)
