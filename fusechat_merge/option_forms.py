@@ -11,10 +11,10 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from fusion.options import bounds, option_fields
 
@@ -83,6 +83,8 @@ def recipe_section(cls: type, *, exclude: Sequence[str] = (), name: str | None =
         annotation = hints[f.name]
         if meta["choices"]:
             annotation = Literal[tuple(meta["choices"])]  # type: ignore[valid-type]
+            if {"on", "off"} <= set(meta["choices"]):
+                annotation = Annotated[annotation, BeforeValidator(_switch_word)]
         limits: dict[str, Any] = {}
         if meta["min"] is not None:
             limits["gt" if meta["min_open"] else "ge"] = meta["min"]
@@ -91,6 +93,11 @@ def recipe_section(cls: type, *, exclude: Sequence[str] = (), name: str | None =
         fields[f.name] = (annotation, Field(f.default, description=meta["help"], **limits))
     return create_model(name or f"{cls.__name__}Section",
                         __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+def _switch_word(value: Any) -> Any:
+    """YAML reads an unquoted ``on``/``off`` as a boolean: give it back as the word."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 def field_help(cls: type, name: str) -> str:
