@@ -43,6 +43,7 @@ from fusion.projection import (
     PROJECTED,
     PieceBytes,
     Plan,
+    Projector,
     boundary_plan,
     categories,
     project_distribution,
@@ -110,11 +111,11 @@ def load_tokenizer(store: LogitStore):
 
 @dataclass(frozen=True)
 class Tokenizers:
-    """What alignment reads of the two tokenizers (pivot first), built once per run: piece
-    texts (None: same tokenizer, ids are texts) and piece bytes (None: no projection)."""
+    """What alignment reads of the two tokenizers, built once per run: piece texts (pivot
+    first; None: same tokenizer, ids are texts) and the projector (their piece bytes)."""
 
     texts: tuple[Sequence[Hashable] | None, Sequence[Hashable] | None] = (None, None)
-    pieces: tuple[PieceBytes, PieceBytes] | None = None
+    projector: Projector | None = None
 
 
 def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_vocab, src_vocab, out: Path):
@@ -151,7 +152,7 @@ def align_sequence(
     """The aligned columns of one sequence, and its statistics.
 
     ``tokenizers.texts`` pair the template whitespace before a reply only where both sides
-    have the same; ``tokenizers.pieces`` are needed where ``plan_of`` projects."""
+    have the same; ``tokenizers.projector`` is needed where ``plan_of`` projects."""
     p_view, s_view = view(p_seq, tokenizers.texts[0]), view(s_seq, tokenizers.texts[1])
     plan = plan_of(p_view, s_view)
     rule = plan.rule.copy()
@@ -169,11 +170,11 @@ def align_sequence(
         row = s_index[t]
         emitted = int(s_seq.input_ids[t + 1])
         if rule[j] == PROJECTED:
-            src_text, piv_text = tokenizers.pieces[1], tokenizers.pieces[0]
-            prefix = (src_text.pieces[emitted] or b"")[: int(plan.prefix[j])]
+            projector = tokenizers.projector
+            prefix = (projector.source.pieces[emitted] or b"")[: int(plan.prefix[j])]
             ids[j], lps[j], surviving, residual = project_distribution(
                 s_seq.topk_ids[row], s_seq.topk_logprobs[row], (emitted, float(s_seq.target_logprobs[row])),
-                prefix, src_text, piv_text, src2piv, k)
+                prefix, projector, k)
             if not surviving:
                 rule[j] = FALLBACK
                 continue
@@ -242,11 +243,11 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
         from fusion.vocab_map import vocabulary
 
         piv_vocab, src_vocab = vocabulary(load_tokenizer(pivot)), vocabulary(load_tokenizer(source))
-        tokenizers = Tokenizers((piv_vocab.texts, src_vocab.texts),
-                                (PieceBytes.build(piv_vocab.pieces, piv_vocab.byte_piece),
-                                 PieceBytes.build(src_vocab.pieces, src_vocab.byte_piece)))
         vmap = resolve_vocab_map(job, pivot, source, piv_vocab, src_vocab, out)
         src2piv = vmap.src2piv
+        tokenizers = Tokenizers((piv_vocab.texts, src_vocab.texts), Projector(
+            PieceBytes.build(src_vocab.pieces, src_vocab.byte_piece),
+            PieceBytes.build(piv_vocab.pieces, piv_vocab.byte_piece), src2piv))
         vocab_info = {"mode": vmap.mode, "file": str(job.vocab_map or out / VOCAB_MAP_FILE_NAME),
                       "exact_fraction": float(np.mean(vmap.exact))}
     plan_of = _position_planner(job, same_vocab, tokenizers)
@@ -290,7 +291,7 @@ def _position_planner(job: AlignJob, same_vocab: bool, tokenizers: Tokenizers) -
     if same_vocab:
         return lambda p, s: boundary_plan(_identity_or_offsets(p, s))
     if job.method == "offsets" and job.projection == "on":
-        piv_text, src_text = tokenizers.pieces
+        piv_text, src_text = tokenizers.projector.pivot, tokenizers.projector.source
         return lambda p, s: projection_plan(p, s, offsets_alignment(p, s), piv_text, src_text)
     if job.method == "offsets":
         return lambda p, s: boundary_plan(offsets_alignment(p, s))

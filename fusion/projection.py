@@ -22,8 +22,9 @@ Pure numpy, no I/O: `fusion.align_job` applies it per sequence.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -175,14 +176,42 @@ def _shared_suffix(a: bytes, b: bytes) -> int:
     return n
 
 
+_INCONSISTENT, _RESIDUAL = -1, -2
+
+
+@dataclass
+class Projector:
+    """Where a source token goes once a prefix of it is emitted, memoised per (token, prefix
+    length): the same pieces recur all through a corpus."""
+
+    source: PieceBytes
+    pivot: PieceBytes
+    src2piv: np.ndarray  # the vocabulary map, for remainders no pivot piece starts
+    _memo: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def target(self, sid: int, prefix: bytes) -> int:
+        """The pivot id the rest of source token ``sid`` after ``prefix`` starts with;
+        _INCONSISTENT if the token does not start with ``prefix``, _RESIDUAL if it is it."""
+        piece = self.source.pieces[sid] if sid < len(self.source.pieces) else None
+        if piece is None or not piece.startswith(prefix):
+            return _INCONSISTENT
+        key = (sid, len(prefix))  # the token and the length determine the prefix
+        found = self._memo.get(key)
+        if found is None:
+            rest = piece[len(prefix):]
+            found = self.pivot.first_token(rest) if rest else _RESIDUAL
+            if found == -1:  # no pivot piece starts the rest
+                found = int(self.src2piv[sid])
+            self._memo[key] = found
+        return found
+
+
 def project_distribution(
     ids: np.ndarray,
     logprobs: np.ndarray,
     gold: tuple[int, float],
     prefix: bytes,
-    src_text: PieceBytes,
-    piv_text: PieceBytes,
-    src2piv: np.ndarray,
+    projector: Projector,
     k: int,
 ) -> tuple[np.ndarray, np.ndarray, int, float]:
     """The source's stored entries (top-K plus ``gold``, the (id, log-probability) of the
@@ -193,22 +222,19 @@ def project_distribution(
     exactly after ``prefix``). No survivor gives zero entries: the caller falls back.
     """
     valid = np.isfinite(logprobs)
-    entries = dict(zip(ids[valid].tolist(), logprobs[valid].astype(np.float64).tolist(), strict=True))
-    if np.isfinite(gold[1]):
-        entries.setdefault(int(gold[0]), float(gold[1]))
-    n = len(prefix)
+    sids, lps = ids[valid].tolist(), logprobs[valid].astype(np.float64).tolist()
+    if math.isfinite(gold[1]) and int(gold[0]) not in sids:
+        sids.append(int(gold[0]))
+        lps.append(float(gold[1]))
     mapped: list[int] = []
     kept: list[float] = []
     residual = 0.0
-    for sid, lp in entries.items():
-        piece = src_text.pieces[sid] if sid < len(src_text.pieces) else None
-        if piece is None or not piece.startswith(prefix):
-            continue
-        if len(piece) == n:
-            residual += float(np.exp(lp))
-            continue
-        target = piv_text.first_token(piece[n:])
-        mapped.append(target if target >= 0 else int(src2piv[sid]))
-        kept.append(lp)
+    for sid, lp in zip(sids, lps, strict=True):
+        target = projector.target(sid, prefix)
+        if target >= 0:
+            mapped.append(target)
+            kept.append(lp)
+        elif target == _RESIDUAL:
+            residual += math.exp(lp)
     out_ids, out_lp, _ = merge_distribution(np.asarray(mapped, dtype=np.int64), np.asarray(kept), k)
     return out_ids, out_lp, len(kept), residual

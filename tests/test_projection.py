@@ -18,6 +18,7 @@ from fusion.projection import (
     PROJECTED,
     TEMPLATE,
     PieceBytes,
+    Projector,
     byte_starts,
     categories,
     project_distribution,
@@ -134,14 +135,14 @@ def test_projected_distribution_hand_checked():
     lp = np.log(np.array([0.3, 0.2, 0.1, 0.15, 0.05]))
     src2piv = np.array([0, 1, 2, 3, 4, 4, 4])
     ids, out, surviving, residual = project_distribution(
-        np.arange(5), lp, (6, np.log(0.05)), b"a", src, piv, src2piv, k=4)
+        np.arange(5), lp, (6, np.log(0.05)), b"a", Projector(src, piv, src2piv), k=4)
     # 'ab'→'b', 'abc'→'bc', 'abd'→'b' (no pivot 'bd'), 'abde'→'b'; 'a' ends at the boundary; 'x' is inconsistent
     assert surviving == 4 and residual == pytest.approx(0.1)
     got = {int(i): float(np.exp(x)) for i, x in zip(ids, out.astype(np.float64), strict=True) if np.isfinite(x)}
     assert got[0] == pytest.approx(0.5 / 0.7, rel=1e-6) and got[1] == pytest.approx(0.2 / 0.7, rel=1e-6)
     assert set(got) == {0, 1}
     # nothing consistent with the prefix: no entries, the caller falls back
-    assert project_distribution(np.arange(5), lp, (4, lp[4]), b"q", src, piv, src2piv, k=4)[2] == 0
+    assert project_distribution(np.arange(5), lp, (4, lp[4]), b"q", Projector(src, piv, src2piv), k=4)[2] == 0
 
 
 # ---------------------------------------------------------------- against the full softmax
@@ -252,7 +253,7 @@ def test_projection_equals_the_full_softmax_reference(scored, pair, tmp_path):
                     want = reference(lp, range(len(s_tok)), prefix, s_voc, p_voc, src2piv)
                     # the pure function on the full softmax: exact
                     ids, out_lp, _, _ = project_distribution(np.arange(len(s_tok)), lp, (emitted, lp[emitted]), prefix,
-                                                             s_text, p_text, src2piv, len(p_tok))
+                                                             Projector(s_text, p_text, src2piv), len(p_tok))
                     exact = {int(i): float(np.exp(x)) for i, x in zip(ids, out_lp.astype(np.float64), strict=True) if np.isfinite(x)}
                     assert exact.keys() == want.keys()
                     assert max(abs(exact[i] - want[i]) for i in want) < 1e-5
