@@ -267,3 +267,55 @@ def test_projection_equals_the_full_softmax_reference(scored, pair, tmp_path):
                 assert max(abs(got[i] - want[i]) for i in want) < 2e-3
     print(pair, checked)
     assert checked["exact"] > 5 and checked["top-k"] > 5
+
+
+def synthetic_row(tokenizer, row: dict, k: int, seed: int):
+    """A logit-store row of ``row`` under the tokenizer's own template, with top-K lists of
+    the actual next token (probability 0.6) and random other ids (what alignment reads)."""
+    from fusion.artifacts.logit_store import SequenceLogits
+
+    enc = encode(tokenizer, row, "own")
+    ids, mask = np.asarray(enc.input_ids), np.asarray(enc.loss_mask, dtype=bool)
+    pos = np.flatnonzero(mask[1:])
+    rng = np.random.default_rng(seed)
+    top = np.stack([rng.choice(len(tokenizer), k, replace=False) for _ in pos])
+    for r, t in enumerate(pos):  # the actual next token first, once
+        top[r] = [ids[t + 1], *[v for v in top[r] if v != ids[t + 1]][: k - 1]]
+    lps = np.log(np.r_[0.6, np.full(k - 1, 0.4 / (k - 1))])[None].repeat(len(pos), 0)
+    return SequenceLogits(row["id"], ids, mask, np.asarray(enc.token_offsets, dtype=np.int32).reshape(-1, 2),
+                          np.asarray(enc.reply_spans, dtype=np.int32).reshape(-1, 2), top,
+                          lps.astype(np.float16), lps[:, 0].astype(np.float32), 1.0)
+
+
+def test_the_closing_token_pairs_with_the_sources_own_end_of_turn(metaspace_tokenizer):
+    """A ChatML source whose eos is not its closing '<|im_end|>' (as Llama-3's '<|eot_id|>'):
+    its closing distribution still predicts the pivot's '</s>', although the vocabulary map
+    sends '<|im_end|>' elsewhere."""
+    from fusechat_merge.demo.toy import byte_level_tokenizer
+    from fusion.align_job import Tokenizers, align_sequence
+    from fusion.projection import boundary_plan
+    from fusion.vocab_map import build_vocab_map
+
+    source = byte_level_tokenizer()
+    source.eos_token = "<|endoftext|>"
+    source.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    closing = source.convert_tokens_to_ids("<|im_end|>")
+    p_voc, s_voc = vocabulary(metaspace_tokenizer), vocabulary(source)
+    src2piv = build_vocab_map(s_voc, p_voc, mode="em").src2piv
+    assert src2piv[closing] != metaspace_tokenizer.eos_token_id
+    row = unicode_conversations(1)[0]
+    p_seq, s_seq = synthetic_row(metaspace_tokenizer, row, 6, 0), synthetic_row(source, row, 6, 1)
+    projector = Projector(PieceBytes.build(s_voc.pieces, s_voc.byte_piece),
+                          PieceBytes.build(p_voc.pieces, p_voc.byte_piece), src2piv)
+    columns, stats = align_sequence(
+        p_seq, s_seq, src2piv, 6, lambda p, s: projection_plan(p, s, offsets_alignment(p, s), projector.pivot,
+                                                               projector.source),
+        Tokenizers((p_voc.texts, s_voc.texts), projector))
+    cat = categories(token_view(encode(metaspace_tokenizer, row, "own"), p_voc), p_seq.positions + 1)
+    ids = columns["src_topk_ids"].reshape(-1, 6)
+    lps = columns["src_topk_logprobs"].reshape(-1, 6).astype(np.float64)
+    assert (cat == CLOSING).sum() == 2 and (columns["src_rule"][cat == CLOSING] == BOUNDARY).all()
+    for j in np.flatnonzero(cat == CLOSING):
+        assert ids[j, 0] == metaspace_tokenizer.eos_token_id and np.exp(lps[j, 0]) == pytest.approx(0.6, abs=1e-3)
+    assert stats.counts[CLOSING].sum() == 2
+    assert boundary_plan(np.array([-1, 3])).rule.tolist() == [FALLBACK, BOUNDARY]
