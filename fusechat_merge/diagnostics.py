@@ -75,7 +75,8 @@ def mince_picks(aligned: str | Path, skills: Sequence[str]) -> dict[str, Any]:
     pivot_ce = [float(x) for x in data["seq_ce"]]
     source_ce = [float(x) for x in data["src_seq_ce"]]
     gold = [np.asarray(x, dtype=np.float64) for x in data["src_target_logprobs"]]
-    rules = [np.asarray(x, dtype=np.int64) for x in data["src_rule"]]
+    rules = [np.asarray(x, dtype=np.int64) for x in data["src_rule" if "src_rule" in data.column_names
+                                                             else "src_aligned"]]
     out: dict[str, Any] = {}
     for skill in [*skills, "all"]:
         rows = [i for i, name in enumerate(ids) if skill == "all" or name.startswith(skill)]

@@ -6,9 +6,10 @@ Two steps, both pure functions here (`align_stores` in `fusion.align_job` does t
    aligned, not input tokens: pivot position j and source position i correspond when the
    pivot token j + 1 and the source token i + 1 *start at the same character* of the same
    assistant reply. Where the pivot's next token starts inside a source token (no source
-   token boundary there), no source distribution predicts it. Template whitespace just
-   before a reply (Llama's space, ChatML's newline) is each template's own text: it pairs
-   only with the same text on the other side.
+   token boundary there), no source distribution predicts it directly; `fusion.projection`
+   conditions the one that predicted that source token on what it already emitted.
+   Template whitespace just before a reply (Llama's space, ChatML's newline) is each
+   template's own text: it pairs only with the same text on the other side.
 
    * ``offsets`` (default) reads the character spans stored with each token: exact.
    * ``dtw`` aligns the decoded token strings of each reply by edit-distance DTW

@@ -1,7 +1,7 @@
 """The aligned store: a pivot logit store plus a source's distribution per pivot position.
 
 Written by `fusion.align_job`, read by `fusion.trainer`. The pivot's own columns are those
-of the logit store (`fusion.artifacts.logit_store`, docs/logit-store.md); these five are
+of the logit store (`fusion.artifacts.logit_store`, docs/logit-store.md); these six are
 added, per pivot trained position unless noted:
 
 * ``src_topk_ids`` / ``src_topk_logprobs`` (P×K): the source distribution in pivot ids,
@@ -12,7 +12,8 @@ added, per pivot trained position unless noted:
   token (-inf when outside the kept entries, NaN where not aligned), for token-level MinCE;
 * ``src_seq_ce`` (per sequence): the source's own sequence cross-entropy (the MinCE metric);
 * ``src_rule`` (P, uint8): how the position got its distribution (`fusion.projection.RULES`:
-  0 fallback, 1 boundary, 2 projected).
+  0 fallback, 1 boundary, 2 projected); a store written before it existed reads as
+  ``src_aligned`` (boundary where aligned).
 
 Each shard keeps its alignment statistics (`fusion.align_stats.AlignStats`) in its Arrow
 schema metadata, so a resumed run does not align finished shards again. The manifest's
@@ -108,5 +109,11 @@ class AlignedStore(LogitStore):
             src_aligned=np.asarray(row["src_aligned"], dtype=bool),
             src_target_logprobs=np.asarray(row["src_target_logprobs"], dtype=np.float32),
             src_seq_ce=float(row["src_seq_ce"]),
-            src_rule=np.asarray(row["src_rule"], dtype=np.uint8),
+            src_rule=rules_of(row),
         )
+
+
+def rules_of(row: Mapping[str, Any]) -> np.ndarray:
+    """A row's ``src_rule``, or for a store written before that column, ``src_aligned`` as
+    rules (1 = boundary where aligned, 0 = fallback)."""
+    return np.asarray(row["src_rule"] if "src_rule" in row else row["src_aligned"], dtype=np.uint8)
