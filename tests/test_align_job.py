@@ -188,3 +188,11 @@ def test_resume_reads_the_statistics_kept_with_each_shard(stores, tmp_path, monk
     assert calls == {"aligned": second.shards[-1]["sequences"], "vocabulary": 2}
     assert second.alignment["statistics"] == first.alignment["statistics"]
     assert all((tmp_path / "a" / name).read_bytes() == data for name, data in kept.items())
+
+
+def test_a_store_without_rules_reads_its_aligned_flags_as_rules():
+    from fusion.artifacts.aligned_store import rules_of
+    from fusion.projection import BOUNDARY, FALLBACK
+
+    assert rules_of({"src_aligned": np.array([True, False])}).tolist() == [BOUNDARY, FALLBACK]
+    assert rules_of({"src_rule": np.array([2, 0]), "src_aligned": np.array([True, False])}).tolist() == [2, 0]
