@@ -60,6 +60,12 @@ class PieceBytes:
                 by_bytes.setdefault(pieces[i], i)
         return cls(list(pieces), lengths, by_bytes, int(lengths.max(initial=0)))
 
+    def sizes(self, ids: np.ndarray) -> np.ndarray:
+        """Byte length of each id's piece; -1 for a special token or an id past the vocabulary
+        (a model's padded rows)."""
+        inside = ids < len(self.lengths)
+        return np.where(inside, self.lengths[np.where(inside, ids, 0)], -1)
+
     def first_token(self, rest: bytes) -> int:
         """The id of the longest piece that ``rest`` starts with, or -1."""
         for n in range(min(len(rest), self.longest), 0, -1):
@@ -93,7 +99,7 @@ def byte_starts(
     starts = np.full(len(tokens), _UNKNOWN, dtype=np.int64)
     spelled: dict[int, bytes] = {}
     ids = view.input_ids[tokens]
-    lengths = np.where(ids < len(text.lengths), text.lengths[np.minimum(ids, len(text.lengths) - 1)], -1)
+    lengths = text.sizes(ids)
     for r in np.unique(reply[reply >= 0]):
         members = np.flatnonzero(reply == r)
         special = np.flatnonzero(lengths[members] < 0)
@@ -147,8 +153,7 @@ def projection_plan(
     alike = np.array(sorted(first), dtype=np.int64)
     lowest = np.array([first.get(int(r), 0) for r in p_reply], dtype=np.int64)
     decide = np.flatnonzero(np.isin(p_reply, alike) & (p_start >= lowest))
-    s_ids = source.input_ids[s_tok]
-    s_len = np.where(s_ids < len(src_text.lengths), src_text.lengths[np.minimum(s_ids, len(src_text.lengths) - 1)], -1)
+    s_len = src_text.sizes(source.input_ids[s_tok])
     usable = np.flatnonzero(np.isin(s_reply, alike) & (s_start != _UNKNOWN) & (s_len > 0))
     if not len(decide) or not len(usable):
         return plan
