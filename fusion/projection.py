@@ -97,7 +97,7 @@ def byte_starts(
     """
     reply, rel = reply_keys(view, tokens)
     starts = np.full(len(tokens), _UNKNOWN, dtype=np.int64)
-    spelled: dict[int, bytes] = {}
+    spelled: dict[int, tuple[bytes, bytes]] = {}
     ids = view.input_ids[tokens]
     lengths = text.sizes(ids)
     for r in np.unique(reply[reply >= 0]):
