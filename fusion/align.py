@@ -33,6 +33,7 @@ these cases; a one-hot would teach certainty the source never expressed).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -212,22 +213,24 @@ def map_distribution(
 
 def merge_distribution(mapped: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Entries already in pivot ids: merge duplicates by log-sum-exp, renormalise, keep the
-    best ``k`` (ties keep the given order); padded with id 0 and -inf."""
-    lp = np.asarray(logprobs, dtype=np.float64)
+    best ``k`` (ties keep the given order); padded with id 0 and -inf.
+
+    Plain Python: a top-K list is a handful of entries, where numpy's per-call overhead
+    would be most of the alignment's time."""
     out_ids = np.zeros(k, dtype=np.int64)
     out_lp = np.full(k, -np.inf, dtype=np.float32)
     if not len(mapped):
         return out_ids, out_lp, 0
-    uniq, first, inverse = np.unique(mapped, return_index=True, return_inverse=True)
-    peak = lp.max()
-    mass = np.zeros(len(uniq))
-    np.add.at(mass, inverse, np.exp(lp - peak))
-    merged = np.log(mass) + peak
-    merged -= np.logaddexp.reduce(merged)  # renormalise over the kept entries
-    order = np.lexsort((first, -merged))[:k]
-    n = len(order)
-    out_ids[:n] = uniq[order]
-    out_lp[:n] = merged[order]
+    lps = np.asarray(logprobs, dtype=np.float64).tolist()
+    peak = max(lps)
+    mass: dict[int, float] = {}  # insertion order: first occurrence, for ties
+    for pid, lp in zip(np.asarray(mapped).tolist(), lps, strict=True):
+        mass[pid] = mass.get(pid, 0.0) + math.exp(lp - peak)
+    total = sum(mass.values())
+    best = sorted(mass, key=mass.__getitem__, reverse=True)[:k]  # stable: ties keep the order
+    n = len(best)
+    out_ids[:n] = best
+    out_lp[:n] = [math.log(mass[pid] / total) for pid in best]
     return out_ids, out_lp, n
 
 
