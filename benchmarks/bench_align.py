@@ -12,11 +12,11 @@ aligned position by position:
 It prints aligned pivot tokens per second for each, the dtw/plain ratio (target ≥ 50×),
 whether offsets reaches 1M tokens/s, and how often offsets and dtw agree.
 
-Then the byte-prefix projection (`fusion.projection`): whole sequences aligned by
-`fusion.align_job.align_sequence` (positions and distributions) with ``offsets`` and
-projection off, then on, side by side on the same stores (the tests' tokenizer pairs, both
-directions, under one template; top-K lists of the gold token plus random ids, K = 10), on
-the reply corpus and on a numeral-heavy one. It prints coverage with and without, time per
+Then the byte-prefix projection (`fusion.projection`): `fusechat-merge align` end to end
+(`fusion.align_job.align_stores`: read the stores, align, write the aligned store) with
+``offsets`` and projection off, then on, side by side on the same stores on disk (the tests'
+tokenizer pairs, both directions, under one template; top-K lists of the gold token plus
+random ids, K = 10), on the reply corpus and on a numeral-heavy one. It prints coverage with and without, time per
 million pivot tokens, the time ratio (target ≤ 1.5×) and the aligned shard's growth over
 today's columns (target ≤ 10%). Run:
 
@@ -134,12 +134,26 @@ NUMERAL_SENTENCES = (
 )
 
 
-def stores_of(tokenizer, texts: list[str], k: int, seed: int) -> list:
-    """In-memory logit-store rows: the conversations rendered under one template, with top-K
-    lists of the actual next token plus random ids (what alignment reads; no model needed)."""
-    from fusion.artifacts.logit_store import SequenceLogits
+def write_store(root, name: str, tokenizer, texts: list[str], k: int, seed: int):
+    """A logit store on disk of the conversations rendered under one template, with top-K
+    lists of the actual next token plus random ids (what alignment reads; no model needed).
+    The tokenizer is saved beside it, as a model directory would hold it."""
+    from transformers import AutoTokenizer
+
+    from fusion.artifacts.logit_store import (
+        SequenceLogits,
+        StoreOptions,
+        finish_run,
+        id_type_for,
+        shard_name,
+        tokenizer_fingerprint,
+        write_shard,
+    )
     from fusion.data import Turn, render
 
+    model = root / f"tokenizer-{name}"
+    tokenizer.save_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
     rng = np.random.default_rng(seed)
     rows = []
     for i, text in enumerate(texts):
@@ -153,24 +167,26 @@ def stores_of(tokenizer, texts: list[str], k: int, seed: int) -> list:
         lps = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True) - 0.1
         rows.append(SequenceLogits(f"c{i}", ids, mask, np.asarray(enc.token_offsets, dtype=np.int32).reshape(-1, 2),
                                    np.asarray(enc.reply_spans, dtype=np.int32).reshape(-1, 2), top,
-                                   lps.astype(np.float16), lps[:, 0].astype(np.float32), 1.0))
-    return rows
+                                   lps.astype(np.float16), lps[:, 0].astype(np.float32), 1.0, f"row-{i}"))
+    out = root / f"store-{name}"
+    out.mkdir()
+    options = StoreOptions(model=str(model), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                           vocab_size=len(tokenizer), template="shared", top_k=k, max_length=4096, backend="hf",
+                           dtype="float32", data="bench")
+    write_shard(out / shard_name(0), rows, id_type_for(len(tokenizer)))
+    finish_run(out, options, {})
+    return out
 
 
 def bench_projection(conversations: int, words: int) -> None:
+    import shutil
     import tempfile
     from pathlib import Path
 
     import pyarrow as pa
 
     from fusechat_merge.demo.toy import make_tokenizer
-    from fusion.align import offsets_alignment
-    from fusion.align_job import Tokenizers, align_sequence
-    from fusion.align_stats import AlignStats
-    from fusion.artifacts.aligned_store import write_aligned_shard
-    from fusion.artifacts.logit_store import write_shard
-    from fusion.projection import PieceBytes, Projector, boundary_plan, projection_plan
-    from fusion.vocab_map import build_vocab_map, vocabulary
+    from fusion.align_job import AlignJob, align_stores
 
     k = 10
     tokenizers = {"metaspace": make_tokenizer("metaspace"), "bytelevel": make_tokenizer("bytelevel"),
@@ -179,49 +195,41 @@ def bench_projection(conversations: int, words: int) -> None:
     corpora = {"replies": [reply(i, words // 4) for i in range(conversations)],
                "numerals": [reply(i, words // 4, NUMERAL_SENTENCES) for i in range(conversations)]}
     pairs = [("metaspace", "bytelevel"), ("bytelevel", "metaspace"), ("digits-1", "digits-3"), ("digits-3", "digits-1")]
-    print(f"\nprojection: {conversations} conversations per corpus, K = {k}, one template for both models")
+    print(f"\nprojection: {conversations} conversations per corpus, K = {k}, one template for both models, "
+          "`align` end to end on stores on disk (vocab mode em), best of three")
     print(f"{'pair':<24}{'corpus':<10}{'coverage off':>13}{'on':>8}{'s/M tok off':>13}{'on':>8}{'ratio':>7}{'growth':>8}")
     worst_ratio = worst_growth = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        for pivot, source in pairs:
-            p_voc, s_voc = vocabulary(tokenizers[pivot]), vocabulary(tokenizers[source])
-            src2piv = build_vocab_map(s_voc, p_voc, mode="em").src2piv
-            projector = Projector(PieceBytes.build(s_voc.pieces, s_voc.byte_piece),
-                                  PieceBytes.build(p_voc.pieces, p_voc.byte_piece), src2piv)
-            sides = Tokenizers((p_voc.texts, s_voc.texts), projector)
-            planners = {
-                "off": lambda p, s: boundary_plan(offsets_alignment(p, s)),
-                "on": lambda p, s, pr=projector: projection_plan(p, s, offsets_alignment(p, s), pr.pivot, pr.source),
-            }
-            for corpus, texts in corpora.items():
-                piv_rows, src_rows = stores_of(tokenizers[pivot], texts, k, 0), stores_of(tokenizers[source], texts, k, 1)
-                tokens = sum(len(r.positions) for r in piv_rows)
-                seconds, coverage, sizes, outputs = {}, {}, {}, {}
-                for _ in range(5):  # best of five, alternating: least disturbed by the machine
-                    for mode, plan_of in planners.items():
+        for corpus, texts in corpora.items():
+            root = Path(tmp) / corpus
+            root.mkdir()
+            stores = {name: write_store(root, name, tok, texts, k, seed)
+                      for seed, (name, tok) in enumerate(tokenizers.items())}
+            for pivot, source in pairs:
+                seconds, manifests = {}, {}
+                for _ in range(3):  # alternating, best of three: least disturbed by the machine
+                    for mode in ("off", "on"):
+                        out = root / f"aligned-{mode}"
+                        shutil.rmtree(out, ignore_errors=True)
                         start = time.perf_counter()
-                        out = [align_sequence(p, s, src2piv, k, plan_of, sides)
-                               for p, s in zip(piv_rows, src_rows, strict=True)]
+                        manifests[mode] = align_stores(
+                            AlignJob(pivot=str(stores[pivot]), source=str(stores[source]), out=str(out),
+                                     projection=mode, vocab_mode="em"), progress=False, log=lambda _: None)
                         seconds[mode] = min(seconds.get(mode, np.inf), time.perf_counter() - start)
-                        outputs[mode] = out
-                for mode, out in outputs.items():
-                    totals = AlignStats()
-                    for _, stats in out:
-                        totals.add(stats)
-                    coverage[mode] = totals.summary()["aligned_fraction"]
-                    sizes[mode] = write_aligned_shard(Path(tmp) / f"{mode}.arrow", piv_rows, [c for c, _ in out],
-                                                      "uint16", totals.to_json())
-                # today's aligned shard: the same columns without src_rule and the statistics
-                columns = [c for c, _ in outputs["on"]]
-                old = {name: (dtype, [c[name] for c in columns]) for name, dtype in (
-                    ("src_topk_ids", pa.list_(pa.uint16())), ("src_topk_logprobs", pa.list_(pa.float16())),
-                    ("src_aligned", pa.list_(pa.bool_())), ("src_target_logprobs", pa.list_(pa.float32())),
-                    ("src_seq_ce", pa.float32()))}
-                old["src_topk_ids"] = (old["src_topk_ids"][0], [np.asarray(v).astype(np.uint16) for v in old["src_topk_ids"][1]])
-                today = write_shard(Path(tmp) / "today.arrow", piv_rows, "uint16", old)
-                ratio, growth = seconds["on"] / seconds["off"], sizes["on"] / today - 1
+                tokens = manifests["on"].alignment["statistics"]["positions"]
+                coverage = {m: manifests[m].alignment["statistics"]["aligned_fraction"] for m in manifests}
+                # today's aligned shard: the same table without src_rule and the statistics
+                shard = root / "aligned-on" / manifests["on"].shards[0]["file"]
+                with pa.memory_map(str(shard)) as source_file:
+                    table = pa.ipc.open_stream(source_file).read_all()
+                table = table.drop_columns(["src_rule"]).replace_schema_metadata(None)
+                with pa.OSFile(str(root / "today.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+                    w.write_table(table)
+                today = (root / "today.arrow").stat().st_size
+                ratio = seconds["on"] / seconds["off"]
+                growth = manifests["on"].shards[0]["bytes"] / today - 1
                 worst_ratio, worst_growth = max(worst_ratio, ratio), max(worst_growth, growth)
-                per_m = {m: s / tokens * 1e6 for m, s in seconds.items()}
+                per_m = {m: t / tokens * 1e6 for m, t in seconds.items()}
                 print(f"{pivot + ' <- ' + source:<24}{corpus:<10}{coverage['off']:>13.1%}{coverage['on']:>8.1%}"
                       f"{per_m['off']:>13.1f}{per_m['on']:>8.1f}{ratio:>6.2f}x{growth:>7.1%}")
     print(f"worst time ratio on/off: {worst_ratio:.2f}x (target <= 1.5x: {'met' if worst_ratio <= 1.5 else 'NOT met'}); "
