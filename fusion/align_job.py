@@ -277,12 +277,17 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
                  "pivot_store": run["pivot_store"], "source_store": run["source_store"],
                  "same_vocabulary": same_vocab, "vocab_map": vocab_info, "statistics": stats}
     manifest = finish_run(out, options, pivot.manifest.skipped, alignment)
-    rules = stats["rules"]
+    rules, projected, by_category = stats["rules"], stats["projection"], stats["by_category"]
+    missed = sum(by_category[c]["positions"] * by_category[c]["fallback"] for c in ("reply", "closing"))
+    replies = sum(by_category[c]["positions"] for c in ("reply", "closing"))
     log(
         f"aligned {len(pivot)} sequences in {time.perf_counter() - started:.1f}s: "
         f"{stats['aligned_fraction']:.1%} of positions aligned ({rules['boundary']:.1%} at a shared "
         f"boundary, {rules['projected']:.1%} projected), {stats['fallback_fraction']:.1%} fall back to "
-        f"the pivot, {stats['mean_entries_kept']:.2f} entries kept on average"
+        f"the pivot ({1 - missed / max(1, replies):.1%} of reply text and closing tokens aligned), "
+        f"{stats['mean_entries_kept']:.2f} entries kept on average"
+        + (f"; projected: {projected['mean_surviving_entries']:.2f} source entries survive on average, "
+           f"residual mass {projected['mean_residual_mass']:.3f}" if projected["positions"] else "")
     )
     return manifest
 
