@@ -4,7 +4,9 @@
   parameters the two share, as one vector), per seed; FuseChat's regime keeps it small;
 * ``alignment``: per source, the share of pivot positions that got a source distribution
   (the aligned store manifest's statistics);
-* ``mince``: per source and skill, how often MinCE picks the source over the pivot
+* ``mince``: per source and skill, how each pivot position got its source distribution
+  (`rule_shares`: at a shared token boundary, projected from inside a source token, or
+  none, falling back to the pivot's own), how often MinCE picks the source over the pivot
   (sequence CE of the source below the pivot's; ties go to the pivot, as in
   `fusion.losses.mince_choice`); a sequence's skill is the skill its id starts with; and
   where it does, the *gold mass*: the probability the source's distribution gives the gold
@@ -64,6 +66,8 @@ def mince_picks(aligned: str | Path, skills: Sequence[str]) -> dict[str, Any]:
     pivot_ce = [float(x) for x in data["seq_ce"]]
     source_ce = [float(x) for x in data["src_seq_ce"]]
     gold = [np.asarray(x, dtype=np.float64) for x in data["src_target_logprobs"]]
+    rules = [np.asarray(x, dtype=np.int64) for x in data["src_rule" if "src_rule" in data.column_names
+                                                             else "src_aligned"]]
     out: dict[str, Any] = {}
     for skill in [*skills, "all"]:
         rows = [i for i, name in enumerate(ids) if skill == "all" or name.startswith(skill)]
@@ -74,8 +78,20 @@ def mince_picks(aligned: str | Path, skills: Sequence[str]) -> dict[str, Any]:
         out[skill] = {"sequences": len(rows), "source_picked": sum(picks) / len(rows),
                       "pivot_ce": statistics.fmean(pivot_ce[i] for i in rows),
                       "source_ce": _nanmean([source_ce[i] for i in rows]),
-                      "gold_mass": gold_mass(picked)}
+                      "gold_mass": gold_mass(picked), "rules": rule_shares([rules[i] for i in rows])}
     return out
+
+
+def rule_shares(rules: Sequence[np.ndarray]) -> dict[str, float] | None:
+    """Share of pivot positions per alignment rule (`fusion.projection.RULES`), over the
+    given sequences' ``src_rule`` columns; None without positions."""
+    from fusion.projection import RULES
+
+    values = np.concatenate(rules) if rules else np.zeros(0, dtype=np.int64)
+    if not len(values):
+        return None
+    counts = np.bincount(values, minlength=len(RULES))
+    return {rule: float(counts[i]) / len(values) for i, rule in enumerate(RULES)}
 
 
 def gold_mass(target_logprobs: Sequence[np.ndarray]) -> float | None:
@@ -151,17 +167,21 @@ def format_diagnostics(diagnostics: Mapping[str, Any]) -> str:
         lines.append(f"| {name} | {u['mean']:.4f} ± {u['std']:.4f} | {mean(parts, 'clm_loss', 4)} | "
                      f"{mean(parts, 'fuse_loss', 4)} | {mean(parts, 'fuse_share', 3)} | "
                      f"{mean(parts, 'fuse_grad_share', 3)} | {mean(parts, 'grad_cosine', 3)} |")
-    lines += ["", "Alignment and MinCE per source (MinCE: share of sequences where the source's "
+    lines += ["", "Alignment and MinCE per source and skill (the pivot positions whose source distribution "
+              "comes from a shared token boundary, is projected from inside a source token, or is missing, "
+              "so that the pivot's own stands in; MinCE: share of sequences where the source's "
               "sequence CE is below the pivot's, so that its distribution is the fusion target; gold mass: "
               "the mean probability that target gives the gold next token, 1 = the same as the CLM term):", "",
-              "| source | aligned positions | skill | sequences | source picked | pivot CE | source CE | gold mass |",
-              "|---|---:|---|---:|---:|---:|---:|---:|"]
+              "| source | skill | sequences | boundary | projected | fallback | source picked | pivot CE | "
+              "source CE | gold mass |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for source, per_skill in diagnostics.get("mince", {}).items():
-        aligned = diagnostics.get("alignment", {}).get(source, {}).get("aligned_fraction")
-        share = "-" if aligned is None else f"{aligned:.1%}"
         for skill, m in per_skill.items():
             src = "-" if m["source_ce"] is None else f"{m['source_ce']:.3f}"
             mass = "-" if m.get("gold_mass") is None else f"{m['gold_mass']:.3f}"
-            lines.append(f"| {source} | {share} | {skill} | {m['sequences']} | {m['source_picked']:.1%} | "
+            rules = m.get("rules") or {}
+            shares = " | ".join("-" if rule not in rules else f"{rules[rule]:.1%}"
+                                for rule in ("boundary", "projected", "fallback"))
+            lines.append(f"| {source} | {skill} | {m['sequences']} | {shares} | {m['source_picked']:.1%} | "
                          f"{m['pivot_ce']:.3f} | {src} | {mass} |")
     return "\n".join(lines)

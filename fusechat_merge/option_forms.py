@@ -10,10 +10,10 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from fusion.options import bounds, option_fields
 
@@ -109,6 +109,8 @@ def recipe_section(cls: type, *, exclude: Sequence[str] = (), name: str | None =
             annotation = Literal[tuple(meta["choices"])]  # type: ignore[valid-type]
             if f.default is None:
                 annotation = annotation | None
+            if {"on", "off"} <= set(meta["choices"]):
+                annotation = Annotated[annotation, BeforeValidator(_switch_word)]
         limits: dict[str, Any] = {}
         if meta["min"] is not None:
             limits["gt" if meta["min_open"] else "ge"] = meta["min"]
@@ -117,3 +119,8 @@ def recipe_section(cls: type, *, exclude: Sequence[str] = (), name: str | None =
         fields[f.name] = (annotation, Field(f.default, description=meta["help"], **limits))
     return create_model(name or f"{cls.__name__}Section",
                         __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+def _switch_word(value: Any) -> Any:
+    """YAML reads an unquoted ``on``/``off`` as a boolean: give it back as the word."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value

@@ -6,9 +6,10 @@ Two steps, both pure functions here (`align_stores` in `fusion.align_job` does t
    aligned, not input tokens: pivot position j and source position i correspond when the
    pivot token j + 1 and the source token i + 1 *start at the same character* of the same
    assistant reply. Where the pivot's next token starts inside a source token (no source
-   token boundary there), no source distribution predicts it. Template whitespace just
-   before a reply (Llama's space, ChatML's newline) is each template's own text: it pairs
-   only with the same text on the other side.
+   token boundary there), no source distribution predicts it directly; `fusion.projection`
+   conditions the one that predicted that source token on what it already emitted.
+   Template whitespace just before a reply (Llama's space, ChatML's newline) is each
+   template's own text: it pairs only with the same text on the other side.
 
    * ``offsets`` (default) reads the character spans stored with each token: exact.
    * ``dtw`` aligns the decoded token strings of each reply by edit-distance DTW
@@ -32,6 +33,7 @@ these cases; a one-hot would teach certainty the source never expressed).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -193,31 +195,42 @@ def _strip(piece: str, marker: str) -> str:
 
 
 def map_distribution(
-    ids: np.ndarray, logprobs: np.ndarray, src2piv: np.ndarray, k: int
+    ids: np.ndarray, logprobs: np.ndarray, src2piv: np.ndarray, k: int, closing: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One source top-K list → pivot ids: map, merge duplicates by log-sum-exp, renormalise.
 
-    Returns (ids, logprobs) padded to ``k`` with id 0 and -inf, best first, and the number
-    of kept entries.
+    ``closing`` = (source id, pivot id) pairs the source's own end-of-turn token with the
+    pivot's at a closing position, whatever the vocabulary map says (Llama-3's
+    '<|eot_id|>' is not its eos). Returns (ids, logprobs) padded to ``k`` with id 0 and
+    -inf, best first, and the number of kept entries.
     """
-    lp = logprobs.astype(np.float64)
-    valid = np.isfinite(lp)
+    valid = np.isfinite(logprobs)
     mapped = src2piv[ids[valid]]
-    lp = lp[valid]
+    if closing is not None:
+        mapped = np.where(ids[valid] == closing[0], closing[1], mapped)
+    return merge_distribution(mapped, logprobs[valid], k)
+
+
+def merge_distribution(mapped: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Entries already in pivot ids: merge duplicates by log-sum-exp, renormalise, keep the
+    best ``k`` (ties keep the given order); padded with id 0 and -inf.
+
+    Plain Python: a top-K list is a handful of entries, where numpy's per-call overhead
+    would be most of the alignment's time."""
     out_ids = np.zeros(k, dtype=np.int64)
     out_lp = np.full(k, -np.inf, dtype=np.float32)
     if not len(mapped):
         return out_ids, out_lp, 0
-    uniq, first, inverse = np.unique(mapped, return_index=True, return_inverse=True)
-    peak = lp.max()
-    mass = np.zeros(len(uniq))
-    np.add.at(mass, inverse, np.exp(lp - peak))
-    merged = np.log(mass) + peak
-    merged -= np.logaddexp.reduce(merged)  # renormalise over the kept entries
-    order = np.lexsort((first, -merged))[:k]  # ties keep the source's order
-    n = len(order)
-    out_ids[:n] = uniq[order]
-    out_lp[:n] = merged[order]
+    lps = np.asarray(logprobs, dtype=np.float64).tolist()
+    peak = max(lps)
+    mass: dict[int, float] = {}  # insertion order: first occurrence, for ties
+    for pid, lp in zip(np.asarray(mapped).tolist(), lps, strict=True):
+        mass[pid] = mass.get(pid, 0.0) + math.exp(lp - peak)
+    total = sum(mass.values())
+    best = sorted(mass, key=mass.__getitem__, reverse=True)[:k]  # stable: ties keep the order
+    n = len(best)
+    out_ids[:n] = best
+    out_lp[:n] = [math.log(mass[pid] / total) for pid in best]
     return out_ids, out_lp, n
 
 

@@ -7,7 +7,7 @@ shard, like the logit step.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from fusion.align import (
     offsets_alignment,
     token_pairs,
 )
-from fusion.artifacts.aligned_store import write_aligned_shard
+from fusion.align_stats import AlignStats
+from fusion.artifacts.aligned_store import shard_statistics, write_aligned_shard
 from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
@@ -37,6 +38,18 @@ from fusion.artifacts.provenance import check_outputs, store_fingerprint
 from fusion.artifacts.records import locked, removed_unless
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 from fusion.options import METHODS, AlignOptions
+from fusion.projection import (
+    CLOSING,
+    FALLBACK,
+    PROJECTED,
+    PieceBytes,
+    Plan,
+    Projector,
+    boundary_plan,
+    categories,
+    project_distribution,
+    projection_plan,
+)
 
 
 @dataclass(kw_only=True)
@@ -48,7 +61,7 @@ class AlignJob(AlignOptions):
     out: str
 
 
-def view(seq: SequenceLogits, texts: Sequence[str] | None = None) -> TokenView:
+def view(seq: SequenceLogits, texts: Sequence[Hashable] | None = None) -> TokenView:
     """The aligner's view of a stored sequence; ``texts`` are its tokenizer's piece texts."""
     return TokenView(seq.input_ids, seq.loss_mask, seq.token_offsets, seq.reply_spans, texts)
 
@@ -97,33 +110,35 @@ def load_tokenizer(store: LogitStore):
     return tok
 
 
-def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_tok, src_tok, out: Path):
-    """Load the given map (checked against both tokenizers) or build one from this corpus."""
-    from fusion.vocab_map import CooccurrenceCounts, VocabMap, build_vocab_map, piece_texts
+@dataclass(frozen=True)
+class Tokenizers:
+    """What alignment reads of the two tokenizers, built once per run: piece texts (pivot
+    first; None: same tokenizer, ids are texts) and the projector (their piece bytes)."""
 
-    if job.vocab_map:
+    texts: tuple[Sequence[Hashable] | None, Sequence[Hashable] | None] = (None, None)
+    projector: Projector | None = None
+
+
+def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_vocab, src_vocab, out: Path):
+    """Load the given map (checked against both tokenizers) or build one from this corpus;
+    ``*_vocab`` are the tokenizers' `fusion.vocab_map.Vocabulary`."""
+    from fusion.vocab_map import CooccurrenceCounts, VocabMap, build_vocab_map
+
+    if job.vocab_map or (out / VOCAB_MAP_FILE_NAME).exists():
         return VocabMap.load(
-            job.vocab_map,
-            source_fingerprint=source.options.tokenizer_fingerprint,
-            pivot_fingerprint=pivot.options.tokenizer_fingerprint,
-        )
-    cached = out / VOCAB_MAP_FILE_NAME
-    if cached.exists():
-        return VocabMap.load(
-            cached,
+            job.vocab_map or out / VOCAB_MAP_FILE_NAME,
             source_fingerprint=source.options.tokenizer_fingerprint,
             pivot_fingerprint=pivot.options.tokenizer_fingerprint,
         )
     counts = None
     if job.vocab_mode == "ms":
         counts = CooccurrenceCounts(pivot.options.vocab_size, source.options.vocab_size)
-        p_texts, s_texts = piece_texts(piv_tok), piece_texts(src_tok)
         for p_seq, s_seq in zip(pivot, source, strict=True):
-            counts.add(*token_pairs(view(p_seq, p_texts), view(s_seq, s_texts)))
+            counts.add(*token_pairs(view(p_seq, piv_vocab.texts), view(s_seq, src_vocab.texts)))
     vmap = build_vocab_map(
-        src_tok, piv_tok, mode=job.vocab_mode, counts=counts, source_vocab_size=source.options.vocab_size
+        src_vocab, piv_vocab, mode=job.vocab_mode, counts=counts, source_vocab_size=source.options.vocab_size
     )
-    vmap.save(cached)
+    vmap.save(out / VOCAB_MAP_FILE_NAME)
     return vmap
 
 
@@ -132,40 +147,57 @@ def align_sequence(
     s_seq: SequenceLogits,
     src2piv: np.ndarray,
     k: int,
-    positions_of: Callable[[TokenView, TokenView], np.ndarray],
-    texts: tuple[Sequence[str] | None, Sequence[str] | None] = (None, None),
-) -> dict[str, Any]:
-    """The aligned columns of one sequence, plus its counts for the statistics.
+    plan_of: Callable[[TokenView, TokenView], Plan],
+    tokenizers: Tokenizers = Tokenizers(),
+) -> tuple[dict[str, Any], AlignStats]:
+    """The aligned columns of one sequence, and its statistics.
 
-    ``texts`` are the pivot's and the source's piece texts (`fusion.vocab_map.piece_texts`),
-    which pair the template whitespace before a reply only where both sides have the same."""
-    src_for_piv = positions_of(view(p_seq, texts[0]), view(s_seq, texts[1]))
+    ``tokenizers.texts`` pair the template whitespace before a reply only where both sides
+    have the same; ``tokenizers.projector`` is needed where ``plan_of`` projects."""
+    p_view, s_view = view(p_seq, tokenizers.texts[0]), view(s_seq, tokenizers.texts[1])
+    plan = plan_of(p_view, s_view)
+    rule = plan.rule.copy()
     s_index = {int(t): i for i, t in enumerate(s_seq.positions)}
     gold = p_seq.input_ids[p_seq.positions + 1]
-    n = len(src_for_piv)
+    category = categories(p_view, p_seq.positions + 1)
+    s_closing = categories(s_view, s_seq.positions + 1) == CLOSING
+    n = len(plan.source)
     ids = np.zeros((n, k), dtype=np.int64)
     lps = np.full((n, k), -np.inf, dtype=np.float32)
     target = np.full(n, np.nan, dtype=np.float32)
-    kept_total = 0
-    for j, t in enumerate(src_for_piv):
-        if t < 0:
-            continue
-        row = s_index[int(t)]
-        ids[j], lps[j], kept = map_distribution(s_seq.topk_ids[row], s_seq.topk_logprobs[row], src2piv, k)
-        kept_total += kept
+    stats = AlignStats()
+    for j in np.flatnonzero(plan.source >= 0):
+        t = int(plan.source[j])
+        row = s_index[t]
+        emitted = int(s_seq.input_ids[t + 1])
+        if rule[j] == PROJECTED:
+            projector = tokenizers.projector
+            prefix = (projector.source.pieces[emitted] or b"")[: int(plan.prefix[j])]
+            ids[j], lps[j], surviving, residual = project_distribution(
+                s_seq.topk_ids[row], s_seq.topk_logprobs[row], (emitted, float(s_seq.target_logprobs[row])),
+                prefix, projector, k)
+            if not surviving:
+                rule[j] = FALLBACK
+                continue
+            stats.surviving += surviving
+            stats.residual += residual
+        else:
+            closing = (emitted, int(gold[j])) if category[j] == CLOSING and s_closing[row] else None
+            ids[j], lps[j], _ = map_distribution(s_seq.topk_ids[row], s_seq.topk_logprobs[row], src2piv, k, closing)
+        kept = int(np.isfinite(lps[j]).sum())
+        stats.kept += kept
         hit = np.flatnonzero(ids[j, :kept] == gold[j])
         target[j] = lps[j, hit[0]] if len(hit) else -np.inf
-    aligned = src_for_piv >= 0
-    return {
+    np.add.at(stats.counts, (category, rule), 1)
+    columns = {
         "src_topk_ids": ids.reshape(-1),
         "src_topk_logprobs": lps.astype(np.float16).reshape(-1),
-        "src_aligned": aligned,
+        "src_aligned": rule != FALLBACK,
         "src_target_logprobs": target,
         "src_seq_ce": float(s_seq.seq_ce),
-        "_positions": n,
-        "_aligned": int(aligned.sum()),
-        "_kept": kept_total,
+        "src_rule": rule,
     }
+    return columns, stats
 
 
 # The alignment's inputs: what a mismatch with its run record says.
@@ -193,7 +225,7 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
     check_pair(pivot, source)
     options = pivot.options
     run = {**asdict(options), "align_source": str(source.path), "align_method": job.method,
-           "vocab_map": job.vocab_map, "vocab_mode": job.vocab_mode,
+           "align_projection": job.projection, "vocab_map": job.vocab_map, "vocab_mode": job.vocab_mode,
            "pivot_store": store_fingerprint(pivot.path), "source_store": store_fingerprint(source.path)}
     with locked(out), removed_unless(out, has_shards):
         return _align(job, pivot, source, out, run, progress=progress, log=log)
@@ -207,69 +239,76 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     begin_run(out, run, overwrite=job.overwrite, inputs=ALIGNMENT_INPUTS)
     same_vocab = pivot.options.tokenizer_fingerprint == source.options.tokenizer_fingerprint
     k = options.top_k
-    texts: tuple[Sequence[str] | None, Sequence[str] | None] = (None, None)
     if same_vocab:
         src2piv = np.arange(max(pivot.options.vocab_size, source.options.vocab_size), dtype=np.int64)
         vocab_info: dict[str, Any] = {"mode": "identity (same tokenizer)"}
+        tokenizers = Tokenizers()
     else:
-        from fusion.vocab_map import piece_texts
+        from fusion.vocab_map import vocabulary
 
-        piv_tok, src_tok = load_tokenizer(pivot), load_tokenizer(source)
-        texts = (piece_texts(piv_tok), piece_texts(src_tok))
-        vmap = resolve_vocab_map(job, pivot, source, piv_tok, src_tok, out)
+        piv_vocab, src_vocab = vocabulary(load_tokenizer(pivot)), vocabulary(load_tokenizer(source))
+        vmap = resolve_vocab_map(job, pivot, source, piv_vocab, src_vocab, out)
         src2piv = vmap.src2piv
+        tokenizers = Tokenizers((piv_vocab.texts, src_vocab.texts), Projector(
+            PieceBytes.build(src_vocab.pieces, src_vocab.byte_piece),
+            PieceBytes.build(piv_vocab.pieces, piv_vocab.byte_piece), src2piv))
         vocab_info = {"mode": vmap.mode, "file": str(job.vocab_map or out / VOCAB_MAP_FILE_NAME),
                       "exact_fraction": float(np.mean(vmap.exact))}
-    positions_of = _position_aligner(job.method, same_vocab, pivot, source)
+    plan_of = _position_planner(job, same_vocab, tokenizers)
 
     started = time.perf_counter()
-    totals = {"positions": 0, "aligned": 0, "kept": 0}
+    totals = AlignStats()
     start_row = 0
     with tqdm(total=len(pivot), unit="seq", disable=not progress, desc="aligning") as bar:
         for index, shard in enumerate(pivot.manifest.shards):
             rows = range(start_row, start_row + shard["sequences"])
             start_row += shard["sequences"]
             target = out / shard_name(index)
-            columns = [align_sequence(pivot[i], source[i], src2piv, k, positions_of, texts) for i in rows]
-            for c in columns:
-                totals["positions"] += c["_positions"]
-                totals["aligned"] += c["_aligned"]
-                totals["kept"] += c["_kept"]
-            if not target.exists():
-                write_aligned_shard(target, [pivot[i] for i in rows], columns, options.id_type)
+            if target.exists():  # finished by an earlier run: its statistics are kept with it
+                totals.add(AlignStats.from_json(shard_statistics(target)))
+            else:
+                columns, shard_stats = [], AlignStats()
+                for i in rows:
+                    c, seq_stats = align_sequence(pivot[i], source[i], src2piv, k, plan_of, tokenizers)
+                    columns.append(c)
+                    shard_stats.add(seq_stats)
+                write_aligned_shard(target, [pivot[i] for i in rows], columns, options.id_type, shard_stats.to_json())
+                totals.add(shard_stats)
             bar.update(len(rows))
-    stats = {
-        "aligned_fraction": totals["aligned"] / max(1, totals["positions"]),
-        "fallback_fraction": 1 - totals["aligned"] / max(1, totals["positions"]),
-        "mean_entries_kept": totals["kept"] / max(1, totals["aligned"]),
-        "positions": totals["positions"],
-    }
+    stats = totals.summary()
     alignment = {"source": str(source.path), "source_model": source.options.model, "method": job.method,
+                 "projection": job.projection if job.method == "offsets" and not same_vocab else "off",
                  "pivot_store": run["pivot_store"], "source_store": run["source_store"],
                  "same_vocabulary": same_vocab, "vocab_map": vocab_info, "statistics": stats}
     manifest = finish_run(out, options, pivot.manifest.skipped, alignment)
+    rules, projected, by_category = stats["rules"], stats["projection"], stats["by_category"]
+    missed = sum(by_category[c]["positions"] * by_category[c]["fallback"] for c in ("reply", "closing"))
+    replies = sum(by_category[c]["positions"] for c in ("reply", "closing"))
     log(
         f"aligned {len(pivot)} sequences in {time.perf_counter() - started:.1f}s: "
-        f"{stats['aligned_fraction']:.1%} of positions aligned, "
-        f"{stats['fallback_fraction']:.1%} fall back to the pivot, "
+        f"{stats['aligned_fraction']:.1%} of positions aligned ({rules['boundary']:.1%} at a shared "
+        f"boundary, {rules['projected']:.1%} projected), {stats['fallback_fraction']:.1%} fall back to "
+        f"the pivot ({1 - missed / max(1, replies):.1%} of reply text and closing tokens aligned), "
         f"{stats['mean_entries_kept']:.2f} entries kept on average"
+        + (f"; projected: {projected['mean_surviving_entries']:.2f} source entries survive on average, "
+           f"residual mass {projected['mean_residual_mass']:.3f}" if projected["positions"] else "")
     )
     return manifest
 
 
-def _position_aligner(method: str, same_vocab: bool, pivot: LogitStore, source: LogitStore):
+def _position_planner(job: AlignJob, same_vocab: bool, tokenizers: Tokenizers) -> Callable[[TokenView, TokenView], Plan]:
     if same_vocab:
-        return _identity_or_offsets
-    if method == "offsets":
-        return offsets_alignment
-    from fusion.vocab_map import piece_texts
-
+        return lambda p, s: boundary_plan(_identity_or_offsets(p, s))
+    if job.method == "offsets" and job.projection == "on":
+        piv_text, src_text = tokenizers.projector.pivot, tokenizers.projector.source
+        return lambda p, s: projection_plan(p, s, offsets_alignment(p, s), piv_text, src_text)
+    if job.method == "offsets":
+        return lambda p, s: boundary_plan(offsets_alignment(p, s))
     # canonical texts (space marker → ' ', byte pieces decoded) so that 'Ã'+'Ħ' and 'Ä' compare
-    piv_texts = piece_texts(load_tokenizer(pivot))
-    src_texts = piece_texts(load_tokenizer(source))
+    piv_texts, src_texts = tokenizers.texts
 
-    def by_dtw(p: TokenView, s: TokenView) -> np.ndarray:
-        return dtw_alignment(p, s, piv_texts, src_texts, pivot_marker=" ", source_marker=" ")
+    def by_dtw(p: TokenView, s: TokenView) -> Plan:
+        return boundary_plan(dtw_alignment(p, s, piv_texts, src_texts, pivot_marker=" ", source_marker=" "))
 
     return by_dtw
 

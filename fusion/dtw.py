@@ -12,14 +12,11 @@ replaced, instead of ``str.replace('', x)``'s interleaving.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 from rapidfuzz.process import cdist
-
-MARKERS: tuple[str, ...] = ("Ġ", "▁")
 
 # Border value of the accumulated-cost grid: above every finite path cost, and INF plus a path
 # cost still fits the dtype. int32 is used only when the worst path is below INF32 / 2.
@@ -27,12 +24,6 @@ _INF32 = 2**30
 _INF64 = 2**62
 # Below this many string pairs, cdist's thread start costs more than it saves.
 _THREADED_PAIRS = 50_000
-
-
-class HasVocab(Protocol):
-    """What ``space_marker`` needs: any Hugging Face tokenizer has it."""
-
-    def get_vocab(self) -> Mapping[str, int]: ...
 
 
 def _replace(token: str, old: str, new: str) -> str:
@@ -229,17 +220,3 @@ def dtw_align_plain(
             step = _dist(src[i], piv[j], src_marker, piv_marker)
             grid[i + 1][j + 1] = step + min(grid[i][j + 1], grid[i + 1][j], grid[i][j])
     return _backtrack(np.array(grid, dtype=np.int64))
-
-
-def space_marker(tokenizer: HasVocab) -> str:
-    """'Ġ' or '▁', whichever more vocabulary pieces start with; '' if neither does.
-
-    Read from the vocabulary because the tokenizer's class says little: a plain
-    ``PreTrainedTokenizerFast`` can be either kind (spec §11).
-    """
-    counts = dict.fromkeys(MARKERS, 0)
-    for piece in tokenizer.get_vocab():
-        if piece[:1] in counts:
-            counts[piece[:1]] += 1
-    best = max(MARKERS, key=lambda mark: counts[mark])
-    return best if counts[best] > 0 else ""

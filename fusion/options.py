@@ -172,6 +172,7 @@ class LogitOptions:
 # --------------------------------------------------------------------------- align
 
 METHODS = ("offsets", "dtw")
+SWITCH = ("on", "off")
 VOCAB_MODES = ("ms", "em", "mined")
 
 
@@ -181,6 +182,10 @@ class AlignOptions:
 
     method: str = option("offsets", "offsets: exact, from the stored character spans. dtw: the "
                          "paper's edit-distance DTW over token strings.", choices=METHODS)
+    projection: str = option("on", "offsets: where the pivot's next token starts inside a source token, "
+                             "use the source's stored entries that continue the text it already emitted "
+                             "(byte-prefix projection) instead of falling back to the pivot's own "
+                             "distribution. off: fall back, as before.", choices=SWITCH)
     vocab_mode: str = option("ms", "ms: mapping statistics (FuseChat). em: exact match. mined: "
                              "minimum edit distance.", choices=VOCAB_MODES)
     vocab_map: str | None = option(None, "A saved source→pivot vocabulary map (refused if made for "

@@ -55,7 +55,6 @@ to pivot bos and eos where both exist, as in the reference.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -65,14 +64,11 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from fusion.artifacts.atomic import atomic_path
 from fusion.artifacts.logit_store import tokenizer_fingerprint
 from fusion.artifacts.vocab_map_file import MODES, VocabMap
 
 __all__ = ["MODES", "VocabMap", "build_vocab_map"]
 
-COUNTS_FORMAT = "fusechat-cooccurrence-counts"
-FORMAT_VERSION = 1
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _FLUSH_PAIRS = 1 << 22  # pending pairs before CooccurrenceCounts folds them in (memory bound)
 _CDIST_CELLS = 1 << 25  # distance-matrix cells per MinED chunk (128 MiB of int32)
@@ -106,6 +102,23 @@ def bytes_text(data: bytes) -> str:
         )
 
 
+def piece_bytes(piece: str, *, byte_level: bool = False, marker: str | None = "▁") -> bytes | None:
+    """The bytes a raw vocabulary piece stands for (what it adds to the text), or None for a
+    byte-level-vocabulary piece outside the byte alphabet (an added token stored there).
+
+    The byte-prefix projection (`fusion.projection`) compares tokens of two tokenizers by
+    these bytes: a multi-byte character split into byte pieces by one tokenizer is a prefix
+    of the other's whole-character token. Arguments as in :func:`canonical_piece`.
+    """
+    if byte_level:
+        alphabet = byte_level_alphabet()
+        return bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else None
+    byte = _BYTE_PIECE.fullmatch(piece)
+    if byte:
+        return bytes([int(byte.group(1), 16)])
+    return (piece.replace(marker, " ") if marker else piece).encode("utf-8", "surrogatepass")
+
+
 def canonical_piece(piece: str, *, byte_level: bool = False, marker: str | None = "▁") -> str:
     """The text a raw vocabulary piece stands for, comparable across tokenizers.
 
@@ -114,15 +127,8 @@ def canonical_piece(piece: str, *, byte_level: bool = False, marker: str | None 
     marker. Pass special/added tokens through untouched: they are literal text
     (:func:`piece_texts` does).
     """
-    if byte_level:
-        alphabet = byte_level_alphabet()
-        if all(c in alphabet for c in piece):
-            return bytes_text(bytes(alphabet[c] for c in piece))
-        return piece  # not byte-encoded (an added token stored in the vocabulary)
-    byte = _BYTE_PIECE.fullmatch(piece)
-    if byte:
-        return bytes_text(bytes([int(byte.group(1), 16)]))
-    return piece.replace(marker, " ") if marker else piece
+    data = piece_bytes(piece, byte_level=byte_level, marker=marker)
+    return piece if data is None else bytes_text(data)
 
 
 def _nodes(node: Any) -> Iterator[dict]:
@@ -182,6 +188,7 @@ class Vocabulary:
 
     raw: list[str | None]
     texts: list[str]
+    pieces: list[bytes | None]  # bytes of each id (`piece_bytes`); None: special/added or no piece
     special: np.ndarray  # bool (n,)
     byte_piece: np.ndarray  # bool (n,): a '<0xNN>' byte-fallback piece
     bos: int | None
@@ -207,13 +214,12 @@ def vocabulary(tokenizer) -> Vocabulary:
     raw = list(tokenizer.convert_ids_to_tokens(list(range(n))))
     added = {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", {}) or {})}
     special = special_ids(tokenizer)
-    texts = [
-        ""
-        if p is None
-        else p
-        if i in added
-        else canonical_piece(p, byte_level=byte_level, marker=marker)
+    pieces = [
+        None if p is None or i in added else piece_bytes(p, byte_level=byte_level, marker=marker)
         for i, p in enumerate(raw)
+    ]
+    texts = [
+        "" if p is None else p if b is None else bytes_text(b) for p, b in zip(raw, pieces, strict=True)
     ]
     is_byte_piece = [
         not byte_level and p is not None and i not in added and bool(_BYTE_PIECE.fullmatch(p))
@@ -222,6 +228,7 @@ def vocabulary(tokenizer) -> Vocabulary:
     return Vocabulary(
         raw=raw,
         texts=texts,
+        pieces=pieces,
         special=np.array([i in special for i in range(n)], dtype=bool),
         byte_piece=np.array(is_byte_piece, dtype=bool),
         bos=tokenizer.bos_token_id,
@@ -234,6 +241,13 @@ def vocabulary(tokenizer) -> Vocabulary:
 def piece_texts(tokenizer) -> list[str]:
     """Canonical text of every id of ``tokenizer`` ('' for an id without a piece)."""
     return vocabulary(tokenizer).texts
+
+
+def as_vocabulary(tokenizer_or_vocabulary) -> Vocabulary:
+    """A `Vocabulary` as is, a tokenizer read into one (built once per run, then reused)."""
+    if isinstance(tokenizer_or_vocabulary, Vocabulary):
+        return tokenizer_or_vocabulary
+    return vocabulary(tokenizer_or_vocabulary)
 
 
 # --- co-occurrence counts --------------------------------------------------------------
@@ -291,19 +305,6 @@ class CooccurrenceCounts:
         if self._pending_pairs >= _FLUSH_PAIRS:
             self._fold()
 
-    def merge(self, other: CooccurrenceCounts) -> None:
-        """Add another count's pairs (e.g. one counted on another shard of the corpus)."""
-        if (other.pivot_vocab, other.source_vocab) != (self.pivot_vocab, self.source_vocab):
-            raise ValueError(
-                f"counts of shape ({other.source_vocab}, {other.pivot_vocab}) cannot be merged "
-                f"into ({self.source_vocab}, {self.pivot_vocab})"
-            )
-        other._fold()
-        self._fold()
-        self._keys, self._counts = _sum_by_key(
-            np.concatenate([self._keys, other._keys]), np.concatenate([self._counts, other._counts])
-        )
-
     def _fold(self) -> None:
         if not self._pending:
             return
@@ -329,30 +330,6 @@ class CooccurrenceCounts:
             shape=(self.source_vocab, self.pivot_vocab),
             dtype=np.int64,
         )
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write an .npz (atomically: a reader never sees half a file)."""
-        self._fold()
-        with atomic_path(path) as tmp, tmp.open("wb") as f:  # a file: numpy adds no '.npz'
-            np.savez(
-                f,
-                format=np.array(COUNTS_FORMAT),
-                version=np.array(FORMAT_VERSION),
-                vocab=np.array([self.pivot_vocab, self.source_vocab], dtype=np.int64),
-                keys=self._keys,
-                counts=self._counts,
-            )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> CooccurrenceCounts:
-        with np.load(path, allow_pickle=False) as data:
-            if "format" not in data or str(data["format"]) != COUNTS_FORMAT:
-                raise ValueError(f"{path} is not a co-occurrence count file")
-            pivot_vocab, source_vocab = (int(v) for v in data["vocab"])
-            counts = cls(pivot_vocab, source_vocab)
-            counts._keys = data["keys"].astype(np.int64)
-            counts._counts = data["counts"].astype(np.int64)
-        return counts
 
 
 # --- the map ---------------------------------------------------------------------------
@@ -477,14 +454,16 @@ def ms_matches(
 
 
 def build_vocab_map(
-    source_tokenizer,
-    pivot_tokenizer,
+    source_tokenizer: Any,
+    pivot_tokenizer: Any,
     *,
     mode: str = "ms",
     counts: CooccurrenceCounts | None = None,
     source_vocab_size: int | None = None,
 ) -> VocabMap:
     """Map every source id to a pivot id (see the module docstring for the modes).
+
+    The tokenizers may be given as their `Vocabulary` (`as_vocabulary`).
 
     The map covers ``source_vocab_size`` ids (default: ``counts.source_vocab`` if given,
     else ``len(source_tokenizer)``); pass the source model's vocabulary size when it is
@@ -494,7 +473,7 @@ def build_vocab_map(
         raise ValueError(f"unknown vocab map mode {mode!r}; use one of {', '.join(MODES)}")
     if mode == "ms" and counts is None:
         raise ValueError("mode 'ms' needs co-occurrence counts (counts=CooccurrenceCounts)")
-    src, piv = vocabulary(source_tokenizer), vocabulary(pivot_tokenizer)
+    src, piv = as_vocabulary(source_tokenizer), as_vocabulary(pivot_tokenizer)
     n_src = source_vocab_size or (counts.source_vocab if counts is not None else len(src))
     if n_src < len(src):
         raise ValueError(f"the map must cover the source tokenizer's {len(src)} ids, not {n_src}")

@@ -27,6 +27,14 @@ def bytelevel_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def numeral_tokenizers():
+    """(one token per digit, '▁' style; up to three digits per token, byte-level, as Llama-3)."""
+    from fusechat_merge.demo.toy import make_tokenizer
+
+    return make_tokenizer("metaspace", 600, digits="single"), make_tokenizer("bytelevel", 600, digits="triples")
+
+
+@pytest.fixture(scope="session")
 def model_family(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
     """A pivot and three fine-tune-like targets per architecture: {arch: [base, t1, t2, t3]}."""
     from fusechat_merge.demo.toy import make_model

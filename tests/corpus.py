@@ -13,6 +13,16 @@ REPLIES = [
     "def add(a, b):\n    return a + b",
     "Model merging combines the weights of several fine-tuned models.",
 ]
+# CJK, emoji (with a skin-tone modifier), typographic quotes and dashes, ×, ≈, and numerals:
+# where byte-level and byte-fallback tokenizers, and digit-splitting rules, part ways
+UNICODE_REPLIES = [
+    "价格是 1234 元。你好世界！",
+    "“Quotes” — ‘single’ … 3×4≈12, naïve café",
+    "Emoji 😀🎉 👍🏽 ok → done",
+    "In 2024, 365 days × 24 h = 8760 h; 1234567 ≈ 1.23e6.",
+    "東京タワーは 333 m です。",
+    "Total: 19.99 + 250.5 = 270.49 (≈ 270)",
+]
 QUESTIONS = [
     "What is the capital of France?",
     "Compute 2+2 and 12*12.",
@@ -31,6 +41,15 @@ def conversations(n: int) -> list[dict]:
         if i % 3 == 0:
             turns += [{"from": "human", "value": "And again?"}, {"from": "gpt", "value": REPLIES[(i + 1) % 6]}]
         rows.append({"id": f"conv-{i}", "conversations": turns})
+    return rows
+
+
+def unicode_conversations(n: int) -> list[dict]:
+    """Like `conversations`, with replies from ``UNICODE_REPLIES`` and `REPLIES` alternating."""
+    rows = conversations(n)
+    for i, row in enumerate(rows):
+        if i % 2 == 0:
+            row["conversations"][1]["value"] = UNICODE_REPLIES[(i // 2) % len(UNICODE_REPLIES)]
     return rows
 
 

@@ -100,6 +100,10 @@ def test_align_cli_and_vocab_map_reuse(stores, tmp_path):
     assert second.exit_code == 0, second.output
     a, b = AlignedStore(tmp_path / "a"), AlignedStore(tmp_path / "b")
     assert all(np.array_equal(a.aligned(i).src_topk_ids, b.aligned(i).src_topk_ids) for i in range(len(a)))
+    assert "projected" in first.output and a.manifest.alignment["projection"] == "on"
+    off = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "d"), "--projection", "off"])
+    assert off.exit_code == 0, off.output
+    assert AlignedStore(tmp_path / "d").manifest.alignment["projection"] == "off"
     # a map made for other tokenizers is refused
     swapped = CliRunner().invoke(main, ["align", "--pivot", str(stores["source"].path), "--source",
                                         str(stores["pivot"].path), "--out", str(tmp_path / "c"),
@@ -134,3 +138,61 @@ def test_dtw_method_end_to_end_and_agreement_with_offsets(stores, tmp_path):
         total += len(a)
     print(f"offsets and dtw agree on {agree / total:.1%} of {total} pivot positions")
     assert agree / total > 0.7
+
+
+def test_projection_off_keeps_the_character_rule(stores, tmp_path):
+    from fusion.projection import BOUNDARY, FALLBACK
+
+    def run(out: Path, **kw):
+        return align_stores(AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path),
+                                     out=str(out), **kw), progress=False, log=lambda _: None)
+
+    on, off = run(tmp_path / "on"), run(tmp_path / "off", projection="off")
+    s_on, s_off = on.alignment["statistics"], off.alignment["statistics"]
+    assert off.alignment["projection"] == "off" and s_off["rules"]["projected"] == 0
+    assert s_on["rules"]["projected"] > 0 and s_on["aligned_fraction"] > s_off["aligned_fraction"]
+    by_on, by_off = AlignedStore(tmp_path / "on"), AlignedStore(tmp_path / "off")
+    for i in range(len(by_off)):
+        a, b = by_on.aligned(i), by_off.aligned(i)
+        assert set(np.unique(b.src_rule)) <= {FALLBACK, BOUNDARY}
+        assert np.array_equal(b.src_aligned, b.src_rule == BOUNDARY)
+        both = (a.src_rule == BOUNDARY) & (b.src_rule == BOUNDARY)  # the same pairs give the same targets
+        assert np.array_equal(a.src_topk_ids[both], b.src_topk_ids[both])
+
+
+def test_resume_reads_the_statistics_kept_with_each_shard(stores, tmp_path, monkeypatch):
+    """A resumed run aligns only the missing shards (statistics come from the finished ones)
+    and reads each tokenizer's vocabulary once per run."""
+    import fusion.align_job as align_job
+    import fusion.vocab_map as vocab_map
+
+    calls = {"aligned": 0, "vocabulary": 0}
+
+    def counted(name: str, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(align_job, "align_sequence", counted("aligned", align_job.align_sequence))
+    monkeypatch.setattr(vocab_map, "vocabulary", counted("vocabulary", vocab_map.vocabulary))
+    job = AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path), out=str(tmp_path / "a"))
+    first = align_stores(job, progress=False, log=lambda _: None)
+    assert calls == {"aligned": len(stores["pivot"]), "vocabulary": 2}
+    shards = sorted((tmp_path / "a").glob("shard-*.arrow"))
+    kept = {p.name: p.read_bytes() for p in shards[:-1]}
+    (tmp_path / "a" / "manifest.json").unlink()  # as if killed after all but the last shard
+    shards[-1].unlink()
+    calls.update(aligned=0, vocabulary=0)
+    second = align_stores(job, progress=False, log=lambda _: None)
+    assert calls == {"aligned": second.shards[-1]["sequences"], "vocabulary": 2}
+    assert second.alignment["statistics"] == first.alignment["statistics"]
+    assert all((tmp_path / "a" / name).read_bytes() == data for name, data in kept.items())
+
+
+def test_a_store_without_rules_reads_its_aligned_flags_as_rules():
+    from fusion.artifacts.aligned_store import rules_of
+    from fusion.projection import BOUNDARY, FALLBACK
+
+    assert rules_of({"src_aligned": np.array([True, False])}).tolist() == [BOUNDARY, FALLBACK]
+    assert rules_of({"src_rule": np.array([2, 0]), "src_aligned": np.array([True, False])}).tolist() == [2, 0]

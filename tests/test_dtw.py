@@ -17,7 +17,6 @@ from fusion.dtw import (
     dtw_align,
     dtw_align_plain,
     dtw_cost_matrix,
-    space_marker,
 )
 
 SP, BL = "▁", "Ġ"  # SentencePiece and byte-level space markers
@@ -189,19 +188,6 @@ def test_empty_inputs():
             fn([], ["Ġa"], src_marker=SP, piv_marker=BL)
         with pytest.raises(ValueError, match="both sequences non-empty"):
             fn(["▁a"], [], src_marker=SP, piv_marker=BL)
-
-
-def test_space_marker_from_vocabulary(metaspace_tokenizer, bytelevel_tokenizer):
-    assert space_marker(metaspace_tokenizer) == SP
-    assert space_marker(bytelevel_tokenizer) == BL
-
-
-def test_space_marker_defaults_to_none():
-    class CharVocab:
-        def get_vocab(self):
-            return {"a": 0, "b": 1, " ": 2, "<s>": 3}
-
-    assert space_marker(CharVocab()) == ""
 
 
 def test_compiled_grid_equals_numpy_scan():

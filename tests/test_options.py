@@ -25,6 +25,16 @@ def test_an_out_of_range_value_is_refused_by_both_forms_with_the_field_name(fiel
         recipe_section(LogitOptions)(**{field: value})
 
 
+def test_an_unquoted_yaml_switch_reads_as_the_word():
+    import yaml
+
+    section = recipe_section(AlignOptions)
+    assert section(**yaml.safe_load("projection: off")).projection == "off"  # YAML 1.1: False
+    assert section(**yaml.safe_load("projection: on")).projection == "on"
+    with pytest.raises(ValidationError, match="projection"):
+        section(projection="maybe")
+
+
 def test_unknown_recipe_keys_are_refused():
     with pytest.raises(ValidationError, match="topk"):
         recipe_section(AlignOptions)(topk=3)

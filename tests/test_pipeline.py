@@ -215,6 +215,10 @@ def test_baselines_are_stages_trained_and_reported_like_targets(work, metaspace_
     assert -1 <= diagnostics["loss"]["target:qwen"][0]["grad_cosine"] <= 1
     assert diagnostics["mince"]["qwen"]["all"]["sequences"] == 12
     assert diagnostics["alignment"]["qwen"]["aligned_fraction"] > 0
+    # the rule shares per skill add up, and over all sequences they are the manifest's
+    shares = diagnostics["mince"]["qwen"]["all"]["rules"]
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares == pytest.approx({k: diagnostics["alignment"]["qwen"]["rules"][k] for k in shares})
     picks = diagnostics["mince"]["qwen"]["all"]
     assert picks["gold_mass"] is None if picks["source_picked"] == 0 else 0 <= picks["gold_mass"] <= 1
     markdown = (work / "report" / "results.md").read_text()

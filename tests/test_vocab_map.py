@@ -395,25 +395,6 @@ def test_counts_match_dense(monkeypatch, flush):
     assert counts.nnz == np.count_nonzero(dense)
 
 
-def test_counts_merge_and_round_trip(tmp_path):
-    rng = np.random.default_rng(1)
-    a, b, both = CooccurrenceCounts(9, 5), CooccurrenceCounts(9, 5), CooccurrenceCounts(9, 5)
-    for part in (a, b):
-        p, s = rng.integers(0, 9, 40), rng.integers(0, 5, 40)
-        part.add(p, s)
-        both.add(p, s)
-    a.merge(b)
-    np.testing.assert_array_equal(a.matrix().toarray(), both.matrix().toarray())
-    path = tmp_path / "counts.npz"
-    a.save(path)
-    loaded = CooccurrenceCounts.load(path)
-    assert (loaded.pivot_vocab, loaded.source_vocab) == (9, 5)
-    np.testing.assert_array_equal(loaded.matrix().toarray(), both.matrix().toarray())
-    assert [p.name for p in tmp_path.iterdir()] == ["counts.npz"]
-    with pytest.raises(ValueError, match="cannot be merged"):
-        a.merge(CooccurrenceCounts(5, 9))
-
-
 def test_counts_reject_bad_ids():
     counts = CooccurrenceCounts(4, 3)
     with pytest.raises(ValueError, match="out of range"):

@@ -32,16 +32,39 @@ LLAMA_TEMPLATE = (
 )
 
 TokenizerKind = Literal["bytelevel", "metaspace"]
+Digits = Literal["learned", "single", "triples"]
+"""How numbers split: as BPE learned them, one token per digit (Llama-2, Mistral), or in
+groups of up to three digits (Llama-3, GPT-4's ``\\p{N}{1,3}``)."""
+NUMERALS: tuple[str, ...] = tuple(
+    f"In {1990 + i % 40} we counted {13 * i + 5} items at {i % 10}.{(37 * i) % 100:02d} each: {(13 * i + 5) * 3}."
+    for i in range(120)
+)
+
+
+def _with_digits(space_step, digits: Digits, *, first: bool):
+    """``space_step`` alone, or in sequence with a step that splits numbers as ``digits``
+    says (``first``: the space step runs first)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if digits == "learned":
+        return space_step
+    split = (pre_tokenizers.Digits(individual_digits=True) if digits == "single"
+             else pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"))
+    return pre_tokenizers.Sequence([space_step, split] if first else [split, space_step])
+
+
+def _training_text(digits: Digits) -> list[str]:
+    return list(CORPUS) * 20 + (list(NUMERALS) if digits != "learned" else [])
 Architecture = Literal["llama", "mistral", "qwen2"]
 
 
-def byte_level_tokenizer(vocab_size: int = 400):
+def byte_level_tokenizer(vocab_size: int = 400, digits: Digits = "learned"):
     """GPT-2/Qwen style: ByteLevel pre-tokenizer, 'Ġ' marks a leading space."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = _with_digits(pre_tokenizers.ByteLevel(add_prefix_space=False), digits, first=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -49,7 +72,7 @@ def byte_level_tokenizer(vocab_size: int = 400):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(CORPUS) * 20, trainer)
+    tok.train_from_iterator(_training_text(digits), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -58,7 +81,7 @@ def byte_level_tokenizer(vocab_size: int = 400):
     )
 
 
-def metaspace_tokenizer(vocab_size: int = 400):
+def metaspace_tokenizer(vocab_size: int = 400, digits: Digits = "learned"):
     """Llama/Mistral style: Metaspace '▁', ``<0xNN>`` byte fallback, ``<s> </s> <unk>``.
 
     The 256 byte pieces are ordinary vocabulary (not special tokens), or decoding with
@@ -69,9 +92,10 @@ def metaspace_tokenizer(vocab_size: int = 400):
 
     specials = ["<unk>", "<s>", "</s>"]
     learner = Tokenizer(models.BPE(unk_token="<unk>"))
-    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    split = _with_digits(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"), digits, first=True)
+    learner.pre_tokenizer = split
     learner.train_from_iterator(
-        list(CORPUS) * 20,
+        _training_text(digits),
         trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False),
     )
     learned = json.loads(learner.to_str())["model"]
@@ -83,7 +107,7 @@ def metaspace_tokenizer(vocab_size: int = 400):
     tok = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
     )
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.pre_tokenizer = split
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace("▁", " "),
@@ -106,11 +130,11 @@ def metaspace_tokenizer(vocab_size: int = 400):
     )
 
 
-def make_tokenizer(kind: TokenizerKind, vocab_size: int = 400):
+def make_tokenizer(kind: TokenizerKind, vocab_size: int = 400, digits: Digits = "learned"):
     if kind == "bytelevel":
-        return byte_level_tokenizer(vocab_size)
+        return byte_level_tokenizer(vocab_size, digits)
     if kind == "metaspace":
-        return metaspace_tokenizer(vocab_size)
+        return metaspace_tokenizer(vocab_size, digits)
     raise ValueError(f"unknown tokenizer kind {kind!r}; use 'bytelevel' or 'metaspace'")
 
 

@@ -218,14 +218,18 @@ def write_shard(
     records: Sequence[SequenceLogits],
     id_type: str,
     extra: Mapping[str, tuple[pa.DataType, list[Any]]] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> int:
     """Write records as one Arrow stream file, atomically; returns the bytes written.
 
-    ``extra`` adds columns (name → (type, values per record)), as the aligned store does.
+    ``extra`` adds columns (name → (type, values per record)) and ``metadata`` schema
+    metadata kept with the shard, as the aligned store does.
     """
     schema = arrow_schema(id_type)
     for name, (dtype, _) in (extra or {}).items():
         schema = schema.append(pa.field(name, dtype))
+    if metadata:
+        schema = schema.with_metadata(dict(metadata))
     np_ids, _ = id_dtypes(id_type)
     columns = {
         "id": [r.id for r in records],
