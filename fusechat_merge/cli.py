@@ -186,8 +186,10 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     if config_file:
         import yaml
 
+        from fusechat_merge.recipe_keys import load_yaml
+
         try:
-            from_file = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+            from_file = load_yaml(Path(config_file).read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise click.ClickException(f"{config_file}: not valid YAML ({err})") from err
         if not isinstance(from_file, dict):

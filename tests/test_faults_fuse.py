@@ -136,3 +136,12 @@ def test_resume_after_kill_gives_the_weights_of_an_uninterrupted_run(world, tmp_
     names = sorted(p.name for p in (killed / "checkpoints").glob("checkpoint-*"))
     assert names == sorted(p.name for p in (tmp_path / "clean" / "checkpoints").glob("checkpoint-*"))
     assert all((killed / "checkpoints" / n / "checkpoint_complete.json").is_file() for n in names)
+
+
+def test_a_training_option_given_twice_in_the_config_file_is_refused_with_both_lines(world, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("learning_rate: 1.0e-3\nmax_steps: 2\nlearning_rate: 5.0e-3\n", encoding="utf-8")
+    out = tmp_path / "target"
+    refused(fuse(world, out, "--config", str(config)), str(config), "'learning_rate' is given twice",
+            "line 1", "line 3")
+    assert not out.exists()

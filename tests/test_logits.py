@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -146,9 +147,9 @@ def test_token_budget_batches_store_what_fixed_batches_store(arch, teachers, cor
     fixed = run_job(teachers[arch], corpus, tmp_path / "fixed", batch_tokens=0, batch_size=3, **common)
     budget = run_job(teachers[arch], corpus, tmp_path / "budget", batch_tokens=120, **common)
     default = run_job(teachers[arch], corpus, tmp_path / "default", **common)
-    assert default.manifest.scoring["batches"] == 3  # one per store shard: the default budget holds them all
-    assert alone.manifest.scoring["padding_share"] == 0
-    assert budget.manifest.scoring["batches"] > fixed.manifest.scoring["batches"] > 3
+    assert default.scoring["batches"] == 3  # one per store shard: the default budget holds them all
+    assert alone.scoring["padding_share"] == 0
+    assert budget.scoring["batches"] > fixed.scoring["batches"] > 3
     for store in (fixed, budget, default):
         assert_same_store(alone, store, atol=1e-5)
 
@@ -193,9 +194,10 @@ def test_out_of_memory_halves_the_batch_once_and_the_store_is_unchanged(teachers
     lines: list[str] = []
     job = LogitJob(model=str(teachers["llama"]), data=str(corpus), out=str(tmp_path / "halved"), top_k=6,
                    cache_dir=str(tmp_path / "cache"))
-    manifest = generate_logits(job, progress=False, log=lines.append)
+    generate_logits(job, progress=False, log=lines.append)
     assert_same_store(whole, LogitStore(tmp_path / "halved"), atol=1e-5)
-    assert manifest.scoring["oom_halvings"] == 1 and manifest.scoring["batches"] == 2
+    scoring = LogitStore(tmp_path / "halved").scoring
+    assert scoring["oom_halvings"] == 1 and scoring["batches"] == 2
     assert [b for b, _ in made[-1].calls] == [14, 7, 7]
     assert any("CUDA out of memory on a batch of 14 sequences: scoring it in two halves" in x for x in lines)
 
@@ -229,7 +231,7 @@ def test_progress_and_throughput_per_shard_in_the_log_and_the_manifest(teachers,
     shard_lines = [x for x in lines if x.startswith("shard ")]
     assert [x.split(":")[0] for x in shard_lines] == ["shard 1/4", "shard 2/4", "shard 3/4", "shard 4/4"]
     assert all("tok/s" in x and "ETA" in x for x in shard_lines) and "(100%)" in shard_lines[-1]
-    scoring = manifest.scoring
+    scoring = LogitStore(tmp_path / "s").scoring
     assert scoring["tokens"] == manifest.tokens and scoring["shards_scored"] == 4
     assert scoring["tokens_per_s"] > 0 and scoring["batches"] == 7  # 4 + 4 + 4 + 2 sequences, two a pass
     store = LogitStore(tmp_path / "s")
@@ -241,8 +243,11 @@ def test_progress_and_throughput_per_shard_in_the_log_and_the_manifest(teachers,
     assert scoring["padding_share"] == pytest.approx(1 - sum(lengths) / padded, abs=1e-4)
     # a resumed run that had nothing left to score says so
     (tmp_path / "s" / "manifest.json").unlink()
-    again = generate_logits(job, progress=False, log=lambda _: None)
-    assert again.scoring["shards_resumed"] == 4 and again.scoring["tokens"] == 0
+    generate_logits(job, progress=False, log=lambda _: None)
+    again = LogitStore(tmp_path / "s").scoring
+    assert again["shards_resumed"] == 4 and again["tokens"] == 0
+    # a measurement beside the store, never in its manifest (so not in its fingerprint)
+    assert "scoring" not in json.loads((tmp_path / "s" / "manifest.json").read_text())
 
 
 def test_throughput_rate_and_eta_on_a_clock():

@@ -70,7 +70,8 @@ UPSTREAM_FINGERPRINTS = ("pivot_store", "source_store")
 def store_files(store: Path) -> dict[str, bytes]:
     """A store's files, byte for byte, but for the paths in run.json and manifest.json (the
     other work dir's) and the fingerprints of upstream manifests that hold those paths."""
-    files = {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+    files = {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*"))
+             if p.is_file() and p.name != "scoring.json"}  # timings: a measurement, not content
     assert files
     for name in ("run.json", "manifest.json"):
         if name in files:

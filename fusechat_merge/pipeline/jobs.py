@@ -81,18 +81,18 @@ class LogitsJob(Job):
 
     def run(self, resume: bool, log: Log) -> dict[str, Any]:
         """Scores the corpus; reports the scoring throughput (tokens/s, padding share, ...)."""
-        from fusion.logits import generate_logits
-
-        if self.threads is None:
-            return {"scoring": generate_logits(self.job, progress=False, log=_indented(log)).scoring}
         import torch
 
+        from fusion.artifacts.logit_store import LogitStore
+        from fusion.logits import generate_logits
+
         before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads or before)
         try:
-            return {"scoring": generate_logits(self.job, progress=False, log=_indented(log)).scoring}
+            generate_logits(self.job, progress=False, log=_indented(log))
         finally:
             torch.set_num_threads(before)
+        return {"scoring": LogitStore(self.job.out).scoring}
 
 
 def logit_parts(recipe: PipelineRecipe, spec: ModelSpec) -> int:

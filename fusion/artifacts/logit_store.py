@@ -75,6 +75,9 @@ FORMAT_VERSION = 2
 but not aligned."""
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
+SCORING_FILE = "scoring.json"
+"""Tokens, seconds, tokens/s, padding share of the run that finished the store (a combined
+store: ``{"parts": [...]}``); never part of the store's fingerprint."""
 
 
 @dataclass
@@ -152,10 +155,6 @@ class Manifest:
     rows: dict[str, int] | None = None
     """The corpus rows scored: ``{"start", "stop", "corpus"}`` (``--shard`` block of a
     corpus of ``corpus`` rows); `merge_stores` checks that the parts tile the corpus."""
-    scoring: dict[str, Any] | None = None
-    """What the run that finished the store measured (`fusion.throughput.Throughput.record`:
-    tokens, seconds, tokens/s, padding share, ...); a merged store: ``{"parts": [...]}``."""
-
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
 
@@ -321,7 +320,9 @@ def finish_run(
     rows: Mapping[str, int] | None = None,
     scoring: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Write the manifest over the finished shards: the store is complete from now on."""
+    """Write the manifest over the finished shards: the store is complete from now on.
+    ``scoring`` (what the run measured: `fusion.throughput.Throughput.record`) goes to
+    `SCORING_FILE`, so two runs of the same scoring make byte-identical manifests."""
 
     shards, sequences, tokens = [], 0, 0
     for path in sorted(out.glob("shard-*.arrow")):
@@ -334,8 +335,10 @@ def finish_run(
         tokens += n_tokens
     manifest = Manifest(
         FORMAT, FORMAT_VERSION, options, shards, sequences, tokens, dict(skipped), alignment,
-        dict(rows) if rows is not None else None, scoring,
+        dict(rows) if rows is not None else None,
     )
+    if scoring is not None:  # a measurement, not content: beside the manifest, out of its fingerprint
+        write_record(out / SCORING_FILE, scoring)
     write_text_atomic(out / MANIFEST, manifest.to_json())
     return manifest
 
@@ -416,6 +419,12 @@ class LogitStore:
                 ds = datasets.Dataset.from_dict({}, features=None)
             self._dataset = ds.with_format("numpy")
         return self._dataset
+
+    @property
+    def scoring(self) -> dict[str, Any] | None:
+        """What the scoring run measured (`SCORING_FILE`), None when it was not recorded."""
+        path = self.path / SCORING_FILE
+        return read_record(path) if path.is_file() else None
 
     def __len__(self) -> int:
         return self.manifest.sequences
@@ -589,7 +598,7 @@ def _merge_into(stores: Sequence[LogitStore], rows: dict[str, int] | None, out: 
         write_record(tmp / RUN_FILE, asdict(options))
         (tmp / PARTIAL_MARKER).unlink()
         manifest = finish_run(tmp, options, skipped, rows=rows,
-                              scoring={"parts": [store.manifest.scoring for store in stores]})
+                              scoring={"parts": [store.scoring for store in stores]})
         apply_umask(tmp)
         tmp.rename(out)  # onto a missing or empty directory
     except BaseException:
