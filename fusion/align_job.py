@@ -36,6 +36,7 @@ from fusion.artifacts.logit_store import (
 from fusion.artifacts.provenance import check_outputs, store_fingerprint
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 from fusion.options import METHODS, AlignOptions
+from fusion.progress import bar
 
 
 @dataclass(kw_only=True)
@@ -197,8 +198,6 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
 
 def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run: dict[str, Any], *,
            progress: bool, log: Callable[[str], None]) -> Manifest:
-    from tqdm.auto import tqdm
-
     options = pivot.options
     begin_run(out, run, overwrite=job.overwrite)
     same_vocab = pivot.options.tokenizer_fingerprint == source.options.tokenizer_fingerprint
@@ -221,7 +220,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     started = time.perf_counter()
     totals = {"positions": 0, "aligned": 0, "kept": 0}
     start_row = 0
-    with tqdm(total=len(pivot), unit="seq", disable=not progress, desc="aligning") as bar:
+    with bar(len(pivot), "seq", enabled=progress, desc="aligning") as sequences:
         for index, shard in enumerate(pivot.manifest.shards):
             rows = range(start_row, start_row + shard["sequences"])
             start_row += shard["sequences"]
@@ -233,7 +232,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
                 totals["kept"] += c["_kept"]
             if not target.exists():
                 write_aligned_shard(target, [pivot[i] for i in rows], columns, options.id_type)
-            bar.update(len(rows))
+            sequences.update(len(rows))
     stats = {
         "aligned_fraction": totals["aligned"] / max(1, totals["positions"]),
         "fallback_fraction": 1 - totals["aligned"] / max(1, totals["positions"]),

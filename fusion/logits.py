@@ -45,6 +45,7 @@ from fusion.data import (
     trained_positions,
 )
 from fusion.options import LogitOptions, parse_shard
+from fusion.progress import bar
 
 
 @dataclass(kw_only=True)
@@ -159,8 +160,6 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
 
 
 def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Callable[[str], None]) -> Manifest:
-    from tqdm.auto import tqdm
-
     from fusion.backends import make_backend
 
     indices = shard_rows(len(rows), job.shard)
@@ -211,9 +210,9 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
             max_length=job.max_length,
         )
         started = time.perf_counter()
-        with tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress, desc="scoring") as bar:
+        with bar(total_tokens, "tok", unit_scale=True, enabled=progress, desc="scoring") as tokens:
             for j in todo:
-                records = score_shard(backend, chunks[j], job.batch_size, bar.update)
+                records = score_shard(backend, chunks[j], job.batch_size, tokens.update)
                 write_shard(out / shard_name(j), records, options.id_type)
         backend.close()
         elapsed = time.perf_counter() - started

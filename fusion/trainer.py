@@ -35,6 +35,7 @@ from fusion.artifacts.provenance import (
 from fusion.batching import pad_sequences
 from fusion.losses import fuse, fusion_objective
 from fusion.options import FusionSettings
+from fusion.train_progress import TrainProgress
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_valid", "teacher_ce", "teacher_gold")
 RUN_FILE = "fusion_run.json"
@@ -337,7 +338,7 @@ def train_fusion(
         train_dataset=dataset,
         data_collator=FusionCollator(pad_id=pad_id),
         processing_class=tokenizer,
-        callbacks=[*callbacks, MarkComplete()],
+        callbacks=[*callbacks, MarkComplete(), TrainProgress()],
     )
     if isinstance(resume, str):
         checkpoint: str | None = resume

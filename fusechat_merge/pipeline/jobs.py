@@ -28,10 +28,6 @@ from fusion.artifacts.atomic import write_json_atomic
 Log = Callable[[str], None]
 
 
-def _indented(log: Log) -> Log:
-    return lambda message: log(f"    {message}")
-
-
 @dataclass
 class LogitsJob:
     """Score the corpus with one model (`fusion.logits.generate_logits`)."""
@@ -52,7 +48,7 @@ class LogitsJob:
     def run(self, resume: bool, log: Log) -> None:
         from fusion.logits import generate_logits
 
-        generate_logits(self.job, progress=False, log=_indented(log))
+        generate_logits(self.job, log=log)
 
 
 @dataclass
@@ -71,7 +67,7 @@ class AlignJob:
     def run(self, resume: bool, log: Log) -> None:
         from fusion.align_job import align_stores
 
-        align_stores(self.job, progress=False, log=_indented(log))
+        align_stores(self.job, log=log)
 
 
 @dataclass
@@ -120,7 +116,7 @@ class FuseJob:
         if self.launch is not None:
             from fusechat_merge.pipeline.launch import run_launched
 
-            fields = run_launched(self, resume, _indented(log))
+            fields = run_launched(self, resume, log)
         else:
             from fusion.trainer import fusion_config, train_fusion
 
@@ -191,8 +187,9 @@ class MergeJob:
         from fusechat_merge.merging import run_merge_checked
         from fusechat_merge.report import write_sce_report
         from fusechat_merge.stats_sink import record_stats
+        from fusion.progress import bar
 
-        with record_stats.collecting() as rows:
+        with record_stats.collecting() as rows, bar(None, "merge"):
             run_merge_checked(self.config, self.out, MergeOptions(quiet=True, random_seed=self.seed),
                               source_name=f"merges[{self.name}]")
         Path(self.report).mkdir(parents=True, exist_ok=True)
@@ -223,15 +220,18 @@ class EvalJob:
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.evaluate import evaluate_model
+        from fusion.progress import bar
 
         rows: list[dict[str, Any]] = []
         if not self.skills:  # only lm-eval tasks in this recipe
             write_json_atomic(Path(self.out), rows)
             return
-        for name, kind, path, template in self.models:
-            for score in evaluate_model(path, self.skills, self.options, template=template,
-                                        cache_dir=self.cache_dir):
-                rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
+        with bar(len(self.models), "model") as models:
+            for name, kind, path, template in self.models:
+                for score in evaluate_model(path, self.skills, self.options, template=template,
+                                            cache_dir=self.cache_dir):
+                    rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
+                models.update()
         write_json_atomic(Path(self.out), rows)
 
 
@@ -272,9 +272,11 @@ class LmEvalJob:
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.lm_eval_runner import LmEvalOptions, require_lm_eval, run_lm_eval, write_results
+        from fusion.progress import bar
 
         require_lm_eval()
-        write_results(run_lm_eval(self.model, LmEvalOptions.from_mapping(self.options)), Path(self.out))
+        with bar(None, "model"):
+            write_results(run_lm_eval(self.model, LmEvalOptions.from_mapping(self.options)), Path(self.out))
 
 
 @dataclass

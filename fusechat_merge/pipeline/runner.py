@@ -29,6 +29,13 @@ from typing import Any, Protocol
 from fusechat_merge import __version__
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage
+from fusechat_merge.pipeline.stage_output import (
+    format_timings,
+    skipped_line,
+    stage_output,
+    started_fields,
+    summary_line,
+)
 from fusechat_merge.pipeline_recipe import STAGES
 from fusion.artifacts.atomic import write_json_atomic
 
@@ -37,13 +44,14 @@ _REASONS = {"new": "not run yet", "stale": "inputs or options changed", "resume"
 
 
 class StageError(RuntimeError):
-    """A stage's job raised: the stage id and the error (its started record stays: a rerun
-    resumes it)."""
+    """A stage's job raised: the stage id, the error and the stage's log (its started record
+    stays: a rerun resumes it)."""
 
-    def __init__(self, stage_id: str, error: str) -> None:
+    def __init__(self, stage_id: str, error: str, log: str = "") -> None:
         self.stage_id = stage_id
         self.error = error
-        super().__init__(f"stage {stage_id} failed: {error}")
+        self.log = log
+        super().__init__(f"stage {stage_id} failed: {error}" + (f"\n  full log: {log}" if log else ""))
 
 
 class RunError(RuntimeError):
@@ -70,11 +78,12 @@ class Runner:
     through an ``executor`` (`fusechat_merge.pipeline.ray_executor.RayExecutor`)."""
 
     def __init__(self, stages: list[Stage], layout: WorkDir, *, log: Callable[[str], None] = print,
-                 executor: str = "local"):
+                 executor: str = "local", verbose: bool = False):
         self.stages = stages
         self.layout = layout
         self.log = log
         self.executor = executor  # the name written into the records
+        self.verbose = verbose  # the libraries' output on the terminal too, not only in the stage logs
 
     def state(self, stage: Stage) -> str:
         """``done``, ``resume``, ``stale`` or ``new`` (see the module docstring)."""
@@ -123,6 +132,9 @@ class Runner:
                                                        else "skip: up to date"))
             return self.stages
         self.layout.records.mkdir(parents=True, exist_ok=True)
+        skipped = [s for s in self.stages if s.status.startswith("skipped")]
+        if skipped:
+            self.log(skipped_line(skipped))
         try:
             if executor is None:
                 for stage, resume, reason in work:
@@ -165,14 +177,14 @@ class Runner:
             for out in stage.outputs:
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
         self.layout.record(stage.id, "done").unlink(missing_ok=True)
-        write_json_atomic(self.layout.record(stage.id, "started"), {"key": stage.key})
-        self.log(f"[{stage.id}] {reason}")
+        write_json_atomic(self.layout.record(stage.id, "started"), {"key": stage.key, **started_fields(self.executor)})
         _reset_peak_gpu()
         started_at, started = time.time(), time.perf_counter()
         try:
-            reported = stage.job.run(resume, self.log) or {}
+            with stage_output(stage, self.layout, verbose=self.verbose) as output:
+                reported = stage.job.run(resume, output.log) or {}
         except Exception as err:
-            raise StageError(stage.id, f"{type(err).__name__}: {err}") from err
+            raise StageError(stage.id, f"{type(err).__name__}: {err}", str(self.layout.log(stage.id))) from err
         seconds = time.perf_counter() - started
         record: dict[str, Any] = {
             "key": stage.key, "executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
@@ -184,7 +196,11 @@ class Runner:
         record.update(reported)
         write_json_atomic(self.layout.record(stage.id, "done"), record)
         self.layout.record(stage.id, "started").unlink(missing_ok=True)
+        self.layout.record(stage.id, "progress").unlink(missing_ok=True)
         apply_record(stage, record)
+        self.log(summary_line(stage, record, reason))
+        for line in output.lines:
+            self.log(f"    {line}")
         return record
 
     def _id_width(self) -> int:
@@ -194,14 +210,9 @@ class Runner:
         rows = [{"stage": s.id, "status": s.status, "seconds": round(s.seconds, 2),
                  "peak_rss_mb": round(s.peak_rss_mb, 1)} for s in self.stages]
         write_json_atomic(self.layout.report / "stage_times.json", rows)
-        self.log("\nstage timings (peak RSS of the process that ran the stage):")
-        width = self._id_width() + 2
-        self.log(f"  {'stage':<{width}}{'status':<22}{'seconds':>9}{'peak RSS MiB':>14}")
-        for row in rows:
-            seconds = f"{row['seconds']:.1f}" if row["status"] == "ran" else "-"
-            rss = f"{row['peak_rss_mb']:.0f}" if row["status"] == "ran" else "-"
-            self.log(f"  {row['stage']:<{width}}{row['status']:<22}{seconds:>9}{rss:>14}")
-        self.log(f"  total {sum(s.seconds for s in self.stages):.1f}s")
+        self.log("")
+        for line in format_timings(rows):
+            self.log(line)
 
 
 def apply_record(stage: Stage, record: dict[str, Any]) -> None:
