@@ -231,7 +231,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
         marker = _read_marker(path / PARTIAL_MARKER) if path.is_dir() and not path.is_symlink() else None
         if marker is None or marker.get("out") != str(out):
             continue
-        if marker.get("host") == host and _alive(marker.get("pid")):
+        if marker.get("host") == host and process_alive(marker.get("pid")):
             continue  # another merge into the same output is running
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -242,7 +242,8 @@ def remove_stale_partials(out: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: Any) -> bool:
+def process_alive(pid: Any) -> bool:
+    """Whether another process of this host has the id ``pid`` (this one: no)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     if pid == os.getpid():

@@ -1,0 +1,84 @@
+"""What a person sees: a tiny whole run's terminal holds our lines only (one per stage, the
+report, the timings), each stage's log holds the libraries' output; `status` reads the
+records of an interrupted, then edited, run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from test_pipeline import RECIPE, work, write_recipe  # noqa: F401 (the fixture)
+
+# lines only a library prints (its bars, warnings, the Trainer's log dicts)
+LIBRARY_MARKERS = ("it/s]", "s/it]", "{'loss'", "'train_runtime'", "Executing graph", "Generating train split",
+                   "Running generate_until", "Running loglikelihood", "UserWarning", "FutureWarning", "warnings.warn",
+                   "INFO", "WARNING")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT),
+                       **(env or {}))
+    return subprocess.run([sys.executable, "-m", "fusechat_merge.cli", *args], env=environment,
+                          capture_output=True, text=True, timeout=900)
+
+
+def with_lm_eval(root: Path) -> dict:
+    from fusion.lm_eval_tasks import write_skill_tasks
+
+    tasks = write_skill_tasks({"chat": root / "data" / "held.jsonl"}, root / "data" / "lm_eval", max_gen_toks=4)
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["evaluate"]["lm_eval"] = {"tasks": [tasks.tag], "include_path": "data/lm_eval",
+                                     "apply_chat_template": True, "bootstrap_iters": 0}
+    recipe["fuse"]["defaults"]["logging_steps"] = 1
+    return recipe
+
+
+def test_the_terminal_shows_our_lines_and_the_logs_the_libraries(work):  # noqa: F811
+    write_recipe(work, with_lm_eval(work))
+    plan = json.loads(cli("run", str(work / "recipe.yaml"), "--work-dir", str(work), "--plan").stdout)
+    ids = [s["id"] for s in plan]
+    done = cli("run", str(work / "recipe.yaml"), "--work-dir", str(work))
+    assert done.returncode == 0, done.stderr[-3000:]
+    terminal = done.stdout + done.stderr
+    for marker in LIBRARY_MARKERS:
+        assert marker not in terminal, (marker, terminal)
+    for stage_id in ids:  # one summary line each: time and peak memory
+        line = next(line for line in terminal.splitlines() if line.startswith(f"[{stage_id}] ran in "))
+        assert "peak" in line and "MiB" in line
+    assert "target:qwen" in terminal and "stage timings" in terminal  # the report and the timings
+    assert len(terminal.splitlines()) < len(ids) + 60, terminal
+
+    logs = {p.name: p.read_text(encoding="utf-8", errors="replace") for p in (work / "logs").glob("*.log")}
+    assert set(logs) == {sid.replace("/", "__") + ".log" for sid in ids}
+    assert "{'loss'" in logs["fuse__seed-0__qwen.log"]  # the Trainer's log dicts
+    assert "Executing graph" in logs["merge__seed-0__sce.log"]  # mergekit's bar
+    assert "Running generate_until" in logs["evaluate__lm-eval__seed-0__target-qwen.log"]  # lm-eval's
+    for name, text in logs.items():
+        assert text.startswith("==> ["), name
+
+    again = cli("run", str(work / "recipe.yaml"), "--work-dir", str(work), "-v")
+    assert again.returncode == 0 and f"up to date, skipped: {len(ids)} stages" in again.stdout
+
+
+def test_verbose_shows_the_libraries_live_and_still_logs_them(work):  # noqa: F811
+    done = cli("run", str(work / "recipe.yaml"), "--work-dir", str(work), "--only", "logits", "--verbose")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[logits/pivot] ran in " in done.stdout
+    log = (work / "logs" / "logits__pivot.log").read_text()
+    assert "==> [logits/pivot]" in done.stdout + done.stderr and "==> [logits/pivot]" in log
+
+
+def test_a_failed_stage_names_itself_its_error_and_its_log(work):  # noqa: F811
+    for weights in (work / "models" / "qwen").glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    done = cli("run", str(work / "recipe.yaml"), "--work-dir", str(work))
+    assert done.returncode == 1
+    log = work / "logs" / "logits__qwen.log"
+    assert "stage logits/qwen failed:" in done.stderr and str(log) in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr and "Traceback" in log.read_text()
+    failed = json.loads((work / "stages" / "logits__qwen.failed.json").read_text())
+    assert failed["log"] == str(log) and failed["error"]
