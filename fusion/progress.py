@@ -172,6 +172,11 @@ def captured(log_path: str | os.PathLike[str], *, label: str, verbose: bool = Fa
         _current = stage
         yield stage
     finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        sys.stdout, sys.stderr = saved_streams
         _current = previous
         if progress_file is not None:
             os.environ.pop(PROGRESS_FILE_ENV, None)
@@ -180,11 +185,6 @@ def captured(log_path: str | os.PathLike[str], *, label: str, verbose: bool = Fa
         warnings.showwarning = saved_showwarning
         for handler, stream in handlers:
             handler.setStream(stream)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        sys.stdout, sys.stderr = saved_streams
-        os.dup2(saved_fds[0], 1)
-        os.dup2(saved_fds[1], 2)
         for fd in saved_fds:
             os.close(fd)
         if tee is not None:
@@ -232,7 +232,8 @@ def _stream_handlers(streams: tuple[TextIO, TextIO]) -> list[tuple[logging.Strea
     for lg in loggers:
         for handler in lg.handlers:
             stream = getattr(handler, "stream", None)
-            if isinstance(handler, logging.StreamHandler) and any(stream is s for s in streams):
+            settable = not isinstance(getattr(type(handler), "stream", None), property)  # not lastResort's
+            if isinstance(handler, logging.StreamHandler) and settable and any(stream is s for s in streams):
                 found.append((handler, stream))
     return found
 

@@ -28,6 +28,10 @@ from fusion.artifacts.atomic import write_json_atomic
 Log = Callable[[str], None]
 
 
+def _indented(log: Log) -> Log:
+    return lambda message: log(f"    {message}")
+
+
 @dataclass
 class LogitsJob:
     """Score the corpus with one model (`fusion.logits.generate_logits`)."""
@@ -48,7 +52,7 @@ class LogitsJob:
     def run(self, resume: bool, log: Log) -> None:
         from fusion.logits import generate_logits
 
-        generate_logits(self.job, log=log)
+        generate_logits(self.job, log=_indented(log))
 
 
 @dataclass
@@ -67,7 +71,7 @@ class AlignJob:
     def run(self, resume: bool, log: Log) -> None:
         from fusion.align_job import align_stores
 
-        align_stores(self.job, log=log)
+        align_stores(self.job, log=_indented(log))
 
 
 @dataclass
@@ -116,7 +120,7 @@ class FuseJob:
         if self.launch is not None:
             from fusechat_merge.pipeline.launch import run_launched
 
-            fields = run_launched(self, resume, log)
+            fields = run_launched(self, resume, _indented(log))
         else:
             from fusion.trainer import fusion_config, train_fusion
 
@@ -190,7 +194,7 @@ class MergeJob:
         from fusion.progress import bar
 
         with record_stats.collecting() as rows, bar(None, "merge"):
-            run_merge_checked(self.config, self.out, MergeOptions(quiet=True, random_seed=self.seed),
+            run_merge_checked(self.config, self.out, MergeOptions(quiet=False, random_seed=self.seed),
                               source_name=f"merges[{self.name}]")
         Path(self.report).mkdir(parents=True, exist_ok=True)
         if rows:  # fusechat_sce merges: coefficients per tensor and target

@@ -200,7 +200,7 @@ class Runner:
         apply_record(stage, record)
         self.log(summary_line(stage, record, reason))
         for line in output.lines:
-            self.log(f"    {line}")
+            self.log(line)
         return record
 
     def _id_width(self) -> int:

@@ -92,18 +92,19 @@ def format_timings(rows: Sequence[dict[str, Any]]) -> list[str]:
     line; all of them are in ``report/stage_times.json``)."""
     groups: dict[str, dict[str, Any]] = {}
     for row in rows:
-        group = groups.setdefault(stage_group(row["stage"]), {"ran": 0, "skipped": 0, "seconds": 0.0, "peak": 0.0})
+        group = groups.setdefault(stage_group(row["stage"]),
+                                  {"ran": 0, "skipped": 0, "not run": 0, "seconds": 0.0, "peak": 0.0})
         ran = row["status"] == "ran"
-        group["ran" if ran else "skipped"] += 1
+        group["ran" if ran else "skipped" if row["status"].startswith("skipped") else "not run"] += 1
         if ran:
             group["seconds"] += row["seconds"]
             group["peak"] = max(group["peak"], row["peak_rss_mb"])
     width = max([20, *(len(g) for g in groups)]) + 2
     lines = ["stage timings (peak RSS of the process that ran the stage; per stage: report/stage_times.json):",
-             f"  {'stages':<{width}}{'ran':>5}{'skipped':>9}{'seconds':>10}{'peak RSS':>12}"]
+             f"  {'stages':<{width}}{'ran':>5}{'skipped':>9}{'not run':>9}{'seconds':>10}{'peak RSS':>12}"]
     for name, g in groups.items():
         seconds = f"{g['seconds']:.1f}" if g["ran"] else "-"
         peak = format_bytes_mb(g["peak"]) if g["ran"] else "-"
-        lines.append(f"  {name:<{width}}{g['ran']:>5}{g['skipped']:>9}{seconds:>10}{peak:>12}")
+        lines.append(f"  {name:<{width}}{g['ran']:>5}{g['skipped']:>9}{g['not run']:>9}{seconds:>10}{peak:>12}")
     lines.append(f"  total {sum(g['seconds'] for g in groups.values()):.1f}s")
     return lines
