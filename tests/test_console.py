@@ -82,3 +82,70 @@ def test_a_failed_stage_names_itself_its_error_and_its_log(work):  # noqa: F811
     assert "Traceback" not in done.stdout + done.stderr and "Traceback" in log.read_text()
     failed = json.loads((work / "stages" / "logits__qwen.failed.json").read_text())
     assert failed["log"] == str(log) and failed["error"]
+
+
+def status_of(root: Path, *extra: str) -> dict[str, dict]:
+    done = cli("status", str(root), *extra, "--json")
+    assert done.returncode == 0, done.stderr
+    return {row["id"]: row for row in json.loads(done.stdout)}
+
+
+def test_status_tells_done_failed_stale_and_waiting_apart(work):  # noqa: F811
+    (work / "data" / "held.jsonl").write_text("not json\n")  # evaluate/base fails: the run stops there
+    failed_run = cli("run", str(work / "recipe.yaml"), "--work-dir", str(work))
+    assert failed_run.returncode == 1 and "stage evaluate/base failed" in failed_run.stderr
+    edited = json.loads(json.dumps(RECIPE))
+    edited["merges"][0]["parameters"]["select_topk"] = 0.6  # the sce merge's key changes
+    write_recipe(work, edited)
+
+    rows = status_of(work, str(work / "recipe.yaml"))
+    states = {stage_id: row["state"] for stage_id, row in rows.items()}
+    assert states == {"logits/pivot": "done", "logits/qwen": "done", "align/qwen": "done",
+                      "fuse/seed-0/qwen": "done", "merge/seed-0/sce": "stale", "merge/seed-0/linear": "done",
+                      "evaluate/base": "failed", "evaluate/seed-0": "waiting", "evaluate/report": "waiting"}
+    assert rows["evaluate/base"]["log"] == str(work / "logs" / "evaluate__base.log")
+    assert "Error" in rows["evaluate/base"]["error"]
+    assert rows["fuse/seed-0/qwen"]["seconds"] > 0 and rows["fuse/seed-0/qwen"]["peak_rss_mb"] > 0
+    assert rows["evaluate/seed-0"]["waits_for"] == ["merge/seed-0/sce"]
+
+    text = cli("status", str(work), str(work / "recipe.yaml")).stdout
+    assert text.splitlines()[-1] == "5 done, 1 failed, 1 stale, 2 waiting"
+    assert "the recipe or an input changed" in text and "log: " in text
+    # without the recipe: what the records say (no keys to compare)
+    recorded = status_of(work)
+    assert recorded["merge/seed-0/sce"]["state"] == "done" and recorded["evaluate/base"]["state"] == "failed"
+    assert "evaluate/report" not in recorded
+
+
+def test_status_follows_a_running_stage_and_tells_a_killed_one(work):  # noqa: F811
+    import signal
+    import time
+
+    from fusechat_merge.pipeline import pipeline_runner
+    from fusechat_merge.pipeline.status import stage_status
+    from fusechat_merge.pipeline_recipe import load_pipeline_recipe
+
+    long = json.loads(json.dumps(RECIPE))
+    long["fuse"]["defaults"].update(max_steps=2000, save_strategy="no")
+    write_recipe(work, long)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "fusechat_merge.cli", "run", str(work / "recipe.yaml"),
+                             "--work-dir", str(work)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = work / "stages" / "fuse__seed-0__qwen.progress.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not progress.exists():
+        time.sleep(0.05)
+
+    def fuse_row() -> dict:
+        runner = pipeline_runner(load_pipeline_recipe(work / "recipe.yaml", work), work)
+        return next(r for r in stage_status(runner) if r["id"] == "fuse/seed-0/qwen")
+
+    try:
+        assert progress.exists(), "the fuse stage never reported progress"
+        running = fuse_row()
+        assert running["state"] == "running" and running["pid"] == proc.pid
+        assert running["progress"]["unit"] == "step" and running["progress"]["total"] == 2000
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert fuse_row()["state"] == "interrupted"

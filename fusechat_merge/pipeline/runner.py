@@ -1,7 +1,10 @@
 """Runs a stage plan: skip what is done, redo what changed, resume what was cut.
 
-Each stage leaves a ``started`` record while it runs and a ``done`` record when it
-finished, in ``WORK/stages/``: its key, how it ran (``executor``: local or ray, ``host``,
+Each stage leaves a ``started`` record while it runs (key, executor, host, pid,
+started_at; its bars' last state in a ``progress`` record), a ``failed`` record if its job
+raised, and a ``done`` record when it finished, in ``WORK/stages/``, and everything the
+libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.pipeline.stage_output`). The
+done record holds: its key, how it ran (``executor``: local or ray, ``host``,
 ``pid``), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), its peak memory
 (``peak_rss_mb``: of the process that ran it, or of the largest process of an accelerate
 launch, ``peak_rss_of`` says which; ``peak_gpu_mb`` when it used CUDA in-process) and what
