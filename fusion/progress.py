@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-PLAIN_INTERVAL = 30.0  # seconds between two plain progress lines
+PLAIN_INTERVAL = 60.0  # seconds between two plain progress lines
 REPORT_INTERVAL = 5.0  # seconds between two progress reports to the stage's record
 PROGRESS_FILE_ENV = "FUSECHAT_PROGRESS_FILE"  # where bars of a launched process report
 OUR_PACKAGES = ("fusion", "fusechat_merge")
