@@ -54,7 +54,7 @@ def main() -> None:
     help="Check the recipe (keys, method, parameters, model paths) and exit.",
 )
 @add_mergekit_options
-@output_options
+@output_options(short=False)
 def merge_command(
     merge_options: MergeOptions,
     recipe: Path,
@@ -87,6 +87,7 @@ def merge_command(
     from fusion.progress import bar
 
     merge_options.apply_global_options()
+    verbose = verbose or merge_options.verbosity > 0
     with command_output("merge", out_dir, log_file, verbose), record_stats.collecting() as rows, bar(None, "merge"):
         out = run_merge_checked(raw, out_dir, merge_options, config_source=text, source_name=str(recipe))
     if report_dir is not None:

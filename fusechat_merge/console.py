@@ -19,12 +19,17 @@ from fusion.progress import captured, echo, format_bytes_mb, format_seconds
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def output_options(command: F) -> F:
-    """The ``-v/--verbose`` and ``--log`` options of a command."""
-    command = click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
-                           help="Where the libraries' output goes [default: OUT.log beside --out].")(command)
-    return click.option("-v", "--verbose", is_flag=True,
-                        help="Show the libraries' output (bars, warnings, logs) live; it always goes to the log.")(command)
+def output_options(command: F | None = None, *, short: bool = True) -> Any:
+    """The ``-v/--verbose`` and ``--log`` options of a command (``short`` False: no ``-v``,
+    for ``merge``, where it is mergekit's verbosity, which also shows the output live)."""
+    def add(command: F) -> F:
+        command = click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
+                               help="Where the libraries' output goes [default: OUT.log beside --out].")(command)
+        return click.option(*(["-v"] if short else []), "--verbose", is_flag=True,
+                            help="Show the libraries' output (bars, warnings, logs) live; it always goes "
+                            "to the log.")(command)
+
+    return add if command is None else add(command)
 
 
 def default_log(out: str | Path) -> Path:
