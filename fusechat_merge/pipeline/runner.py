@@ -33,11 +33,11 @@ from fusechat_merge import __version__
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage
 from fusechat_merge.pipeline.stage_output import (
+    Summaries,
     format_timings,
     skipped_line,
     stage_output,
     started_fields,
-    summary_line,
 )
 from fusechat_merge.pipeline_recipe import STAGES
 from fusion.artifacts.atomic import write_json_atomic
@@ -87,6 +87,7 @@ class Runner:
         self.log = log
         self.executor = executor  # the name written into the records
         self.verbose = verbose  # the libraries' output on the terminal too, not only in the stage logs
+        self._summaries: Summaries | None = None  # a local run folds the lines of short stages
 
     def state(self, stage: Stage) -> str:
         """``done``, ``resume``, ``stale`` or ``new`` (see the module docstring)."""
@@ -140,11 +141,15 @@ class Runner:
             self.log(skipped_line(skipped))
         try:
             if executor is None:
+                self._summaries = Summaries(self.log)
                 for stage, resume, reason in work:
                     self.run_stage(stage, resume=resume, reason=reason)
             else:
                 executor(self, work)
         finally:
+            if self._summaries is not None:
+                self._summaries.flush()
+                self._summaries = None
             self._write_timings()
         return self.stages
 
@@ -201,9 +206,10 @@ class Runner:
         self.layout.record(stage.id, "started").unlink(missing_ok=True)
         self.layout.record(stage.id, "progress").unlink(missing_ok=True)
         apply_record(stage, record)
-        self.log(summary_line(stage, record, reason))
-        for line in output.lines:
-            self.log(line)
+        summaries = self._summaries or Summaries(self.log)  # alone (--stage, a Ray task): at once
+        summaries.add(stage, record, reason, output.lines)
+        if summaries is not self._summaries:
+            summaries.flush()
         return record
 
     def _id_width(self) -> int:

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,45 @@ def stage_output(stage: Stage, layout: WorkDir, *, verbose: bool = False) -> Ite
                                        "log": str(layout.log(stage.id)), "host": socket.gethostname(),
                                        "pid": os.getpid(), "failed_at": time.time()})
             raise
+
+
+FOLD_SECONDS = 60.0  # a stage shorter than this, with no lines of its own, shares its family's line
+
+
+class Summaries:
+    """The summary lines of a run: a stage that took `FOLD_SECONDS` or more, or said
+    something, gets its own line at once; shorter ones are folded into one line per family
+    (``merge/seed-0``: ``sce 2.1s, linear 1.9s``), printed when another family starts or
+    the run ends, so that a run of many small stages stays a screen long."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.family = ""
+        self.folded: list[tuple[Stage, dict[str, Any], str]] = []
+
+    def add(self, stage: Stage, record: dict[str, Any], reason: str, lines: Sequence[str]) -> None:
+        family = stage.id.rpartition("/")[0] or stage.id
+        if family != self.family:
+            self.flush()
+        if lines or record["seconds"] >= FOLD_SECONDS:
+            self.flush()
+            self.log(summary_line(stage, record, reason))
+            for line in lines:
+                self.log(line)
+            return
+        self.family = family
+        self.folded.append((stage, record, reason))
+
+    def flush(self) -> None:
+        if len(self.folded) == 1:
+            self.log(summary_line(*self.folded[0]))
+        elif self.folded:
+            parts = ", ".join(f"{stage.id.rpartition('/')[2]} {format_seconds(record['seconds'])}"
+                              for stage, record, _ in self.folded)
+            peak = format_bytes_mb(max(record["peak_rss_mb"] for _, record, _ in self.folded))
+            self.log(f"[{self.family}/] ran: {parts} (peak {peak})")
+        self.folded = []
+        self.family = ""
 
 
 def summary_line(stage: Stage, record: dict[str, Any], reason: str) -> str:
