@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TextIO
 
+from tqdm import tqdm
+
 PLAIN_INTERVAL = 60.0  # seconds between two plain progress lines
 REPORT_INTERVAL = 5.0  # seconds between two progress reports to the stage's record
 PROGRESS_FILE_ENV = "FUSECHAT_PROGRESS_FILE"  # where bars of a launched process report
@@ -59,45 +61,50 @@ def echo(message: str) -> None:
 
 
 def bar(total: float | None, unit: str, *, desc: str | None = None, enabled: bool = True,
-        initial: float = 0, unit_scale: bool = False) -> Any:
-    """A progress bar over ``total`` ``unit``s, labelled with the stage that runs (``desc``
-    outside a stage: a standalone command), on the terminal; plain lines where the terminal is not one; reported to the stage.
-    ``total`` None: a clock (a job with no countable unit)."""
-    from tqdm.auto import tqdm
-
+        initial: float = 0, unit_scale: bool = False) -> tqdm:
+    """A progress bar over ``total`` ``unit``s on the terminal, labelled with the stage that
+    runs (``desc`` outside a stage: a standalone command); plain lines where the terminal
+    is not one; its state reported to the stage. ``total`` None: a clock (a job with no
+    countable unit)."""
     out = terminal()
-    stage = _current
     plain = not _isatty(out)
-    report = _file_reporter()
-    label = stage.label if stage is not None else (desc or unit)
+    label = _current.label if _current is not None else (desc or unit)
+    return _Bar(total=total, unit=unit, desc=label, initial=initial, disable=not enabled, leave=False,
+                unit_scale=unit_scale, file=_PlainLines(out) if plain else out, dynamic_ncols=not plain,
+                mininterval=0.5, ascii=plain or None, bar_format="{desc}: {elapsed}" if total is None else None)
 
-    class Bar(tqdm):
-        def update(self, n: float | None = 1) -> bool | None:
-            shown = super().update(n)
-            self._report()
-            return shown
 
-        def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs: Any) -> None:
-            super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
-            self._postfix_values = {**(ordered_dict or {}), **kwargs}
+class _Bar(tqdm):
+    """tqdm that reports its state (count, total, unit, rate, postfix) to the running
+    stage's progress file at most every `REPORT_INTERVAL` seconds, and when it closes."""
 
-        def _report(self, force: bool = False) -> None:
-            now = time.time()
-            if report is None or (not force and now - getattr(self, "_reported", 0.0) < REPORT_INTERVAL):
-                return
-            self._reported = now
-            report({"n": self.n, "total": self.total, "unit": self.unit, "at": now,
-                    "rate": self.format_dict.get("rate"), **getattr(self, "_postfix_values", {})})
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._report_to = _file_reporter()
+        self._reported = 0.0
+        self._postfix_values: dict[str, Any] = {}
+        super().__init__(*args, **kwargs)
 
-        def close(self) -> None:
-            if not self.disable:
-                self._report(force=True)
-            super().close()
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        self._report()
+        return shown
 
-    return Bar(total=total, unit=unit, desc=label, initial=initial, disable=not enabled, leave=False,
-               unit_scale=unit_scale,
-               file=_PlainLines(out) if plain else out, dynamic_ncols=not plain, mininterval=0.5,
-               ascii=plain or None, bar_format="{desc}: {elapsed}" if total is None else None)
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+        self._postfix_values = {**(ordered_dict or {}), **kwargs}
+
+    def close(self) -> None:
+        if not self.disable:
+            self._report(force=True)
+        super().close()
+
+    def _report(self, force: bool = False) -> None:
+        now = time.time()
+        if self.disable or self._report_to is None or (not force and now - self._reported < REPORT_INTERVAL):
+            return
+        self._reported = now
+        self._report_to({"n": self.n, "total": self.total, "unit": self.unit, "at": now,
+                         "rate": self.format_dict.get("rate"), **self._postfix_values})
 
 
 class _PlainLines:

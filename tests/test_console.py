@@ -54,6 +54,43 @@ def with_lm_eval(root: Path) -> dict:
     return recipe
 
 
+CAPTURE_SCRIPT = """
+import logging, os, subprocess, sys, warnings
+from fusion.progress import bar, captured, echo
+library = logging.getLogger("somelibrary")
+library.addHandler(logging.StreamHandler(sys.stderr))  # made before the stage, like transformers'
+print("before", flush=True)
+with captured(sys.argv[1], label="stage/x"):
+    print("python print")
+    os.write(1, b"fd one\\n")
+    os.write(2, b"fd two\\n")
+    subprocess.run([sys.executable, "-c", "print('child process')"], check=True)
+    library.warning("library warning")
+    warnings.warn_explicit("library deprecation", FutureWarning, "/site-packages/lib/x.py", 1)
+    for _ in range(2):
+        warnings.warn_explicit("our warning", UserWarning, "/x/fusion/data.py", 1)
+    with bar(3, "step") as steps:
+        steps.update(3)
+    echo("our line")
+print("after", flush=True)
+library.warning("after the stage")
+"""
+
+
+def test_captured_sends_every_kind_of_library_output_to_the_log_and_restores(tmp_path):
+    log = tmp_path / "stage.log"
+    done = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT, str(log)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["before", "warning: our warning", "our line", "after"]
+    assert done.stderr.splitlines() == ["after the stage"]
+    text = log.read_text()
+    for line in ("python print", "fd one", "fd two", "child process", "library warning", "library deprecation",
+                 "our warning"):
+        assert line in text, line
+    assert "after" not in text
+
+
 def test_the_terminal_shows_our_lines_and_the_logs_the_libraries(work):  # noqa: F811
     write_recipe(work, with_lm_eval(work))
     plan = json.loads(cli("run", str(work / "recipe.yaml"), "--work-dir", str(work), "--plan").stdout)
