@@ -15,6 +15,7 @@ is captured with a ``progress_file``, every bar of it, also one in a launched su
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -72,6 +73,38 @@ def bar(total: float | None, unit: str, *, desc: str | None = None, enabled: boo
     return _Bar(total=total, unit=unit, desc=label, initial=initial, disable=not enabled, leave=False,
                 unit_scale=unit_scale, file=_PlainLines(out) if plain else out, dynamic_ncols=not plain,
                 mininterval=0.5, ascii=plain or None, bar_format="{desc}: {elapsed}" if total is None else None)
+
+
+class Follower:
+    """A bar that shows the progress another process of this stage reports (a launched
+    training): `poll` reads the stage's progress file and moves the bar."""
+
+    def __init__(self) -> None:
+        self.path = os.environ.get(PROGRESS_FILE_ENV)
+        self.bar: Any = None
+
+    def poll(self) -> None:
+        state = _read_json(self.path) if self.path else None
+        if not state:
+            return
+        if self.bar is None:
+            self.bar = bar(state.get("total"), state.get("unit", ""), initial=state.get("n", 0))
+            self.bar._report_to = None  # the other process reports
+        self.bar.update(state.get("n", 0) - self.bar.n)
+        postfix = {k: v for k, v in state.items() if k not in ("n", "total", "unit", "at", "rate")}
+        if postfix:
+            self.bar.set_postfix(postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 class _Bar(tqdm):
