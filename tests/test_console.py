@@ -204,3 +204,4 @@ def test_status_follows_a_running_stage_and_tells_a_killed_one(work):  # noqa: F
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert fuse_row()["state"] == "interrupted"
+
