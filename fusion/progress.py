@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -43,10 +43,10 @@ class StageOutput:
     label: str
     terminal: TextIO
     log_path: Path
-    warned: set[str] = field(default_factory=set)
 
 
 _current: StageOutput | None = None
+_warned: set[str] = set()  # our warnings already shown on the terminal (once per process)
 
 
 def terminal() -> TextIO:
@@ -282,8 +282,8 @@ def _show_warning(stage: StageOutput, show: Callable[..., None]) -> Callable[...
     def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
         show(message, category, filename, lineno, file, line)  # into the log (sys.stderr)
         text = str(message)
-        if _is_ours(filename) and text not in stage.warned:
-            stage.warned.add(text)
+        if _is_ours(filename) and text not in _warned:
+            _warned.add(text)
             stage.terminal.write(f"warning: {text}\n")
             stage.terminal.flush()
 
