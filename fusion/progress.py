@@ -30,7 +30,7 @@ from typing import IO, Any, TextIO
 
 from tqdm import tqdm
 
-PLAIN_INTERVAL = 60.0  # seconds between two plain progress lines
+PLAIN_INTERVAL = 300.0  # seconds between two plain progress lines
 REPORT_INTERVAL = 5.0  # seconds between two progress reports to the stage's record
 PROGRESS_FILE_ENV = "FUSECHAT_PROGRESS_FILE"  # where bars of a launched process report
 OUR_PACKAGES = ("fusion", "fusechat_merge")
