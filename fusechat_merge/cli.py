@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from fusechat_merge.console import command_output, output_options
 from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options
 from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
@@ -48,12 +49,15 @@ def main() -> None:
     help="Check the recipe (keys, method, parameters, model paths) and exit.",
 )
 @add_mergekit_options
+@output_options(short=False)
 def merge_command(
     merge_options: MergeOptions,
     recipe: Path,
     out_dir: Path,
     report_dir: Path | None,
     check_only: bool,
+    log_file: str | None,
+    verbose: bool,
 ) -> None:
     """Merge the models of RECIPE (a mergekit YAML) into OUT_DIR.
 
@@ -72,14 +76,13 @@ def merge_command(
         validate_recipe(raw, str(recipe))
         click.echo(f"{recipe}: OK")
         return
+    from fusion.progress import bar
+
     merge_options.apply_global_options()
-    if report_dir is None:
+    verbose = verbose or merge_options.verbosity > 0
+    with command_output("merge", out_dir, log_file, verbose), record_stats.collecting() as rows, bar(None, "merge"):
         out = run_merge_checked(raw, out_dir, merge_options, config_source=text, source_name=str(recipe))
-    else:
-        with record_stats.collecting() as rows:
-            out = run_merge_checked(
-                raw, out_dir, merge_options, config_source=text, source_name=str(recipe)
-            )
+    if report_dir is not None:
         csv_path = write_sce_report(rows, report_dir)
         click.echo(f"SCE report: {csv_path}")
     click.echo(f"merged model: {out}")
@@ -96,7 +99,8 @@ def merge_command(
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store directory.")
 @click_options(LogitOptions)
-def logits_command(**kwargs: Any) -> None:
+@output_options
+def logits_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     """Score a conversation corpus with one model and store its top-K next-token
     log-probabilities at every trained (assistant) position.
 
@@ -108,11 +112,13 @@ def logits_command(**kwargs: Any) -> None:
     from fusion.artifacts.logit_store import StoreError
     from fusion.backends.base import ScoringError
     from fusion.logits import LogitJob, generate_logits
+    from fusion.progress import echo
 
-    try:
-        generate_logits(LogitJob(**kwargs), log=click.echo)
-    except (StoreError, ScoringError, ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
+    with command_output("logits", kwargs["out"], log_file, verbose):
+        try:
+            generate_logits(LogitJob(**kwargs), log=echo)
+        except (StoreError, ScoringError, ValueError, FileNotFoundError) as err:
+            raise click.ClickException(str(err)) from err
 
 
 @main.command("logits-merge")
@@ -134,7 +140,8 @@ def logits_merge_command(parts: tuple[str, ...], out: str) -> None:
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="A source's logit store (same corpus).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Aligned store directory.")
 @click_options(AlignOptions)
-def align_command(**kwargs: Any) -> None:
+@output_options
+def align_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     """Map a source model's top-K distributions onto the pivot's positions and vocabulary.
 
     Writes the pivot's store plus the aligned source distribution per position; sources
@@ -142,11 +149,13 @@ def align_command(**kwargs: Any) -> None:
     """
     from fusion.align_job import AlignJob, align_stores
     from fusion.artifacts.logit_store import StoreError
+    from fusion.progress import echo
 
-    try:
-        align_stores(AlignJob(**kwargs), log=click.echo)
-    except (StoreError, ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
+    with command_output("align", kwargs["out"], log_file, verbose):
+        try:
+            align_stores(AlignJob(**kwargs), log=echo)
+        except (StoreError, ValueError, FileNotFoundError) as err:
+            raise click.ClickException(str(err)) from err
 
 
 @main.command(
@@ -165,9 +174,10 @@ def align_command(**kwargs: Any) -> None:
                aliases={"lm_weight": ["--lambda"], "fuse_temperature": ["--temperature"],
                         "fuse_loss_type": ["--loss-type"]})
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoints.")
+@output_options
 @click.pass_context
 def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str,
-                 config_file: str | None, resume: bool, **flags: Any) -> None:
+                 config_file: str | None, resume: bool, log_file: str | None, verbose: bool, **flags: Any) -> None:
     """Fine-tune the pivot on aligned stores: one target LLM per call.
 
     Any other option is a transformers TrainingArguments option, named as there
@@ -199,10 +209,11 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
                                      {k: v for k, v in flags.items() if v is not None})
     except ValueError as err:
         raise click.ClickException(f"{config_file or 'training options'}: {err}") from err
-    try:
-        result = train_fusion(pivot, list(aligned), out, config, resume=resume)
-    except (StoreError, InputError) as err:
-        raise click.ClickException(str(err)) from err
+    with command_output("fuse", out, log_file, verbose):
+        try:
+            result = train_fusion(pivot, list(aligned), out, config, resume=resume)
+        except (StoreError, InputError) as err:
+            raise click.ClickException(str(err)) from err
     click.echo(f"target model: {result}")
 
 
@@ -225,8 +236,11 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
               "Ray task (pip install 'fusechat-merge[ray]').")
 @click.option("--ray-address", default=None,
               help="The Ray cluster to use (auto, HOST:6379, ray://HOST:10001); default: start a local one.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show the libraries' output live too (it always goes to WORK/logs/<stage>.log).")
 def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | None, dry_run: bool,
-                print_plan: bool, stage_id: str | None, executor: str, ray_address: str | None) -> None:
+                print_plan: bool, stage_id: str | None, executor: str, ray_address: str | None,
+                verbose: bool) -> None:
     """Run a whole FuseChat recipe: logits → align → fuse → merge → evaluate.
 
     Stages whose inputs and options did not change since the last run are skipped;
@@ -254,17 +268,11 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
         elif stage_id:
             if executor != "local":
                 raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
-            pipeline_runner(parsed, work_dir, log=click.echo).run_one(stage_id)
+            pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose).run_one(stage_id)
         else:
             run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
-                         executor=executor, ray_address=ray_address)
-    except StageError as err:
-        if err.__cause__ is not None and not _user_fault(err.__cause__):  # a bug: the traceback says where
-            import traceback
-
-            traceback.print_exception(err.__cause__)
-        raise click.ClickException(str(err)) from err
-    except (RunError, RuntimeError, ValueError) as err:
+                         executor=executor, ray_address=ray_address, verbose=verbose)
+    except (StageError, RunError, RuntimeError, ValueError) as err:  # a stage's traceback is in its log
         raise click.ClickException(str(err)) from err
     except OSError as err:
         from fusion.artifacts.atomic import write_fault
@@ -275,14 +283,33 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
         raise click.ClickException(f"cannot write the work dir {work_dir}: {fault}") from err
 
 
-def _user_fault(err: BaseException) -> bool:
-    """A stage error the user fixes (an input, an output folder, a full disk): its message
-    says what and where, a traceback would only hide it."""
-    from fusion.artifacts.logit_store import StoreError
-    from fusion.artifacts.provenance import InputError
-    from fusion.lm_eval_runner import LmEvalError
+@main.command("status")
+@click.argument("work_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("recipe", type=click.Path(dir_okay=False, exists=True), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (for scripts).")
+def status_command(work_dir: str, recipe: str | None, as_json: bool) -> None:
+    """Where the run in WORK_DIR stands, from its stage records (nothing runs): done,
+    running (where, since when, last progress), interrupted, failed, and, with the RECIPE,
+    stale (its key no longer matches the recipe) and waiting. Works the same for a run on
+    a Ray cluster or a SLURM array (the records are in WORK_DIR/stages)."""
+    import json
 
-    return isinstance(err, click.ClickException | StoreError | InputError | LmEvalError)
+    from fusechat_merge.pipeline import WorkDir, pipeline_runner
+    from fusechat_merge.pipeline.status import format_status, recorded_status, stage_status
+    from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
+
+    if recipe is None:
+        rows = recorded_status(WorkDir(Path(work_dir).absolute()))
+    else:
+        try:
+            rows = stage_status(pipeline_runner(load_pipeline_recipe(recipe, work_dir), work_dir))
+        except (PipelineRecipeError, ValueError) as err:
+            raise click.ClickException(str(err)) from err
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for line in format_status(rows):
+            click.echo(line)
 
 
 @main.command("demo")
@@ -301,8 +328,10 @@ def _user_fault(err: BaseException) -> bool:
 @click.option("--split", type=click.Choice(["heldout", "validation"]), default="heldout", show_default=True,
               help="Evaluate on the held-out prompts (the reported numbers) or on the validation prompts "
                    "(where the recipe's settings were chosen; use another --work-dir).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show the libraries' output live too (it always goes to WORK/logs/).")
 def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, select_topk: float,
-                 split: str) -> None:
+                 split: str, verbose: bool) -> None:
     """The whole FuseChat run at toy scale on CPU, nothing downloaded.
 
     Builds a Llama-style pivot and two sources of other architectures and tokenizers
@@ -321,7 +350,7 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
 
     try:
         run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
-                          split=split, echo=click.echo)
+                          split=split, echo=click.echo, verbose=verbose)
     except LmEvalError as err:
         raise click.ClickException(str(err)) from err
 

@@ -38,6 +38,7 @@ from fusion.artifacts.provenance import check_outputs, store_fingerprint
 from fusion.artifacts.records import locked, removed_unless
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 from fusion.options import METHODS, AlignOptions
+from fusion.progress import bar
 from fusion.projection import (
     CLOSING,
     FALLBACK,
@@ -233,8 +234,6 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
 
 def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run: dict[str, Any], *,
            progress: bool, log: Callable[[str], None]) -> Manifest:
-    from tqdm.auto import tqdm
-
     options = pivot.options
     begin_run(out, run, overwrite=job.overwrite, inputs=ALIGNMENT_INPUTS)
     same_vocab = pivot.options.tokenizer_fingerprint == source.options.tokenizer_fingerprint
@@ -259,7 +258,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     started = time.perf_counter()
     totals = AlignStats()
     start_row = 0
-    with tqdm(total=len(pivot), unit="seq", disable=not progress, desc="aligning") as bar:
+    with bar(len(pivot), "seq", enabled=progress, desc="aligning") as sequences:
         for index, shard in enumerate(pivot.manifest.shards):
             rows = range(start_row, start_row + shard["sequences"])
             start_row += shard["sequences"]
@@ -274,7 +273,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
                     shard_stats.add(seq_stats)
                 write_aligned_shard(target, [pivot[i] for i in rows], columns, options.id_type, shard_stats.to_json())
                 totals.add(shard_stats)
-            bar.update(len(rows))
+            sequences.update(len(rows))
     stats = totals.summary()
     alignment = {"source": str(source.path), "source_model": source.options.model, "method": job.method,
                  "projection": job.projection if job.method == "offsets" and not same_vocab else "off",

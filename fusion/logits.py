@@ -48,6 +48,7 @@ from fusion.data import (
 )
 from fusion.model_refs import resolve_model
 from fusion.options import LogitOptions, parse_shard
+from fusion.progress import bar
 from fusion.throughput import Throughput
 
 
@@ -207,8 +208,6 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
 
 
 def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Callable[[str], None]) -> Manifest:
-    from tqdm.auto import tqdm
-
     from fusion.backends import make_backend
 
     indices = shard_rows(len(rows), job.shard)
@@ -266,8 +265,8 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
             engine_args=job.engine_args,
         )
         meter = Throughput(total_tokens)  # from the loaded model on: the scoring rate alone
-        with tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress, desc="scoring") as bar:
-            meter.on_tokens = bar.update
+        with bar(total_tokens, "tok", unit_scale=True, enabled=progress, desc="scoring") as tokens:
+            meter.on_tokens = tokens.update
             for j in todo:
                 records = score_shard(backend, chunks[j], meter, batch_size=job.batch_size,
                                       batch_tokens=job.batch_tokens, log=log)

@@ -36,6 +36,7 @@ from fusion.train_checkpoints import (
 from fusion.train_config import FusionConfig
 from fusion.train_data import TEACHER_KEYS, FusionCollator, FusionDataset
 from fusion.train_output import publish_model
+from fusion.train_progress import TrainProgress
 
 
 def logs_after_step(global_step: int, logging_steps: float | None, strategy: Any) -> bool:
@@ -169,7 +170,7 @@ def _train(pivot: str, aligned: Sequence[str], out: Path, config: FusionConfig, 
         train_dataset=dataset,
         data_collator=FusionCollator(pad_id=pad_token_id(tokenizer)),
         processing_class=tokenizer,
-        callbacks=[*callbacks, MarkComplete()],
+        callbacks=[*callbacks, MarkComplete(), TrainProgress()],
     )
     checkpoint = resume if isinstance(resume, str) else resume_point(
         Path(config.output_dir), record, bool(resume), trainer.is_world_process_zero())

@@ -373,5 +373,5 @@ def test_sigkill_mid_merge_then_rerun_gives_the_same_bytes(tmp_path, metaspace_t
     assert (partial[0] / PARTIAL_MARKER).is_file()
     run(args(work / "out"))
     assert tree_hash(work / "out") == tree_hash(clean / "out")
-    assert sorted(p.name for p in work.iterdir()) == ["out"]  # no partial leftovers
+    assert sorted(p.name for p in work.iterdir()) == ["out", "out.log"]  # no partial leftovers; the log
     assert tree_hash(models) == user_before

@@ -111,3 +111,20 @@ def test_launch_keys_are_checked(work):
         load_pipeline_recipe(work / "recipe.yaml", work)
     assert "fuse.per_source_launch.nobody (line" in str(err.value) and "no source named 'nobody'" in str(err.value)
     assert "fuse.launch.accelerate_config (line" in str(err.value) and "missing.yaml does not exist" in str(err.value)
+
+
+@needs_gloo
+def test_a_launched_fuse_stage_logs_its_processes_and_shows_only_our_lines(work):
+    from test_console import LIBRARY_MARKERS, cli, summarised
+
+    launched = json.loads(json.dumps(RECIPE))
+    launched["fuse"]["launch"] = LAUNCH
+    (work / "recipe.yaml").write_text(yaml.safe_dump(launched, sort_keys=False))
+    done = cli("run", str(work / "recipe.yaml"), "--work-dir", str(work))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for marker in LIBRARY_MARKERS:
+        assert marker not in done.stdout + done.stderr, (marker, done.stdout + done.stderr)
+    assert "fuse/seed-0/qwen" in summarised(done.stdout)
+    log = (work / "logs" / "fuse__seed-0__qwen.log").read_text()
+    assert "accelerate.commands.launch" in log and "{'loss'" in log and "==> fuse" in log
+    assert not (work / "targets" / "seed-0" / "qwen.log").exists()  # the launched command logs into the stage's

@@ -77,10 +77,12 @@ def run_pipeline_demo(
     seeds: list[int] | None = None,
     split: str = "heldout",
     echo: Callable[[str], None] = print,
+    verbose: bool = False,
 ) -> Path:
     """Build the demo's models and data (reused when present), then run the recipe,
     evaluated on the held-out prompts or, with ``split="validation"``, on the validation
-    prompts that the recipe's settings were chosen on."""
+    prompts that the recipe's settings were chosen on. The libraries' output goes to
+    ``work_dir/logs/`` (``setup.log``, one log per stage), live too when ``verbose``."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     from fusion.lm_eval_runner import require_lm_eval
@@ -93,9 +95,13 @@ def run_pipeline_demo(
     work_dir = Path(work_dir).absolute()
     if not recipe.is_file():
         raise FileNotFoundError(f"the demo recipe {recipe} is missing (a broken install?)")
+    from fusion.progress import captured
+    from fusion.progress import echo as to_terminal
+
     started = time.perf_counter()
-    make_demo_models(work_dir / "models", log=echo)
-    prepare_demo_data(work_dir)
+    with captured(work_dir / "logs" / "setup.log", label="setup", verbose=verbose):
+        make_demo_models(work_dir / "models", log=to_terminal)
+        prepare_demo_data(work_dir)
     setup_seconds = time.perf_counter() - started
     echo(f"models and data ready in {setup_seconds:.1f}s")
     text = recipe.read_text(encoding="utf-8")
@@ -108,7 +114,7 @@ def run_pipeline_demo(
         text = yaml.safe_dump(raw, sort_keys=False)
     local = work_dir / "demo-pipeline.yaml"
     local.write_text(text, encoding="utf-8")
-    run_pipeline(load_pipeline_recipe(local, work_dir), work_dir, log=echo)
+    run_pipeline(load_pipeline_recipe(local, work_dir), work_dir, log=echo, verbose=verbose)
     echo(f"\nreport: {work_dir / 'report'} (results.md, results.png); "
          f"SCE coefficients: {work_dir / 'merges'}/seed-*/sce-report/sce_coefficients.png")
     echo(f"demo done in {time.perf_counter() - started:.1f}s (setup {setup_seconds:.1f}s)")

@@ -41,14 +41,16 @@ def run_pipeline(
     dry_run: bool = False,
     executor: str = "local",
     ray_address: str | None = None,
+    verbose: bool = False,
 ) -> list[Stage]:
     """Plan ``recipe`` in ``work_dir`` and run it; returns the stages with their status.
     ``executor``: ``local`` (this process, stage after stage) or ``ray`` (a Ray cluster at
-    ``ray_address``, or a local Ray instance)."""
+    ``ray_address``, or a local Ray instance). ``verbose``: the libraries' output on the
+    terminal too (it always goes to ``WORK/logs/<stage>.log``)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     layout = WorkDir(Path(work_dir).absolute())
-    runner = Runner(plan_stages(recipe, layout), layout, log=log, executor=executor)
+    runner = Runner(plan_stages(recipe, layout), layout, log=log, executor=executor, verbose=verbose)
     run_with = None
     if executor == "ray":
         from fusechat_merge.pipeline.ray_executor import RayExecutor
@@ -58,7 +60,7 @@ def run_pipeline(
 
 
 def pipeline_runner(recipe: PipelineRecipe, work_dir: str | Path, *,
-                    log: Callable[[str], None] = print) -> Runner:
-    """The runner of ``recipe`` in ``work_dir`` (for ``--plan`` and ``--stage``)."""
+                    log: Callable[[str], None] = print, verbose: bool = False) -> Runner:
+    """The runner of ``recipe`` in ``work_dir`` (for ``--plan``, ``--stage`` and ``status``)."""
     layout = WorkDir(Path(work_dir).absolute())
-    return Runner(plan_stages(recipe, layout), layout, log=log)
+    return Runner(plan_stages(recipe, layout), layout, log=log, verbose=verbose)

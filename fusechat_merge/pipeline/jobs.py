@@ -89,7 +89,7 @@ class LogitsJob(Job):
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads or before)
         try:
-            generate_logits(self.job, progress=False, log=_indented(log))
+            generate_logits(self.job, log=_indented(log))
         finally:
             torch.set_num_threads(before)
         return {"scoring": LogitStore(self.job.out).scoring}
@@ -150,7 +150,7 @@ class AlignJob(Job):
     def run(self, resume: bool, log: Log) -> None:
         from fusion.align_job import align_stores
 
-        align_stores(self.job, progress=False, log=_indented(log))
+        align_stores(self.job, log=_indented(log))
 
 
 @dataclass(frozen=True)
@@ -272,9 +272,10 @@ class MergeJob(Job):
         from fusechat_merge.merging import run_merge_checked
         from fusechat_merge.report.sce import write_sce_report
         from fusechat_merge.stats_sink import record_stats
+        from fusion.progress import bar
 
-        with record_stats.collecting() as rows:
-            run_merge_checked(self.config, self.out, MergeOptions(quiet=True, random_seed=self.seed),
+        with record_stats.collecting() as rows, bar(None, "merge"):
+            run_merge_checked(self.config, self.out, MergeOptions(quiet=False, random_seed=self.seed),
                               source_name=f"merges[{self.name}]")
         Path(self.report).mkdir(parents=True, exist_ok=True)
         if rows:  # fusechat_sce merges: coefficients per tensor and target
@@ -311,15 +312,18 @@ class EvalJob(Job):
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.evaluate import evaluate_model
+        from fusion.progress import bar
 
         rows: list[dict[str, Any]] = []
         if not self.skills:  # only lm-eval tasks in this recipe
             write_json_atomic(Path(self.out), rows)
             return
-        for name, kind, path, template in self.models:
-            for score in evaluate_model(path, self.skills, self.options, template=template,
-                                        cache_dir=self.cache_dir):
-                rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
+        with bar(len(self.models), "model") as models:
+            for name, kind, path, template in self.models:
+                for score in evaluate_model(path, self.skills, self.options, template=template,
+                                            cache_dir=self.cache_dir):
+                    rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
+                models.update()
         write_json_atomic(Path(self.out), rows)
 
 
@@ -367,9 +371,11 @@ class LmEvalJob(Job):
         from fusion.lm_eval_options import LmEvalOptions
         from fusion.lm_eval_results import write_results
         from fusion.lm_eval_runner import require_lm_eval, run_lm_eval
+        from fusion.progress import bar
 
         require_lm_eval()
-        write_results(run_lm_eval(self.model, LmEvalOptions.from_mapping(self.options)), Path(self.out))
+        with bar(None, "model"):
+            write_results(run_lm_eval(self.model, LmEvalOptions.from_mapping(self.options)), Path(self.out))
 
 
 @dataclass(frozen=True)

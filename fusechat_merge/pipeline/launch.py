@@ -2,8 +2,9 @@
 
 `run_launched` writes the stage's training options to ``WORK/logs/<stage>.fuse.yaml`` and
 runs ``accelerate launch --config_file C [--num_processes N] -m fusechat_merge.cli fuse
---pivot P --aligned A --out OUT --config that.yaml [--resume]`` in a subprocess (the same
-Python, so the same environment), its output in ``WORK/logs/<stage>.log``. The target,
+--pivot P --aligned A --out OUT --config that.yaml --log LOG [--resume]`` in a subprocess
+(the same Python, so the same environment), its output in ``WORK/logs/<stage>.log`` (LOG),
+its training's bar followed here from the progress its main process reports. The target,
 its checkpoints and ``--resume`` are those of the in-process stage: the same options reach
 the same `fusion.trainer.train_fusion`, only in N processes.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 import yaml
 
 from fusion.artifacts.atomic import write_text_atomic
+from fusion.progress import Follower
 
 TAIL_LINES = 40
 
@@ -64,7 +67,7 @@ def launch_command(job: Launchable, resume: bool) -> list[str]:
     cmd += ["-m", "fusechat_merge.cli", "fuse", "--pivot", job.pivot]
     for store in job.aligned:
         cmd += ["--aligned", store]
-    cmd += ["--out", job.out, "--config", job.config_file]
+    cmd += ["--out", job.out, "--config", job.config_file, "--log", job.log_file]
     return [*cmd, "--resume"] if resume else cmd
 
 
@@ -83,12 +86,20 @@ def run_launched(job: Launchable, resume: bool, log: Callable[[str], None]) -> d
         out.write(("$ " + " ".join(cmd) + "\n").encode())
         out.flush()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        follower = Follower()  # the training's bar, from the progress its main process reports
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                follower.poll()
+                time.sleep(1.0)
         except BaseException:  # interrupted: do not leave training processes behind
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            follower.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise LaunchError("accelerate launch", proc.returncode, str(log_file), tail(log_file))

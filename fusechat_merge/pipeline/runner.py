@@ -1,7 +1,10 @@
 """Runs a stage plan: skip what is done, redo what changed, resume what was cut.
 
-Each stage leaves a ``started`` record while it runs and a ``done`` record when it
-finished, in ``WORK/stages/``: its key, how it ran (``executor``: local or ray, ``host``,
+Each stage leaves a ``started`` record while it runs (key, executor, host, pid,
+started_at; its bars' last state in a ``progress`` record), a ``failed`` record if its job
+raised, and a ``done`` record when it finished, in ``WORK/stages/``, and everything the
+libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.pipeline.stage_output`). The
+done record holds: its key, how it ran (``executor``: local or ray, ``host``,
 ``pid``), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), its peak memory
 (``peak_rss_mb``: of the process that ran it, or of the largest process of an accelerate
 launch, ``peak_rss_of`` says which; ``peak_gpu_mb`` when it used CUDA in-process) and what
@@ -28,6 +31,13 @@ from typing import Any, Protocol
 from fusechat_merge import __version__
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage
+from fusechat_merge.pipeline.stage_output import (
+    Summaries,
+    format_timings,
+    skipped_line,
+    stage_output,
+    started_fields,
+)
 from fusechat_merge.pipeline_recipe import STAGES
 from fusion.artifacts.atomic import write_json_atomic
 from fusion.artifacts.records import OutputLock, read_record, write_record
@@ -37,13 +47,14 @@ _REASONS = {"new": "not run yet", "stale": "inputs or options changed", "resume"
 
 
 class StageError(RuntimeError):
-    """A stage's job raised: the stage id and the error (its started record stays: a rerun
-    resumes it)."""
+    """A stage's job raised: the stage id, the error and the stage's log (its started record
+    stays: a rerun resumes it)."""
 
-    def __init__(self, stage_id: str, error: str) -> None:
+    def __init__(self, stage_id: str, error: str, log: str = "") -> None:
         self.stage_id = stage_id
         self.error = error
-        super().__init__(f"stage {stage_id} failed: {error}")
+        self.log = log
+        super().__init__(f"stage {stage_id} failed: {error}" + (f"\n  full log: {log}" if log else ""))
 
 
 class RunError(RuntimeError):
@@ -70,11 +81,13 @@ class Runner:
     through an ``executor`` (`fusechat_merge.pipeline.ray_executor.RayExecutor`)."""
 
     def __init__(self, stages: list[Stage], layout: WorkDir, *, log: Callable[[str], None] = print,
-                 executor: str = "local"):
+                 executor: str = "local", verbose: bool = False):
         self.stages = stages
         self.layout = layout
         self.log = log
         self.executor = executor  # the name written into the records
+        self.verbose = verbose  # the libraries' output on the terminal too, not only in the stage logs
+        self._summaries: Summaries | None = None  # a local run folds the lines of short stages
 
     def state(self, stage: Stage) -> str:
         """``done``, ``resume``, ``stale`` or ``new`` (see the module docstring)."""
@@ -133,13 +146,20 @@ class Runner:
         return self.stages
 
     def _run(self, work: Work, executor: Executor | None) -> list[Stage]:
+        skipped = [s for s in self.stages if s.status.startswith("skipped")]
+        if skipped:
+            self.log(skipped_line(skipped))
         try:
             if executor is None:
+                self._summaries = Summaries(self.log)
                 for stage, resume, reason in work:
                     self.run_stage(stage, resume=resume, reason=reason)
             else:
                 executor(self, work)
         finally:
+            if self._summaries is not None:
+                self._summaries.flush()
+                self._summaries = None
             self._write_timings()
         return self.stages
 
@@ -181,14 +201,14 @@ class Runner:
             for out in stage.outputs:
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
         self.layout.record(stage.id, "done").unlink(missing_ok=True)
-        write_record(self.layout.record(stage.id, "started"), {"key": stage.key})
-        self.log(f"[{stage.id}] {reason}")
+        write_record(self.layout.record(stage.id, "started"), {"key": stage.key, **started_fields(self.executor)})
         _reset_peak_gpu()
         started_at, started = time.time(), time.perf_counter()
         try:
-            reported = stage.job.run(resume, self.log) or {}
+            with stage_output(stage, self.layout, verbose=self.verbose) as output:
+                reported = stage.job.run(resume, output.log) or {}
         except Exception as err:
-            raise StageError(stage.id, f"{type(err).__name__}: {err}") from err
+            raise StageError(stage.id, f"{type(err).__name__}: {err}", str(self.layout.log(stage.id))) from err
         seconds = time.perf_counter() - started
         record: dict[str, Any] = {
             "key": stage.key, "executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
@@ -200,7 +220,12 @@ class Runner:
         record.update(reported)
         write_record(self.layout.record(stage.id, "done"), record)
         self.layout.record(stage.id, "started").unlink(missing_ok=True)
+        self.layout.record(stage.id, "progress").unlink(missing_ok=True)
         apply_record(stage, record)
+        summaries = self._summaries or Summaries(self.log)  # alone (--stage, a Ray task): at once
+        summaries.add(stage, record, reason, output.lines)
+        if summaries is not self._summaries:
+            summaries.flush()
         return record
 
     def _id_width(self) -> int:
@@ -210,14 +235,9 @@ class Runner:
         rows = [{"stage": s.id, "status": s.status, "seconds": round(s.seconds, 2),
                  "peak_rss_mb": round(s.peak_rss_mb, 1)} for s in self.stages]
         write_json_atomic(self.layout.report / "stage_times.json", rows)
-        self.log("\nstage timings (peak RSS of the process that ran the stage):")
-        width = self._id_width() + 2
-        self.log(f"  {'stage':<{width}}{'status':<22}{'seconds':>9}{'peak RSS MiB':>14}")
-        for row in rows:
-            seconds = f"{row['seconds']:.1f}" if row["status"] == "ran" else "-"
-            rss = f"{row['peak_rss_mb']:.0f}" if row["status"] == "ran" else "-"
-            self.log(f"  {row['stage']:<{width}}{row['status']:<22}{seconds:>9}{rss:>14}")
-        self.log(f"  total {sum(s.seconds for s in self.stages):.1f}s")
+        self.log("")
+        for line in format_timings(rows):
+            self.log(line)
 
 
 def apply_record(stage: Stage, record: dict[str, Any]) -> None:

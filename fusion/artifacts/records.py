@@ -159,6 +159,20 @@ def locked(out: str | os.PathLike[str], what: str | None = None) -> OutputLock:
     return OutputLock(lock_path(Path(out)), what or str(out))
 
 
+def process_alive(pid: Any) -> bool:
+    """Whether another process of this host has the id ``pid`` (this one: no); what a
+    record's pid says when its lock cannot be asked (``fusechat-merge status``)."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------- partial outputs
 
 def mark_partial(directory: Path, **info: Any) -> None:

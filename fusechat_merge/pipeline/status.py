@@ -1,0 +1,118 @@
+"""``fusechat-merge status``: where a run stands, from its records alone (nothing runs).
+
+A stage is ``done`` (its done record holds its current key and its outputs exist),
+``failed`` (a failed record with its current key), ``running`` (a started record with its
+current key whose process is alive, or on another host: a Ray worker, a SLURM task),
+``interrupted`` (started here, its process gone: a rerun resumes it), ``stale`` (its
+records hold another key: the recipe or an input changed since) or ``waiting`` (never
+run, or run by a plan whose stages are gone).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from fusion.artifacts.records import process_alive
+from fusion.progress import format_bytes_mb, format_seconds
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from fusechat_merge.pipeline.layout import WorkDir
+    from fusechat_merge.pipeline.runner import Runner
+
+STATES = ("done", "running", "interrupted", "failed", "stale", "waiting")
+
+
+def stage_status(runner: Runner) -> list[dict[str, Any]]:
+    """One row per stage of the runner's plan: id, state and what the records say."""
+    rows: list[dict[str, Any]] = []
+    states: dict[str, str] = {}
+    for stage in runner.stages:
+        row = _status(runner.layout, stage.id, stage.key, stage.outputs)
+        row["kind"] = stage.kind
+        if row["state"] == "waiting":
+            row["waits_for"] = [u for u in stage.after if states.get(u) != "done"]
+        states[stage.id] = row["state"]
+        rows.append(row)
+    return rows
+
+
+def recorded_status(layout: WorkDir) -> list[dict[str, Any]]:
+    """Without the recipe: one row per stage that left records, their keys taken as current
+    (so nothing is ``stale`` or ``waiting``)."""
+    ids = sorted({path.name.split(".")[0].replace("__", "/") for path in layout.records.glob("*.json")})
+    return [_status(layout, stage_id, None, []) for stage_id in ids]
+
+
+def _status(layout: WorkDir, stage_id: str, key: str | None, outputs: list[Path]) -> dict[str, Any]:
+    records = {kind: _read(layout.record(stage_id, kind)) for kind in ("done", "started", "failed")}
+    done, started, failed = records["done"], records["started"], records["failed"]
+    row: dict[str, Any] = {"id": stage_id, "log": str(layout.log(stage_id))}
+
+    def current(record: dict[str, Any] | None) -> bool:
+        return record is not None and (key is None or record.get("key") == key)
+
+    if current(done) and all(p.exists() for p in outputs):
+        row.update(state="done", host=done.get("host"), started_at=done.get("started_at"),
+                   finished_at=done.get("finished_at"), seconds=done.get("seconds"),
+                   peak_rss_mb=done.get("peak_rss_mb"), peak_gpu_mb=done.get("peak_gpu_mb"))
+    elif current(failed):
+        row.update(state="failed", host=failed.get("host"), error=failed.get("error"),
+                   started_at=(started or {}).get("started_at"), finished_at=failed.get("failed_at"))
+    elif current(started):
+        here = started.get("host") == socket.gethostname()
+        alive = not here or process_alive(started.get("pid"))
+        row.update(state="running" if alive else "interrupted", host=started.get("host"),
+                   pid=started.get("pid"), started_at=started.get("started_at"),
+                   progress=_read(layout.record(stage_id, "progress")))
+    else:
+        row.update(state="stale" if any(records.values()) else "waiting")
+    return row
+
+
+def format_status(rows: list[dict[str, Any]], now: float | None = None) -> list[str]:
+    """The status table: one line per stage, then the count per state."""
+    now = time.time() if now is None else now
+    width = max([20, *(len(r["id"]) for r in rows)]) + 2
+    lines = [f"{'stage':<{width}}{'state':<13}details"]
+    for row in rows:
+        lines.append(f"{row['id']:<{width}}{row['state']:<13}{_details(row, now)}".rstrip())
+    counts = {state: sum(r["state"] == state for r in rows) for state in STATES}
+    lines.append(", ".join(f"{n} {state}" for state, n in counts.items() if n))
+    return lines
+
+
+def _details(row: dict[str, Any], now: float) -> str:
+    state = row["state"]
+    if state == "done":
+        peak = format_bytes_mb(row["peak_rss_mb"] or 0)
+        gpu = f", GPU {format_bytes_mb(row['peak_gpu_mb'])}" if row.get("peak_gpu_mb") else ""
+        return f"{format_seconds(row['seconds'] or 0)}, peak {peak}{gpu}, {_when(row['finished_at'], now)} on {row['host']}"
+    if state == "failed":
+        return f"{row['error']}; log: {row['log']}"
+    if state in ("running", "interrupted"):
+        since = f"on {row['host']} (pid {row['pid']}) since {_when(row['started_at'], now)}"
+        progress = row.get("progress")
+        if progress:
+            total = f"/{progress['total']:g}" if progress.get("total") else ""
+            rest = "".join(f", {k} {v}" for k, v in progress.items() if k not in ("n", "total", "unit", "at", "rate"))
+            since += f"; {progress['n']:g}{total} {progress['unit']}{rest} ({_when(progress['at'], now)})"
+        return since + ("" if state == "running" else "; a rerun resumes it")
+    if state == "stale":
+        return "the recipe or an input changed since it ran: it reruns"
+    return f"for {', '.join(row['waits_for'])}" if row.get("waits_for") else ""
+
+
+def _when(stamp: float | None, now: float) -> str:
+    return "?" if stamp is None else f"{format_seconds(max(0.0, now - stamp))} ago"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
