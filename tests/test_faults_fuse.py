@@ -145,3 +145,18 @@ def test_a_training_option_given_twice_in_the_config_file_is_refused_with_both_l
     refused(fuse(world, out, "--config", str(config)), str(config), "'learning_rate' is given twice",
             "line 1", "line 3")
     assert not out.exists()
+
+
+def test_report_to_tensorboard_writes_the_training_curves(world, tmp_path):
+    """``report_to`` works as in TrainingArguments: the progress bar and the logs do not
+    replace the trackers (TensorBoard here: the dev extra installs it)."""
+    pytest.importorskip("tensorboard", reason="TensorBoard is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "target"
+    result = fuse(world, out, "--max-steps", "4", "--logging-steps", "1", "--report-to", "tensorboard")
+    assert result.exit_code == 0, result.output
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    curves = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/clm_loss", "train/fuse_loss"} <= set(curves), curves
