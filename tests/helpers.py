@@ -164,3 +164,17 @@ def assert_same_store(a, b, atol: float = 0.0) -> None:
                 assert abs(u - v) <= atol or (u != u and v != v), (x.id, f.name, u, v)
             else:
                 assert u == v, (x.id, f.name)
+
+
+def pivot_and_qwen(root: Path, metaspace_tokenizer, bytelevel_tokenizer, rows: int) -> Path:
+    """``root/models/{pivot,qwen}`` (a '▁' Llama and a byte-level Qwen2, tiny, random) and
+    ``root/data/train.jsonl`` of ``rows`` conversations: a whole run's inputs."""
+    from corpus import conversations, write_jsonl
+
+    from fusechat_merge.demo.toy import make_model
+
+    make_model(root / "models" / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
+    make_model(root / "models" / "qwen", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
+    (root / "data").mkdir()
+    write_jsonl(root / "data" / "train.jsonl", conversations(rows))
+    return root

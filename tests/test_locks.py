@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from corpus import conversations, write_jsonl
-from helpers import BIN, tree_hash
+from helpers import BIN, pivot_and_qwen, tree_hash
 
 from fusion.artifacts.records import lock_path
 
@@ -38,15 +37,10 @@ RECIPE = {
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer) -> Path:
     """A finished tiny run: models, stores, an aligned store and a target to write from."""
-    from fusechat_merge.demo.toy import make_model
     from fusechat_merge.pipeline import run_pipeline
     from fusechat_merge.pipeline_recipe import load_pipeline_recipe
 
-    root = tmp_path_factory.mktemp("locks")
-    make_model(root / "models" / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
-    make_model(root / "models" / "qwen", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
-    (root / "data").mkdir()
-    write_jsonl(root / "data" / "train.jsonl", conversations(8))
+    root = pivot_and_qwen(tmp_path_factory.mktemp("locks"), metaspace_tokenizer, bytelevel_tokenizer, 8)
     (root / "recipe.yaml").write_text(yaml.safe_dump(RECIPE), encoding="utf-8")
     run_pipeline(load_pipeline_recipe(root / "recipe.yaml", root), root, log=lambda _: None)
     return root

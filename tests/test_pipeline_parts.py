@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from corpus import conversations, write_jsonl
-from helpers import BIN
+from helpers import BIN, pivot_and_qwen
 from test_pipeline_ray import assert_same_weights, record
 
 from fusechat_merge.pipeline import WorkDir, plan_stages, run_pipeline
@@ -39,14 +39,8 @@ PART_STAGES = ["logits/pivot/part-0", "logits/pivot/part-1", "logits/qwen/part-0
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer) -> Path:
-    from fusechat_merge.demo.toy import make_model
-
-    root = tmp_path_factory.mktemp("parts-inputs")
-    make_model(root / "models" / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
-    make_model(root / "models" / "qwen", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
-    (root / "data").mkdir()
-    write_jsonl(root / "data" / "train.jsonl", conversations(11))  # not a multiple of 2 or 3
-    return root
+    # 11 conversations: not a multiple of 2 or 3
+    return pivot_and_qwen(tmp_path_factory.mktemp("parts-inputs"), metaspace_tokenizer, bytelevel_tokenizer, 11)
 
 
 @pytest.fixture(scope="module")
