@@ -46,16 +46,18 @@ def report(part: str, **values) -> None:
 
 
 def _store(work: Path, name: str, model: Path, data: Path, **options):
-    """Score ``data`` into ``work/name``; (store, seconds with the engine start, manifest)."""
+    """Score ``data`` into ``work/name``; (store, seconds with the engine start, what the
+    scoring measured: the store's scoring.json)."""
     from fusion.artifacts.logit_store import LogitStore
     from fusion.logits import LogitJob, generate_logits
 
     settings = {"max_length": 2048, "dtype": "float32", "device": DEVICE, "cache_dir": str(work / "cache"),
                 "overwrite": True, **options}
     start = time.perf_counter()
-    manifest = generate_logits(LogitJob(model=str(model), data=str(data), out=str(work / name), **settings),
-                               progress=False, log=lambda _: None)
-    return LogitStore(work / name), time.perf_counter() - start, manifest
+    generate_logits(LogitJob(model=str(model), data=str(data), out=str(work / name), **settings),
+                    progress=False, log=lambda _: None)
+    store = LogitStore(work / name)
+    return store, time.perf_counter() - start, store.scoring
 
 
 def _compare(a, b) -> dict:
@@ -91,12 +93,11 @@ def check_batching(work: Path, conversations: int) -> bool:
     """hf on CUDA: token-budget batches (the default) against fixed batches of 8: the same
     store, and tokens/s and padding share of each."""
     model, data = _corpus(work, conversations)
-    fixed, _, m_fixed = _store(work, "store-hf-fixed", model, data, backend="hf", top_k=10, batch_tokens=0, batch_size=8)
-    budget, _, m_budget = _store(work, "store-hf-budget", model, data, backend="hf", top_k=10)
+    fixed, _, f = _store(work, "store-hf-fixed", model, data, backend="hf", top_k=10, batch_tokens=0, batch_size=8)
+    budget, _, b = _store(work, "store-hf-budget", model, data, backend="hf", top_k=10)
     diff = _compare(fixed, budget)
     ok = diff["logprobs_beyond_tolerance"] == 0 and diff["ids_differing_not_near_tie"] == 0
-    f, b = m_fixed.scoring, m_budget.scoring
-    report("batching", status="ok" if ok else "FAIL", tokens=m_budget.tokens, **_rounded(diff),
+    report("batching", status="ok" if ok else "FAIL", tokens=budget.manifest.tokens, **_rounded(diff),
            fixed_tokens_per_s=f["tokens_per_s"], budget_tokens_per_s=b["tokens_per_s"],
            budget_over_fixed_speed=round(b["tokens_per_s"] / f["tokens_per_s"], 2),
            fixed_padding=f["padding_share"], budget_padding=b["padding_share"],
@@ -112,23 +113,23 @@ def check_logits(work: Path, conversations: int, top_k: int = 50) -> bool:
         report("logits", status="skipped", reason="vllm is not installed (pip install 'fusechat-merge[vllm]')")
         return True
     model, data = _corpus(work, conversations)
-    hf, hf_s, manifest = _store(work, "store-hf-k50", model, data, backend="hf", top_k=top_k)
+    hf, hf_s, hf_scoring = _store(work, "store-hf-k50", model, data, backend="hf", top_k=top_k)
     parts, part_s, rates = [], [], []
     for i in range(2):
         _, seconds, m = _store(work, f"store-vllm-k50-{i}", model, data, backend="vllm", top_k=top_k,
                                shard=f"{i}/2", gpu_memory_utilization=0.5, device="auto")
         parts.append(work / f"store-vllm-k50-{i}")
         part_s.append(seconds)  # engine start included (vLLM's is long)
-        rates.append(m.scoring["tokens_per_s"])  # scoring alone
+        rates.append(m["tokens_per_s"])  # scoring alone
     merged = work / "store-vllm-k50"
     if merged.exists():
         shutil.rmtree(merged)
     merge_stores(parts, merged)
     diff = _compare(hf, LogitStore(merged))
     ok = diff["logprobs_beyond_tolerance"] == 0 and diff["ids_differing_not_near_tie"] == 0
-    report("logits", status="ok" if ok else "FAIL", top_k=top_k, parts=2, tokens=manifest.tokens, **_rounded(diff),
-           hf_tokens_per_s=manifest.scoring["tokens_per_s"], vllm_part_tokens_per_s=rates,
-           vllm_over_hf_speed=round(min(rates) / manifest.scoring["tokens_per_s"], 2),
+    report("logits", status="ok" if ok else "FAIL", top_k=top_k, parts=2, tokens=hf.manifest.tokens, **_rounded(diff),
+           hf_tokens_per_s=hf_scoring["tokens_per_s"], vllm_part_tokens_per_s=rates,
+           vllm_over_hf_speed=round(min(rates) / hf_scoring["tokens_per_s"], 2),
            hf_s_with_load=round(hf_s, 1), vllm_part_s_with_engine_start=[round(x, 1) for x in part_s])
     return ok
 
