@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fusion.artifacts.atomic import write_json_atomic
+from fusion.artifacts.records import write_record
 from fusion.progress import captured, format_bytes_mb, format_seconds
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def stage_output(stage: Stage, layout: WorkDir, *, verbose: bool = False) -> Ite
             yield lines
         except Exception as err:
             traceback.print_exc()  # into the log
-            write_json_atomic(failed, {"key": stage.key, "error": f"{type(err).__name__}: {err}",
+            write_record(failed, {"key": stage.key, "error": f"{type(err).__name__}: {err}",
                                        "log": str(layout.log(stage.id)), "host": socket.gethostname(),
                                        "pid": os.getpid(), "failed_at": time.time()})
             raise

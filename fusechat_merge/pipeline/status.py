@@ -10,12 +10,11 @@ run, or run by a plan whose stages are gone).
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from fusion.artifacts.records import process_alive
+from fusion.artifacts.records import StoreError, process_alive, read_record
 from fusion.progress import format_bytes_mb, format_seconds
 
 if TYPE_CHECKING:
@@ -112,7 +111,8 @@ def _when(stamp: float | None, now: float) -> str:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """A stage record, None when missing or broken (status never fails on one)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        return read_record(path)
+    except (FileNotFoundError, StoreError):
         return None
