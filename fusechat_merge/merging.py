@@ -25,12 +25,13 @@ method (mergekit's own pass NaN through).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,21 @@ def _merge_into(out: Path, config, sources: Mapping[str, Path], options, config_
         raise
 
 
+@contextlib.contextmanager
+def _fresh_loaders() -> Iterator[None]:
+    """mergekit keeps one tensor loader per model path for the life of the thread
+    (``LoaderCache``): a model rewritten at the same path (a target trained again, in the
+    same process) would be read through the old file's handles. Each merge opens its own."""
+    from mergekit.io.tasks import LoaderCache
+
+    cache = LoaderCache()
+    cache.loaders.clear()
+    try:
+        yield
+    finally:
+        cache.loaders.clear()
+
+
 def _merge_locked(config, out: Path, options, config_source: str | None, run_merge: Callable[..., Any],
                   sources: Mapping[str, Path], recipe_hash: str) -> None:
     remove_stale_partials(out)
@@ -126,7 +142,8 @@ def _merge_locked(config, out: Path, options, config_source: str | None, run_mer
     try:
         model_dir.mkdir()
         try:
-            run_merge(config, str(model_dir), options=options, config_source=config_source)
+            with _fresh_loaders():
+                run_merge(config, str(model_dir), options=options, config_source=config_source)
         except Exception as err:
             message = None if write_fault(err, out) else _input_fault(err)
             if message is None:

@@ -109,8 +109,12 @@ def load_conversations(
     JSON file holding one top-level list (FuseChat-Mixture's format) loads like JSON lines.
     A folder contributes its top-level data files, which must all be JSON or all Parquet
     with one row format (``datasets`` cannot merge schemas across files; one file may mix).
+    Local files are cached by content (`fusion.content_cache`): what is parsed is what
+    the records fingerprint, also after an in-place edit that kept size and mtime.
     """
     import datasets
+
+    from fusion.content_cache import load_local
 
     files = _local_files(source)
     if files is None:
@@ -122,12 +126,7 @@ def load_conversations(
     elif any(f.stat().st_size == 0 for f in files):
         raise ValueError(f"{next(f for f in files if f.stat().st_size == 0)}: empty data file")
     try:
-        rows = datasets.load_dataset(
-            builder,
-            data_files={split: [str(f) for f in _plain_names(files)]},
-            split=split,
-            cache_dir=cache_dir,
-        )
+        rows = load_local(builder, files, names=_plain_names(files), split=split, cache_dir=cache_dir)
     except datasets.exceptions.DatasetGenerationError as err:
         if len(files) < 2:
             raise ValueError(f"{files[0]}: cannot read the rows ({err.__cause__ or err})") from None

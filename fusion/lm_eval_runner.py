@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion.artifacts.provenance import InputError, has_chat_template
+from fusion.content_cache import content_keyed_loads
 from fusion.hints import did_you_mean
 from fusion.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
 from fusion.model_refs import resolve_model
@@ -159,16 +160,17 @@ def run_lm_eval(
     except (OSError, ValueError, KeyError) as err:
         raise LmEvalError(f"cannot load model {model}: {_first_line(err)}") from err
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            num_fewshot=options.num_fewshot,
-            limit=options.limit,
-            apply_chat_template=options.apply_chat_template,
-            task_manager=manager,
-            log_samples=False,
-            bootstrap_iters=options.bootstrap_iters,
-        )
+        with content_keyed_loads():  # a task's local data read as it is now, not as cached
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                num_fewshot=options.num_fewshot,
+                limit=options.limit,
+                apply_chat_template=options.apply_chat_template,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=options.bootstrap_iters,
+            )
     except FileNotFoundError as err:
         raise LmEvalError(f"lm-eval could not find a task's data: {_first_line(err)}") from err
     except ConnectionError as err:

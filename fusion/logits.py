@@ -38,6 +38,7 @@ from fusion.artifacts.provenance import (
 from fusion.artifacts.records import locked, removed_unless, write_faults_named
 from fusion.backends.base import Backend, PositionScores, ScoringError
 from fusion.batching import length_sorted_batches, padded_tokens
+from fusion.content_cache import loaded_fingerprint
 from fusion.data import (
     Encoded,
     EncodeReport,
@@ -182,8 +183,8 @@ def load_model_parts(model: str):
 def data_fingerprint(source: str, rows) -> str:
     """sha256 of the local data files' bytes, or a hub dataset's own fingerprint."""
     files = data_files(source)
-    if files is not None:
-        return files_fingerprint(files)
+    if files is not None:  # the bytes that were parsed, when `load_conversations` read them
+        return loaded_fingerprint(rows) or files_fingerprint(files)
     return f"datasets:{getattr(rows, '_fingerprint', '')}"
 
 

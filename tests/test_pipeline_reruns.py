@@ -176,3 +176,56 @@ def _assert_same_results(work: Path, fresh: Path) -> None:
                 assert value == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["model"], a["skill"], key)
             else:
                 assert value == b[key], (a["model"], a["skill"], key)
+
+
+def _lm_eval_metrics(work: Path) -> dict[str, dict]:
+    """Every lm-eval result file's per-task metrics (the numbers, not the timings)."""
+    found = {}
+    for path in sorted((work / "eval" / "lm-eval").rglob("*.json")):
+        results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
+        found[path.relative_to(work).as_posix()] = {
+            task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))} for task, metrics in results.items()}
+    assert found, "no lm-eval results"
+    return found
+
+
+def test_files_edited_in_place_with_size_and_mtime_kept_are_read_anew(base, tmp_path):
+    """The corpus, a skill file and an lm-eval task's data, each rewritten in place as
+    ``rsync -a``/``cp -p`` leave them, are read as they are now (not from `datasets`' cache,
+    which keys a local file by path and mtime): the rerun equals a fresh run on the edits."""
+    from fusion.artifacts.logit_store import LogitStore
+    from fusion.lm_eval_tasks import write_skill_tasks
+
+    work = tmp_path / "work"
+    shutil.copytree(base, work, symlinks=True)
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["evaluate"]["lm_eval"]["tasks"] = ["fusechat_chat_ll"]  # a log-likelihood: moves with any edit
+    recipe["logits"]["top_k"] = 3  # with the evaluation's max_length: every stage that reads a file reruns
+    recipe["evaluate"]["max_length"] = 48
+    _write_recipe(work, recipe)
+    write_skill_tasks({"chat": work / "data" / "held.jsonl"}, work / "tasks", max_gen_toks=4)
+    _run(work)  # every stage reads its files here, so `datasets` has cached them at these paths
+
+    for name in ("data/train.jsonl", "data/held.jsonl", "tasks/fusechat_chat.jsonl"):
+        _same_size_and_mtime(work / name, _swap_digits)
+    _run(work)
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for part in ("models", "data", "tasks"):
+        shutil.copytree(work / part, fresh / part)
+    shutil.copy2(work / "recipe.yaml", fresh / "recipe.yaml")
+    task_yaml = (fresh / "tasks" / "fusechat_chat_ll.yaml")
+    task_yaml.write_text(task_yaml.read_text(encoding="utf-8").replace(str(work), str(fresh)), encoding="utf-8")
+    _run(fresh)
+
+    for model in ("pivot", "qwen", "twin"):
+        ours, theirs = LogitStore(work / "logits" / model), LogitStore(fresh / "logits" / model)
+        assert [s.input_ids.tolist() for s in ours] == [s.input_ids.tolist() for s in theirs], model
+        assert ours.options.data_fingerprint == theirs.options.data_fingerprint, model
+    _assert_same_results(work, fresh)
+    ours, theirs = _lm_eval_metrics(work), _lm_eval_metrics(fresh)
+    assert ours.keys() == theirs.keys()
+    for name, tasks in ours.items():
+        for task, metrics in tasks.items():
+            assert metrics == pytest.approx(theirs[name][task], rel=1e-6), (name, task)
