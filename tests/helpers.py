@@ -178,3 +178,52 @@ def pivot_and_qwen(root: Path, metaspace_tokenizer, bytelevel_tokenizer, rows: i
     (root / "data").mkdir()
     write_jsonl(root / "data" / "train.jsonl", conversations(rows))
     return root
+
+
+# What runs that differ in thread count, batch shape or process count promise each other
+# (float reductions run in another order): every integer, string and id equal, every float
+# within float32 rounding. Runs that pin all three are compared bit for bit instead.
+FLOAT_RTOL = 1e-5
+FLOAT_ATOL = 1e-6
+
+
+def assert_close_values(a, b, where: str = "", rtol: float = FLOAT_RTOL, atol: float = FLOAT_ATOL) -> None:
+    """``a`` and ``b`` (nested dicts and lists of plain values) equal but for their floats,
+    which are within ``rtol``/``atol`` (NaN equals NaN)."""
+    import math
+
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, sorted(a), sorted(b) if isinstance(b, dict) else b)
+        for key in a:
+            assert_close_values(a[key], b[key], f"{where}.{key}", rtol, atol)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), (where, len(a), b if not isinstance(b, list) else len(b))
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close_values(x, y, f"{where}[{i}]", rtol, atol)
+    elif isinstance(a, float) and isinstance(b, (float, int)):
+        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rtol, abs_tol=atol), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def store_columns(path: Path) -> dict:
+    """Every column of every stored sequence of a logit or aligned store, in store order."""
+    from fusion.artifacts.logit_store import LogitStore
+
+    return LogitStore(path).dataset.with_format(None).to_dict()
+
+
+def assert_same_columns(a: Path, b: Path) -> None:
+    """Two stores hold the same sequences, tokens, offsets and top-K ids; their floats
+    agree to float32 rounding (runs with other threads, batch shapes or processes)."""
+    assert_close_values(store_columns(a), store_columns(b), str(a))
+
+
+def assert_close_weights(a: Path, b: Path, atol: float = 2e-5) -> None:
+    """Two model directories' tensors by name, within ``atol``: targets trained from stores
+    whose floats differ in the last bit (Adam's normalised step turns a rounding-level
+    difference in a near-zero gradient into up to lr-sized updates; 2e-5 holds a few steps)."""
+    wa, wb = load_weights(a), load_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=0, atol=atol), (name, (wa[name] - wb[name]).abs().max().item())
