@@ -48,6 +48,7 @@ class Stage:
     status: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # the done record of this run
     resources: dict[str, Any] = field(default_factory=dict)  # what a scheduler gives it
+    memory: dict[str, Any] | None = None  # estimated memory per device (`memory.check_memory`)
 
 
 class Planner:
