@@ -5,7 +5,7 @@ started_at; its bars' last state in a ``progress`` record), a ``failed`` record 
 raised, and a ``done`` record when it finished, in ``WORK/stages/``, and everything the
 libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.pipeline.stage_output`). The
 done record holds: its key, how it ran (``executor``: local or ray, ``host``,
-``pid``), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), its peak memory
+``pid``; ``placement``: the resources it asked for and, on Ray, its node and GPU ids), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), its peak memory
 (``peak_rss_mb``: of the process that ran it, or of the largest process of an accelerate
 launch, ``peak_rss_of`` says which; ``peak_gpu_mb`` when it used CUDA in-process) and what
 its job reports (fuse: ``world_size``, the number of training processes, as the training
