@@ -88,7 +88,7 @@ def model_shape(model_dir: str, trust_remote_code: bool = False) -> ModelShape |
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                      dtype=torch.float32)
-    except (OSError, ValueError, KeyError):
+    except Exception:  # a model the estimate cannot build is left to its stage to load (or refuse)
         return None
     total, (largest, _) = calculate_maximum_sizes(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
