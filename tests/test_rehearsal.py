@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,9 +28,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 from corpus import conversations, write_jsonl
+from helpers import refused
 from standins import HUB_IDS, lay_out_standins, make_standins
 
+from fusechat_merge.cli import main
 from fusechat_merge.pipeline import WorkDir, plan_stages
 from fusechat_merge.pipeline_recipe import load_pipeline_recipe
 from fusion.artifacts.records import read_record
@@ -92,40 +96,47 @@ def hub(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer) -> Path:
     return root
 
 
-def _plan(recipe_file: Path, work: Path, hf_home: Path) -> list[dict]:
-    """``run --plan`` in a subprocess that sees ``hf_home`` (hub ids resolve there)."""
-    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "fusechat_merge.cli", "run", str(recipe_file), "--work-dir",
-                           str(work), "--plan"], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+@pytest.fixture
+def in_hub_cache(hub, monkeypatch):
+    """This process reads hub ids from ``hub/hf`` (as a process started with HF_HOME there)."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HOME", str(hub / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub / "hf" / "hub"))
 
 
-def test_rehearsal_plans_the_stages_and_gpus_of_the_7b_recipe(hub):
-    """Same stage ids and GPUs per stage as the unchanged recipe (its evaluate stages aside)."""
+def _plan(recipe_file: Path, work: Path) -> list[dict]:
+    """What ``run --plan`` prints."""
+    from fusechat_merge.pipeline import pipeline_runner
+
+    return pipeline_runner(load_pipeline_recipe(recipe_file, work), work, memory=True).plan()
+
+
+def test_rehearsal_plans_the_stages_and_gpus_of_the_7b_recipe(hub, in_hub_cache):
+    """Same stage ids and GPUs per stage as the unchanged recipe (its evaluate stages aside),
+    and a memory estimate for every scoring and training stage."""
     work = hub / "work"
-    real = {s["id"]: s for s in _plan(SEVEN_B, hub / "plan-7b", hub / "hf")}
-    ours = {s["id"]: s for s in _plan(work / "recipe.yaml", work, hub / "hf")}
+    real = {s["id"]: s for s in _plan(SEVEN_B, hub / "plan-7b")}
+    ours = {s["id"]: s for s in _plan(work / "recipe.yaml", work)}
     assert len(real) == 49 and sum(1 for i in real if "/part-" in i) == 32  # as docs/cluster.md counts
     assert set(ours) - set(real) == {i for i in ours if i.startswith("evaluate/")}
     for stage_id, stage in real.items():
         assert ours[stage_id]["after"] == stage["after"], stage_id
         assert ours[stage_id]["resources"]["num_gpus"] == stage["resources"]["num_gpus"], stage_id
+        if stage["kind"] == "fuse" or "/part-" in stage_id:
+            assert stage["memory"]["per_device_gib"] > 0, stage_id
+    qwen = real["logits/qwen/part-0"]["memory"]
+    assert qwen["devices"] == 8 and qwen["fits"] is True
 
 
-def test_the_7b_recipe_refuses_internlm_without_remote_code(hub):
+def test_the_7b_recipe_refuses_internlm_without_remote_code(hub, in_hub_cache):
     recipe = yaml.safe_load(SEVEN_B.read_text(encoding="utf-8"))
     entry = next(s for s in recipe["sources"] if s["name"] == "internlm")
     entry.pop("trust_remote_code")
     path = hub / "no-remote-code.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    env = dict(os.environ, HF_HOME=str(hub / "hf"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "fusechat_merge.cli", "run", str(path), "--work-dir",
-                           str(hub / "refused"), "--dry-run"], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    for word in ("internlm/internlm2-chat-20b", "sources[2].trust_remote_code: true", "modeling_internlm2.py"):
-        assert word in proc.stderr, (word, proc.stderr)
+    result = CliRunner().invoke(main, ["run", str(path), "--work-dir", str(hub / "refused"), "--dry-run"])
+    refused(result, "internlm/internlm2-chat-20b", "sources[2].trust_remote_code: true", "modeling_internlm2.py")
     assert not (hub / "refused" / "stages").exists()
 
 
@@ -189,7 +200,7 @@ def test_rehearsal_runs_the_7b_recipe_on_a_simulated_gpu_cluster(hub, cluster):
         if "/part-" in stage_id:  # each scoring part holds its model's tensor-parallel GPUs
             assert len(gpus) == tp[stage_id.split("/")[1]], (stage_id, gpus)
         elif rec["kind"] == "fuse":  # each training a whole node
-            assert len(gpus) == GPUS_PER_NODE, (stage_id, gpus)
+            assert gpus == sorted(str(i) for i in range(GPUS_PER_NODE)), (stage_id, gpus)
         else:
             assert gpus == [], (stage_id, gpus)
         for upstream in rec["after"]:  # no stage starts before what it reads is done
@@ -206,6 +217,17 @@ def test_rehearsal_runs_the_7b_recipe_on_a_simulated_gpu_cluster(hub, cluster):
     # align before its pair's training, all trainings before the merge, then the evaluations
     merge = records["merge/seed-42/fusechat-7b-sce"]
     assert merge["started_at"] >= max(r["finished_at"] for i, r in records.items() if r["kind"] == "fuse")
+    # each stage submitted as soon as the stages it waits for are done: in the driver's lines, the
+    # last stage done before a stage's submission is one of its own upstream stages
+    done: list[str] = []
+    for line in proc.stdout.splitlines():
+        if match := re.match(r"^\[(\S+)\] (submitted|done on) ", line):
+            stage_id, what = match.groups()
+            if what == "done on":
+                done.append(stage_id)
+            elif records[stage_id]["after"]:
+                assert done and done[-1] in records[stage_id]["after"], (stage_id, done[-3:])
+    assert sorted(done) == sorted(records)
     report_rec = records["evaluate/report"]
     assert report_rec["started_at"] >= max(r["finished_at"] for i, r in records.items()
                                            if i.startswith("evaluate/") and i != "evaluate/report")
