@@ -250,7 +250,7 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
     """
     import json
 
-    from fusechat_merge.pipeline import pipeline_runner, run_pipeline
+    from fusechat_merge.pipeline import MemoryFitError, pipeline_runner, run_pipeline
     from fusechat_merge.pipeline.runner import RunError, StageError
     from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
 
@@ -263,12 +263,19 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
     except PipelineRecipeError as err:
         raise click.ClickException(str(err)) from err
     try:
-        if print_plan:
-            click.echo(json.dumps(pipeline_runner(parsed, work_dir).plan(), indent=2))
+        if print_plan:  # with each stage's memory per device; then refused if one cannot fit
+            runner = pipeline_runner(parsed, work_dir, memory=True)
+            click.echo(json.dumps(runner.plan(), indent=2))
+            if runner.memory_problems:
+                raise MemoryFitError(runner.memory_problems)
         elif stage_id:
             if executor != "local":
                 raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
-            pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose).run_one(stage_id)
+            runner = pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose, memory=True)
+            mine = [p for p in runner.memory_problems if p.split()[1] == stage_id]
+            if mine:
+                raise MemoryFitError(mine)
+            runner.run_one(stage_id)
         else:
             run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
                          executor=executor, ray_address=ray_address, verbose=verbose)

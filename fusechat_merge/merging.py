@@ -150,7 +150,7 @@ def _merge_locked(config, out: Path, options, config_source: str | None, run_mer
                 raise
             raise MergeInputError(message) from err
         check_finite_output(model_dir, sources)
-        describe_tied_head(model_dir)
+        describe_tied_head(model_dir, bool(getattr(options, "trust_remote_code", False)))
         _restore_written_refs(model_dir, sources)
         _write_output_marker(model_dir, config, recipe_hash)
         publish_dir(model_dir, out, replace=True)  # with the user's umask
@@ -399,7 +399,7 @@ def check_finite_output(model_dir: Path, sources: Mapping[str, Path]) -> None:
                                       "nothing was written")
 
 
-def describe_tied_head(model_dir: Path) -> None:
+def describe_tied_head(model_dir: Path, trust_remote_code: bool = False) -> None:
     """Make ``config.json``'s ``tie_word_embeddings`` say what the merged weights hold.
 
     mergekit copies the base model's config: a tied base merged with untied targets says
@@ -409,11 +409,11 @@ def describe_tied_head(model_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_file = model_dir / "config.json"
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if not hasattr(config, "tie_word_embeddings"):
         return
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     head = model.get_output_embeddings()
     names = [f"{n}.weight" for n, module in model.named_modules(remove_duplicate=False) if module is head]
     if head is None or not names:

@@ -56,8 +56,11 @@ def click_options(cls: type, *, exclude: Sequence[str] = (), required: Sequence[
                 func = click.option(*flag, f.name, default=None, required=meta["required"],
                                     callback=_key_values, **{**kwargs, "show_default": False})(func)
                 continue
-            if base is bool:
-                func = click.option(*flag, f.name, is_flag=True, default=f.default, **kwargs)(func)
+            if base is bool:  # overrides: None when not given, as every other option
+                if overrides:
+                    kwargs["show_default"] = str(f.default)
+                func = click.option(*flag, f.name, is_flag=True, default=None if overrides else f.default,
+                                    **kwargs)(func)
                 continue
             if meta["choices"]:
                 kwargs["type"] = click.Choice([str(c) for c in meta["choices"]])

@@ -19,6 +19,7 @@ from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
 from fusion.artifacts.provenance import has_chat_template
 from fusion.model_refs import local_path, looks_like_hub_id, model_dir
 from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
+from fusion.remote_code import needs_remote_code, remote_code_risk
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
 EXECUTORS = ("local", "ray")  # `run --executor`
@@ -30,12 +31,18 @@ class _Strict(BaseModel):
 
 # The scoring engine is per model (a 72B source needs tensor parallelism, a 7B one does not):
 # these LogitOptions fields are keys of each model entry, with their choices and ranges.
-ENGINE_FIELDS = ("backend", "device_map", "tensor_parallel_size", "gpu_memory_utilization", "engine_args")
+# `trust_remote_code` too: it is allowed model by model, and every stage that loads the
+# model (logits, align, fuse, merge, evaluate, lm-eval) gets it from there.
+ENGINE_FIELDS = ("backend", "device_map", "tensor_parallel_size", "gpu_memory_utilization", "engine_args",
+                 "trust_remote_code")
 _EngineSpec = recipe_section(
     LogitOptions, name="_EngineSpec",
     exclude=tuple(f.name for f in dataclasses.fields(LogitOptions) if f.name not in ENGINE_FIELDS),
 )
 
+
+_MODEL_KEY = ("trust_remote_code is a key of a model's entry (pivot or a source), not of a stage: "
+              "every stage that loads that model gets it from there")
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -76,7 +83,8 @@ class LogitSpec(_LogitOptionsSpec):  # type: ignore[misc,valid-type]
         """The scoring options (`LogitOptions` fields), without the pipeline's own keys."""
         return self.model_dump(exclude={"parts"})
 # `overwrite` is the pipeline's own business: it redoes a changed stage from an empty output.
-AlignSpec = recipe_section(AlignOptions, name="AlignSpec", exclude=("overwrite",))
+# trust_remote_code is a model key (each model's entry), not a stage's.
+AlignSpec = recipe_section(AlignOptions, name="AlignSpec", exclude=("overwrite", "trust_remote_code"))
 
 
 class LaunchSpec(_Strict):
@@ -127,6 +135,8 @@ class FuseSpec(_Strict):
         known = {f.name for f in dataclasses.fields(FusionConfig)}
         blocks = value.values() if value and all(isinstance(v, dict) for v in value.values()) else [value]
         for block in blocks:
+            if "trust_remote_code" in block:
+                raise ValueError(_MODEL_KEY)
             unknown = sorted(set(block) - known)
             if unknown:
                 raise ValueError(f"unknown training option(s) {', '.join(unknown)} (TrainingArguments "
@@ -146,7 +156,7 @@ class MergeSpec(_Strict):
 REPORT_FIELDS = ("source_skills", "diagnostics")  # evaluate keys of the report alone
 
 
-class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
+class EvalSpec(recipe_section(EvalOptions, exclude=("trust_remote_code",))):  # type: ignore[misc]
     skills: dict[str, str] = Field(default_factory=dict, description="skill name → held-out conversations")
     source_skills: dict[str, str] = Field(
         default_factory=dict, description="source → its own skill (a key of skills), for the "
@@ -163,6 +173,9 @@ class EvalSpec(recipe_section(EvalOptions)):  # type: ignore[misc]
     def _lm_eval_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             from fusion.lm_eval_options import LmEvalError, LmEvalOptions
+
+            if "trust_remote_code" in value:
+                raise ValueError(_MODEL_KEY)
 
             try:
                 LmEvalOptions.from_mapping(value, where="lm_eval")
@@ -185,12 +198,17 @@ class ResourceSpec(_Strict):
     @field_validator("memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"expected bytes or a size such as 64GiB or 512MB, got {value!r}")
-        return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        return _size(value)
+
+
+def _size(value: Any) -> Any:
+    """Bytes, or a size such as ``64GiB`` or ``512MB``, as bytes."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected bytes or a size such as 64GiB or 512MB, got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 class ResourcesSpec(_Strict):
@@ -202,6 +220,14 @@ class ResourcesSpec(_Strict):
     merge: ResourceSpec = Field(default_factory=ResourceSpec)
     evaluate: ResourceSpec = Field(default_factory=ResourceSpec)
     stages: dict[str, ResourceSpec] = Field(default_factory=dict, description="Per stage id, over its kind's.")
+    gpu_memory: int | None = Field(None, gt=0, description=(
+        "Memory of one GPU (bytes, or a size such as 80GiB): every stage's estimated memory per "
+        "device is checked against it before the run (default: this machine's GPU, if any)."))
+
+    @field_validator("gpu_memory", mode="before")
+    @classmethod
+    def _gpu_size(cls, value: Any) -> Any:
+        return _size(value)
 
     def for_stage(self, stage_id: str, kind: str) -> dict[str, Any]:
         """The resources of one stage (its kind's, with the keys its own entry sets on top)."""
@@ -309,6 +335,9 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
         elif spec.template == "own" and not has_chat_template(local):
             problems.append(f"{at(*loc, 'template')}: {spec.model} has no chat template; set "
                             "`template: shared` (one role text for all models) for it")
+        if not spec.trust_remote_code and needs_remote_code(local):
+            key = _where((*loc, "trust_remote_code"))
+            problems.append(f"{at(*loc, 'model')}: {remote_code_risk(spec.model, local, f'`{key}: true`')}")
     data = local_path(recipe.data.train, work_dir)
     hub_data = looks_like_hub_id(recipe.data.train) and not local_path(recipe.data.train.split("/")[0], work_dir).exists()
     if not data.exists() and not hub_data:

@@ -98,11 +98,18 @@ def check_pair(pivot: LogitStore, source: LogitStore) -> None:
         )
 
 
-def load_tokenizer(store: LogitStore):
-    """The store's tokenizer, refusing one that changed since the store was written."""
+def load_tokenizer(store: LogitStore, trust_remote_code: bool = False):
+    """The store's tokenizer, refusing one that changed since the store was written (and one
+    with its own code unless ``trust_remote_code``)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(store.options.model)
+    from fusion.remote_code import RemoteCodeError, check_remote_code
+
+    try:
+        check_remote_code(store.options.model, trust_remote_code)
+    except RemoteCodeError as err:
+        raise StoreError(f"{err} (align reads the tokenizer of the store {store.path})") from None
+    tok = AutoTokenizer.from_pretrained(store.options.model, trust_remote_code=trust_remote_code)
     if tokenizer_fingerprint(tok) != store.options.tokenizer_fingerprint:
         raise StoreError(
             f"the tokenizer at {store.options.model} is not the one {store.path} was scored with "
@@ -245,7 +252,8 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     else:
         from fusion.vocab_map import vocabulary
 
-        piv_vocab, src_vocab = vocabulary(load_tokenizer(pivot)), vocabulary(load_tokenizer(source))
+        piv_vocab, src_vocab = (vocabulary(load_tokenizer(pivot, job.trust_remote_code)),
+                                    vocabulary(load_tokenizer(source, job.trust_remote_code)))
         vmap = resolve_vocab_map(job, pivot, source, piv_vocab, src_vocab, out)
         src2piv = vmap.src2piv
         tokenizers = Tokenizers((piv_vocab.texts, src_vocab.texts), Projector(

@@ -68,7 +68,7 @@ def evaluate_model(
     file with no usable conversation.
     """
     opts = replace(options or EvalOptions(), **overrides)
-    model, tokenizer = load_model(model_dir, device)
+    model, tokenizer = load_model(model_dir, device, trust_remote_code=opts.trust_remote_code)
     try:  # the finally frees accelerator memory before the next model is loaded
         return [
             evaluate_skill(model, tokenizer, skill, path, opts, template=template, cache_dir=cache_dir)
@@ -80,16 +80,21 @@ def evaluate_model(
             torch.cuda.empty_cache()
 
 
-def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+def load_model(model_dir: str | Path, device: str = "cpu", *, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """The model in float32 (scores must not depend on the saved dtype) and its tokenizer.
 
-    ``device`` is a torch device or ``"auto"`` (CUDA when available).
+    ``device`` is a torch device or ``"auto"`` (CUDA when available). A model that ships its
+    own code loads only with ``trust_remote_code`` (`fusion.remote_code`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    from fusion.remote_code import check_remote_code
+
+    check_remote_code(model_dir, trust_remote_code)
+    trust = {"trust_remote_code": trust_remote_code}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **trust)
     model.to(resolve_device(device)).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    return model, AutoTokenizer.from_pretrained(model_dir, **trust)
 
 
 def evaluate_skill(

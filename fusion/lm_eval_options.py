@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fusion.hints import did_you_mean
-from fusion.options import BACKENDS, check_options, option
+from fusion.options import BACKENDS, TRUST_HELP, check_options, option
 
 
 class LmEvalError(ValueError):
@@ -51,6 +51,7 @@ class LmEvalOptions:
     model_args: str | None = option(
         None, "Extra lm-eval model arguments as k=v,k=v (e.g. dtype=float32,max_length=512).",
         metavar="K=V[,K=V...]")
+    trust_remote_code: bool = option(False, TRUST_HELP)
 
     def __post_init__(self) -> None:
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)

@@ -22,6 +22,7 @@ from fusion.content_cache import content_keyed_loads
 from fusion.hints import did_you_mean
 from fusion.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
 from fusion.model_refs import resolve_model
+from fusion.remote_code import RemoteCodeError, check_remote_code
 
 EXTRA_HINT = "pip install 'fusechat-merge[eval]'"
 VLLM_HINT = "pip install 'fusechat-merge[vllm]'"
@@ -35,13 +36,16 @@ def require_lm_eval() -> None:
         raise LmEvalError(f"lm-evaluation-harness is not installed: {EXTRA_HINT}") from err
 
 
-def check_model(model: str) -> str:
+def check_model(model: str, trust_remote_code: bool = False) -> str:
     """What lm-eval loads for ``model`` (`fusion.model_refs.resolve_model`: a saved model
-    folder, or a hub id, from the cache when it is there)."""
+    folder, or a hub id, from the cache when it is there); one that ships its own code
+    only with ``trust_remote_code``."""
     try:
-        return resolve_model(model)
-    except InputError as err:
+        resolved = resolve_model(model)
+        check_remote_code(resolved, trust_remote_code)
+    except (InputError, RemoteCodeError) as err:
         raise LmEvalError(str(err)) from None
+    return resolved
 
 
 def check_include_path(include_path: str | os.PathLike | None) -> Path | None:
@@ -120,7 +124,7 @@ def resolve_device(device: str) -> str:
 def prepare(model: str, options: LmEvalOptions) -> tuple[Any, list[str]]:
     """Check everything a run needs before any model is loaded: ``(task manager, tasks)``."""
     options.check()
-    check_model(str(model))
+    check_model(str(model), options.trust_remote_code)
     include = check_include_path(options.include_path)
     if options.apply_chat_template:
         check_chat_template(str(model))
@@ -151,7 +155,10 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.api.registry import get_model
 
-    model_args: dict[str, Any] = {"pretrained": check_model(model), **parse_model_args(options.model_args)}
+    model_args: dict[str, Any] = {"pretrained": check_model(model, options.trust_remote_code),
+                                  **parse_model_args(options.model_args)}
+    if options.trust_remote_code:  # lm-eval hands it to transformers (config, tokenizer, model) and vLLM
+        model_args["trust_remote_code"] = True
     device = resolve_device(options.device)
     # vLLM places the model itself (CUDA_VISIBLE_DEVICES) and warns about a device argument.
     extra = {"batch_size": options.batch_size, "device": device if options.backend == "hf" else None}

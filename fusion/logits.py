@@ -50,6 +50,7 @@ from fusion.data import (
 from fusion.model_refs import resolve_model
 from fusion.options import LogitOptions, parse_shard
 from fusion.progress import bar
+from fusion.remote_code import RemoteCodeError, check_remote_code
 from fusion.throughput import Throughput
 
 
@@ -168,13 +169,19 @@ def _resolved_dtype(job: LogitJob) -> str:
     return str(resolve_dtype("auto", device)).removeprefix("torch.")
 
 
-def load_model_parts(model: str):
+def load_model_parts(model: str, trust_remote_code: bool = False):
     """The tokenizer and config of ``model`` (resolved by `resolve_model`); an unloadable
-    model is a StoreError that says which."""
+    model is a StoreError that says which. A model that ships its own code is refused
+    unless ``trust_remote_code`` (`fusion.remote_code`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model)
+        check_remote_code(model, trust_remote_code)
+    except RemoteCodeError as err:
+        raise StoreError(str(err)) from None
+    trust = {"trust_remote_code": trust_remote_code}
+    try:
+        return AutoTokenizer.from_pretrained(model, **trust), AutoConfig.from_pretrained(model, **trust)
     except (OSError, ValueError) as err:
         where = "" if Path(model).expanduser().exists() else " (no such local directory; tried the hub)"
         raise StoreError(f"cannot load model {model}{where}: {err}") from None
@@ -198,7 +205,7 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
     out = Path(job.out)
     job = replace(job, model=resolve_model(job.model))  # a cached hub id: its snapshot
     check_outputs(out, {"model directory": job.model, "data": job.data})
-    tokenizer, config = load_model_parts(job.model)
+    tokenizer, config = load_model_parts(job.model, job.trust_remote_code)
     rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
     def kept() -> str:
         return "its complete shards are kept: the same command resumes" if has_shards(out) else \
@@ -264,6 +271,7 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
             gpu_memory_utilization=job.gpu_memory_utilization,
             max_length=job.max_length,
             engine_args=job.engine_args,
+            trust_remote_code=job.trust_remote_code,
         )
         meter = Throughput(total_tokens)  # from the loaded model on: the scoring rate alone
         with bar(total_tokens, "tok", unit_scale=True, enabled=progress, desc="scoring") as tokens:

@@ -108,6 +108,10 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return index, count
 
 
+TRUST_HELP = ("Allow a model that ships its own Python code (an auto_map in its config.json or "
+              "tokenizer_config.json, e.g. InternLM2) to run it when it loads. Off: such a model is "
+              "refused. The code runs with your rights: read the model's *.py files first.")
+
 OVERWRITE_HELP = ("Replace what OUT holds from an earlier run of this command (only a store or run "
                   "of this tool, never another directory), instead of resuming it; needed when "
                   "the inputs or options changed.")
@@ -157,6 +161,7 @@ class LogitOptions:
                                                 metavar="KEY=VALUE,...")
     split: str = option("train", "Dataset split to read (hub datasets and folders).")
     cache_dir: str | None = option(None, "datasets cache directory.")
+    trust_remote_code: bool = option(False, TRUST_HELP)
     overwrite: bool = option(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
@@ -191,6 +196,8 @@ class AlignOptions:
     vocab_map: str | None = option(None, "A saved source→pivot vocabulary map (refused if made for "
                                    "other tokenizers); by default one is built from this corpus "
                                    "and saved in OUT.")
+    trust_remote_code: bool = option(False, "Load the stores' tokenizers with their own code (see "
+                                     "logits --trust-remote-code): " + TRUST_HELP)
     overwrite: bool = option(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:
@@ -212,6 +219,7 @@ class FusionSettings:
     fusion: str = option("mince", "mince (per sequence), avgce (CE-weighted mixture) or token-mince "
                          "(per token).", choices=FUSIONS)
     fuse_loss_type: str = option("ce", "ce (soft cross-entropy) or kl.", choices=LOSS_TYPES)
+    trust_remote_code: bool = option(False, "The pivot: " + TRUST_HELP)
 
     def check_fusion_settings(self) -> None:
         check_options(self)
@@ -226,6 +234,7 @@ class EvalOptions:
 
     max_length: int = option(512, "Tokens per conversation; longer ones are truncated.", min=2)
     batch_size: int = option(16, "Conversations per forward pass.", min=1)
+    trust_remote_code: bool = option(False, TRUST_HELP)
 
     def __post_init__(self) -> None:
         check_options(self)

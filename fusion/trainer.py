@@ -27,6 +27,7 @@ from fusion.artifacts.records import locked, write_faults_named
 from fusion.batching import pad_token_id
 from fusion.losses import fuse, fusion_objective
 from fusion.model_refs import resolve_model
+from fusion.remote_code import RemoteCodeError, check_remote_code
 from fusion.train_checkpoints import (
     MarkComplete,
     complete_checkpoints,
@@ -106,11 +107,16 @@ class FusionTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def check_pivot(model_path: str, dataset: FusionDataset):
-    """The pivot's tokenizer, refusing stores made for another one (before training)."""
+def check_pivot(model_path: str, dataset: FusionDataset, trust_remote_code: bool = False):
+    """The pivot's tokenizer, refusing stores made for another one (before training), and a
+    pivot with its own code unless ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        check_remote_code(model_path, trust_remote_code, how_to_allow="--trust-remote-code (fuse)")
+    except RemoteCodeError as err:
+        raise StoreError(str(err)) from None
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     fingerprint = tokenizer_fingerprint(tokenizer)
     if fingerprint != dataset.pivot_fingerprint:
         raise StoreError(
@@ -139,7 +145,7 @@ def train_fusion(
     pivot = resolve_model(pivot, "pivot model")  # a cached hub id: its snapshot
     check_outputs(out, {"pivot model": pivot, **{f"aligned store {a}": a for a in aligned}})
     dataset = FusionDataset(aligned)
-    tokenizer = check_pivot(pivot, dataset)
+    tokenizer = check_pivot(pivot, dataset, config.trust_remote_code)
     out = Path(out)
     folder = Path(config.output_dir)
 
@@ -163,7 +169,8 @@ def _train(pivot: str, aligned: Sequence[str], out: Path, config: FusionConfig, 
     record = training_record(pivot, aligned, config)
     # float32 master weights: --bf16 is autocast mixed precision, not bf16 weights (updates
     # of lr 5e-6 would round away in bf16)
-    model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32,
+                                                 trust_remote_code=config.trust_remote_code)
     trainer = FusionTrainer(
         model=model,
         args=config,

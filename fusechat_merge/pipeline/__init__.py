@@ -28,7 +28,8 @@ from fusechat_merge.pipeline.plan import Stage, plan_stages
 from fusechat_merge.pipeline.runner import Runner
 from fusechat_merge.pipeline_recipe import EXECUTORS, PipelineRecipe
 
-__all__ = ["EXECUTORS", "Runner", "Stage", "WorkDir", "pipeline_runner", "plan_stages", "run_pipeline"]
+__all__ = ["EXECUTORS", "MemoryFitError", "Runner", "Stage", "WorkDir", "memory_plan", "pipeline_runner",
+           "plan_stages", "run_pipeline"]
 
 
 def run_pipeline(
@@ -51,16 +52,50 @@ def run_pipeline(
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     layout = WorkDir(Path(work_dir).absolute())
     runner = Runner(plan_stages(recipe, layout), layout, log=log, executor=executor, verbose=verbose)
+    problems = memory_plan(recipe, runner.stages)
+    if problems and not dry_run:
+        raise MemoryFitError(problems)
     run_with = None
     if executor == "ray":
         from fusechat_merge.pipeline.ray_executor import RayExecutor
 
         run_with = RayExecutor(ray_address)
-    return runner.run(from_stage=from_stage, only=only, dry_run=dry_run, executor=run_with)
+    stages = runner.run(from_stage=from_stage, only=only, dry_run=dry_run, executor=run_with)
+    if problems:  # a dry run shows the plan, then says what does not fit
+        raise MemoryFitError(problems)
+    return stages
+
+
+class MemoryFitError(ValueError):
+    """Stages whose estimated memory per GPU exceeds the GPUs' (what to change is in each line)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("the recipe does not fit its GPUs (estimated before any stage ran):\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+
+
+def memory_plan(recipe: PipelineRecipe, stages: list[Stage]) -> list[str]:
+    """Put each stage's memory estimate on it (``Stage.memory``, shown by ``--plan`` and
+    ``--dry-run``) and return the stages that cannot fit the GPUs (`memory.check_memory`)."""
+    from fusechat_merge.pipeline.memory import check_memory
+
+    estimates, problems = check_memory(stages, recipe.logits.max_length, recipe.resources.gpu_memory)
+    failing = {p.split()[1] for p in problems}  # "stage ID needs ..."
+    for stage in stages:
+        if stage.id in estimates:
+            stage.memory = {**estimates[stage.id].as_dict(), "fits": stage.id not in failing}
+    return problems
 
 
 def pipeline_runner(recipe: PipelineRecipe, work_dir: str | Path, *,
-                    log: Callable[[str], None] = print, verbose: bool = False) -> Runner:
-    """The runner of ``recipe`` in ``work_dir`` (for ``--plan``, ``--stage`` and ``status``)."""
+                    log: Callable[[str], None] = print, verbose: bool = False,
+                    memory: bool = False) -> Runner:
+    """The runner of ``recipe`` in ``work_dir`` (for ``--plan``, ``--stage`` and ``status``);
+    ``memory``: refuse a plan with a stage that cannot fit its GPUs (`MemoryFitError`), after
+    putting every stage's estimate on it."""
     layout = WorkDir(Path(work_dir).absolute())
-    return Runner(plan_stages(recipe, layout), layout, log=log, verbose=verbose)
+    runner = Runner(plan_stages(recipe, layout), layout, log=log, verbose=verbose)
+    if memory:
+        runner.memory_problems = memory_plan(recipe, runner.stages)
+    return runner

@@ -138,8 +138,10 @@ class AlignJob(Job):
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, source: str) -> AlignJob:
         from fusion.align_job import AlignJob as Alignment
 
+        spec = next(s for s in recipe.sources if s.name == source)
         return cls(Alignment(pivot=str(layout.store(recipe.pivot.name)), source=str(layout.store(source)),
-                             out=str(layout.aligned(source)), **recipe.align.model_dump()))
+                             out=str(layout.aligned(source)), **recipe.align.model_dump(),
+                             trust_remote_code=recipe.pivot.trust_remote_code or spec.trust_remote_code))
 
     def reads(self) -> list[str]:
         return [p for p in (self.job.pivot, self.job.source, self.job.vocab_map) if p]
@@ -172,7 +174,8 @@ class FuseJob(Job):
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, source: str) -> FuseJob:
         """The pair (``seed``, ``source``): the recipe's defaults, its per-source options, the seed."""
-        settings = {**recipe.fuse.defaults, **recipe.fuse.per_source.get(source, {}), "seed": seed}
+        settings = {**recipe.fuse.defaults, **recipe.fuse.per_source.get(source, {}), "seed": seed,
+                    **_pivot_trust(recipe)}
         return cls._made(recipe, layout, fuse_stage_id(seed, source), [source], layout.target(seed, source),
                          settings, recipe.fuse.launch_for(source))
 
@@ -182,7 +185,8 @@ class FuseJob(Job):
         same corpus and steps as a target, CLM alone: ``lm_weight`` 1) or ``multi`` (every
         source's aligned store in one training). Launched like the targets (``fuse.launch``)."""
         stores = [recipe.sources[0].name] if name == "sft" else [s.name for s in recipe.sources]
-        settings = {**recipe.fuse.defaults, "seed": seed, **({"lm_weight": 1.0} if name == "sft" else {})}
+        settings = {**recipe.fuse.defaults, "seed": seed, **({"lm_weight": 1.0} if name == "sft" else {}),
+                    **_pivot_trust(recipe)}
         return cls._made(recipe, layout, baseline_stage_id(seed, name), stores, layout.baseline(seed, name),
                          settings, recipe.fuse.launch)
 
@@ -221,6 +225,17 @@ class FuseJob(Job):
         return {**fields, "world_size": read_train_run(self.out).get("world_size")}
 
 
+def _pivot_trust(recipe: PipelineRecipe) -> dict[str, Any]:
+    """The pivot's ``trust_remote_code`` as a training option (absent when off: the keys of
+    runs without remote code stay as they were)."""
+    return {"trust_remote_code": True} if recipe.pivot.trust_remote_code else {}
+
+
+def trusted_models(recipe: PipelineRecipe, layout: WorkDir) -> list[str]:
+    """The model paths whose own code the recipe allows (``trust_remote_code`` on their entry)."""
+    return [layout.model(s.model) for s in [recipe.pivot, *recipe.sources] if s.trust_remote_code]
+
+
 def fuse_stage_id(seed: int, source: str) -> str:
     return f"fuse/seed-{seed}/{source}"
 
@@ -244,6 +259,7 @@ class MergeJob(Job):
     report: str
     seed: int
     name: str
+    trust_remote_code: bool = False  # the pivot's (targets and merge share its architecture)
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int, merge: MergeSpec) -> MergeJob:
@@ -257,7 +273,7 @@ class MergeJob(Job):
         if merge.parameters:
             config["parameters"] = dict(merge.parameters)
         return cls(config, str(layout.merged(seed, merge.name)), str(layout.merge_report(seed, merge.name)),
-                   seed, merge.name)
+                   seed, merge.name, recipe.pivot.trust_remote_code)
 
     def reads(self) -> list[str]:
         return list(dict.fromkeys([m["model"] for m in self.config["models"]] +
@@ -275,7 +291,8 @@ class MergeJob(Job):
         from fusion.progress import bar
 
         with record_stats.collecting() as rows, bar(None, "merge"):
-            run_merge_checked(self.config, self.out, MergeOptions(quiet=False, random_seed=self.seed),
+            run_merge_checked(self.config, self.out, MergeOptions(quiet=False, random_seed=self.seed,
+                                                                   trust_remote_code=self.trust_remote_code),
                               source_name=f"merges[{self.name}]")
         Path(self.report).mkdir(parents=True, exist_ok=True)
         if rows:  # fusechat_sce merges: coefficients per tensor and target
@@ -292,6 +309,7 @@ class EvalJob(Job):
     options: Any  # fusion.options.EvalOptions
     out: str
     cache_dir: str
+    trusted: list[str] = dataclasses.field(default_factory=list)  # paths whose own code may run
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> EvalJob:
@@ -301,8 +319,10 @@ class EvalJob(Job):
         e = recipe.evaluate
         models = eval_models(recipe, layout, seed)
         options = EvalOptions(**e.model_dump(exclude={"skills", "lm_eval", *REPORT_FIELDS}))
+        trusted = trusted_models(recipe, layout) if seed is None else \
+            ([] if not recipe.pivot.trust_remote_code else [path for _, _, path, _ in models])
         return cls(models, {k: str(layout.resolve(v)) for k, v in e.skills.items()}, options,
-                   str(layout.scores(seed)), str(layout.datasets_cache))
+                   str(layout.scores(seed)), str(layout.datasets_cache), trusted)
 
     def reads(self) -> list[str]:
         return [path for _, _, path, _ in self.models] + list(self.skills.values())
@@ -321,7 +341,7 @@ class EvalJob(Job):
         with bar(len(self.models), "model") as models:
             for name, kind, path, template in self.models:
                 for score in evaluate_model(path, self.skills, self.options, template=template,
-                                            cache_dir=self.cache_dir):
+                                            cache_dir=self.cache_dir, trust_remote_code=path in self.trusted):
                     rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
                 models.update()
         write_json_atomic(Path(self.out), rows)
@@ -352,11 +372,14 @@ class LmEvalJob(Job):
     lm_eval_version: str | None  # a new lm-eval may score differently
 
     @classmethod
-    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, model: str, out: Path) -> LmEvalJob:
+    def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, model: str, out: Path,
+                    trust_remote_code: bool = False) -> LmEvalJob:
         from fusion.lm_eval_options import lm_eval_version
 
         assert recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
         options = dict(recipe.evaluate.lm_eval)
+        if trust_remote_code:
+            options["trust_remote_code"] = True
         if options.get("include_path"):
             options["include_path"] = str(layout.resolve(options["include_path"]))
         return cls(model, options, str(out), lm_eval_version())

@@ -27,6 +27,7 @@ from fusechat_merge.pipeline.jobs import (
     eval_models,
     fuse_stage_id,
     logit_parts,
+    trusted_models,
 )
 from fusechat_merge.pipeline.keys import stage_key
 from fusechat_merge.pipeline.layout import WorkDir
@@ -47,6 +48,7 @@ class Stage:
     status: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # the done record of this run
     resources: dict[str, Any] = field(default_factory=dict)  # what a scheduler gives it
+    memory: dict[str, Any] | None = None  # estimated memory per device (`memory.check_memory`)
 
 
 class Planner:
@@ -116,11 +118,13 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
             plan.add("evaluate/base" if seed is None else f"evaluate/seed-{seed}",
                      EvalJob.from_recipe(r, layout, seed))
         if r.evaluate.lm_eval is not None:
+            trusted = trusted_models(r, layout)
             for seed in groups:
                 group = "base" if seed is None else f"seed-{seed}"
                 for name, _kind, path, _template in eval_models(r, layout, seed):
+                    trust = path in trusted or (seed is not None and r.pivot.trust_remote_code)
                     plan.add(f"evaluate/lm-eval/{group}/{name.replace(':', '-')}",
-                             LmEvalJob.from_recipe(r, layout, path, layout.lm_eval_scores(seed, name)))
+                             LmEvalJob.from_recipe(r, layout, path, layout.lm_eval_scores(seed, name), trust))
         plan.add("evaluate/report", ReportJob.from_recipe(r, layout))
     stages = plan.stages
     ids = {s.id for s in stages}

@@ -5,7 +5,7 @@ started_at; its bars' last state in a ``progress`` record), a ``failed`` record 
 raised, and a ``done`` record when it finished, in ``WORK/stages/``, and everything the
 libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.pipeline.stage_output`). The
 done record holds: its key, how it ran (``executor``: local or ray, ``host``,
-``pid``), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), its peak memory
+``pid``; ``placement``: the resources it asked for and, on Ray, its node and GPU ids), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), its peak memory
 (``peak_rss_mb``: of the process that ran it, or of the largest process of an accelerate
 launch, ``peak_rss_of`` says which; ``peak_gpu_mb`` when it used CUDA in-process) and what
 its job reports (fuse: ``world_size``, the number of training processes, as the training
@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from fusechat_merge import __version__
 from fusechat_merge.pipeline.layout import WorkDir
+from fusechat_merge.pipeline.placement import placement
 from fusechat_merge.pipeline.plan import Stage
 from fusechat_merge.pipeline.stage_output import (
     Summaries,
@@ -88,6 +89,7 @@ class Runner:
         self.executor = executor  # the name written into the records
         self.verbose = verbose  # the libraries' output on the terminal too, not only in the stage logs
         self._summaries: Summaries | None = None  # a local run folds the lines of short stages
+        self.memory_problems: list[str] = []  # stages that cannot fit their GPUs (`pipeline.memory_plan`)
 
     def state(self, stage: Stage) -> str:
         """``done``, ``resume``, ``stale`` or ``new`` (see the module docstring)."""
@@ -141,8 +143,9 @@ class Runner:
         for stage in self.stages:
             if stage.id in chosen:
                 stage.status = f"would run ({chosen[stage.id]})"
+            memory = f"  [{_memory_line(stage.memory)}]" if stage.memory else ""
             self.log(f"  {stage.id:<{width}} " + (f"run: {chosen[stage.id]}" if stage.id in chosen
-                                                   else "skip: up to date"))
+                                                   else "skip: up to date") + memory)
         return self.stages
 
     def _run(self, work: Work, executor: Executor | None) -> list[Stage]:
@@ -186,7 +189,8 @@ class Runner:
     def plan(self) -> list[dict[str, Any]]:
         """The plan as plain data (``run --plan``): id, kind, after, status, resources."""
         return [{"id": s.id, "kind": s.kind, "after": list(s.after), "status": self.state(s),
-                 "resources": dict(s.resources), "outputs": [str(p) for p in s.outputs]}
+                 "resources": dict(s.resources), "outputs": [str(p) for p in s.outputs],
+                 **({"memory": s.memory} if s.memory else {})}
                 for s in self.stages]
 
     def run_stage(self, stage: Stage, *, resume: bool, reason: str) -> dict[str, Any]:
@@ -214,7 +218,8 @@ class Runner:
             "key": stage.key, "executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
             "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_of": "process", **_peak_gpu(), "version": __version__}
+            "peak_rss_of": "process", **_peak_gpu(), "version": __version__,
+            "placement": placement(stage.resources)}
         if "peak_rss_mb" in reported:
             record["peak_rss_of"] = "largest launched process"
         record.update(reported)
@@ -238,6 +243,12 @@ class Runner:
         self.log("")
         for line in format_timings(rows):
             self.log(line)
+
+
+def _memory_line(memory: dict[str, Any]) -> str:
+    """``"memory 13.49 GiB/device × 1"`` (and ``"does not fit"``) for a dry-run line."""
+    fits = "" if memory.get("fits", True) else ", DOES NOT FIT"
+    return f"memory {memory['per_device_gib']:.2f} GiB/device × {memory['devices']}{fits}"
 
 
 def apply_record(stage: Stage, record: dict[str, Any]) -> None:

@@ -28,11 +28,13 @@ def make_backend(
     gpu_memory_utilization: float = 0.9,
     max_length: int = 2048,
     engine_args: Mapping[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> Backend:
     if name == "hf":
         from fusion.backends.hf import HFBackend
 
-        return HFBackend(model, top_k=top_k, dtype=dtype, device=device, device_map=device_map)
+        return HFBackend(model, top_k=top_k, dtype=dtype, device=device, device_map=device_map,
+                         trust_remote_code=trust_remote_code)
     if name == "vllm":
         from fusion.backends.vllm import VLLMBackend
 
@@ -44,5 +46,6 @@ def make_backend(
             gpu_memory_utilization=gpu_memory_utilization,
             max_length=max_length,
             engine_args=engine_args,
+            trust_remote_code=trust_remote_code,
         )
     raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")

@@ -40,7 +40,7 @@ class HFBackend:
     schedules_batches = False  # score() takes the batches `fusion.batching` forms
 
     def __init__(self, model: str, *, top_k: int, dtype: str = "auto", device: str = "auto",
-                 device_map: str | None = None):
+                 device_map: str | None = None, trust_remote_code: bool = False):
         """``device_map`` (auto, balanced, ...) loads the model with accelerate over every
         visible GPU (then CPU): its layers run where they were placed, one after another."""
         from transformers import AutoModelForCausalLM
@@ -48,10 +48,11 @@ class HFBackend:
         place = resolve_device("auto" if device_map else device)
         self.dtype = resolve_dtype(dtype, place)
         self.top_k = top_k
+        trust = {"trust_remote_code": trust_remote_code}
         if device_map:
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype, device_map=device_map)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype, device_map=device_map, **trust)
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype).to(place)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype, **trust).to(place)
         self.model.eval()
         embedding = self.model.get_input_embeddings().weight.device  # where the input ids go
         self.device = embedding if embedding.type != "meta" else torch.device("cpu")  # offloaded: hooks move

@@ -89,6 +89,7 @@ class VLLMBackend:
         gpu_memory_utilization: float = 0.9,
         max_length: int = 2048,
         engine_args: Mapping[str, Any] | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         require_vllm()
         from vllm import LLM, SamplingParams
@@ -105,6 +106,7 @@ class VLLMBackend:
                 max_logprobs=top_k,
                 skip_tokenizer_init=True,
                 enable_prefix_caching=False,
+                trust_remote_code=trust_remote_code,
                 **(engine_args or {}),
             )
         except Exception as err:
