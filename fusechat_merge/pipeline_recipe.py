@@ -323,6 +323,10 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
                             "the baseline's report name; rename it")
     specs = [(("pivot",), recipe.pivot)] + [(("sources", i), s) for i, s in enumerate(recipe.sources)]
     for loc, spec in specs:
+        try:  # the engine options of the model's backend only (another's would be dropped)
+            LogitOptions(**{name: getattr(spec, name) for name in ENGINE_FIELDS})
+        except ValueError as err:
+            problems.append(f"{at(*loc, 'backend')}: {err}")
         local = model_dir(spec.model, work_dir)
         if local is None:
             continue  # a hub id, not cached: its stage downloads it, or fails in seconds without the hub

@@ -102,10 +102,21 @@ def test_recipe_training_options_reach_the_run_or_are_refused_naming_the_key(wor
         ({"fuse": {"defaults": {"seed": 7}}}, ["fuse.defaults", "seed cannot be set here", "`seeds`"]),
         ({"fuse": {"per_source": {"src": {"output_dir": "x"}}}}, ["fuse.per_source", "output_dir cannot be set"]),
         ({"fuse": {"defaults": {"src": {"max_steps": 1}}}}, ["unknown training option(s) src", "fuse.per_source"]),
+        ({"sources": [{"name": "src", "model": str(world["source"]), "tensor_parallel_size": 2}]},
+         ["sources[0].backend", "tensor_parallel_size is for the vllm backend"]),
     ):
         write_recipe(path, recipe(world, **changes))
         refused(cli("run", path, "--work-dir", work, "--dry-run"), str(path), *words)
     assert not work.exists()
+
+
+def test_engine_options_of_another_backend_are_refused_not_dropped(world, tmp_path):
+    """`--tensor-parallel-size 4` with the hf backend scored on one device without a word."""
+    for extra, words in ((["--tensor-parallel-size", "4"], "tensor_parallel_size is for the vllm backend"),
+                         (["--device", "cpu", "--device-map", "auto"], "device cpu and device_map auto")):
+        refused(cli("logits", "--model", world["pivot"], "--data", world["data"], "--out", tmp_path / "s",
+                    "--top-k", "4", *extra), words)
+    assert not (tmp_path / "s").exists()
 
 
 def test_lm_eval_model_args_that_are_options_of_their_own_are_refused(world, tmp_path):
