@@ -60,7 +60,7 @@ def memory_faults_named(doing: str, kept: Callable[[], str], less: Callable[[], 
         yield
     except Exception as err:
         what = ran_out(err)
-        if what is None:
-            raise
+        if what is None or type(err).__module__.startswith(("fusion.", "fusechat_merge.")):
+            raise  # not memory, or our own message already (the halved CUDA batch names its options)
         raise OutOfMemory(f"out of {what} while {doing} ({_detail(err)}); {kept()}; to need less: "
                           f"{less()}") from err

@@ -130,7 +130,8 @@ def missing_weights(model: Path) -> str | None:
             absent = sorted(s for s in shards if not (model / s).is_file())
             if absent:
                 listed = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
-                return f"{len(absent)} of the {len(shards)} weight files its {index} lists are missing ({listed})"
+                return (f"{listed} {'is' if len(absent) == 1 else 'are'} missing ({len(absent)} of the "
+                        f"{len(shards)} weight files its {index} lists)")
             return None
     if any(next(model.glob(pattern), None) is not None for pattern in _LOADABLE_WEIGHTS):
         return None
