@@ -30,6 +30,8 @@ import resource, sys
 import datasets, pyarrow, safetensors, tokenizers, torch, transformers  # noqa: F401
 from transformers import LlamaForCausalLM, Trainer  # noqa: F401
 import fusion.logits, fusion.trainer  # noqa: F401
+if sys.argv[2] == "eval":
+    import lm_eval.models.huggingface  # noqa: F401
 from fusechat_merge.cli import main
 vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
 limit = vm + int(sys.argv[1]) * 2**20
@@ -144,3 +146,17 @@ def test_a_datasets_cache_that_cannot_be_written_is_not_blamed_on_the_corpus(wor
     refused(proc, "stage logits/", "cannot write the datasets cache", os.strerror(errno.EFBIG),
             f"while reading {data}", "the corpus is not at fault")
     assert "cannot read the rows" not in proc.stderr
+
+
+def test_out_of_memory_in_lm_eval_names_its_batch_size(world, tmp_path):
+    """Before: lm-eval's DefaultCPUAllocator RuntimeError as a traceback."""
+    from fusion.lm_eval_tasks import write_skill_tasks
+
+    tasks = tmp_path / "tasks"
+    write_skill_tasks({"chat": world["data"]}, tasks, cache_dir=tmp_path / "cache")
+    out = tmp_path / "scores.json"
+    refused(with_memory_limit("eval", "--model", world["big"], "--tasks", "fusechat_skills", "--include-path", tasks,
+                              "--batch-size", "32", "--bootstrap-iters", "0", "--out", out),
+            f"out of memory (RAM) while scoring {world['big']} with lm-eval", "no result was written",
+            "batch_size (now 32)", "max_length")
+    assert not out.exists()
