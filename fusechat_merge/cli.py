@@ -353,12 +353,14 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
         run_demo(work_dir or Path("demo-merge-work"), select_topk=select_topk, echo=click.echo)
         return
     from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
+    from fusechat_merge.pipeline.runner import RunError, StageError
+    from fusion.artifacts.records import StoreError
     from fusion.lm_eval_options import LmEvalError
 
     try:
         run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
                           split=split, echo=click.echo, verbose=verbose)
-    except LmEvalError as err:
+    except (LmEvalError, StoreError, StageError, RunError) as err:  # a stage's traceback is in its log
         raise click.ClickException(str(err)) from err
 
 
@@ -370,7 +372,8 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write lm-eval's results JSON.")
 @click_options(LmEvalOptions)
-def eval_command(model: str, out: Path, **options) -> None:
+@output_options
+def eval_command(model: str, out: Path, log_file: str | None, verbose: bool, **options) -> None:
     """Score a model on lm-evaluation-harness tasks (any task lm-eval knows, or local YAML
     tasks with --include-path); write lm-eval's results JSON to --out, print its table.
 
@@ -378,18 +381,25 @@ def eval_command(model: str, out: Path, **options) -> None:
       fusechat-merge eval --model ./merged --tasks fusechat_skills \\
         --include-path demo-work/data/lm_eval --apply-chat-template --out scores.json
 
+    lm-eval's and transformers' own output goes to the log (--log, default OUT.log), live with -v.
     Needs the eval extra: pip install 'fusechat-merge[eval]'.
     """
     from fusion.lm_eval_options import LmEvalError
     from fusion.lm_eval_results import format_table, write_results
     from fusion.lm_eval_runner import require_lm_eval, run_lm_eval
+    from fusion.progress import bar
 
     try:
         require_lm_eval()
         parsed = LmEvalOptions(**options)
-        results = run_lm_eval(model, parsed)
+        parsed.check()
     except LmEvalError as err:
         raise click.ClickException(str(err)) from err
+    with command_output("eval", out, log_file, verbose), bar(None, "eval"):
+        try:
+            results = run_lm_eval(model, parsed)
+        except LmEvalError as err:
+            raise click.ClickException(str(err)) from err
     click.echo(format_table(results))
     click.echo(f"results: {write_results(results, out)}")
 

@@ -28,6 +28,7 @@ from fusechat_merge.merge_parameters import (
     parameter_problems,
 )
 from fusechat_merge.recipe_keys import key_path, load_yaml
+from fusion.artifacts.provenance import missing_weights
 from fusion.hints import did_you_mean
 from fusion.model_refs import (
     cached_snapshot,
@@ -259,6 +260,10 @@ def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> 
             problems.append(RecipeProblem(key, f"{str(local)!r} has no config.json"))
             continue
         if key == "tokenizer_source":
+            continue
+        weights = missing_weights(local)
+        if weights is not None:
+            problems.append(RecipeProblem(key, f"{str(local)!r}: {weights}"))
             continue
         try:
             cfg = json.loads(config.read_text(encoding="utf-8"))

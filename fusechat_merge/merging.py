@@ -49,6 +49,7 @@ from fusion.artifacts.records import (
     write_faults_named,
 )
 from fusion.artifacts.weights import Weights, WeightsError
+from fusion.memory_faults import memory_faults_named, ran_out
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""
@@ -98,10 +99,15 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
     config, sources = resolve_hub_models(config, getattr(options, "transformers_cache", None))
     check_output_dir(out, sources)
     check_model_tensors(config, sources)
+    shard = getattr(options, "out_shard_size", None)
+    less = ("--lazy-unpickle (lazy_unpickle), a smaller --out-shard-size (out_shard_size"
+            + (f", now {shard:,} parameters" if isinstance(shard, int) else "") + "), or "
+            "--cuda with --low-cpu-memory when the GPU has more memory than the CPU")
     try:
-        with write_faults_named(out, "the merged model", lambda: "nothing of it was kept"):
+        with memory_faults_named(f"merging into {out}", lambda: "nothing of it was kept", lambda: less), \
+                write_faults_named(out, "the merged model", lambda: "nothing of it was kept"):
             _merge_into(out, config, sources, options, config_source, recipe_hash, run_merge)
-    except StoreError as err:  # a full disk, a read-only folder, another merge into `out`
+    except StoreError as err:  # a full disk, a read-only folder, out of memory, another merge into `out`
         raise MergeInputError(str(err)) from err
     return out
 
@@ -145,7 +151,7 @@ def _merge_locked(config, out: Path, options, config_source: str | None, run_mer
             with _fresh_loaders():
                 run_merge(config, str(model_dir), options=options, config_source=config_source)
         except Exception as err:
-            message = None if write_fault(err, out) else _input_fault(err)
+            message = None if write_fault(err, out) or ran_out(err) else _input_fault(err)
             if message is None:
                 raise
             raise MergeInputError(message) from err

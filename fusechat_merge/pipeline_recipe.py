@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from fusechat_merge.option_forms import recipe_section
 from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
-from fusion.artifacts.provenance import has_chat_template
+from fusion.artifacts.provenance import has_chat_template, missing_weights
 from fusion.model_refs import local_path, looks_like_hub_id, model_dir
 from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
 from fusion.remote_code import needs_remote_code, remote_code_risk
@@ -127,21 +127,40 @@ class FuseSpec(_Strict):
         base = self.launch.model_dump() if self.launch else {}
         return LaunchSpec(**{**base, **own.model_dump(exclude_unset=True)})
 
-    @field_validator("defaults", "per_source")
+    @field_validator("defaults")
     @classmethod
-    def _known_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from fusion.train_config import FusionConfig
-
-        known = {f.name for f in dataclasses.fields(FusionConfig)}
-        blocks = value.values() if value and all(isinstance(v, dict) for v in value.values()) else [value]
-        for block in blocks:
-            if "trust_remote_code" in block:
-                raise ValueError(_MODEL_KEY)
-            unknown = sorted(set(block) - known)
-            if unknown:
-                raise ValueError(f"unknown training option(s) {', '.join(unknown)} (TrainingArguments "
-                                 "fields plus lm_weight, fuse_temperature, fusion, fuse_loss_type)")
+    def _known_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_training_keys(value)  # one block: a mapping value is an option's (lr_scheduler_kwargs)
         return value
+
+    @field_validator("per_source")
+    @classmethod
+    def _known_per_source(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for block in value.values():  # source name → its block (names are checked with the sources)
+            _check_training_keys(block)
+        return value
+
+
+# Training options the run sets itself: given in `fuse`, they would be replaced without a word.
+RUN_SETS = {"seed": "the run trains one target per seed of the recipe's `seeds`; list the seeds there",
+            "output_dir": "the run puts each target in WORK/targets/seed-S/SOURCE"}
+
+
+def _check_training_keys(block: dict[str, Any]) -> None:
+    from fusion.train_config import FusionConfig
+
+    if "trust_remote_code" in block:
+        raise ValueError(_MODEL_KEY)
+    known = {f.name for f in dataclasses.fields(FusionConfig)}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        hint = (" (per-source blocks go under fuse.per_source)"
+                if all(isinstance(block[k], dict) for k in unknown) else "")
+        raise ValueError(f"unknown training option(s) {', '.join(unknown)} (TrainingArguments "
+                         f"fields plus lm_weight, fuse_temperature, fusion, fuse_loss_type){hint}")
+    for key in block:
+        if key in RUN_SETS:
+            raise ValueError(f"{key} cannot be set here: {RUN_SETS[key]}")
 
 
 class MergeSpec(_Strict):
@@ -250,6 +269,14 @@ class PipelineRecipe(_Strict):
     evaluate: EvalSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        repeated = sorted({s for s in value if value.count(s) > 1})
+        if repeated:  # each would train and count twice: "± 0 over 2 seeds"
+            raise ValueError(f"seed {', '.join(map(str, repeated))} is listed twice; list each seed once")
+        return value
+
     def model_names(self) -> list[str]:
         return [self.pivot.name] + [s.name for s in self.sources]
 
@@ -322,6 +349,10 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
                             "the baseline's report name; rename it")
     specs = [(("pivot",), recipe.pivot)] + [(("sources", i), s) for i, s in enumerate(recipe.sources)]
     for loc, spec in specs:
+        try:  # the engine options of the model's backend only (another's would be dropped)
+            LogitOptions(**{name: getattr(spec, name) for name in ENGINE_FIELDS})
+        except ValueError as err:
+            problems.append(f"{at(*loc, 'backend')}: {err}")
         local = model_dir(spec.model, work_dir)
         if local is None:
             continue  # a hub id, not cached: its stage downloads it, or fails in seconds without the hub
@@ -330,6 +361,8 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
             continue
         if not (local / "config.json").is_file():
             problems.append(f"{at(*loc, 'model')}: {local} has no config.json")
+        elif (weights := missing_weights(local)) is not None:
+            problems.append(f"{at(*loc, 'model')}: {local}: {weights}")
         if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             problems.append(f"{at(*loc, 'model')}: {local} has no tokenizer (tokenizer.json)")
         elif spec.template == "own" and not has_chat_template(local):

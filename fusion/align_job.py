@@ -35,8 +35,9 @@ from fusion.artifacts.logit_store import (
     tokenizer_fingerprint,
 )
 from fusion.artifacts.provenance import check_outputs, store_fingerprint
-from fusion.artifacts.records import locked, removed_unless
+from fusion.artifacts.records import locked, removed_unless, write_faults_named
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
+from fusion.memory_faults import memory_faults_named
 from fusion.options import METHODS, AlignOptions
 from fusion.progress import bar
 from fusion.projection import (
@@ -235,7 +236,18 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
     run = {**asdict(options), "align_source": str(source.path), "align_method": job.method,
            "align_projection": job.projection, "vocab_map": job.vocab_map, "vocab_mode": job.vocab_mode,
            "pivot_store": store_fingerprint(pivot.path), "source_store": store_fingerprint(source.path)}
-    with locked(out), removed_unless(out, has_shards):
+    def kept() -> str:
+        return "its complete shards are kept: the same command resumes" if has_shards(out) else \
+            "nothing of it was kept"
+
+    def less() -> str:
+        return (f"smaller store shards (score with a lower rows_per_shard, now {options.rows_per_shard}) or "
+                f"shorter sequences (max_length, now {options.max_length})"
+                + ("; method offsets (dtw needs memory that grows with the square of a sequence's length)"
+                   if job.method == "dtw" else ""))
+
+    with memory_faults_named(f"aligning {source.path} onto {pivot.path}", kept, less), \
+            write_faults_named(out, "the aligned store", kept), locked(out), removed_unless(out, has_shards):
         return _align(job, pivot, source, out, run, progress=progress, log=log)
 
 

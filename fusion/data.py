@@ -69,6 +69,19 @@ class MalformedRow(ValueError):  # noqa: N818 - the public name other modules im
         return (type(self), (self.row_id, self.reason))
 
 
+class UnsupportedContent(ValueError):  # noqa: N818 - raised beside MalformedRow, read the same way
+    """A row of a kind this tool cannot use at all (an image part): refused, not skipped; the
+    corpus needs converting. `usable_rows` names the file."""
+
+    def __init__(self, row_id: str, reason: str):
+        super().__init__(f"row {row_id}: {reason}")
+        self.row_id = row_id
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.row_id, self.reason))
+
+
 @dataclass(frozen=True)
 class Encoded:
     """One tokenized conversation.
@@ -127,7 +140,17 @@ def load_conversations(
         raise ValueError(f"{next(f for f in files if f.stat().st_size == 0)}: empty data file")
     try:
         rows = load_local(builder, files, names=_plain_names(files), split=split, cache_dir=cache_dir)
-    except datasets.exceptions.DatasetGenerationError as err:
+    except (datasets.exceptions.DatasetGenerationError, OSError) as err:
+        cache_fault = _cache_write_fault(err, files)
+        if cache_fault is not None:  # where the rows are copied to failed, not the corpus
+            from fusion.artifacts.records import StoreError
+
+            where = cache_dir or datasets.config.HF_DATASETS_CACHE
+            raise StoreError(f"cannot write the datasets cache {where} while reading {source}: {cache_fault}; "
+                             "the corpus is not at fault: free space or raise the file size limit there, or "
+                             "give another cache_dir") from err
+        if isinstance(err, OSError) or _ran_out(err):
+            raise
         if len(files) < 2:
             raise ValueError(f"{files[0]}: cannot read the rows ({err.__cause__ or err})") from None
         listing = "; ".join(f"{f.name}: {', '.join(_columns(f)) or '?'}" for f in files)
@@ -137,6 +160,31 @@ def load_conversations(
     if len(rows) == 0:
         raise ValueError(f"{source}: the data holds no rows")
     return rows
+
+
+def _cache_write_fault(err: BaseException, inputs: Sequence[Path]) -> str | None:
+    """``File too large (PATH)`` when ``err`` or what caused it is a write refused for where it
+    goes (full disk, quota, file size limit, read-only folder: `atomic.WRITE_ERRNOS`), not a
+    corpus file that cannot be read."""
+    from fusion.artifacts.atomic import WRITE_ERRNOS
+
+    read = {os.path.realpath(f) for f in inputs}
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        where = getattr(current, "filename", None)
+        if (isinstance(current, OSError) and current.errno in WRITE_ERRNOS
+                and not (where and os.path.realpath(where) in read)):
+            return os.strerror(current.errno) + (f" ({where})" if where else "")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _ran_out(err: BaseException) -> bool:
+    from fusion.memory_faults import ran_out
+
+    return ran_out(err) is not None
 
 
 def data_files(source: str) -> list[Path] | None:
@@ -306,9 +354,30 @@ def _parse_turn(item: Any, n: int, row_id: str) -> Turn:
     content = _first_set(item, ("value", "content"))
     if content is None:
         raise MalformedRow(row_id, f"turn {n} has no 'value' or 'content'")
+    if isinstance(content, Sequence) and not isinstance(content, str | bytes):
+        content = _text_parts(content, n, row_id)
     if not isinstance(content, str):
         raise MalformedRow(row_id, f"turn {n} content is a {type(content).__name__}, not a string")
     return Turn(_ROLES[role], content)
+
+
+def _text_parts(parts: Sequence[Any], n: int, row_id: str) -> str:
+    """OpenAI-format content given as parts (``[{"type": "text", "text": ...}, ...]``): the
+    text parts joined by newlines, as vLLM's chat front end joins them. A part of another
+    type (an image, audio) cannot be scored by a text model: `UnsupportedContent`."""
+    texts = []
+    for m, part in enumerate(parts):
+        if not isinstance(part, Mapping):
+            raise MalformedRow(row_id, f"turn {n} content part {m} is a {type(part).__name__}, not an object")
+        kind = part.get("type")
+        if kind != "text":
+            raise UnsupportedContent(row_id, f"turn {n} content part {m} is of type {kind!r}; only text "
+                                     "parts ({'type': 'text', 'text': ...}) can be scored: remove such rows "
+                                     "or convert them to text")
+        if not isinstance(part.get("text"), str):
+            raise MalformedRow(row_id, f"turn {n} content part {m} has no 'text' string")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _drop_opening_reply(turns: list[Turn]) -> list[Turn]:
@@ -615,13 +684,16 @@ def usable_rows(
     indices: Iterable[int] | None = None,
     strict: bool = False,
     report: EncodeReport | None = None,
+    source: str | None = None,
 ) -> Iterator[tuple[str, T]]:
     """Yield ``(row id, make(row id, turns))`` for each row that parses and ``make`` accepts.
 
     The one loop over a corpus: malformed rows (`MalformedRow` from parsing or from
     ``make``) are skipped and recorded in ``report`` (filled as the iterator advances, so
-    read it after exhausting it), or, with ``strict=True``, the first one raises.
-    ``indices`` selects rows of an indexable corpus (a ``--shard`` block).
+    read it after exhausting it), or, with ``strict=True``, the first one raises. A row
+    of content no text model can use (`UnsupportedContent`) is a ValueError naming
+    ``source`` (the corpus) and the row. ``indices`` selects rows of an indexable corpus
+    (a ``--shard`` block).
     """
     report = EncodeReport() if report is None else report
     pairs = ((i, rows[i]) for i in indices) if indices is not None else enumerate(rows)  # type: ignore[index]
@@ -629,6 +701,8 @@ def usable_rows(
         rid = row_id(row, index)
         try:
             value = make(rid, parse_turns(row, rid))
+        except UnsupportedContent as err:
+            raise ValueError(f"{source}: {err}" if source else str(err)) from None
         except MalformedRow as err:
             if strict:
                 raise
@@ -648,6 +722,7 @@ def encode_rows(
     strict: bool = False,
     report: EncodeReport | None = None,
     indices: Iterable[int] | None = None,
+    source: str | None = None,
 ) -> Iterator[tuple[str, Encoded]]:
     """Yield ``(row id, Encoded)`` for each usable row (see `usable_rows`)."""
 
@@ -655,4 +730,4 @@ def encode_rows(
         enc = render(tokenizer, turns, template=template, max_length=max_length, row_id=rid)
         return replace(enc, content_sha1=content_fingerprint(turns))
 
-    return usable_rows(rows, encode, indices=indices, strict=strict, report=report)
+    return usable_rows(rows, encode, indices=indices, strict=strict, report=report, source=source)

@@ -32,6 +32,7 @@ from fusion.data import (
     render,
     usable_rows,
 )
+from fusion.memory_faults import memory_faults_named
 from fusion.options import EvalOptions
 
 
@@ -68,16 +69,19 @@ def evaluate_model(
     file with no usable conversation.
     """
     opts = replace(options or EvalOptions(), **overrides)
-    model, tokenizer = load_model(model_dir, device, trust_remote_code=opts.trust_remote_code)
-    try:  # the finally frees accelerator memory before the next model is loaded
-        return [
-            evaluate_skill(model, tokenizer, skill, path, opts, template=template, cache_dir=cache_dir)
-            for skill, path in skills.items()
-        ]
-    finally:
-        del model
-        if resolve_device(device).type == "cuda":
-            torch.cuda.empty_cache()
+    less = (f"lower batch_size (now {opts.batch_size}) or max_length (now {opts.max_length}) of the "
+            "evaluation")
+    with memory_faults_named(f"evaluating {model_dir}", lambda: "no score of it was written", lambda: less):
+        model, tokenizer = load_model(model_dir, device, trust_remote_code=opts.trust_remote_code)
+        try:  # the finally frees accelerator memory before the next model is loaded
+            return [
+                evaluate_skill(model, tokenizer, skill, path, opts, template=template, cache_dir=cache_dir)
+                for skill, path in skills.items()
+            ]
+        finally:
+            del model
+            if resolve_device(device).type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", *, trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -110,7 +114,7 @@ def evaluate_skill(
     """Scores of a loaded model on one conversation file."""
     opts = options or EvalOptions()
     examples, report = prepare_examples(
-        _load_rows(path, cache_dir), tokenizer, template=template, max_length=opts.max_length
+        _load_rows(path, cache_dir), tokenizer, template=template, max_length=opts.max_length, source=str(path)
     )
     skipped = report.skipped_rows
     if not examples:
@@ -143,7 +147,8 @@ def _load_rows(path: str | Path, cache_dir: str | Path | None) -> Any:
 
 
 def prepare_examples(
-    rows: Iterable[Mapping], tokenizer: Any, *, template: TemplateKind, max_length: int
+    rows: Iterable[Mapping], tokenizer: Any, *, template: TemplateKind, max_length: int,
+    source: str | None = None,
 ) -> tuple[list[Encoded], EncodeReport]:
     """The usable conversations, encoded as for training, and the report of the rows skipped."""
 
@@ -151,7 +156,7 @@ def prepare_examples(
         return render(tokenizer, turns, template=template, max_length=max_length, row_id=rid)
 
     report = EncodeReport()
-    examples = [e for _, e in usable_rows(rows, encode, report=report)]
+    examples = [e for _, e in usable_rows(rows, encode, report=report, source=source)]
     return examples, report
 
 

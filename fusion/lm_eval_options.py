@@ -99,6 +99,10 @@ def lm_eval_version() -> str | None:
         return None
 
 
+OWN_OPTIONS = {"batch_size": "batch_size", "device": "device"}
+"""lm-eval model arguments that `LmEvalOptions` sets itself (model_args key → option)."""
+
+
 def parse_model_args(text: str | None) -> dict[str, str]:
     """``k=v,k=v`` as a dict (values stay strings: lm-eval converts them itself)."""
     if not text:
@@ -112,6 +116,10 @@ def parse_model_args(text: str | None) -> dict[str, str]:
             raise LmEvalError(f"model_args: {part!r} is not key=value")
         if key.strip() == "pretrained":
             raise LmEvalError("model_args: give the model with --model, not pretrained=")
+        if key.strip() in OWN_OPTIONS:  # lm-eval would get it twice and fail with a TypeError
+            raise LmEvalError(f"model_args: {key.strip()} is an option of its own: give "
+                              f"--{OWN_OPTIONS[key.strip()].replace('_', '-')} (a recipe: lm_eval."
+                              f"{OWN_OPTIONS[key.strip()]}), not {key.strip()}= in model_args")
         out[key.strip()] = value.strip()
     return out
 

@@ -21,6 +21,7 @@ from fusion.artifacts.provenance import InputError, has_chat_template
 from fusion.content_cache import content_keyed_loads
 from fusion.hints import did_you_mean
 from fusion.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
+from fusion.memory_faults import OutOfMemory, memory_faults_named, ran_out
 from fusion.model_refs import resolve_model
 from fusion.remote_code import RemoteCodeError, check_remote_code
 
@@ -162,9 +163,22 @@ def run_lm_eval(
     device = resolve_device(options.device)
     # vLLM places the model itself (CUDA_VISIBLE_DEVICES) and warns about a device argument.
     extra = {"batch_size": options.batch_size, "device": device if options.backend == "hf" else None}
+    less = (f"lower batch_size (now {options.batch_size}), or a shorter max_length in model_args "
+            "(max_length=...)" + (", or dtype=bfloat16 in model_args" if "dtype" not in model_args else ""))
+    try:
+        with memory_faults_named(f"scoring {model} with lm-eval", lambda: "no result was written", lambda: less):
+            return _evaluate(lm_eval, get_model, model, model_args, extra, device, options, manager, tasks)
+    except OutOfMemory as err:
+        raise LmEvalError(str(err)) from err
+
+
+def _evaluate(lm_eval: Any, get_model: Any, model: str, model_args: dict[str, Any], extra: dict[str, Any],
+              device: str, options: LmEvalOptions, manager: Any, tasks: Sequence[str]) -> dict[str, Any]:
     try:
         lm = get_model(options.backend).create_from_arg_obj(model_args, extra)
     except (OSError, ValueError, KeyError) as err:
+        if ran_out(err):
+            raise
         raise LmEvalError(f"cannot load model {model}: {_first_line(err)}") from err
     try:
         with content_keyed_loads():  # a task's local data read as it is now, not as cached

@@ -188,7 +188,7 @@ def write_skill_tasks(
     loads the documents through (its default cache when None). Raises ValueError for a
     skill with no usable conversation or two skills with the same task name.
     """
-    from fusion.data import load_conversations
+    from fusion.data import UnsupportedContent, load_conversations
 
     if max_gen_toks < 1:
         raise ValueError(f"max_gen_toks must be positive, got {max_gen_toks}")
@@ -208,7 +208,10 @@ def write_skill_tasks(
             )
         except StopIteration as err:  # how `datasets` fails on a zero-byte JSON file
             raise ValueError(f"{path}: no usable conversation (the file is empty)") from err
-        docs, skipped = skill_documents(rows)
+        try:
+            docs, skipped = skill_documents(rows)
+        except UnsupportedContent as err:
+            raise ValueError(f"{path}: {err}") from None
         if not docs:
             raise ValueError(f"{path}: no usable conversation ({len(skipped)} rows left out)")
         stem = f"{_slug(prefix)}_{_slug(skill)}"

@@ -47,6 +47,7 @@ from fusion.data import (
     load_conversations,
     trained_positions,
 )
+from fusion.memory_faults import memory_faults_named
 from fusion.model_refs import resolve_model
 from fusion.options import LogitOptions, parse_shard
 from fusion.progress import bar
@@ -205,14 +206,25 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
     out = Path(job.out)
     job = replace(job, model=resolve_model(job.model))  # a cached hub id: its snapshot
     check_outputs(out, {"model directory": job.model, "data": job.data})
-    tokenizer, config = load_model_parts(job.model, job.trust_remote_code)
-    rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
+
     def kept() -> str:
         return "its complete shards are kept: the same command resumes" if has_shards(out) else \
             "nothing of it was kept"
 
-    with write_faults_named(out, "the logit store", kept), locked(out), removed_unless(out, has_shards):
-        return _generate(job, tokenizer, config, rows, progress=progress, log=log)
+    with memory_faults_named(f"scoring {job.data} with {job.model}", kept, lambda: less_memory(job)):
+        tokenizer, config = load_model_parts(job.model, job.trust_remote_code)
+        rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
+        with write_faults_named(out, "the logit store", kept), locked(out), removed_unless(out, has_shards):
+            return _generate(job, tokenizer, config, rows, progress=progress, log=log)
+
+
+def less_memory(job: LogitOptions) -> str:
+    """The scoring options that need less memory, with their values now."""
+    if job.backend == "vllm":
+        return (f"lower gpu_memory_utilization (now {job.gpu_memory_utilization}) or max_length (now "
+                f"{job.max_length}), or raise tensor_parallel_size (now {job.tensor_parallel_size})")
+    return (f"lower batch_tokens (now {job.batch_tokens}), batch_size (now {job.batch_size}) or max_length "
+            f"(now {job.max_length}); a model larger than the memory: dtype bfloat16, or device_map auto")
 
 
 def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Callable[[str], None]) -> Manifest:
@@ -221,7 +233,7 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
     indices = shard_rows(len(rows), job.shard)
     report = EncodeReport()
     encoded = list(encode_rows(rows, tokenizer, template=job.template, max_length=job.max_length,
-                               strict=job.strict, report=report, indices=indices))
+                               strict=job.strict, report=report, indices=indices, source=job.data))
     skipped = report.skipped
     if not encoded and len(indices):
         first = f" (first: {next(iter(skipped.items()))})" if skipped else ""

@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fusion.artifacts.provenance import InputError
+from fusion.artifacts.provenance import InputError, missing_weights
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".txt")
@@ -125,8 +125,8 @@ def resolve_model(name: str | os.PathLike[str], what: str = "model") -> str:
     """What to hand a loader for the model ``name``: a local model directory as it is, a hub
     id's cached snapshot, or the hub id itself when it is not cached and the hub answers.
 
-    Raises InputError (naming ``what``) for a missing or non-model local path, and for a hub
-    id that is not cached while the hub cannot be reached.
+    Raises InputError (naming ``what``) for a missing or non-model local path (also one
+    without its weights), and for a hub id that is not cached while the hub cannot be reached.
     """
     name = str(name)
     path = Path(name).expanduser()
@@ -135,13 +135,21 @@ def resolve_model(name: str | os.PathLike[str], what: str = "model") -> str:
             raise InputError(f"{what} path {name} is a file, not a model directory")
         if not (path / "config.json").is_file():
             raise InputError(f"{what} path {name} holds no config.json: not a model directory")
+        _check_weights(path, f"{what} path {name}")
         return name
     if not names_hub_model(name, Path.cwd()):
         raise InputError(f"{what} path {name} does not exist")
     snapshot = cached_snapshot(*split_ref(name))
     if snapshot is not None:
+        _check_weights(snapshot, f"{what} {name} (cached at {snapshot})")
         return str(snapshot)
     why = hub_unreachable()
     if why is not None:
         raise InputError(f"{what} {not_cached(name, why)}")
     return name
+
+
+def _check_weights(path: Path, named: str) -> None:
+    problem = missing_weights(path)
+    if problem is not None:
+        raise InputError(f"{named}: {problem}")

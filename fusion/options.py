@@ -172,6 +172,17 @@ class LogitOptions:
                              "model with tensor_parallel_size")
         if self.backend != "vllm" and self.engine_args:
             raise ValueError("engine_args are vllm.EngineArgs: they need backend vllm")
+        for name in ("tensor_parallel_size", "gpu_memory_utilization"):  # else dropped without a word
+            if self.backend != "vllm" and getattr(self, name) != _default(LogitOptions, name):
+                raise ValueError(f"{name} is for the vllm backend; the {self.backend} backend spreads a "
+                                 "model with device_map")
+        if self.device_map is not None and self.device != "auto":
+            raise ValueError(f"device {self.device} and device_map {self.device_map}: device_map places the "
+                             "model itself, give one of them")
+
+
+def _default(cls: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 # --------------------------------------------------------------------------- align

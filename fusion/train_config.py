@@ -54,6 +54,7 @@ def check_training_values(args: Any) -> None:
 def fusion_config(output_dir: str | os.PathLike[str], **kwargs: Any) -> FusionConfig:
     """A `FusionConfig` whose checkpoints go under ``output_dir/checkpoints`` (numbers that
     YAML read as strings, ``5e-6``, become numbers)."""
+    _refuse_own_keys(kwargs, "training options")
     settings = _fusion_defaults(_typed(kwargs))
     return FusionConfig(output_dir=str(Path(output_dir) / "checkpoints"), **settings)
 
@@ -66,27 +67,54 @@ def parse_fusion_config(
 ) -> FusionConfig:
     """The ``fuse`` command's configuration: defaults, then a ``--config`` mapping, then
     TrainingArguments flags (``argv``, e.g. ``--max-steps 10``), then the fusion flags.
+    Every value given reaches the Trainer, also one equal to the library's default.
 
     Everything goes through ``HfArgumentParser``: argv through its argument parser, the
     merged mapping through its dict path, so unknown keys are refused by name.
     """
     from transformers import HfArgumentParser
 
+    for where, keys in (("--config", from_file), ("flags", _given(argv))):
+        _refuse_own_keys(keys, where)
     parser = HfArgumentParser(FusionConfig)
-    try:
-        (parsed,) = parser.parse_args_into_dataclasses(args=["--output_dir", str(output_dir), *argv])
-    except SystemExit as err:  # argparse has printed which flag it rejects
-        raise ValueError(f"bad training option in {' '.join(argv)!r}") from err
-    default = FusionConfig(output_dir=parsed.output_dir)
-    from_argv = {
-        f.name: getattr(parsed, f.name) for f in dataclasses.fields(parsed)
-        if f.init and getattr(parsed, f.name) != getattr(default, f.name)
-    }
+    from_argv = _given_values(parser, argv)
     settings = {**_typed(from_file), **from_argv, **flags}
-    settings.pop("output_dir", None)
     _fusion_defaults(settings)
     (config,) = parser.parse_dict({"output_dir": str(Path(output_dir) / "checkpoints"), **settings})
     return config
+
+
+def _given_values(parser: Any, argv: Sequence[str]) -> dict[str, Any]:
+    """The TrainingArguments flags ``argv`` gives, typed, and only those: a flag equal to the
+    library's default still overrides ``--config`` and this tool's defaults (comparing with
+    the default cannot tell "given" from "left out")."""
+    import argparse
+
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+            action.required = False
+    try:
+        namespace, rest = parser.parse_known_args(list(argv))
+    except SystemExit as err:  # argparse has printed which flag it rejects
+        raise ValueError(f"bad training option in {' '.join(argv)!r}") from err
+    if rest:
+        raise ValueError(f"unknown training option(s) {' '.join(rest)!r}")
+    return vars(namespace)
+
+
+def _given(argv: Sequence[str]) -> list[str]:
+    return [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")]
+
+
+OWN_KEYS = {"output_dir": "the target goes to --out, its checkpoints to OUT/checkpoints"}
+"""TrainingArguments fields this tool sets itself: a value given for one is refused, never dropped."""
+
+
+def _refuse_own_keys(keys: Any, where: str) -> None:
+    for key in keys:
+        if key in OWN_KEYS:
+            raise ValueError(f"{key} ({where}) is set by this command: {OWN_KEYS[key]}")
 
 
 def _typed(values: Mapping[str, Any]) -> dict[str, Any]:

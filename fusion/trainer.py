@@ -26,6 +26,7 @@ from fusion.artifacts.provenance import check_outputs
 from fusion.artifacts.records import locked, write_faults_named
 from fusion.batching import pad_token_id
 from fusion.losses import fuse, fusion_objective
+from fusion.memory_faults import memory_faults_named
 from fusion.model_refs import resolve_model
 from fusion.remote_code import RemoteCodeError, check_remote_code
 from fusion.train_checkpoints import (
@@ -156,8 +157,15 @@ def train_fusion(
         return f"the checkpoints up to {done[-1].name} are kept: --resume continues" if done else \
             "no checkpoint was complete"
 
+    def less() -> str:
+        return (f"lower per_device_train_batch_size (now {config.per_device_train_batch_size}; raise "
+                f"gradient_accumulation_steps, now {config.gradient_accumulation_steps}, to keep the batch), "
+                "turn on gradient_checkpointing" + ("" if config.gradient_checkpointing else " (now off)")
+                + ", score shorter sequences (the logits stage's max_length), or offload to the CPU "
+                "(an accelerate config with DeepSpeed ZeRO offload or FSDP cpu_offload)")
+
     # one writer per target: the main process holds the lock (all processes of a launch share `out`)
-    with write_faults_named(out, "the target model", kept), \
+    with memory_faults_named(f"training {out}", kept, less), write_faults_named(out, "the target model", kept), \
             locked(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
         return _train(pivot, aligned, out, config, dataset, tokenizer, resume, callbacks)
 

@@ -64,7 +64,7 @@ def test_a_value_of_another_kind_is_refused_with_the_field_name(cls, field, valu
 
 
 def test_optional_fields_take_none_and_floats_take_ints():
-    assert LogitOptions(cache_dir=None, gpu_memory_utilization=1).gpu_memory_utilization == 1
+    assert LogitOptions(cache_dir=None, backend="vllm", gpu_memory_utilization=1).gpu_memory_utilization == 1
 
 
 def test_engine_args_from_the_command_line_and_the_recipe():
@@ -92,6 +92,9 @@ def test_engine_args_from_the_command_line_and_the_recipe():
 @pytest.mark.parametrize(("given", "words"), [
     ({"backend": "vllm", "device_map": "auto"}, "device_map is for the hf backend"),
     ({"backend": "hf", "engine_args": {"enforce_eager": True}}, "engine_args are vllm.EngineArgs"),
+    ({"tensor_parallel_size": 4}, "tensor_parallel_size is for the vllm backend"),  # dropped before
+    ({"gpu_memory_utilization": 0.5}, "gpu_memory_utilization is for the vllm backend"),
+    ({"device": "cpu", "device_map": "auto"}, "device cpu and device_map auto"),
     ({"device_map": "everywhere"}, "device_map must be one of auto"),
     ({"batch_tokens": -1}, "batch_tokens must be >= 0"),
 ])

@@ -19,8 +19,7 @@ from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_re
 RECIPE = {
     "name": "tiny-stages",
     "pivot": {"name": "pivot", "model": "models/pivot"},
-    "sources": [{"name": "qwen", "model": "models/qwen", "backend": "hf", "tensor_parallel_size": 4,
-                 "gpu_memory_utilization": 0.8}],
+    "sources": [{"name": "qwen", "model": "models/qwen", "backend": "hf"}],
     "data": {"train": "data/train.jsonl"},
     "logits": {"top_k": 5, "max_length": 96, "batch_size": 8},
     "fuse": {"defaults": {"max_steps": 2, "per_device_train_batch_size": 4}},
@@ -87,9 +86,12 @@ def test_plan_then_stage_by_stage(work):
 
 
 def test_per_model_engine_settings_reach_the_logit_job(work):
+    vllm = {"name": "qwen", "model": "models/qwen", "backend": "vllm", "tensor_parallel_size": 4,
+            "gpu_memory_utilization": 0.8}
+    write(work, {**RECIPE, "sources": [vllm]})  # planned only: vLLM need not be installed
     stages = {s.id: s for s in plan_stages(load_pipeline_recipe(work / "recipe.yaml", work), WorkDir(work))}
     job = stages["logits/qwen"].job.job
-    assert (job.backend, job.tensor_parallel_size, job.gpu_memory_utilization) == ("hf", 4, 0.8)
+    assert (job.backend, job.tensor_parallel_size, job.gpu_memory_utilization) == ("vllm", 4, 0.8)
     assert stages["logits/pivot"].job.job.tensor_parallel_size == 1
 
 

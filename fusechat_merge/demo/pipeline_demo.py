@@ -88,13 +88,23 @@ def run_pipeline_demo(
     from fusion.lm_eval_runner import require_lm_eval
 
     require_lm_eval()  # exact match is lm-eval's: say which extra to install before any work
-    from fusechat_merge.demo.skills import make_demo_models
-    from fusechat_merge.pipeline import run_pipeline
-    from fusechat_merge.pipeline_recipe import load_pipeline_recipe
-
     work_dir = Path(work_dir).absolute()
     if not recipe.is_file():
         raise FileNotFoundError(f"the demo recipe {recipe} is missing (a broken install?)")
+    from fusechat_merge.pipeline import WorkDir
+    from fusion.artifacts.records import OutputLock
+
+    # the run's lock, before the models are made: a second demo in this folder is refused
+    # at once, naming this one (not after minutes of work, and never writing the same models)
+    with OutputLock(WorkDir(work_dir).run_lock, f"work dir {work_dir}"):
+        return _run_demo(work_dir, recipe, seeds, split, echo, verbose)
+
+
+def _run_demo(work_dir: Path, recipe: Path, seeds: list[int] | None, split: str,
+              echo: Callable[[str], None], verbose: bool) -> Path:
+    from fusechat_merge.demo.skills import make_demo_models
+    from fusechat_merge.pipeline import run_pipeline
+    from fusechat_merge.pipeline_recipe import load_pipeline_recipe
     from fusion.progress import captured
     from fusion.progress import echo as to_terminal
 

@@ -112,6 +112,33 @@ def overlap(out: Path, source: Path) -> str | None:
     return None
 
 
+_LOADABLE_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.gguf")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def missing_weights(model: Path) -> str | None:
+    """Why the model folder ``model`` (it has a config.json) cannot be loaded for its
+    weights: none at all (an unfinished download or copy), or shards its index lists that
+    are not there; None when they are there. Read, not loaded: seconds before any work."""
+    model = Path(model)
+    for index in _WEIGHT_INDEXES:
+        if (model / index).is_file():
+            try:
+                shards = set(json.loads((model / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                return f"its weight index {index} cannot be read ({err})"
+            absent = sorted(s for s in shards if not (model / s).is_file())
+            if absent:
+                listed = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+                return (f"{listed} {'is' if len(absent) == 1 else 'are'} missing ({len(absent)} of the "
+                        f"{len(shards)} weight files its {index} lists)")
+            return None
+    if any(next(model.glob(pattern), None) is not None for pattern in _LOADABLE_WEIGHTS):
+        return None
+    return ("it has a config.json but no weights (model.safetensors or pytorch_model.bin): an "
+            "unfinished download or copy?")
+
+
 def has_chat_template(model: Path) -> bool:
     """Whether the tokenizer saved in ``model`` carries a chat template (read, not loaded)."""
     if (model / "chat_template.jinja").is_file() or (model / "chat_template.json").is_file():

@@ -81,6 +81,9 @@ def lock_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.lock")
 
 
+_HELD: dict[str, int] = {}  # lock files this process holds exclusively → holds (nested ones too)
+
+
 class OutputLock:
     """Hold ``path`` (a lock file) while writing an output; see the module doc.
 
@@ -92,8 +95,19 @@ class OutputLock:
         self.what = what
         self.shared = shared
         self._fd: int | None = None
+        self._nested = False
+
+    def _key(self) -> str:
+        return os.path.normpath(self.path.absolute())
 
     def acquire(self) -> OutputLock:
+        """Take the lock, or refuse at once naming its holder. A process that holds the
+        lock exclusively already (``demo`` holds its work dir while it makes the models,
+        then runs the recipe) takes it again as a nested hold: it never locks itself out."""
+        if self._key() in _HELD:
+            _HELD[self._key()] += 1
+            self._nested = True
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -118,6 +132,7 @@ class OutputLock:
                     "command": shlex.join(sys.argv)}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
+            _HELD[self._key()] = 1
         self._fd = fd
         return self
 
@@ -136,8 +151,13 @@ class OutputLock:
     def release(self) -> None:
         """Remove the lock file (while still holding it: see `acquire`) and unlock. A shared
         holder leaves the file unless no one else holds it."""
+        if self._nested:
+            _HELD[self._key()] -= 1
+            self._nested = False
+            return
         if self._fd is None:
             return
+        _HELD.pop(self._key(), None)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last holder: no one waits on it
             self.path.unlink(missing_ok=True)
