@@ -138,8 +138,11 @@ class AlignJob(Job):
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, source: str) -> AlignJob:
         from fusion.align_job import AlignJob as Alignment
 
+        model = next(s.model for s in recipe.sources if s.name == source)
+        # the tokenizers from where the models are now, not from where the stores say they were
         return cls(Alignment(pivot=str(layout.store(recipe.pivot.name)), source=str(layout.store(source)),
-                             out=str(layout.aligned(source)), **recipe.align.model_dump()))
+                             out=str(layout.aligned(source)), pivot_model=layout.model(recipe.pivot.model),
+                             source_model=layout.model(model), **recipe.align.model_dump()))
 
     def reads(self) -> list[str]:
         return [p for p in (self.job.pivot, self.job.source, self.job.vocab_map) if p]
