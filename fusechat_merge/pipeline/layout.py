@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusechat_merge.pipeline.stage_records import stage_file
+from fusechat_merge.pipeline.stage_records import record_file, stage_file
 from fusion.model_refs import local_path, looks_like_hub_id, model_dir
 
 
@@ -98,4 +98,4 @@ class WorkDir:
 
     def record(self, stage_id: str, kind: str) -> Path:
         """A stage's ``started`` or ``done`` record."""
-        return self.records / (stage_file(stage_id) + f".{kind}.json")
+        return record_file(self.records, stage_id, kind)

@@ -33,6 +33,11 @@ def stage_file(stage_id: str) -> str:
     return stage_id.replace("/", "__")
 
 
+def record_file(records_dir: Path, stage_id: str, kind: str) -> Path:
+    """The ``kind`` record of a stage (one of `RECORD_KINDS`)."""
+    return records_dir / f"{stage_file(stage_id)}.{kind}.json"
+
+
 def parse_record_name(name: str) -> tuple[str, str] | None:
     """``(stage id, kind)`` of a record file's name, None for any other file."""
     for kind in RECORD_KINDS:
@@ -58,7 +63,7 @@ def read_stage_records(records_dir: Path, stage_id: str) -> StageRecords:
     """Every record of ``stage_id``; never raises on a broken one (it is listed instead)."""
     found = StageRecords()
     for kind in RECORD_KINDS:
-        path = records_dir / f"{stage_file(stage_id)}.{kind}.json"
+        path = record_file(records_dir, stage_id, kind)
         try:
             setattr(found, kind, read_record(path))
         except FileNotFoundError:

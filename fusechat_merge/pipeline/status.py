@@ -50,16 +50,16 @@ def stage_status(runner: Runner) -> list[dict[str, Any]]:
     return rows
 
 
-class NotAWorkDir(ValueError):
+class NotAWorkDirError(ValueError):
     """``status`` without a recipe, of a folder no run wrote records into."""
 
 
 def recorded_status(layout: WorkDir) -> list[dict[str, Any]]:
     """Without the recipe: one row per stage that left records, their keys taken as current
     (so nothing is ``stale`` or ``waiting``, but a record that cannot be read is). A folder
-    without ``stages/`` is no work dir (`NotAWorkDir`: an empty table would say nothing)."""
+    without ``stages/`` is no work dir (`NotAWorkDirError`: an empty table would say nothing)."""
     if not layout.records.is_dir():
-        raise NotAWorkDir(f"{layout.root} is not a work dir of `fusechat-merge run`: it has no "
+        raise NotAWorkDirError(f"{layout.root} is not a work dir of `fusechat-merge run`: it has no "
                           f"{layout.records.name}/ folder of stage records; give the folder a run's "
                           "--work-dir named (with the recipe, status also shows the stages still waiting)")
     named = (parse_record_name(path.name) for path in layout.records.glob("*.json"))
