@@ -31,15 +31,21 @@ RECIPE = {
     "data": {"train": "data/train.jsonl"},
     "logits": {"top_k": 4, "max_length": 96, "batch_size": 2, "rows_per_shard": 2},
     # 12 rows in batches of 4: an epoch is 3 steps, and a checkpoint is saved after each
-    "fuse": {"defaults": {"max_steps": 12, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+    "fuse": {"defaults": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
                           "save_strategy": "epoch"}},
     "merges": [{"name": "linear", "method": "linear", "base": False, "model_parameters": {"weight": 0.5}}],
 }
 
 
+def fusechat(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "fusechat-merge"), *args], capture_output=True, text=True, env=ENV,
+                            timeout=600)
+    assert result.returncode == 0 or not check, result.stdout + result.stderr
+    return result
+
+
 def fusechat_run(work: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "fusechat-merge"), "run", str(work / "recipe.yaml"), "--work-dir", str(work)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    return fusechat("run", str(work / "recipe.yaml"), "--work-dir", str(work))
 
 
 def killed_when(work: Path, cut: Path) -> None:
@@ -113,3 +119,12 @@ def test_a_work_dir_moved_with_a_stage_cut_midway_resumes_to_the_undisturbed_res
         assert "[align/qwen] ran" in result.stdout and "skipped: 2 stages (2 logits)" in result.stdout
         aligned = json.loads((work / "aligned" / "qwen" / "manifest.json").read_text(encoding="utf-8"))
         assert aligned["alignment"]["projection"] == "off"
+        # the stores name model folders that are gone: `align` says which option gives them
+        stores = ["--pivot", str(work / "logits" / "pivot"), "--source", str(work / "logits" / "qwen")]
+        out = tmp_path / "aligned"
+        gone = fusechat("align", *stores, "--out", str(out))
+        assert gone.returncode == 1 and "Traceback" not in gone.stderr, gone.stderr
+        assert "which is not there any more" in gone.stderr and "--pivot-model" in gone.stderr
+        fusechat("align", *stores, "--out", str(out), "--pivot-model", str(work / "models" / "pivot"),
+                 "--source-model", str(work / "models" / "qwen"), check=True)
+        assert store_columns(out) == store_columns(undisturbed / "aligned" / "qwen")
