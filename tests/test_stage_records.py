@@ -100,6 +100,13 @@ def test_a_broken_stage_record_is_one_answer_everywhere_and_the_stage_is_redone(
     assert store_columns(work / "logits" / "qwen2.5") == before
 
 
+def test_a_broken_failed_record_is_advice_for_status_and_run_alike(work):
+    record(work, SOURCE, "failed").write_text("\x00\x01", encoding="utf-8")
+    assert status_rows(work)[SOURCE]["state"] == "done"
+    assert status_rows(work, work / "recipe.yaml")[SOURCE]["state"] == "done"
+    assert {s["id"]: s["status"] for s in json.loads(run(work, "--plan").output)}[SOURCE] == "done"
+
+
 @pytest.mark.parametrize("progress", [{"total": 10, "unit": "tok"}, {"n": 3}, {"n": "three", "at": "now"}])
 def test_a_progress_record_missing_a_field_still_gives_the_status(work, progress):
     done = json.loads(record(work, SOURCE, "done").read_text(encoding="utf-8"))

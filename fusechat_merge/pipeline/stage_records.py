@@ -73,6 +73,12 @@ def read_stage_records(records_dir: Path, stage_id: str) -> StageRecords:
     return found
 
 
+def deciding_broken(records: StageRecords) -> list[Path]:
+    """The unreadable records that decide a stage's state: its done and started ones (a
+    failed or progress record is advice)."""
+    return [p for p in records.broken if p.name.endswith((".done.json", ".started.json"))]
+
+
 def broken_reason(broken: Sequence[Path]) -> str:
     """Why a stage with unreadable records reruns (from the start: they say nothing)."""
     names = ", ".join(f"{p.parent.name}/{p.name}" for p in broken)
@@ -88,9 +94,8 @@ def stale_reason(record: dict[str, Any]) -> str:
 
 
 def run_state(records: StageRecords, key: str, outputs: Sequence[Path]) -> tuple[str, str]:
-    """``(state, reason)``: ``done``, ``resume``, ``stale`` or ``new`` (see the module doc).
-    Only a broken done or started record decides (a failed or progress record is advice)."""
-    broken = [p for p in records.broken if p.name.endswith((".done.json", ".started.json"))]
+    """``(state, reason)``: ``done``, ``resume``, ``stale`` or ``new`` (see the module doc)."""
+    broken = deciding_broken(records)
     if broken:
         return "stale", broken_reason(broken)
     for record, state in ((records.done, "done"), (records.started, "resume")):

@@ -20,6 +20,7 @@ from fusechat_merge.pipeline.stage_records import (
     REASONS,
     StageRecords,
     broken_reason,
+    deciding_broken,
     parse_record_name,
     read_stage_records,
     stale_reason,
@@ -71,7 +72,7 @@ def _status(layout: WorkDir, stage_id: str, key: str | None, outputs: list[Path]
     records: StageRecords = read_stage_records(layout.records, stage_id)
     done, started, failed = records.done, records.started, records.failed
     row: dict[str, Any] = {"id": stage_id, "log": str(layout.log(stage_id))}
-    broken = [p for p in records.broken if not p.name.endswith(".progress.json")]
+    broken = deciding_broken(records)
 
     def current(record: dict[str, Any] | None) -> bool:
         return record is not None and (key is None or record.get("key") == key)
