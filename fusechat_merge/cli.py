@@ -139,6 +139,10 @@ def logits_merge_command(parts: tuple[str, ...], out: str) -> None:
 @click.option("--pivot", required=True, type=click.Path(file_okay=False), help="The pivot's logit store.")
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="A source's logit store (same corpus).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Aligned store directory.")
+@click.option("--pivot-model", default=None, help="Where the pivot's tokenizer is now (default: the model "
+              "folder its store records; give it when that moved).")
+@click.option("--source-model", default=None, help="Where the source's tokenizer is now (default: the model "
+              "folder its store records; give it when that moved).")
 @click_options(AlignOptions)
 @output_options
 def align_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
@@ -296,17 +300,29 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (for scripts).")
 def status_command(work_dir: str, recipe: str | None, as_json: bool) -> None:
     """Where the run in WORK_DIR stands, from its stage records (nothing runs): done,
-    running (where, since when, last progress), interrupted, failed, and, with the RECIPE,
-    stale (its key no longer matches the recipe) and waiting. Works the same for a run on
+    running (where, since when, last progress), interrupted, failed, stale (its record is
+    unreadable, or, with the RECIPE, its key no longer matches the recipe or another version
+    made it: it reruns) and, with the RECIPE, waiting. Works the same for a run on
     a Ray cluster or a SLURM array (the records are in WORK_DIR/stages)."""
     import json
 
     from fusechat_merge.pipeline import WorkDir, pipeline_runner
-    from fusechat_merge.pipeline.status import format_status, recorded_status, stage_status
+    from fusechat_merge.pipeline.status import (
+        NotAWorkDirError,
+        format_status,
+        recorded_status,
+        stage_status,
+    )
     from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
 
     if recipe is None:
-        rows = recorded_status(WorkDir(Path(work_dir).absolute()))
+        try:
+            rows = recorded_status(WorkDir(Path(work_dir).absolute()))
+        except NotAWorkDirError as err:
+            raise click.ClickException(str(err)) from err
+        if not rows and not as_json:
+            click.echo(f"no stage of the run in {work_dir} has started yet (give the recipe to see its stages)")
+            return
     else:
         try:
             rows = stage_status(pipeline_runner(load_pipeline_recipe(recipe, work_dir), work_dir))

@@ -45,12 +45,20 @@ _MODEL_KEY = ("trust_remote_code is a key of a model's entry (pivot or a source)
               "every stage that loads that model gets it from there")
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_MAX = 100
+"""The longest model or merge name: names make folder and file names (a stage's records are
+``stages/evaluate__lm-eval__seed-N__target-NAME.progress.json``), which file systems limit to
+255 bytes."""
 
 
 def _plain_name(value: str) -> str:
-    """Names become path components under the work dir: no separators, no '..'."""
-    if not PLAIN_NAME.match(value) or ".." in value:
-        raise ValueError(f"{value!r} is not a plain name (letters, digits, '.', '_', '-'; no '/' or '..')")
+    """Names become path components under the work dir: no separators, no '..', no '__'
+    (it stands for '/' in a stage's file names), at most `NAME_MAX` characters."""
+    if not PLAIN_NAME.match(value) or ".." in value or "__" in value:
+        raise ValueError(f"{value!r} is not a plain name (letters, digits, '.', '_', '-'; no '/', '..' or '__')")
+    if len(value) > NAME_MAX:
+        raise ValueError(f"a name of {len(value)} characters ({value[:20]}...); at most {NAME_MAX}: "
+                         "names make folder and file names")
     return value
 
 

@@ -24,6 +24,7 @@ from fusion.align import (
 from fusion.align_stats import AlignStats
 from fusion.artifacts.aligned_store import shard_statistics, write_aligned_shard
 from fusion.artifacts.logit_store import (
+    LOCATION_FIELDS,
     LogitStore,
     Manifest,
     SequenceLogits,
@@ -34,10 +35,11 @@ from fusion.artifacts.logit_store import (
     shard_name,
     tokenizer_fingerprint,
 )
-from fusion.artifacts.provenance import check_outputs, store_fingerprint
+from fusion.artifacts.provenance import check_outputs, path_fingerprint, store_fingerprint
 from fusion.artifacts.records import locked, removed_unless, write_faults_named
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 from fusion.memory_faults import memory_faults_named
+from fusion.model_refs import looks_like_hub_id
 from fusion.options import METHODS, AlignOptions
 from fusion.progress import bar
 from fusion.projection import (
@@ -61,6 +63,10 @@ class AlignJob(AlignOptions):
     pivot: str
     source: str
     out: str
+    pivot_model: str | None = None
+    """Where the pivot's tokenizer is now (None: the model directory its store records)."""
+    source_model: str | None = None
+    """Where the source's tokenizer is now (None: the model directory its store records)."""
 
 
 def view(seq: SequenceLogits, texts: Sequence[Hashable] | None = None) -> TokenView:
@@ -99,21 +105,31 @@ def check_pair(pivot: LogitStore, source: LogitStore) -> None:
         )
 
 
-def load_tokenizer(store: LogitStore, trust_remote_code: bool = False):
-    """The store's tokenizer, refusing one that changed since the store was written (and one
-    with its own code unless ``trust_remote_code``)."""
+def load_tokenizer(store: LogitStore, model: str | None = None, option: str = "--source-model",
+                   trust_remote_code: bool = False):
+    """The store's tokenizer, from ``model`` (where it is now) or else the model directory
+    the store records (gone when the work dir moved: then ``option`` says where it is);
+    refused if it is not the one the store was scored with (its fingerprint), and if it
+    ships its own code unless ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
     from fusion.remote_code import RemoteCodeError, check_remote_code
 
+    where = model or store.options.model
+    if model is None and not Path(where).expanduser().exists() and not looks_like_hub_id(where):
+        raise StoreError(f"{store.path} was scored with the model at {where}, which is not there any more "
+                         "(moved?)", f"give the model's folder with {option}")
     try:
-        check_remote_code(store.options.model, trust_remote_code)
+        check_remote_code(where, trust_remote_code)
     except RemoteCodeError as err:
         raise StoreError(f"{err} (align reads the tokenizer of the store {store.path})") from None
-    tok = AutoTokenizer.from_pretrained(store.options.model, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise StoreError(f"cannot load the tokenizer of {store.path} from {where}: {err}") from None
     if tokenizer_fingerprint(tok) != store.options.tokenizer_fingerprint:
         raise StoreError(
-            f"the tokenizer at {store.options.model} is not the one {store.path} was scored with "
+            f"the tokenizer at {where} is not the one {store.path} was scored with "
             f"(fingerprint {tokenizer_fingerprint(tok)} vs {store.options.tokenizer_fingerprint})"
         )
     return tok
@@ -213,7 +229,10 @@ def align_sequence(
 ALIGNMENT_INPUTS = {
     "pivot_store": "the pivot store changed since this store was started",
     "source_store": "the source store changed since this store was started",
+    "vocab_map_file": "the vocabulary map changed since this store was started",
 }
+# Where the inputs lay (for the reader; their fingerprints above are compared).
+ALIGNMENT_LOCATIONS = (*LOCATION_FIELDS, "align_source", "vocab_map")
 
 
 def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
@@ -235,7 +254,9 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
     options = pivot.options
     run = {**asdict(options), "align_source": str(source.path), "align_method": job.method,
            "align_projection": job.projection, "vocab_map": job.vocab_map, "vocab_mode": job.vocab_mode,
-           "pivot_store": store_fingerprint(pivot.path), "source_store": store_fingerprint(source.path)}
+           "pivot_store": store_fingerprint(pivot.path), "source_store": store_fingerprint(source.path),
+           "vocab_map_file": path_fingerprint(job.vocab_map) if job.vocab_map else None}
+
     def kept() -> str:
         return "its complete shards are kept: the same command resumes" if has_shards(out) else \
             "nothing of it was kept"
@@ -254,7 +275,7 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
 def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run: dict[str, Any], *,
            progress: bool, log: Callable[[str], None]) -> Manifest:
     options = pivot.options
-    begin_run(out, run, overwrite=job.overwrite, inputs=ALIGNMENT_INPUTS)
+    begin_run(out, run, overwrite=job.overwrite, inputs=ALIGNMENT_INPUTS, located=ALIGNMENT_LOCATIONS)
     same_vocab = pivot.options.tokenizer_fingerprint == source.options.tokenizer_fingerprint
     k = options.top_k
     if same_vocab:
@@ -264,8 +285,8 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     else:
         from fusion.vocab_map import vocabulary
 
-        piv_vocab, src_vocab = (vocabulary(load_tokenizer(pivot, job.trust_remote_code)),
-                                    vocabulary(load_tokenizer(source, job.trust_remote_code)))
+        piv_vocab = vocabulary(load_tokenizer(pivot, job.pivot_model, "--pivot-model", job.trust_remote_code))
+        src_vocab = vocabulary(load_tokenizer(source, job.source_model, "--source-model", job.trust_remote_code))
         vmap = resolve_vocab_map(job, pivot, source, piv_vocab, src_vocab, out)
         src2piv = vmap.src2piv
         tokenizers = Tokenizers((piv_vocab.texts, src_vocab.texts), Projector(

@@ -45,6 +45,11 @@ def training_record(pivot: str, aligned: Sequence[str], config: FusionConfig) ->
             "aligned": [str(a) for a in aligned], "aligned_stores": [store_fingerprint(a) for a in aligned]}
 
 
+LOCATION_KEYS = ("pivot", "aligned")
+"""Where the pivot and the stores lay: kept for the reader, never compared (their
+fingerprints are), so checkpoints moved with their work dir still resume."""
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """The checkpoints the Trainer finished saving, by step."""
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE_FILE).is_file()]
@@ -77,16 +82,16 @@ def prepare_checkpoints(folder: Path, record: Mapping[str, Any], resume: bool) -
     started = [p for p in folder.glob("checkpoint-*") if p.is_dir()] if folder.is_dir() else []
     run_file = folder / RUN_FILE
     if started and not resume:
-        raise StoreError(f"{folder} holds checkpoints of an earlier run; pass --resume to continue it, "
-                         "or choose another --out")
+        raise StoreError(f"{folder} holds checkpoints of an earlier run",
+                         "pass --resume to continue it, or choose another --out")
     if started:
         if not run_file.is_file():
             raise StoreError(f"{folder} holds checkpoints but no {RUN_FILE}: cannot tell which "
-                             "configuration made them; choose another --out")
-        diffs = differences(read_record(run_file), record)
+                             "configuration made them", "choose another --out")
+        diffs = differences(read_record(run_file), record, ignore=LOCATION_KEYS)
         if diffs:
             raise StoreError(f"--resume: the checkpoints in {folder} come from another configuration "
-                             f"({'; '.join(diffs)}); choose another --out to train this one")
+                             f"({'; '.join(diffs)})", "choose another --out to train this one")
         for partial in set(started) - set(done):  # a killed save: never resumed, removed
             shutil.rmtree(partial, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,7 @@ def train_fusion(
         done = complete_checkpoints(folder) if folder.is_dir() else []
         for partial in set(folder.glob("checkpoint-*")) - set(done):
             shutil.rmtree(partial, ignore_errors=True)
-        return f"the checkpoints up to {done[-1].name} are kept: --resume continues" if done else \
+        return f"the checkpoints up to {done[-1].name} are kept: a resumed run continues from there" if done else \
             "no checkpoint was complete"
 
     def less() -> str:

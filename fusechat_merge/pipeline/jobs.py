@@ -139,8 +139,10 @@ class AlignJob(Job):
         from fusion.align_job import AlignJob as Alignment
 
         spec = next(s for s in recipe.sources if s.name == source)
+        # the tokenizers from where the models are now, not from where the stores say they were
         return cls(Alignment(pivot=str(layout.store(recipe.pivot.name)), source=str(layout.store(source)),
-                             out=str(layout.aligned(source)), **recipe.align.model_dump(),
+                             out=str(layout.aligned(source)), pivot_model=layout.model(recipe.pivot.model),
+                             source_model=layout.model(spec.model), **recipe.align.model_dump(),
                              trust_remote_code=recipe.pivot.trust_remote_code or spec.trust_remote_code))
 
     def reads(self) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusechat_merge.pipeline.stage_records import record_file, stage_file
 from fusion.model_refs import local_path, looks_like_hub_id, model_dir
 
 
@@ -80,11 +81,11 @@ class WorkDir:
 
     def log(self, stage_id: str) -> Path:
         """The log of a stage run in a subprocess or on a Ray worker."""
-        return self.logs / (stage_id.replace("/", "__") + ".log")
+        return self.logs / (stage_file(stage_id) + ".log")
 
     def launch_config(self, stage_id: str) -> Path:
         """The training options a launched fuse stage hands to ``fusechat-merge fuse --config``."""
-        return self.logs / (stage_id.replace("/", "__") + ".fuse.yaml")
+        return self.logs / (stage_file(stage_id) + ".fuse.yaml")
 
     @property
     def run_lock(self) -> Path:
@@ -93,8 +94,8 @@ class WorkDir:
 
     def stage_lock(self, stage_id: str) -> Path:
         """Held by whoever runs the stage (this process, a Ray worker, a scheduler's job)."""
-        return self.records / (stage_id.replace("/", "__") + ".lock")
+        return self.records / (stage_file(stage_id) + ".lock")
 
     def record(self, stage_id: str, kind: str) -> Path:
         """A stage's ``started`` or ``done`` record."""
-        return self.records / (stage_id.replace("/", "__") + f".{kind}.json")
+        return record_file(self.records, stage_id, kind)

@@ -13,8 +13,9 @@ run recorded it). An executor runs stages through `Runner.run_stage`, so records
 same whichever ran them. A stage is ``done`` when its done
 record holds its current key and its outputs exist; ``resume`` when it started with its
 current key and never finished (the logit, alignment and training jobs resume where they
-stopped; merges and evaluations are redone); ``stale`` when its records hold another key;
-``new`` otherwise.
+stopped; merges and evaluations are redone); ``stale`` when its records hold another key
+(the reason says so when it is the package version) or cannot be read (redone);
+``new`` otherwise (`fusechat_merge.pipeline.stage_records`).
 """
 
 from __future__ import annotations
@@ -34,17 +35,16 @@ from fusechat_merge.pipeline.placement import placement
 from fusechat_merge.pipeline.plan import Stage
 from fusechat_merge.pipeline.stage_output import (
     Summaries,
+    error_text,
     format_timings,
     skipped_line,
     stage_output,
     started_fields,
 )
+from fusechat_merge.pipeline.stage_records import REASONS, read_stage_records, run_state
 from fusechat_merge.pipeline_recipe import STAGES
 from fusion.artifacts.atomic import write_json_atomic
-from fusion.artifacts.records import OutputLock, read_record, write_record
-
-_REASONS = {"new": "not run yet", "stale": "inputs or options changed", "resume": "interrupted: resume",
-            "done": "forced by --from"}
+from fusion.artifacts.records import OutputLock, write_record
 
 
 class StageError(RuntimeError):
@@ -93,15 +93,11 @@ class Runner:
 
     def state(self, stage: Stage) -> str:
         """``done``, ``resume``, ``stale`` or ``new`` (see the module docstring)."""
-        for kind, name in (("done", "done"), ("started", "resume")):
-            path = self.layout.record(stage.id, kind)
-            if path.exists():
-                record = read_record(path)
-                if record.get("key") != stage.key:
-                    return "stale"
-                if kind == "started" or all(p.exists() for p in stage.outputs):
-                    return name
-        return "new"
+        return self.assess(stage)[0]
+
+    def assess(self, stage: Stage) -> tuple[str, str]:
+        """The stage's state and why, in words (`fusechat_merge.pipeline.stage_records.run_state`)."""
+        return run_state(read_stage_records(self.layout.records, stage.id), stage.key, stage.outputs)
 
     def todo(self, *, from_stage: str | None = None, only: str | None = None) -> Work:
         """The stages to run, in plan order, with (resume, reason); the others are marked
@@ -112,7 +108,7 @@ class Runner:
         first_forced = STAGES.index(from_stage) if from_stage else len(STAGES)
         work: Work = []
         for stage in self.stages:
-            state = self.state(stage)
+            state, reason = self.assess(stage)
             forced = STAGES.index(stage.kind) >= first_forced
             if only is not None and stage.kind != only:
                 if state != "done":
@@ -122,7 +118,7 @@ class Runner:
             if state == "done" and not forced:
                 stage.status = "skipped (up to date)"
                 continue
-            work.append((stage, state == "resume" and not forced, _REASONS[state]))
+            work.append((stage, state == "resume" and not forced, REASONS["done"] if state == "done" else reason))
         return work
 
     def run(self, *, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
@@ -178,12 +174,12 @@ class Runner:
             missing = [u for u in stage.after if self.state(by_id[u]) != "done"]
             if missing:
                 raise RuntimeError(f"stage {stage_id} waits for {', '.join(missing)}: not done yet")
-            state = self.state(stage)
+            state, reason = self.assess(stage)
             if state == "done":
                 stage.status = "skipped (up to date)"
                 self.log(f"[{stage_id}] up to date")
                 return stage
-            self.run_stage(stage, resume=state == "resume", reason=_REASONS[state])
+            self.run_stage(stage, resume=state == "resume", reason=reason)
         return stage
 
     def plan(self) -> list[dict[str, Any]]:
@@ -212,7 +208,7 @@ class Runner:
             with stage_output(stage, self.layout, verbose=self.verbose) as output:
                 reported = stage.job.run(resume, output.log) or {}
         except Exception as err:
-            raise StageError(stage.id, f"{type(err).__name__}: {err}", str(self.layout.log(stage.id))) from err
+            raise StageError(stage.id, error_text(stage, err), str(self.layout.log(stage.id))) from err
         seconds = time.perf_counter() - started
         record: dict[str, Any] = {
             "key": stage.key, "executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),

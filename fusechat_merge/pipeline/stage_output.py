@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fusion.artifacts.records import write_record
+from fusechat_merge import __version__
+from fusechat_merge.pipeline.stage_records import NEW
+from fusion.artifacts.records import StoreError, write_record
 from fusion.progress import captured, format_bytes_mb, format_seconds
 
 if TYPE_CHECKING:
@@ -28,8 +30,10 @@ if TYPE_CHECKING:
 
 
 def started_fields(executor: str) -> dict[str, Any]:
-    """What a started record says besides the key: who runs the stage, where, since when."""
-    return {"executor": executor, "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
+    """What a started record says besides the key: who runs the stage, where, since when,
+    with which version of this package."""
+    return {"executor": executor, "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
+            "version": __version__}
 
 
 @dataclass
@@ -57,10 +61,21 @@ def stage_output(stage: Stage, layout: WorkDir, *, verbose: bool = False) -> Ite
             yield lines
         except Exception as err:
             traceback.print_exc()  # into the log
-            write_record(failed, {"key": stage.key, "error": f"{type(err).__name__}: {err}",
+            write_record(failed, {"key": stage.key, "error": error_text(stage, err),
                                        "log": str(layout.log(stage.id)), "host": socket.gethostname(),
                                        "pid": os.getpid(), "failed_at": time.time()})
             raise
+
+
+def error_text(stage: Stage, err: BaseException) -> str:
+    """A stage's error as a run says it. An output its job refuses to resume gets the run's
+    way forward: ``run`` has no ``--overwrite``, ``--resume`` or ``--out`` (the stage's own
+    command's remedies); removing the stage's output starts the stage over."""
+    if isinstance(err, StoreError) and err.remedy:
+        outputs = " and ".join(str(p) for p in stage.outputs)
+        return (f"{type(err).__name__}: {err.reason}; to start stage {stage.id} over, remove {outputs} and "
+                f"rerun (or rerun with --from {stage.kind}: every {stage.kind} stage and those after it)")
+    return f"{type(err).__name__}: {err}"
 
 
 FOLD_SECONDS = 60.0  # a stage shorter than this, with no lines of its own, shares its family's line
@@ -103,10 +118,12 @@ class Summaries:
 
 
 def summary_line(stage: Stage, record: dict[str, Any], reason: str) -> str:
-    """``[id] ran in 12.3s, peak 812 MiB (not run yet)``."""
+    """``[id] ran in 12.3s, peak 812 MiB (interrupted: resume)``; a stage's first run says no
+    reason."""
     peak = format_bytes_mb(record["peak_rss_mb"])
     gpu = f", GPU {format_bytes_mb(record['peak_gpu_mb'])}" if record.get("peak_gpu_mb") else ""
-    return f"[{stage.id}] ran in {format_seconds(record['seconds'])}, peak {peak}{gpu} ({reason})"
+    why = f" ({reason})" if reason and reason != NEW else ""
+    return f"[{stage.id}] ran in {format_seconds(record['seconds'])}, peak {peak}{gpu}{why}"
 
 
 def skipped_line(stages: Sequence[Stage]) -> str:

@@ -4,8 +4,10 @@ A stage is ``done`` (its done record holds its current key and its outputs exist
 ``failed`` (a failed record with its current key), ``running`` (a started record with its
 current key whose process is alive, or on another host: a Ray worker, a SLURM task),
 ``interrupted`` (started here, its process gone: a rerun resumes it), ``stale`` (its
-records hold another key: the recipe or an input changed since) or ``waiting`` (never
-run, or run by a plan whose stages are gone).
+records hold another key: the recipe, an input or the package version changed since; or
+its done or started record cannot be read: a run redoes it, as `Runner` decides from the
+same records, `fusechat_merge.pipeline.stage_records`) or ``waiting`` (never run, or run by
+a plan whose stages are gone).
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from fusion.artifacts.records import StoreError, process_alive, read_record
+from fusechat_merge.pipeline.stage_records import (
+    REASONS,
+    StageRecords,
+    broken_reason,
+    deciding_broken,
+    parse_record_name,
+    read_stage_records,
+    stale_reason,
+)
+from fusion.artifacts.records import process_alive
 from fusion.progress import format_bytes_mb, format_seconds
 
 if TYPE_CHECKING:
@@ -40,22 +51,35 @@ def stage_status(runner: Runner) -> list[dict[str, Any]]:
     return rows
 
 
+class NotAWorkDirError(ValueError):
+    """``status`` without a recipe, of a folder no run wrote records into."""
+
+
 def recorded_status(layout: WorkDir) -> list[dict[str, Any]]:
     """Without the recipe: one row per stage that left records, their keys taken as current
-    (so nothing is ``stale`` or ``waiting``)."""
-    ids = sorted({path.name.split(".")[0].replace("__", "/") for path in layout.records.glob("*.json")})
+    (so nothing is ``stale`` or ``waiting``, but a record that cannot be read is). A folder
+    without ``stages/`` is no work dir (`NotAWorkDirError`: an empty table would say nothing)."""
+    if not layout.records.is_dir():
+        raise NotAWorkDirError(f"{layout.root} is not a work dir of `fusechat-merge run`: it has no "
+                          f"{layout.records.name}/ folder of stage records; give the folder a run's "
+                          "--work-dir named (with the recipe, status also shows the stages still waiting)")
+    named = (parse_record_name(path.name) for path in layout.records.glob("*.json"))
+    ids = sorted({found[0] for found in named if found is not None})
     return [_status(layout, stage_id, None, []) for stage_id in ids]
 
 
 def _status(layout: WorkDir, stage_id: str, key: str | None, outputs: list[Path]) -> dict[str, Any]:
-    records = {kind: _read(layout.record(stage_id, kind)) for kind in ("done", "started", "failed")}
-    done, started, failed = records["done"], records["started"], records["failed"]
+    records: StageRecords = read_stage_records(layout.records, stage_id)
+    done, started, failed = records.done, records.started, records.failed
     row: dict[str, Any] = {"id": stage_id, "log": str(layout.log(stage_id))}
+    broken = deciding_broken(records)
 
     def current(record: dict[str, Any] | None) -> bool:
         return record is not None and (key is None or record.get("key") == key)
 
-    if current(done) and all(p.exists() for p in outputs):
+    if broken:  # as the runner decides: nothing can be resumed from a record that says nothing
+        row.update(state="stale", reason=broken_reason(broken))
+    elif current(done) and all(p.exists() for p in outputs):
         row.update(state="done", host=done.get("host"), started_at=done.get("started_at"),
                    finished_at=done.get("finished_at"), seconds=done.get("seconds"),
                    peak_rss_mb=done.get("peak_rss_mb"), peak_gpu_mb=done.get("peak_gpu_mb"))
@@ -66,10 +90,12 @@ def _status(layout: WorkDir, stage_id: str, key: str | None, outputs: list[Path]
         here = started.get("host") == socket.gethostname()
         alive = not here or process_alive(started.get("pid"))
         row.update(state="running" if alive else "interrupted", host=started.get("host"),
-                   pid=started.get("pid"), started_at=started.get("started_at"),
-                   progress=_read(layout.record(stage_id, "progress")))
+                   pid=started.get("pid"), started_at=started.get("started_at"), progress=records.progress)
     else:
-        row.update(state="stale" if any(records.values()) else "waiting")
+        made = done or started or failed
+        row.update(state="stale" if made else "waiting")
+        if made:
+            row["reason"] = stale_reason(made)
     return row
 
 
@@ -88,31 +114,39 @@ def format_status(rows: list[dict[str, Any]], now: float | None = None) -> list[
 def _details(row: dict[str, Any], now: float) -> str:
     state = row["state"]
     if state == "done":
-        peak = format_bytes_mb(row["peak_rss_mb"] or 0)
-        gpu = f", GPU {format_bytes_mb(row['peak_gpu_mb'])}" if row.get("peak_gpu_mb") else ""
-        return f"{format_seconds(row['seconds'] or 0)}, peak {peak}{gpu}, {_when(row['finished_at'], now)} on {row['host']}"
+        def mb(key: str) -> str:
+            return format_bytes_mb(row[key]) if _number(row.get(key)) else "?"
+
+        gpu = f", GPU {mb('peak_gpu_mb')}" if _number(row.get("peak_gpu_mb")) else ""
+        seconds = format_seconds(row["seconds"]) if _number(row.get("seconds")) else "?"
+        return f"{seconds}, peak {mb('peak_rss_mb')}{gpu}, {_when(row.get('finished_at'), now)} on {row.get('host')}"
     if state == "failed":
-        return f"{row['error']}; log: {row['log']}"
+        return f"{row.get('error')}; log: {row['log']}"
     if state in ("running", "interrupted"):
         since = f"on {row['host']} (pid {row['pid']}) since {_when(row['started_at'], now)}"
-        progress = row.get("progress")
-        if progress:
-            total = f"/{progress['total']:g}" if progress.get("total") else ""
-            rest = "".join(f", {k} {v}" for k, v in progress.items() if k not in ("n", "total", "unit", "at", "rate"))
-            since += f"; {progress['n']:g}{total} {progress['unit']}{rest} ({_when(progress['at'], now)})"
+        since += _progress(row.get("progress"), now)
         return since + ("" if state == "running" else "; a rerun resumes it")
     if state == "stale":
-        return "the recipe or an input changed since it ran: it reruns"
+        reason = row.get("reason") or REASONS["stale"]
+        return f"{'the recipe or an input changed since it ran' if reason == REASONS['stale'] else reason}: it reruns"
     return f"for {', '.join(row['waits_for'])}" if row.get("waits_for") else ""
 
 
+def _progress(progress: dict[str, Any] | None, now: float) -> str:
+    """``; 120/480 steps, loss 2.31 (3s ago)`` from a progress record; what it lacks is left
+    out (a record cut or written by another version never fails ``status``)."""
+    if not progress or not _number(progress.get("n")):
+        return ""
+    total = f"/{progress['total']:g}" if _number(progress.get("total")) and progress["total"] else ""
+    unit = f" {progress['unit']}" if isinstance(progress.get("unit"), str) else ""
+    rest = "".join(f", {k} {v}" for k, v in progress.items() if k not in ("n", "total", "unit", "at", "rate"))
+    at = progress.get("at")
+    return f"; {progress['n']:g}{total}{unit}{rest} ({_when(at if _number(at) else None, now)})"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _when(stamp: float | None, now: float) -> str:
-    return "?" if stamp is None else f"{format_seconds(max(0.0, now - stamp))} ago"
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    """A stage record, None when missing or broken (status never fails on one)."""
-    try:
-        return read_record(path)
-    except (FileNotFoundError, StoreError):
-        return None
+    return "?" if not _number(stamp) else f"{format_seconds(max(0.0, now - stamp))} ago"

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from fusion.artifacts.logit_store import (
+    START_OVER,
     LogitStore,
     SequenceLogits,
     StoreError,
@@ -83,11 +84,10 @@ def shard_statistics(path: Path) -> str:
         with pa.memory_map(str(path)) as source:
             metadata = pa.ipc.open_stream(source).schema.metadata or {}
     except (pa.ArrowInvalid, OSError) as err:
-        raise StoreError(f"{path}: truncated or corrupt shard ({err}); rerun with --overwrite") from None
+        raise StoreError(f"{path}: truncated or corrupt shard ({err})", START_OVER) from None
     found = metadata.get(STATISTICS_KEY.encode())
     if found is None:
-        raise StoreError(f"{path} holds no alignment statistics (written by an older version); "
-                         "rerun with --overwrite")
+        raise StoreError(f"{path} holds no alignment statistics (written by an older version)", START_OVER)
     return found.decode()
 
 

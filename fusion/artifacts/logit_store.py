@@ -251,6 +251,11 @@ def write_shard(
     return size
 
 
+# Where the inputs lay when a store was started: kept in its records for the reader, never
+# compared (their content fingerprints are), so a moved or copied work dir still resumes.
+LOCATION_FIELDS = ("model", "data")
+START_OVER = "rerun with --overwrite to replace it, or use another --out"
+
 # The scoring run's inputs: what a mismatch with its run record says.
 SCORING_INPUTS = {
     "model_fingerprint": "model weights or config changed since this store was started",
@@ -270,11 +275,12 @@ def has_shards(out: Path) -> bool:
 
 
 def begin_run(out: Path, options: StoreOptions | Mapping[str, Any], *, overwrite: bool = False,
-              inputs: Mapping[str, str] = SCORING_INPUTS) -> None:
+              inputs: Mapping[str, str] = SCORING_INPUTS, located: tuple[str, ...] = LOCATION_FIELDS) -> None:
     """Create ``out`` for a run or check that a resumed run has the same inputs and options.
 
     ``inputs`` names the keys of ``options`` that are input fingerprints (what their change
-    means). ``overwrite`` removes a previous store or run of this tool at ``out`` first
+    means); ``located`` names those that say where an input lay (not compared).
+    ``overwrite`` removes a previous store or run of this tool at ``out`` first
     (never a foreign directory). A run record with no shard and no manifest (a run that
     failed before writing anything) is replaced, so a corrected command is never blocked
     by it. Call it holding ``out``'s lock (`records.locked`).
@@ -282,7 +288,7 @@ def begin_run(out: Path, options: StoreOptions | Mapping[str, Any], *, overwrite
     run_file = out / RUN_FILE
     wanted = dict(options) if isinstance(options, Mapping) else asdict(options)
     if out.exists() and not out.is_dir():
-        raise StoreError(f"--out {out} is a file, not a directory")
+        raise StoreError(f"--out {out} is a file, not a directory", "remove it or choose another --out")
     if overwrite and out.exists() and any(out.iterdir()):
         if not is_tool_store(out):
             raise StoreError(f"--overwrite: {out} is not a store of this tool (no {RUN_FILE} or "
@@ -295,20 +301,18 @@ def begin_run(out: Path, options: StoreOptions | Mapping[str, Any], *, overwrite
         try:
             started = read_record(run_file)
         except StoreError as err:
-            raise StoreError(f"{err}; rerun with --overwrite") from None
-        diffs = differences(started, wanted, inputs=inputs, ignore=("package_version",))
+            raise StoreError(err.reason, START_OVER) from None
+        diffs = differences(started, wanted, inputs=inputs, ignore=("package_version", *located))
         if diffs and has_shards(out):
-            raise StoreError(
-                f"{out} holds a run started with other inputs or options ({'; '.join(diffs)}); "
-                "rerun with --overwrite to replace it, or use another --out"
-            )
+            raise StoreError(f"{out} holds a run started with other inputs or options ({'; '.join(diffs)})",
+                             START_OVER)
         if diffs:  # nothing was written under the old record: it binds nothing
             shutil.rmtree(out)
             out.mkdir(parents=True)
             write_record(run_file, wanted)
         return
     if any(out.iterdir()):
-        raise StoreError(f"{out} is not empty and holds no logit run; choose another --out")
+        raise StoreError(f"{out} is not empty and holds no logit run", "choose another --out")
     write_record(run_file, wanted)
 
 
@@ -356,7 +360,7 @@ def _read_table(path: Path) -> pa.Table:
         with pa.memory_map(str(path)) as source:
             return pa.ipc.open_stream(source).read_all()
     except (pa.ArrowInvalid, OSError) as err:
-        raise StoreError(f"{path}: truncated or corrupt shard ({err}); rerun with --overwrite") from None
+        raise StoreError(f"{path}: truncated or corrupt shard ({err})", START_OVER) from None
 
 
 class LogitStore:
@@ -500,7 +504,7 @@ def check_parts(stores: Sequence[LogitStore]) -> dict[str, int] | None:
         diffs = [
             f"{k}: {other.get(k)!r} there, {v!r} in {first.path}"
             for k, v in wanted.items()
-            if k not in ("shard", "package_version") and other.get(k) != v
+            if k not in ("shard", "package_version", *LOCATION_FIELDS) and other.get(k) != v
         ]
         if diffs:
             raise StoreError(

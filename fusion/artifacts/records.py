@@ -38,8 +38,15 @@ PARTIAL_MARKER = ".fusechat-partial.json"
 
 
 class StoreError(RuntimeError):
-    """An output that cannot be written, read or resumed as asked (the message says why
-    and what to do)."""
+    """An output that cannot be written, read or resumed as asked: ``reason`` says why,
+    ``remedy`` what to do with the command that writes it (``--overwrite``, ``--resume``,
+    another ``--out``). A pipeline run, which has none of those options, says its own
+    remedy instead (`fusechat_merge.pipeline.runner`)."""
+
+    def __init__(self, reason: str, remedy: str = "") -> None:
+        super().__init__(f"{reason}; {remedy}" if remedy else reason)
+        self.reason = reason
+        self.remedy = remedy
 
 
 class LockError(StoreError):
@@ -66,7 +73,10 @@ def write_record(path: Path, record: Mapping[str, Any]) -> Path:
 def differences(then: Mapping[str, Any], now: Mapping[str, Any], *, inputs: Mapping[str, str] | None = None,
                 ignore: tuple[str, ...] = ()) -> list[str]:
     """What changed between the record ``then`` and the wanted ``now``, in words: the keys
-    of ``inputs`` (key → what its change means) first, then the options."""
+    of ``inputs`` (key → what its change means) first, then the options. The keys in
+    ``ignore`` are not compared: where the inputs lay (paths, kept for the reader: an input
+    is compared by its content fingerprint, so a work dir moved or copied elsewhere still
+    resumes) and the package version."""
     inputs = inputs or {}
     changed = [k for k, v in now.items() if k not in ignore and then.get(k) != v]
     said = [f"{inputs[k]} ({then.get(k)!r} then, {now[k]!r} now)" for k in changed if k in inputs]
