@@ -213,6 +213,14 @@ def store_columns(path: Path) -> dict:
     return LogitStore(path).dataset.with_format(None).to_dict()
 
 
+def store_json(path: Path) -> str:
+    """`store_columns` as JSON (NaN equals NaN): for bit-for-bit comparisons of runs that
+    pin threads, batch shapes and process count."""
+    import json
+
+    return json.dumps(store_columns(path), sort_keys=True)
+
+
 def assert_same_columns(a: Path, b: Path) -> None:
     """Two stores hold the same sequences, tokens, offsets and top-K ids; their floats
     agree to float32 rounding (runs with other threads, batch shapes or processes)."""

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import BIN, load_weights, pivot_and_qwen
-from test_pipeline_parts import store_columns
+from helpers import BIN, load_weights, pivot_and_qwen, store_json
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 RECIPE = {
@@ -69,7 +68,7 @@ def moved(work: Path) -> Path:
 
 def assert_same_results(work: Path, undisturbed: Path) -> None:
     for store in ("logits/pivot", "logits/qwen", "aligned/qwen"):
-        assert store_columns(work / store) == store_columns(undisturbed / store), store
+        assert store_json(work / store) == store_json(undisturbed / store), store
     for model in ("targets/seed-0/qwen", "merges/seed-0/linear"):
         ours, theirs = load_weights(work / model), load_weights(undisturbed / model)
         assert ours.keys() == theirs.keys()
@@ -127,4 +126,4 @@ def test_a_work_dir_moved_with_a_stage_cut_midway_resumes_to_the_undisturbed_res
         assert "which is not there any more" in gone.stderr and "--pivot-model" in gone.stderr
         fusechat("align", *stores, "--out", str(out), "--pivot-model", str(work / "models" / "pivot"),
                  "--source-model", str(work / "models" / "qwen"), check=True)
-        assert store_columns(out) == store_columns(undisturbed / "aligned" / "qwen")
+        assert store_json(out) == store_json(undisturbed / "aligned" / "qwen")

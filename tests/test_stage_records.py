@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import pivot_and_qwen, refused
-from test_pipeline_parts import store_columns
+from helpers import pivot_and_qwen, refused, store_json
 
 from fusechat_merge import __version__
 from fusechat_merge.cli import main
@@ -81,7 +80,7 @@ def test_a_first_run_says_no_reason_and_status_keeps_a_dotted_name_without_the_r
 
 @pytest.mark.parametrize("kind", ["done", "started"])
 def test_a_broken_stage_record_is_one_answer_everywhere_and_the_stage_is_redone(work, kind):
-    before = store_columns(work / "logits" / "qwen2.5")
+    before = store_json(work / "logits" / "qwen2.5")
     if kind == "started":  # an interrupted stage whose started record was cut
         record(work, SOURCE, "done").unlink()
     record(work, SOURCE, kind).write_text('{"key": "4f2a', encoding="utf-8")
@@ -97,7 +96,7 @@ def test_a_broken_stage_record_is_one_answer_everywhere_and_the_stage_is_redone(
     again = run(work, "--stage", SOURCE)
     assert again.exit_code == 0, again.output
     assert status_rows(work)[SOURCE]["state"] == "done"
-    assert store_columns(work / "logits" / "qwen2.5") == before
+    assert store_json(work / "logits" / "qwen2.5") == before
 
 
 def test_a_broken_failed_record_is_advice_for_status_and_run_alike(work):
