@@ -177,3 +177,40 @@ def reply_nll(
         total -= float(gold.sum())
         count += int(targets.sum())
     return total, count
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+@torch.inference_mode()
+def transfer_scores(
+    model: Any, tokenizer: Any, aligned: Mapping[str, str | Path], *, temperature: float = 1.0,
+    batch_size: int = 16,
+) -> dict[str, dict[str, float | int | None]]:
+    """The transfer measure (`fusion.transfer`) of a loaded model against each source, on
+    one skill file: ``aligned`` maps a source name to its store of that file aligned to the
+    pivot's (all from the same pivot store). The model must share the pivot's tokenizer: it
+    reads the pivot's token ids. Returns source → ``{"kl", "cover", "positions"}``."""
+    from fusion.artifacts.logit_store import tokenizer_fingerprint
+    from fusion.train_data import FusionCollator, FusionDataset
+    from fusion.transfer import TransferSums, transfer_sums
+
+    names = list(aligned)
+    data = FusionDataset([aligned[n] for n in names])
+    if tokenizer_fingerprint(tokenizer) != data.pivot_fingerprint:
+        raise InputError(f"{data.stores[0].path}: aligned to a pivot with another tokenizer than the model's; "
+                         "the transfer measure reads the pivot's token ids")
+    collate = FusionCollator(pad_token_id(tokenizer))
+    sums = [TransferSums() for _ in names]
+    for start in range(0, len(data), batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        ids = batch["input_ids"].to(model.device)
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(model.device)).logits.cpu()
+        trained = torch.zeros_like(batch["teacher_valid"][:, 0])
+        trained[:, :-1] = batch["labels"][:, 1:] != -100  # position t predicts trained token t + 1
+        for i in range(len(names)):
+            valid = batch["teacher_valid"][:, i + 1] & trained
+            sums[i] = sums[i].add(transfer_sums(logits, batch["teacher_ids"][:, i + 1],
+                                                batch["teacher_logprobs"][:, i + 1], valid,
+                                                temperature=temperature))
+    return {name: total.means() for name, total in zip(names, sums, strict=True)}

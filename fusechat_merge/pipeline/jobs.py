@@ -73,6 +73,20 @@ class LogitsJob(Job):
             **{name: getattr(spec, name) for name in ENGINE_FIELDS},
         ), threads)
 
+    @classmethod
+    def for_skill(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec, skill: str) -> LogitsJob:
+        """The model's store of one held-out skill file (``evaluate.skills``), scored with the
+        corpus's options, for the transfer measure (a local file: its split is ``train``)."""
+        from fusion.logits import LogitJob
+
+        assert recipe.evaluate is not None
+        return cls(LogitJob(
+            model=layout.model(spec.model), data=str(layout.resolve(recipe.evaluate.skills[skill])),
+            out=str(layout.eval_store(skill, spec.name)), template=spec.template, split="train",
+            cache_dir=str(layout.datasets_cache), shard="0/1", **recipe.logits.options(),
+            **{name: getattr(spec, name) for name in ENGINE_FIELDS},
+        ))
+
     def reads(self) -> list[str]:
         return [self.job.model, self.job.data]
 
@@ -133,6 +147,7 @@ class AlignJob(Job):
 
     kind: ClassVar[str] = "align"
     job: Any  # fusion.align_job.AlignJob: pivot, source, out and the alignment options
+    vocab_map_from: str = ""  # a corpus's aligned store whose vocabulary map this alignment reuses
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, source: str) -> AlignJob:
@@ -141,16 +156,33 @@ class AlignJob(Job):
         return cls(Alignment(pivot=str(layout.store(recipe.pivot.name)), source=str(layout.store(source)),
                              out=str(layout.aligned(source)), **recipe.align.model_dump()))
 
+    @classmethod
+    def for_skill(cls, recipe: PipelineRecipe, layout: WorkDir, source: str, skill: str) -> AlignJob:
+        """``source``'s store of a held-out skill file aligned to the pivot's, with the
+        corpus's alignment options and the vocabulary map its alignment built (or was given),
+        so the skill's positions get the same source → pivot ids as training did."""
+        from fusion.align_job import AlignJob as Alignment
+
+        return cls(Alignment(pivot=str(layout.eval_store(skill, recipe.pivot.name)),
+                             source=str(layout.eval_store(skill, source)),
+                             out=str(layout.eval_aligned(skill, source)), **recipe.align.model_dump()),
+                   str(layout.aligned(source)))
+
     def reads(self) -> list[str]:
-        return [p for p in (self.job.pivot, self.job.source, self.job.vocab_map) if p]
+        return [p for p in (self.job.pivot, self.job.source, self.job.vocab_map, self.vocab_map_from) if p]
 
     def writes(self) -> list[Path]:
         return [Path(self.job.out)]
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.align_job import align_stores
+        from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 
-        align_stores(self.job, log=_indented(log))
+        job = self.job
+        corpus_map = Path(self.vocab_map_from) / VOCAB_MAP_FILE_NAME if self.vocab_map_from else None
+        if corpus_map is not None and not job.vocab_map and corpus_map.is_file():
+            job = dataclasses.replace(job, vocab_map=str(corpus_map))  # absent: the same tokenizer
+        align_stores(job, log=_indented(log))
 
 
 @dataclass(frozen=True)
@@ -292,6 +324,9 @@ class EvalJob(Job):
     options: Any  # fusion.options.EvalOptions
     out: str
     cache_dir: str
+    # the transfer measure: skill → source → that skill file's store aligned to the pivot's
+    transfer: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    temperature: float = 1.0  # the fusion targets' (fuse_temperature): the source as training saw it
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> EvalJob:
@@ -301,17 +336,23 @@ class EvalJob(Job):
         e = recipe.evaluate
         models = eval_models(recipe, layout, seed)
         options = EvalOptions(**e.model_dump(exclude={"skills", "lm_eval", *REPORT_FIELDS}))
+        transfer = {skill: {s.name: str(layout.eval_aligned(skill, s.name)) for s in recipe.sources}
+                    for skill in e.skills}
         return cls(models, {k: str(layout.resolve(v)) for k, v in e.skills.items()}, options,
-                   str(layout.scores(seed)), str(layout.datasets_cache))
+                   str(layout.scores(seed)), str(layout.datasets_cache), transfer,
+                   float(recipe.fuse.defaults.get("fuse_temperature", 1.0)))
 
     def reads(self) -> list[str]:
-        return [path for _, _, path, _ in self.models] + list(self.skills.values())
+        stores = [path for per_source in self.transfer.values() for path in per_source.values()]
+        return [path for _, _, path, _ in self.models] + list(self.skills.values()) + stores
 
     def writes(self) -> list[Path]:
         return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
-        from fusion.evaluate import evaluate_model
+        """Per model and skill the held-out reply loss; for every model that reads the
+        pivot's tokens (all but the sources) also the transfer measure per source."""
+        from fusion.evaluate import evaluate_skill, load_model, transfer_scores
         from fusion.progress import bar
 
         rows: list[dict[str, Any]] = []
@@ -320,9 +361,21 @@ class EvalJob(Job):
             return
         with bar(len(self.models), "model") as models:
             for name, kind, path, template in self.models:
-                for score in evaluate_model(path, self.skills, self.options, template=template,
-                                            cache_dir=self.cache_dir):
+                model, tokenizer = load_model(path)
+                for skill, data in self.skills.items():
+                    score = evaluate_skill(model, tokenizer, skill, data, self.options, template=template,
+                                           cache_dir=self.cache_dir)
                     rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
+                if kind != "source":
+                    for skill, stores in self.transfer.items():
+                        if not stores:
+                            continue
+                        scores = transfer_scores(model, tokenizer, stores, temperature=self.temperature,
+                                                 batch_size=self.options.batch_size)
+                        rows += [{"model": name, "kind": kind, "skill": skill, "source": source,
+                                  "transfer_kl": m["kl"], "transfer_cover": m["cover"],
+                                  "positions": m["positions"]} for source, m in scores.items()]
+                del model
                 models.update()
         write_json_atomic(Path(self.out), rows)
 
@@ -422,8 +475,10 @@ class ReportJob(Job):
     def run(self, resume: bool, log: Log) -> None:
         from fusechat_merge.report.effects import compute_effects, format_effects
         from fusechat_merge.report.results import (
+            TRANSFER_NOTE,
             aggregate_seeds,
             format_results_table,
+            format_transfer_table,
             lm_eval_rows,
             write_results_report,
         )
@@ -443,9 +498,12 @@ class ReportJob(Job):
             from fusechat_merge.diagnostics import collect_diagnostics, format_diagnostics
 
             diagnostics = collect_diagnostics(self.pivot, self.trained, self.aligned, self.skills)
-        write_results_report(results, Path(self.out), title=self.title, effects=effects, diagnostics=diagnostics)
+        write_results_report(results, Path(self.out), title=self.title, effects=effects, diagnostics=diagnostics,
+                             own_skills=self.own_skills)
         log(format_results_table(results))
-        for text in (format_effects(effects), format_diagnostics(diagnostics) if diagnostics else ""):
+        transfer = format_transfer_table(results, self.own_skills)
+        for text in (f"Transfer to the sources:\n{transfer}\n{TRANSFER_NOTE}" if transfer else "",
+                     format_effects(effects), format_diagnostics(diagnostics) if diagnostics else ""):
             if text:
                 log("")
                 log(text)
