@@ -350,9 +350,11 @@ class EvalJob(Job):
         return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
-        """Per model and skill the held-out reply loss; for every model that reads the
-        pivot's tokens (all but the sources) also the transfer measure per source."""
-        from fusion.evaluate import evaluate_skill, load_model, transfer_scores
+        """Per model and skill the held-out reply loss (and, where the rows list every right
+        reply, the mass on right first answer tokens); for every model that reads the pivot's
+        tokens (all but the sources) also the transfer measure per source."""
+        from fusion.evaluate import evaluate_skill, load_model, right_answer_mass, transfer_scores
+        from fusion.lm_eval_tasks import right_mass_column
         from fusion.progress import bar
 
         rows: list[dict[str, Any]] = []
@@ -366,6 +368,10 @@ class EvalJob(Job):
                     score = evaluate_skill(model, tokenizer, skill, data, self.options, template=template,
                                            cache_dir=self.cache_dir)
                     rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
+                    mass = right_answer_mass(model, tokenizer, data, template=template,
+                                             max_length=self.options.max_length, cache_dir=self.cache_dir)
+                    if mass is not None:  # a skill whose rows list every right reply
+                        rows.append({"model": name, "kind": kind, "skill": right_mass_column(skill), "value": mass})
                 if kind != "source":
                     for skill, stores in self.transfer.items():
                         if not stores:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fusechat_merge.report.stats import mean_std
-from fusion.lm_eval_tasks import exact_match_column
+from fusion.lm_eval_tasks import exact_match_column, right_mass_column
 
 TRANSFER_METRICS = ("kl", "cover")  # fusion.transfer: lower KL and higher cover are closer to the source
 
@@ -21,6 +21,7 @@ def _seed_values(rows: Sequence[Mapping[str, Any]], skills: Sequence[str]) -> di
     against each source."""
     values: dict[tuple[str, str], dict[str, float]] = {}
     columns = {exact_match_column(s): s for s in skills}
+    masses = {right_mass_column(s): s for s in skills}
     for row in rows:
         model, skill = row["model"], row["skill"]
         if "transfer_kl" in row:
@@ -31,6 +32,8 @@ def _seed_values(rows: Sequence[Mapping[str, Any]], skills: Sequence[str]) -> di
                         cell[f"{name}:{row['source']}"] = float(row[f"transfer_{name}"])
         elif "value" in row and skill in columns:
             values.setdefault((model, columns[skill]), {})["em"] = float(row["value"])
+        elif "value" in row and skill in masses:
+            values.setdefault((model, masses[skill]), {})["mass"] = float(row["value"])
         elif "loss" in row and skill in skills:
             values.setdefault((model, skill), {})["loss"] = float(row["loss"])
     return values
@@ -107,7 +110,7 @@ def compute_effects(per_seed: Sequence[Sequence[Mapping[str, Any]]], own_skills:
         for model, skill, source in pairs:
             entry = {"model": model, "against": "sft", "skill": skill, "source": source, **{
                 metric: _stat([_diff(v.get((model, skill)), v.get(("sft", skill)), metric) for v in seeds])
-                for metric in ("em", "loss")}}
+                for metric in ("em", "loss", "mass")}}
             for metric in TRANSFER_METRICS if source is not None else ():
                 name = f"{metric}:{source}"
                 entry[metric] = _stat([_diff(v.get((model, skill)), v.get(("sft", skill)), name) for v in seeds])
@@ -135,9 +138,10 @@ def format_effects(effects: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     if effects.get("fusion"):
         lines += ["Fusion effect (target − SFT on its source's own skill; Multi − SFT on each skill; "
                   "Δ KL and Δ cover: the transfer measure against that skill's own source):", "",
-                  "| model | skill | Δ EM | Δ loss | Δ KL | Δ cover |", "|---|---|---:|---:|---:|---:|"]
+                  "| model | skill | Δ EM | Δ loss | Δ KL | Δ cover | Δ right mass |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {e['model']} | {e['skill']} | {pm(e['em'])} | {pm(e['loss'], 4)} | {pm(e.get('kl'))} | "
-                  f"{pm(e.get('cover'))} |" for e in effects["fusion"]]
+                  f"{pm(e.get('cover'))} | {pm(e.get('mass'))} |" for e in effects["fusion"]]
         lines.append("")
     if effects.get("merge"):
         lines += ["Merge effect (merge − best single target of the same seed; kept = merge EM / best EM):", "",
@@ -172,6 +176,14 @@ def effect_verdicts(effects: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
         word = {1: "beats", -1: "falls behind", 0: "is level with"}[_shows(em)]
         out.append(f"{e['model']} {word} SFT on {e['skill']} exact match "
                    f"({em['mean']:+.3f} ± {em['std']:.3f}).")
+    for e in effects.get("fusion", []):
+        mass = e.get("mass") or {}
+        if mass.get("mean") is None:
+            continue
+        word = {1: "puts more", -1: "puts less", 0: "puts as much"}[_shows(mass)]
+        than = "as" if _shows(mass) == 0 else "than"
+        out.append(f"{e['model']} {word} probability on right first answer tokens of {e['skill']} {than} SFT "
+                   f"({mass['mean']:+.3f} ± {mass['std']:.3f}).")
     for e in effects.get("fusion", []):
         kl = e.get("kl") or {}
         if kl.get("mean") is None or e.get("kl_sft") is None or e.get("kl_model") is None:
