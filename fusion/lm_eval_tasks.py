@@ -126,7 +126,7 @@ def skill_documents(rows: Iterable[Mapping]) -> tuple[list[dict[str, str]], dict
             )
             continue
         doc = {"id": rid, "system": system, "prompt": users[0].content, "reference": turns[last].content}
-        if "answers" in row:
+        if row.get("answers") is not None:  # `datasets` gives rows without it None
             try:
                 doc["answers"] = right_answers(row, doc["reference"])
             except ValueError as err:
