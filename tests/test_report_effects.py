@@ -95,7 +95,11 @@ def _transfer(model: str, kind: str, kl: float, cover: float, skill: str = "pick
 
 
 def test_transfer_and_right_mass_effects_against_sft_in_numbers_and_words(tmp_path):
-    from fusechat_merge.report.results import aggregate_seeds, format_transfer_table, write_results_report
+    from fusechat_merge.report.results import (
+        aggregate_seeds,
+        format_transfer_table,
+        write_results_report,
+    )
 
     seeds = []
     for target_kl, sft_kl, target_mass, sft_mass in ((0.27, 0.41, 0.60, 0.50), (0.25, 0.42, 0.62, 0.51),
