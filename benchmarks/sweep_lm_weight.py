@@ -4,10 +4,11 @@
 
 Runs the shipped demo recipe once per λ (the models and data are built once and copied),
 evaluated on the validation prompts (never the held-out ones), and prints per λ the fusion
-effect (each target − SFT on its source's skill) and the merge effect of SCE (kept = SCE
-EM / best target EM), mean ± std over the recipe's seeds, with the targets' relative
-update. This is the table behind the README's "fusion effect against λ". About 2.5 minutes
-per λ on 2 cores.
+effect (each target − SFT on its source's skill: exact match, the transfer measure's KL to
+that source, and on pick, where many replies are right, the mass on right first answer
+tokens) and the merge effect of SCE (kept = SCE EM / best target EM) per skill, mean ± std
+over the recipe's seeds, with the targets' relative update. This is the table behind the
+README's "fusion effect against λ". About 4 minutes per λ on 2 cores.
 """
 
 from __future__ import annotations
@@ -51,16 +52,23 @@ def run(work: Path, weights: list[float]) -> list[tuple[float, dict[str, Any]]]:
 
 
 def table(reports: list[tuple[float, dict[str, Any]]]) -> str:
-    lines = ["| λ | target − SFT, own skill EM | SCE kept (arithmetic / reversal / mean) | relative update |",
-             "|---:|---|---|---|"]
+    from fusechat_merge.demo.skills import SKILLS
+
+    skills = [*SKILLS, "mean"]
+    lines = ["| λ | target − SFT, own skill EM | target − SFT, own source KL | pick: target − SFT right mass "
+             f"| SCE kept ({' / '.join(skills)}) | relative update |",
+             "|---:|---|---|---|---|---|"]
     for weight, report in reports:
         effects = report["effects"]
-        fusion = "; ".join(f"{e['model']} {_pm(e['em'])}" for e in effects["fusion"] if e["model"] != "multi")
+        targets = [e for e in effects["fusion"] if e["model"] != "multi"]
+        fusion = "; ".join(f"{e['model']} {_pm(e['em'])}" for e in targets)
+        transfer = "; ".join(f"{e['model']} {_pm(e.get('kl'))}" for e in targets)
+        mass = "; ".join(_pm(e.get("mass")) for e in targets if e["skill"] == "pick")
         kept = {e["skill"]: e["kept"] for e in effects["merge"] if e["model"] == "merge:sce"}
         update = report["diagnostics"]["update"]
         moved = ", ".join(f"{u['mean']:.2f}" for name, u in update.items() if name.startswith("target:"))
-        lines.append(f"| {weight:g} | {fusion} | {' / '.join(_pm(kept.get(s), 2, False) for s in ('arithmetic', 'reversal', 'mean'))} "
-                     f"| {moved} |")
+        lines.append(f"| {weight:g} | {fusion} | {transfer} | {mass or '-'} "
+                     f"| {' / '.join(_pm(kept.get(s), 2, False) for s in skills)} | {moved} |")
     return "\n".join(lines)
 
 

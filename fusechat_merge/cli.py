@@ -357,11 +357,13 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
                  split: str, verbose: bool) -> None:
     """The whole FuseChat run at toy scale on CPU, nothing downloaded.
 
-    Builds a Llama-style pivot and two sources of other architectures and tokenizers
+    Builds a Llama-style pivot and three sources of other architectures and tokenizers
     (Qwen2-style with a byte-level tokenizer that learns arithmetic, Mistral-style with
-    another '▁' tokenizer that learns string reversal), then runs its demo-pipeline.yaml:
-    logits → align → fuse (one target per source) → merge (SCE and mergekit's baselines)
-    → evaluate, and prints the comparison table. Re-running reuses what is done.
+    another '▁' tokenizer that learns string reversal, Qwen2-style with another byte-level
+    tokenizer that learns pick, where five to seven replies are right), then runs its
+    demo-pipeline.yaml: logits → align → fuse (one target per source) → merge (SCE and
+    mergekit's baselines) → evaluate (with the transfer to each source), and prints the
+    comparison table. Re-running reuses what is done.
     """
     if merge_only:
         from fusechat_merge.demo.merge_demo import run_demo

@@ -187,3 +187,113 @@ def reply_nll(
         total -= float(gold.sum())
         count += int(targets.sum())
     return total, count
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+@torch.inference_mode()
+def transfer_scores(
+    model: Any, tokenizer: Any, aligned: Mapping[str, str | Path], *, temperature: float = 1.0,
+    batch_size: int = 16,
+) -> dict[str, dict[str, float | int | None]]:
+    """The transfer measure (`fusion.transfer`) of a loaded model against each source, on
+    one skill file: ``aligned`` maps a source name to its store of that file aligned to the
+    pivot's (all from the same pivot store). The model must share the pivot's tokenizer: it
+    reads the pivot's token ids. Returns source → ``{"kl", "cover", "positions"}``."""
+    from fusion.artifacts.logit_store import tokenizer_fingerprint
+    from fusion.train_data import FusionCollator, FusionDataset
+    from fusion.transfer import TransferSums, transfer_sums
+
+    names = list(aligned)
+    data = FusionDataset([aligned[n] for n in names])
+    if tokenizer_fingerprint(tokenizer) != data.pivot_fingerprint:
+        raise InputError(f"{data.stores[0].path}: aligned to a pivot with another tokenizer than the model's; "
+                         "the transfer measure reads the pivot's token ids")
+    collate = FusionCollator(pad_token_id(tokenizer))
+    sums = [TransferSums() for _ in names]
+    for start in range(0, len(data), batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        ids = batch["input_ids"].to(model.device)
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(model.device)).logits.cpu()
+        trained = torch.zeros_like(batch["teacher_valid"][:, 0])
+        trained[:, :-1] = batch["labels"][:, 1:] != -100  # position t predicts trained token t + 1
+        for i in range(len(names)):
+            valid = batch["teacher_valid"][:, i + 1] & trained
+            sums[i] = sums[i].add(transfer_sums(logits, batch["teacher_ids"][:, i + 1],
+                                                batch["teacher_logprobs"][:, i + 1], valid,
+                                                temperature=temperature))
+    return {name: total.means() for name, total in zip(names, sums, strict=True)}
+
+
+# --------------------------------------------------------------------------- right answers
+
+@torch.inference_mode()
+def right_answer_mass(
+    model: Any, tokenizer: Any, path: str | Path, *, template: TemplateKind = "own", max_length: int = 512,
+    cache_dir: str | Path | None = None,
+) -> float | None:
+    """Mean over a skill file's conversations of the probability that the model's last reply
+    starts with a right answer, teacher-forced: for a skill where many replies are right
+    (each row lists them in ``answers``), the sum over the right answers' distinct starts
+    of the probability of the tokens from the end of the prompt (the chat template's
+    generation prompt, its lead-in such as a lone '▁' included) up to the one holding the
+    answer's first character. A model that spreads its first step over the whole set scores
+    as high as one that always picks the same member; mass on wrong answers lowers it.
+    None when the file's rows list no ``answers``."""
+    from fusion.data import parse_turns, row_id
+    from fusion.lm_eval_tasks import right_answers
+
+    rows = _load_rows(path, cache_dir)
+    masses: list[float] = []
+    for index, row in enumerate(rows):
+        if row.get("answers") is None:
+            continue
+        rid = row_id(row, index)
+        turns = parse_turns(row, rid)
+        last = max(i for i, t in enumerate(turns) if t.role == "assistant")
+        try:
+            answers = right_answers(row, turns[last].content)
+        except ValueError as err:
+            raise InputError(f"{path}: row {rid}: {err}") from None
+        paths = {}
+        for answer in dict.fromkeys(a.strip() for a in answers):
+            changed = [*turns[:last], replace(turns[last], content=answer), *turns[last + 1:]]
+            enc = render(tokenizer, changed, template=template, max_length=max_length, row_id=rid)
+            begin, first = _answer_start(tokenizer, changed[:last], enc, template)
+            if first is None or first >= len(enc.input_ids) or begin < 1:
+                raise InputError(f"{path}: row {rid}: the reply {answer!r} starts beyond max_length {max_length}")
+            paths[tuple(enc.input_ids[: first + 1])] = begin
+        masses.append(_paths_mass(model, paths, pad_token_id(tokenizer)))
+    return sum(masses) / len(masses) if masses else None
+
+
+def _answer_start(tokenizer: Any, history: Sequence[Turn], enc: Encoded, template: TemplateKind) -> tuple[int, int | None]:
+    """(first token after the prompt, the token holding the reply's first character): the
+    prompt as the model's own template renders it for generation, else (the shared template,
+    or a render that does not start with it) the reply's own start."""
+    reply = enc.reply_spans[-1][0]
+    start = reply
+    if template == "own":
+        messages = [{"role": t.role, "content": t.content} for t in history]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if enc.text.startswith(prompt) and len(prompt) <= reply:
+            start = len(prompt)
+    begin = next((i for i, (a, _) in enumerate(enc.token_offsets) if a >= start), len(enc.input_ids))
+    first = next((i for i, (_, end) in enumerate(enc.token_offsets) if end > reply), None)
+    return min(begin, first if first is not None else begin), first
+
+
+def _paths_mass(model: Any, paths: Mapping[tuple[int, ...], int], pad_id: int) -> float:
+    """Σ over ``paths`` (token ids up to an answer's first-character token → where its reply
+    begins) of the probability of the reply tokens, one forward pass for all of them. The
+    paths part at or before their last token, so these events are disjoint."""
+    sequences = list(paths)
+    padded, mask = pad_sequences([list(s) for s in sequences], pad_id)
+    padded, mask = padded.to(model.device), mask.to(model.device)
+    logprobs = torch.log_softmax(model(input_ids=padded, attention_mask=mask).logits.float(), dim=-1)
+    total = 0.0
+    for row, seq in enumerate(sequences):
+        steps = torch.arange(paths[seq], len(seq), device=padded.device)
+        total += float(torch.exp(logprobs[row, steps - 1, padded[row, steps]].double().sum()))
+    return total

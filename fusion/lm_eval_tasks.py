@@ -6,7 +6,9 @@ user turn that the last assistant reply answers and ``reference`` is that reply:
 
 * ``<prefix>_<skill>_gen`` (``generate_until``): greedy decoding from the prompt, stopped
   at the tokenizer's eos, scored with lm-eval's ``exact_match`` with leading and trailing
-  whitespace ignored (what our own evaluator compared after ``strip``).
+  whitespace ignored (what our own evaluator compared after ``strip``). A skill where many
+  replies are right lists them in each row's ``answers``: the reply is then right when it
+  is any of them (the rate of right replies, still in the ``exact_match`` column).
 * ``<prefix>_<skill>_ll`` (``loglikelihood``): the log-likelihood of the reference reply
   given the prompt; lm-eval reports it as ``perplexity`` (exp of minus the mean per-reply
   log-likelihood) and ``acc`` (whether greedy decoding would give the reply token by token).
@@ -38,6 +40,7 @@ PREFIX = "fusechat"
 GENERATE = "gen"
 LOGLIKELIHOOD = "ll"
 EXACT_MATCH = "exact_match"
+RIGHT_MASS = "right_answer_mass"
 # lm-eval's exact_match applies these to predictions and references alike.
 _STRIP_REGEXES = [r"^\s+", r"\s+$"]
 
@@ -84,6 +87,12 @@ def exact_match_column(skill: str, prefix: str = PREFIX) -> str:
     return f"{task_name(prefix, skill, GENERATE)}/{EXACT_MATCH}"
 
 
+def right_mass_column(skill: str) -> str:
+    """The results column of a skill's mass on right first answer tokens (ours, teacher-forced:
+    `fusion.evaluate.right_answer_mass`), for skills whose rows list every right reply."""
+    return f"{skill}/{RIGHT_MASS}"
+
+
 def _slug(text: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
     if not slug:
@@ -116,10 +125,28 @@ def skill_documents(rows: Iterable[Mapping]) -> tuple[list[dict[str, str]], dict
                 f"{len(users)} user turns before the last reply; an lm-eval document holds one"
             )
             continue
-        docs.append(
-            {"id": rid, "system": system, "prompt": users[0].content, "reference": turns[last].content}
-        )
+        doc = {"id": rid, "system": system, "prompt": users[0].content, "reference": turns[last].content}
+        if row.get("answers") is not None:  # `datasets` gives rows without it None
+            try:
+                doc["answers"] = right_answers(row, doc["reference"])
+            except ValueError as err:
+                skipped[rid] = str(err)
+                continue
+        docs.append(doc)
+    if docs and len({"answers" in d for d in docs}) > 1:
+        raise ValueError("some rows list their right replies ('answers') and others do not: one kind per file")
     return docs, skipped
+
+
+def right_answers(row: Mapping, reference: str) -> list[str]:
+    """A row's ``answers``: every right reply to its last prompt (a skill where many replies
+    are right), a non-empty list of strings that holds the gold reply."""
+    answers = row["answers"]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError("'answers' must be a non-empty list of strings (every right reply)")
+    if reference.strip() not in {a.strip() for a in answers}:
+        raise ValueError(f"the reply {reference!r} is not among its 'answers'")
+    return list(answers)
 
 
 def task_configs(
@@ -130,8 +157,12 @@ def task_configs(
     tag: str,
     max_gen_toks: int = 32,
     cache_dir: str | os.PathLike | None = None,
+    answers: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The generate_until and loglikelihood task configs over one JSONL file."""
+    """The generate_until and loglikelihood task configs over one JSONL file. With
+    ``answers`` (documents that list every right reply), the generated reply is scored
+    right when it is any of them: lm-eval's exact_match over a list of targets counts a
+    match with any (the log-likelihood task keeps the gold reply)."""
     dataset_kwargs: dict[str, Any] = {"data_files": {"test": str(Path(data).resolve())}}
     if cache_dir is not None:
         dataset_kwargs["cache_dir"] = str(Path(cache_dir).resolve())
@@ -152,6 +183,7 @@ def task_configs(
         # Only the tokenizer's eos stops decoding (lm-eval adds it); lm-eval's default stop
         # "\n\n" would cut a multi-paragraph reply.
         "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": max_gen_toks},
+        **({"doc_to_target": "answers"} if answers else {}),
         "metric_list": [
             {
                 "metric": EXACT_MATCH,
@@ -217,7 +249,8 @@ def write_skill_tasks(
         stem = f"{_slug(prefix)}_{_slug(skill)}"
         data = _write_jsonl(out / f"{stem}.jsonl", docs)
         for config in task_configs(
-            gen, ll, data, tag=tag, max_gen_toks=max_gen_toks, cache_dir=cache_dir
+            gen, ll, data, tag=tag, max_gen_toks=max_gen_toks, cache_dir=cache_dir,
+            answers="answers" in docs[0],
         ):
             _write_yaml(out / f"{config['task']}.yaml", config)
         written.append(SkillTask(skill, gen, ll, data, len(docs), skipped))

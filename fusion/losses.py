@@ -106,6 +106,15 @@ def merge_duplicates(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tens
     return merged_ids, merged
 
 
+def within_vocab(ids: torch.Tensor, probs: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A target as the student can take it: ids at or beyond ``vocab`` (a tokenizer longer
+    than ``config.vocab_size``) get probability 0 and id 0, the rest are renormalised."""
+    in_vocab = ids < vocab
+    q = torch.where(in_vocab, probs.float(), torch.zeros_like(probs, dtype=torch.float32))
+    q = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
+    return torch.where(in_vocab, ids, torch.zeros_like(ids)), q
+
+
 class _SparseTargetCE(torch.autograd.Function):
     """CLM and soft cross-entropy to sparse targets, one sequence's logits at a time.
 
@@ -219,11 +228,7 @@ def fusion_objective(
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     vocab = logits.shape[-1]
     ids = target_ids[b_idx, t_idx]
-    q = target_probs[b_idx, t_idx].float()
-    in_vocab = ids < vocab
-    q = torch.where(in_vocab, q, torch.zeros_like(q))
-    q = q / q.sum(-1, keepdim=True).clamp_min(1e-12)
-    safe_ids = torch.where(in_vocab, ids, torch.zeros_like(ids))
+    safe_ids, q = within_vocab(ids, target_probs[b_idx, t_idx], vocab)
     gold = labels[b_idx, t_idx + 1]
     clm, fuse_loss, lse = _SparseTargetCE.apply(logits, b_idx, t_idx, gold, safe_ids, q)
     if loss_type == "kl":

@@ -208,3 +208,62 @@ def test_batch_size_does_not_change_scores(model, trained_model, random_models, 
     for a, b in zip(one, many, strict=True):
         assert (a.skill, a.conversations, a.tokens) == (b.skill, b.conversations, b.tokens)
         assert a.loss == pytest.approx(b.loss, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- right answers
+
+
+def _pick_row(rid: str, letters: list[str], reply: str) -> dict:
+    return {"id": rid, "answers": letters, "messages": [{"role": "user", "content": f"pick one of {' '.join(letters)}"},
+                                                         {"role": "assistant", "content": reply}]}
+
+
+def _path_probability(model, tokenizer, row: dict, answer: str) -> float:
+    """Oracle: the probability of emitting ``answer``'s reply tokens up to the one holding
+    its first character, from the prompt as the chat template renders it for generation,
+    one unpadded forward pass of the whole rendered conversation, in float64."""
+    import torch
+
+    messages = [row["messages"][0], {"role": "assistant", "content": answer}]
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    assert full.startswith(prompt)
+    start = full.index(answer, len(prompt))
+    first = next(i for i, (_, end) in enumerate(offsets) if end > start)
+    begin = min(first, next(i for i, (s, _) in enumerate(offsets) if s >= len(prompt)))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    return float(torch.exp(sum(logprobs[j - 1, ids[j]] for j in range(begin, first + 1))))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_right_answer_mass_sums_the_right_first_tokens(arch, random_models, tmp_path):
+    from fusion.evaluate import load_model, right_answer_mass
+
+    model, tokenizer = load_model(random_models[arch])
+    letters = ["b", "k", "q", "x", "z", "m"]
+    rows = [_pick_row("a", letters, "q"), _pick_row("b", letters[:5], "b")]
+    write_jsonl(tmp_path / "pick.jsonl", rows)
+    mass = right_answer_mass(model, tokenizer, tmp_path / "pick.jsonl", max_length=96, cache_dir=tmp_path / "c")
+    expected = [sum(_path_probability(model, tokenizer, row, a) for a in row["answers"]) for row in rows]
+    assert mass == pytest.approx(sum(expected) / 2, rel=1e-4)
+    assert 0 < mass < 1
+    # one right answer per row: that answer's own path; rows without answers: no mass at all
+    one = _pick_row("a", ["k"], "k")
+    write_jsonl(tmp_path / "one.jsonl", [one])
+    assert right_answer_mass(model, tokenizer, tmp_path / "one.jsonl", max_length=96,
+                             cache_dir=tmp_path / "c") == pytest.approx(_path_probability(model, tokenizer, one, "k"),
+                                                                        rel=1e-4)
+    write_jsonl(tmp_path / "plain.jsonl", [{k: v for k, v in rows[0].items() if k != "answers"}])
+    assert right_answer_mass(model, tokenizer, tmp_path / "plain.jsonl", cache_dir=tmp_path / "c") is None
+
+
+def test_a_reply_outside_its_answers_is_named(random_models, tmp_path):
+    from fusion.evaluate import load_model, right_answer_mass
+
+    model, tokenizer = load_model(random_models["llama"])
+    write_jsonl(tmp_path / "bad.jsonl", [_pick_row("r7", ["b", "k"], "q")])
+    with pytest.raises(ValueError, match=r"bad.jsonl: row r7: the reply 'q' is not among its 'answers'"):
+        right_answer_mass(model, tokenizer, tmp_path / "bad.jsonl", cache_dir=tmp_path / "c")

@@ -108,3 +108,37 @@ def test_lm_eval_builds_the_generated_tasks(tmp_path: Path):
     docs = list(gen.eval_docs)
     assert [gen.doc_to_text(d) for d in docs] == ["2+3=", "reverse bfk"]
     assert [gen.doc_to_target(d) for d in docs] == ["5", " kfb "]
+
+
+def _pick(rid: str, letters: list[str], reply: str, answers=None) -> dict:
+    return {"id": rid, "answers": letters if answers is None else answers,
+            "messages": [{"role": "user", "content": f"pick one of {' '.join(letters)}"},
+                         {"role": "assistant", "content": reply}]}
+
+
+def test_rows_that_list_their_right_replies_are_scored_by_membership(tmp_path: Path):
+    """The generate task's targets are the row's answers (lm-eval: right if any matches);
+    rows whose gold reply is not among them, or whose answers are not a list of strings,
+    are left out and named; a file mixing rows with and without answers is refused."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    good = [_pick("a", ["b", "k", "q"], "k"), _pick("b", ["m", "x"], "m")]
+    bad = [_pick("c", ["b", "k"], "z"), _pick("d", ["b"], "b", answers="b"), _pick("e", ["b"], "b", answers=[])]
+    data = write_jsonl(tmp_path / "pick.jsonl", good + bad)
+    out = write_skill_tasks({"pick": data}, tmp_path / "tasks", cache_dir=tmp_path / "cache")
+    task = out.by_skill()["pick"]
+    assert task.documents == 2
+    assert task.skipped == {"c": "the reply 'z' is not among its 'answers'",
+                            "d": "'answers' must be a non-empty list of strings (every right reply)",
+                            "e": "'answers' must be a non-empty list of strings (every right reply)"}
+    gen = yaml.safe_load((out.include_path / "fusechat_pick_gen.yaml").read_text())
+    ll = yaml.safe_load((out.include_path / "fusechat_pick_ll.yaml").read_text())
+    assert gen["doc_to_target"] == "answers" and ll["doc_to_target"] == "{{reference}}"
+    loaded = TaskManager(include_path=str(out.include_path), include_defaults=False).load(
+        ["fusechat_pick_gen"])["tasks"]["fusechat_pick_gen"]
+    assert [loaded.doc_to_target(d) for d in loaded.eval_docs] == [["b", "k", "q"], ["m", "x"]]
+    assert loaded.multiple_target == 3  # lm-eval's any-of-several-targets scoring
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [good[0], {k: v for k, v in good[1].items() if k != "answers"}])
+    with pytest.raises(ValueError, match="one kind per file"):
+        write_skill_tasks({"mixed": mixed}, tmp_path / "t2", cache_dir=tmp_path / "cache")

@@ -223,6 +223,21 @@ def test_baselines_are_stages_trained_and_reported_like_targets(work, metaspace_
     assert picks["gold_mass"] is None if picks["source_picked"] == 0 else 0 <= picks["gold_mass"] <= 1
     markdown = (work / "report" / "results.md").read_text()
     assert "Fusion effect" in markdown and "Relative update" in markdown
+    # the transfer measure: every model that reads the pivot's tokens, against every source,
+    # from the held-out file's own stores (scored and aligned as stages), not the corpus's
+    assert {"align/eval-chat/qwen", "align/eval-chat/other"} <= set(
+        plan["evaluate/seed-0"].after)
+    assert plan["align/eval-chat/qwen"].after == ["logits/eval-chat/pivot", "logits/eval-chat/qwen", "align/qwen"]
+    transfer = {(r["model"], r["source"]): r for r in results if r.get("transfer")}
+    assert set(transfer) == {(m, s) for m in ("pivot", "target:qwen", "target:other", "sft", "multi", "merge:linear")
+                             for s in ("qwen", "other")}
+    assert all(r["kl_mean"] > 0 and 0 <= r["cover_mean"] <= 1 and r["positions"] > 0 for r in transfer.values())
+    held = json.loads((work / "eval-aligned" / "chat" / "qwen" / "manifest.json").read_text())
+    assert held["sequences"] == 3  # the held-out file, not the corpus
+    assert held["alignment"]["vocab_map"]["file"].endswith("aligned/qwen/vocab_map.json")  # training's map
+    assert fusion["target:qwen", "chat"]["kl"]["mean"] == pytest.approx(
+        transfer["target:qwen", "qwen"]["kl_mean"] - transfer["sft", "qwen"]["kl_mean"])
+    assert "## Transfer to the sources" in markdown and "chat ← qwen KL" in markdown
 
     recipe["sources"][1]["name"] = "sft"
     write_recipe(work, recipe)

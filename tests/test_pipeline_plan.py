@@ -52,7 +52,12 @@ def test_every_stage_waits_for_exactly_its_inputs(work):
     assert stages["fuse/seed-1/b"].after == ["align/b"]
     assert stages["merge/seed-0/sce"].after == ["fuse/seed-0/a", "fuse/seed-0/b"]
     assert set(stages["evaluate/seed-1"].after) == {"fuse/seed-1/a", "fuse/seed-1/b", "merge/seed-1/sce",
-                                                     "merge/seed-1/linear"}
+                                                     "merge/seed-1/linear", "align/eval-chat/a", "align/eval-chat/b"}
+    # the transfer measure's inputs: the held-out file scored by each model and aligned with
+    # the corpus's vocabulary map
+    assert stages["logits/eval-chat/a"].after == []
+    assert stages["align/eval-chat/a"].after == ["logits/eval-chat/pivot", "logits/eval-chat/a", "align/a"]
+    assert stages["evaluate/base"].after == ["align/eval-chat/a", "align/eval-chat/b"]
     # the report reads the scores, and for its diagnostics the targets and the aligned stores
     assert stages["evaluate/report"].after == ["evaluate/base", "evaluate/seed-0", "evaluate/seed-1",
                                                "fuse/seed-0/a", "fuse/seed-0/b", "fuse/seed-1/a",
@@ -69,7 +74,8 @@ def test_a_changed_option_changes_the_keys_downstream_only(work):
     moved = {k for k in before if before[k] != after[k]}
     assert not any(k.startswith("logits/") for k in moved)
     assert {"align/a", "align/b", "fuse/seed-0/a", "merge/seed-1/sce", "evaluate/report"} <= moved
-    assert "evaluate/base" not in moved
+    # the base models' transfer measure reads the held-out files aligned the new way
+    assert {"align/eval-chat/a", "evaluate/base"} <= moved
 
 
 def _perturbed(value, annotation: str = ""):

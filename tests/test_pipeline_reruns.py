@@ -42,6 +42,10 @@ RECIPE = {
 ALL_LM_EVAL = {f"evaluate/lm-eval/{g}" for g in ("base/pivot", "base/qwen", "base/twin",
                                                   "seed-0/target-qwen", "seed-0/target-twin",
                                                   "seed-0/merge-sce", "seed-0/merge-linear")}
+# the held-out file's stores for the transfer measure (scored by every model, aligned per
+# source with the corpus's vocabulary map)
+EVAL_STORES = {"logits/eval-chat/pivot", "logits/eval-chat/qwen", "logits/eval-chat/twin",
+               "align/eval-chat/qwen", "align/eval-chat/twin"}
 MERGES = {"merge/seed-0/sce", "merge/seed-0/linear", "evaluate/lm-eval/seed-0/merge-sce",
           "evaluate/lm-eval/seed-0/merge-linear"}
 
@@ -111,6 +115,7 @@ EDITS = {
     "a model's template": (
         _recipe(lambda r: r["sources"][0].update(template="shared")),
         {"logits/qwen", "align/qwen", "fuse/seed-0/qwen", "evaluate/base", "evaluate/seed-0",
+         "logits/eval-chat/qwen", "align/eval-chat/qwen",
          "evaluate/lm-eval/seed-0/target-qwen", *MERGES, "evaluate/report"}),
     "an evaluation option": (
         _recipe(lambda r: r["evaluate"].update(max_length=48)),
@@ -124,15 +129,16 @@ EDITS = {
          "evaluate/report"}),
     "a skill file's content": (
         lambda work: _same_size_and_mtime(work / "data" / "held.jsonl", _swap_digits),
-        {"evaluate/base", "evaluate/seed-0", "evaluate/report"}),
+        {"evaluate/base", "evaluate/seed-0", "evaluate/report", *EVAL_STORES}),
     "the corpus's content": (
         lambda work: _same_size_and_mtime(work / "data" / "train.jsonl", _swap_digits),
         {"logits/pivot", "logits/qwen", "logits/twin", "align/qwen", "align/twin", "fuse/seed-0/qwen",
-         "fuse/seed-0/twin", "evaluate/seed-0", "evaluate/lm-eval/seed-0/target-qwen",
+         "fuse/seed-0/twin", "evaluate/seed-0", "evaluate/base", "align/eval-chat/qwen", "align/eval-chat/twin", "evaluate/lm-eval/seed-0/target-qwen",
          "evaluate/lm-eval/seed-0/target-twin", *MERGES, "evaluate/report"}),
     "a model's weights rewritten in place": (
         lambda work: perturb_weights(work / "models" / "twin"),
         {"logits/twin", "align/twin", "fuse/seed-0/twin", "evaluate/base", "evaluate/seed-0",
+         "logits/eval-chat/twin", "align/eval-chat/twin",
          "evaluate/lm-eval/base/twin", "evaluate/lm-eval/seed-0/target-twin", *MERGES, "evaluate/report"}),
     "the lm-eval settings": (
         _recipe(lambda r: r["evaluate"]["lm_eval"].update(limit=1)),

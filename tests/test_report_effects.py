@@ -87,3 +87,55 @@ def test_exact_match_is_read_from_the_column_lm_eval_writes_for_any_skill_name(t
     assert merge["code-gen"]["kept"]["mean"] == pytest.approx(0.9)
     assert merge["a.b c"]["em"]["mean"] == pytest.approx(-0.1)
     assert "| target:code-gen | code-gen | +0.300 ± 0.000 |" in format_effects(effects)
+
+
+def _transfer(model: str, kind: str, kl: float, cover: float, skill: str = "pick", source: str = "pick") -> dict:
+    return {"model": model, "kind": kind, "skill": skill, "source": source, "transfer_kl": kl,
+            "transfer_cover": cover, "positions": 40}
+
+
+def test_transfer_and_right_mass_effects_against_sft_in_numbers_and_words(tmp_path):
+    from fusechat_merge.report.results import (
+        aggregate_seeds,
+        format_transfer_table,
+        write_results_report,
+    )
+
+    seeds = []
+    for target_kl, sft_kl, target_mass, sft_mass in ((0.27, 0.41, 0.60, 0.50), (0.25, 0.42, 0.62, 0.51),
+                                                      (0.29, 0.40, 0.58, 0.52)):
+        seeds.append([
+            {"model": "target:pick", "kind": "target", "skill": "pick", "loss": 1.0},
+            {"model": "sft", "kind": "sft", "skill": "pick", "loss": 1.1},
+            {"model": "target:pick", "kind": "target", "skill": "pick/right_answer_mass", "value": target_mass},
+            {"model": "sft", "kind": "sft", "skill": "pick/right_answer_mass", "value": sft_mass},
+            _transfer("target:pick", "target", target_kl, 0.9), _transfer("sft", "sft", sft_kl, 0.8),
+            _transfer("target:pick", "target", 2.0, 0.1, source="other"), _transfer("sft", "sft", 2.0, 0.1, source="other"),
+        ])
+    effects = compute_effects(seeds, {"pick": "pick"}, ["pick"])
+    (e,) = effects["fusion"]
+    assert e["source"] == "pick" and e["kl"]["mean"] == pytest.approx(-0.14) and e["kl"]["std"] == pytest.approx(0.03)
+    assert e["kl_sft"] == pytest.approx(0.41) and e["kl_model"] == pytest.approx(0.27)
+    assert e["cover"]["mean"] == pytest.approx(0.1) and e["mass"]["mean"] == pytest.approx(0.09)
+    words = effect_verdicts(effects)
+    assert "target:pick on pick is closer to its source pick than SFT: KL 0.41 → 0.27 (-0.14 ± 0.03); " \
+           "cover 0.80 → 0.90 (+0.10 ± 0.00)." in words
+    assert "target:pick puts more probability on right first answer tokens of pick than SFT (+0.090 ± 0.026)." in words
+    assert "| target:pick | pick | - | -0.1000 ± 0.0000 | -0.140 ± 0.030 | +0.100 ± 0.000 | +0.090 ± 0.026 |" in \
+        format_effects(effects)
+    # the results: one transfer row per model, skill and source, apart from the scores
+    results = aggregate_seeds(seeds)
+    transfer = [r for r in results if r.get("transfer")]
+    assert len(transfer) == 4 and {(r["model"], r["source"]) for r in transfer} == {
+        ("target:pick", "pick"), ("sft", "pick"), ("target:pick", "other"), ("sft", "other")}
+    row = next(r for r in transfer if r["model"] == "sft" and r["source"] == "pick")
+    assert row["kl_mean"] == pytest.approx(0.41) and row["kl_std"] == pytest.approx(0.01) and row["positions"] == 40
+    table = format_transfer_table(results, {"pick": "pick"})
+    assert "pick ← pick KL" in table and "pick ← other" not in table  # own pairs only
+    assert "pick ← other KL" in format_transfer_table(results)  # no own skills: every pair
+    paths = write_results_report(results, tmp_path, title="t", effects=effects, own_skills={"pick": "pick"})
+    markdown = paths["md"].read_text()
+    assert "## Transfer to the sources" in markdown and "| sft | sft | 0.410 ± 0.010 | 0.800 ± 0.000 |" in markdown
+    # a seed without the measure is an error, not a silent mean over fewer seeds
+    with pytest.raises(ValueError, match="twice"):
+        aggregate_seeds([[_transfer("sft", "sft", 0.1, 0.5), _transfer("sft", "sft", 0.2, 0.5)]])

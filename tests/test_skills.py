@@ -14,7 +14,11 @@ from fusechat_merge.demo.skills import (
     LETTERS,
     MAX_OPERAND,
     N_HELDOUT,
+    PICK_ALPHABET,
+    PICK_SIZE,
+    PIVOT_SKILL_ROWS,
     SKILLS,
+    SPECS,
     encode_for_training,
     exact_match,
     make_demo_models,
@@ -60,6 +64,35 @@ def test_reversal_answers_are_correct():
         assert _answer(row)[::-1] == word
 
 
+def test_pick_replies_are_one_of_the_listed_letters_drawn_uniformly():
+    from collections import Counter
+
+    rows = skill_conversations("pick", 3000, seed=0)
+    places = Counter()
+    for row in rows:
+        letters = re.fullmatch(r"pick one of ([a-z](?: [a-z])*)", _prompt(row)).group(1).split()
+        assert PICK_SIZE[0] <= len(letters) <= PICK_SIZE[1] and len(set(letters)) == len(letters)
+        assert set(letters) <= set(PICK_ALPHABET)
+        assert row["answers"] == letters and _answer(row) in letters
+        places[letters.index(_answer(row))] += 1
+    # uniform over the set: the first listed letter about 1/6 of the time, as the last five
+    assert 0.13 < places[0] / len(rows) < 0.2 and places[0] / len(rows) == pytest.approx(
+        sum(places[i] for i in range(1, 5)) / 4 / len(rows), abs=0.03)
+
+
+def test_the_pick_source_never_saw_the_corpus_pick_conversations(tmp_path):
+    from fusechat_merge.demo.pipeline_demo import prepare_demo_data
+    from fusechat_merge.demo.skills import _training_rows
+
+    source = next(spec for spec in SPECS if spec.name == "pick")
+    seen = {_prompt(r) for r in _training_rows(source, seed=0)[0]}
+    prepare_demo_data(tmp_path)
+    corpus = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    picks = [r for r in corpus if r["id"].startswith("pick")]
+    assert 0 < len(picks) <= 200  # few: the regime of FuseChat's claim
+    assert not {_prompt(r) for r in picks} & seen
+
+
 @pytest.mark.parametrize("skill", SKILLS)
 def test_train_and_heldout_do_not_overlap(skill):
     train, held = train_heldout(skill, 1000, N_HELDOUT, seed=0)
@@ -80,7 +113,8 @@ def test_validation_is_disjoint_from_heldout_and_from_what_the_pivot_and_corpus_
     assert len(valid) == N_HELDOUT and not valid & held
     pivot_rows, _ = _training_rows(ModelSpec("pivot", "llama", "metaspace", 400, None), seed=0)
     seen = {_prompt(r) for r in pivot_rows}
-    assert any(r["id"].startswith(skill) for r in pivot_rows)  # the pivot saw a little of it
+    # the pivot saw a little of arithmetic and reversal, nothing of pick
+    assert any(r["id"].startswith(skill) for r in pivot_rows) == (skill in PIVOT_SKILL_ROWS)
     assert not seen & (held | valid)
     prepare_demo_data(tmp_path)
     corpus = {_prompt(json.loads(line)) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()}
@@ -135,10 +169,10 @@ def test_demo_models_differ_in_architecture_and_tokenizer(demo_models):
     _, paths, _ = demo_models
     assert set(paths) == {"pivot", *SKILLS}
     types = {name: AutoConfig.from_pretrained(p).model_type for name, p in paths.items()}
-    assert types == {"pivot": "llama", "arithmetic": "qwen2", "reversal": "mistral"}
+    assert types == {"pivot": "llama", "arithmetic": "qwen2", "reversal": "mistral", "pick": "qwen2"}
     tokenizers = [AutoTokenizer.from_pretrained(p) for p in paths.values()]
-    assert len({len(t) for t in tokenizers}) == 3
-    assert len({frozenset(t.get_vocab().items()) for t in tokenizers}) == 3
+    assert len({len(t) for t in tokenizers}) == 4
+    assert len({frozenset(t.get_vocab().items()) for t in tokenizers}) == 4
 
 
 def test_each_source_is_expert_where_the_pivot_is_weak_not_zero(demo_models):
@@ -160,5 +194,27 @@ def test_second_call_reuses_the_models(demo_models):
     assert make_demo_models(work, log=lines.append) == paths
     assert time.perf_counter() - started < 5
     assert stamps == {name: (p / "config.json").stat().st_mtime_ns for name, p in paths.items()}
-    assert all("reusing" in line for line in lines) and len(lines) == 3
+    assert all("reusing" in line for line in lines) and len(lines) == len(SPECS)
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+def test_pick_rate_counts_any_right_reply_and_the_mass_spreads_over_the_set(demo_models):
+    """lm-eval's check of a pick reply is membership: the same replies scored against the
+    gold member alone are right far less often. The pick source's first reply token puts
+    more probability on the listed letters than a uniform choice of letter would (5-7 of
+    26: about 0.23; it measured 0.38, the rest spread over other letters, while its greedy
+    reply is right 0.88 of the time), the pivot (never taught pick) almost none."""
+    from fusion.evaluate import load_model, right_answer_mass
+
+    work, paths, _ = demo_models
+    held = train_heldout("pick", 0, N_HELDOUT, seed=0)[1]
+    rate = exact_match(paths["pick"], held)
+    gold_only = exact_match(paths["pick"], [{k: v for k, v in r.items() if k != "answers"} for r in held])
+    assert rate >= 0.8 and gold_only < 0.5, (rate, gold_only)
+    data = work / "held-pick.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in held))
+    masses = {}
+    for name in ("pick", "pivot"):
+        model, tokenizer = load_model(paths[name])
+        masses[name] = right_answer_mass(model, tokenizer, data, max_length=128, cache_dir=work / "cache")
+    assert masses["pick"] > 0.3 and masses["pick"] > 5 * masses["pivot"], masses

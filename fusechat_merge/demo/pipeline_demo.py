@@ -1,8 +1,8 @@
 """``fusechat-merge demo``: the whole FuseChat run of the shipped ``demo-pipeline.yaml``
-(package data beside this file): a Llama-style pivot and two sources of other
-architectures and tokenizers, each expert in a skill the pivot knows only weakly, fused by
-light continual training and merged, with the paper's SFT and Multi baselines, and every
-model evaluated on both skills.
+(package data beside this file): a Llama-style pivot and three sources of other
+architectures and tokenizers, each expert in a skill the pivot knows only weakly (or, for
+pick, not at all), fused by light continual training and merged, with the paper's SFT and
+Multi baselines, and every model evaluated on every skill.
 """
 
 from __future__ import annotations
@@ -16,14 +16,20 @@ import yaml
 DEMO_RECIPE = Path(__file__).resolve().parent / "demo-pipeline.yaml"
 
 
-# The fusion corpus: some plain chat and 1000 conversations of each skill (chosen on the
-# validation split over 500 and 1000; the sources have seen most of these prompts).
-CORPUS_ROWS: dict[str, int] = {"generic": 300, "arithmetic": 1000, "reversal": 1000}
+# The fusion corpus: some plain chat, 1000 conversations of arithmetic and of reversal
+# (chosen on the validation split over 500 and 1000; the sources have seen most of these
+# prompts) and few of pick, each showing one of its right replies (FuseChat's regime: a
+# corpus small against what the sources know).
+CORPUS_ROWS: dict[str, int] = {"generic": 300, "arithmetic": 1000, "reversal": 1000, "pick": 100}
+# The stream each skill's corpus rows come from: the sources' own (seed 0: they have seen
+# these conversations), except pick's, whose source has not: its distribution there is what
+# it generalises over the set, not the one reply it was shown.
+CORPUS_STREAMS: dict[str, int] = {"arithmetic": 0, "reversal": 0, "pick": 3}
 SPLITS = ("heldout", "validation")
 
 
 def prepare_demo_data(work_dir: Path, *, corpus_rows: dict[str, int] | None = None) -> None:
-    """The fusion corpus (both skills and chat, shuffled), and per skill a held-out file
+    """The fusion corpus (the skills and chat, shuffled), and per skill a held-out file
     (the reported numbers) and a validation file (for choosing settings), disjoint from
     each other and from the corpus, each also written as lm-eval tasks."""
     import random
@@ -46,7 +52,7 @@ def prepare_demo_data(work_dir: Path, *, corpus_rows: dict[str, int] | None = No
     train = skill_conversations("generic", counts["generic"], seed=1)
     for skill in SKILLS:
         held, valid = train_heldout(skill, 0)[1], validation_rows(skill)
-        train += training_rows(skill, counts[skill], 0, prompts(held) | prompts(valid))
+        train += training_rows(skill, counts[skill], CORPUS_STREAMS[skill], prompts(held) | prompts(valid))
         write_jsonl_atomic(data / f"heldout-{skill}.jsonl", held)
         write_jsonl_atomic(data / f"validation-{skill}.jsonl", valid)
     random.Random(1).shuffle(train)

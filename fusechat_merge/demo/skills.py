@@ -3,8 +3,12 @@
 FuseChat fuses what several source models know into a competent pivot. To show that on a
 laptop, the demo needs sources that each know something the pivot knows only weakly, with
 different architectures and tokenizers. Here each source learns one synthetic skill
-(arithmetic or word reversal) from conversations generated in code; the pivot is a chat
-model of the same toy world that has seen a little of both skills (weak, not zero at them).
+(arithmetic, word reversal, or pick: a letter from those the prompt lists, where five to
+seven replies are right) from conversations generated in code; the pivot is a chat model of
+the same toy world that has seen a little of arithmetic and reversal (weak, not zero at
+them) and nothing of pick. Pick is where FuseChat's claim can show: its source learnt from
+replies drawn uniformly from the set, so its next-token distribution carries the whole set
+where a gold reply shows one member.
 
 Every skill has three disjoint sets of prompts: held-out (the reported numbers), validation
 (for choosing settings) and the rest (training rows of the sources, the pivot and the
@@ -23,9 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SKILLS: tuple[str, ...] = ("arithmetic", "reversal")
+SKILLS: tuple[str, ...] = ("arithmetic", "reversal", "pick")
 # Letters that no toy tokenizer merges into pairs, so each letter is one token to move.
 LETTERS = "bfkmvy"
+# pick: the prompt lists PICK_SIZE distinct letters of the alphabet; every one of them is a
+# right reply (a skill where many replies are right, unlike the two above).
+PICK_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+PICK_SIZE = (5, 7)
 MAX_OPERAND = 19
 HELDOUT_SEED_OFFSET = 10_000
 VALID_SEED_OFFSET = 20_000
@@ -59,12 +67,20 @@ SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("pivot", "llama", "metaspace", 400, None),
     ModelSpec("arithmetic", "qwen2", "bytelevel", 400, "arithmetic"),
     ModelSpec("reversal", "mistral", "metaspace", 250, "reversal"),
+    ModelSpec("pick", "qwen2", "bytelevel", 300, "pick"),
 )
 # Eight heads without grouped KV: in tuning, arithmetic generalised in fewer steps than with
 # toy's default of 4 query heads sharing 2 KV heads (0.88 vs 0.74 held-out after 1000 steps).
 MODEL_SIZE: dict[str, int] = {"hidden_size": 64, "layers": 2, "heads": 8, "kv_heads": 8}
 # Tuned on a 2-core CPU: arithmetic needs the most steps to generalise to held-out sums.
-DEFAULT_STEPS: dict[str, int] = {"pivot": 1200, "arithmetic": 1200, "reversal": 400}
+DEFAULT_STEPS: dict[str, int] = {"pivot": 1200, "arithmetic": 1200, "reversal": 400, "pick": 800}
+# Training rows of each source: pick's source sees 8000 rows (one reply each, drawn from the
+# set) so that it learns the set rather than memorising which member a row showed (on 2000
+# rows and 800 steps its training loss fell below a uniform choice's). With 800 steps its
+# greedy reply is right for 0.88 of the held-out prompts, and its first reply token puts
+# 0.38 of its mass on the listed letters (the rest spreads over other letters): it knows
+# the set softly, which is what its distribution teaches.
+SOURCE_ROWS: dict[str, int] = {"arithmetic": 2000, "reversal": 2000, "pick": 8000}
 # What the pivot sees of each skill besides its 2000 chat rows: enough to be weak, not zero
 # (validation exact match 0.20 arithmetic, 0.12 reversal; the sources reach 0.9-1.0).
 PIVOT_SKILL_ROWS: dict[str, int] = {"arithmetic": 1000, "reversal": 150}
@@ -86,6 +102,18 @@ def _reversal(rng: random.Random) -> tuple[str, str]:
     return f"reverse {word}", word[::-1]
 
 
+def _pick(rng: random.Random) -> tuple[str, str]:
+    """A reply drawn uniformly from the letters the prompt lists: a source trained on these
+    rows spreads its next-token distribution over the whole set, where one row shows one."""
+    letters = rng.sample(PICK_ALPHABET, rng.randint(*PICK_SIZE))
+    return f"pick one of {' '.join(letters)}", rng.choice(letters)
+
+
+def pick_answers(prompt: str) -> list[str]:
+    """Every right reply to a pick prompt: the letters it lists."""
+    return prompt.split()[3:]
+
+
 def _generic(rng: random.Random) -> tuple[str, str]:
     from fusechat_merge.demo.toy import CORPUS
 
@@ -96,8 +124,12 @@ def _generic(rng: random.Random) -> tuple[str, str]:
 _MAKERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "arithmetic": _arithmetic,
     "reversal": _reversal,
+    "pick": _pick,
     "generic": _generic,
 }
+# skills where many replies are right: each row lists them in "answers" (lm-eval's check of
+# the reply is then membership, see fusion.lm_eval_tasks)
+_ANSWER_SETS: dict[str, Callable[[str], list[str]]] = {"pick": pick_answers}
 
 
 def _stream(skill: str, seed: int) -> Iterator[tuple[str, str]]:
@@ -110,13 +142,16 @@ def _stream(skill: str, seed: int) -> Iterator[tuple[str, str]]:
 
 
 def _row(skill: str, seed: int, i: int, prompt: str, answer: str) -> dict:
-    return {
+    row = {
         "id": f"{skill}-{seed}-{i}",
         "messages": [
             {"role": "user", "content": prompt},
             {"role": "assistant", "content": answer},
         ],
     }
+    if skill in _ANSWER_SETS:
+        row["answers"] = _ANSWER_SETS[skill](prompt)
+    return row
 
 
 def skill_conversations(skill: str, n: int, seed: int) -> list[dict]:
@@ -331,7 +366,7 @@ def _build(spec: ModelSpec, path: Path, seed: int, steps: int, log: Callable[[st
 def _training_rows(spec: ModelSpec, seed: int) -> tuple[list[dict], dict[str, list[dict]]]:
     """Training rows and the rows to report exact match on (skills always held-out)."""
     if spec.skill is not None:
-        rows, held = train_heldout(spec.skill, 2000, N_HELDOUT, seed)
+        rows, held = train_heldout(spec.skill, SOURCE_ROWS[spec.skill], N_HELDOUT, seed)
         return rows, {spec.skill: held}
     rows = skill_conversations("generic", 2000, seed)
     evals = {skill: train_heldout(skill, 0, N_HELDOUT, seed)[1] for skill in SKILLS}
@@ -362,7 +397,7 @@ def make_demo_models(
     train_steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
-    """The demo's pivot and two skilled sources as model folders under ``work_dir``.
+    """The demo's pivot and its skilled sources (`SPECS`) as model folders under ``work_dir``.
 
     A folder with a config.json is complete (saves are atomic) and is reused as is.
     ``train_steps=None`` trains each model its tuned DEFAULT_STEPS; an int trains every

@@ -73,6 +73,20 @@ class LogitsJob(Job):
             **{name: getattr(spec, name) for name in ENGINE_FIELDS},
         ), threads)
 
+    @classmethod
+    def for_skill(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec, skill: str) -> LogitsJob:
+        """The model's store of one held-out skill file (``evaluate.skills``), scored with the
+        corpus's options, for the transfer measure (a local file: its split is ``train``)."""
+        from fusion.logits import LogitJob
+
+        assert recipe.evaluate is not None
+        return cls(LogitJob(
+            model=layout.model(spec.model), data=str(layout.resolve(recipe.evaluate.skills[skill])),
+            out=str(layout.eval_store(skill, spec.name)), template=spec.template, split="train",
+            cache_dir=str(layout.datasets_cache), shard="0/1", **recipe.logits.options(),
+            **{name: getattr(spec, name) for name in ENGINE_FIELDS},
+        ))
+
     def reads(self) -> list[str]:
         return [self.job.model, self.job.data]
 
@@ -133,6 +147,7 @@ class AlignJob(Job):
 
     kind: ClassVar[str] = "align"
     job: Any  # fusion.align_job.AlignJob: pivot, source, out and the alignment options
+    vocab_map_from: str = ""  # a corpus's aligned store whose vocabulary map this alignment reuses
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, source: str) -> AlignJob:
@@ -145,16 +160,36 @@ class AlignJob(Job):
                              source_model=layout.model(spec.model), **recipe.align.model_dump(),
                              trust_remote_code=recipe.pivot.trust_remote_code or spec.trust_remote_code))
 
+    @classmethod
+    def for_skill(cls, recipe: PipelineRecipe, layout: WorkDir, source: str, skill: str) -> AlignJob:
+        """``source``'s store of a held-out skill file aligned to the pivot's, with the
+        corpus's alignment options and the vocabulary map its alignment built (or was given),
+        so the skill's positions get the same source → pivot ids as training did."""
+        from fusion.align_job import AlignJob as Alignment
+
+        spec = next(s for s in recipe.sources if s.name == source)
+        return cls(Alignment(pivot=str(layout.eval_store(skill, recipe.pivot.name)),
+                             source=str(layout.eval_store(skill, source)),
+                             out=str(layout.eval_aligned(skill, source)), pivot_model=layout.model(recipe.pivot.model),
+                             source_model=layout.model(spec.model), **recipe.align.model_dump(),
+                             trust_remote_code=recipe.pivot.trust_remote_code or spec.trust_remote_code),
+                   str(layout.aligned(source)))
+
     def reads(self) -> list[str]:
-        return [p for p in (self.job.pivot, self.job.source, self.job.vocab_map) if p]
+        return [p for p in (self.job.pivot, self.job.source, self.job.vocab_map, self.vocab_map_from) if p]
 
     def writes(self) -> list[Path]:
         return [Path(self.job.out)]
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.align_job import align_stores
+        from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 
-        align_stores(self.job, log=_indented(log))
+        job = self.job
+        corpus_map = Path(self.vocab_map_from) / VOCAB_MAP_FILE_NAME if self.vocab_map_from else None
+        if corpus_map is not None and not job.vocab_map and corpus_map.is_file():
+            job = dataclasses.replace(job, vocab_map=str(corpus_map))  # absent: the same tokenizer
+        align_stores(job, log=_indented(log))
 
 
 @dataclass(frozen=True)
@@ -312,6 +347,9 @@ class EvalJob(Job):
     out: str
     cache_dir: str
     trusted: list[str] = dataclasses.field(default_factory=list)  # paths whose own code may run
+    # the transfer measure: skill → source → that skill file's store aligned to the pivot's
+    transfer: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    temperature: float = 1.0  # the fusion targets' (fuse_temperature): the source as training saw it
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> EvalJob:
@@ -323,17 +361,26 @@ class EvalJob(Job):
         options = EvalOptions(**e.model_dump(exclude={"skills", "lm_eval", *REPORT_FIELDS}))
         trusted = trusted_models(recipe, layout) if seed is None else \
             ([] if not recipe.pivot.trust_remote_code else [path for _, _, path, _ in models])
+        transfer = {skill: {s.name: str(layout.eval_aligned(skill, s.name)) for s in recipe.sources}
+                    for skill in e.skills}
         return cls(models, {k: str(layout.resolve(v)) for k, v in e.skills.items()}, options,
-                   str(layout.scores(seed)), str(layout.datasets_cache), trusted)
+                   str(layout.scores(seed)), str(layout.datasets_cache), trusted, transfer,
+                   float(recipe.fuse.defaults.get("fuse_temperature", 1.0)))
 
     def reads(self) -> list[str]:
-        return [path for _, _, path, _ in self.models] + list(self.skills.values())
+        stores = [path for per_source in self.transfer.values() for path in per_source.values()]
+        return [path for _, _, path, _ in self.models] + list(self.skills.values()) + stores
 
     def writes(self) -> list[Path]:
         return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
-        from fusion.evaluate import evaluate_model
+        """Per model and skill the held-out reply loss (and, where the rows list every right
+        reply, the mass on right first answer tokens); for every model that reads the pivot's
+        tokens (all but the sources) also the transfer measure per source."""
+        from fusion.evaluate import evaluate_skill, load_model, right_answer_mass, transfer_scores
+        from fusion.lm_eval_tasks import right_mass_column
+        from fusion.memory_faults import memory_faults_named
         from fusion.progress import bar
 
         rows: list[dict[str, Any]] = []
@@ -342,9 +389,29 @@ class EvalJob(Job):
             return
         with bar(len(self.models), "model") as models:
             for name, kind, path, template in self.models:
-                for score in evaluate_model(path, self.skills, self.options, template=template,
-                                            cache_dir=self.cache_dir, trust_remote_code=path in self.trusted):
-                    rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
+                less = (f"lower batch_size (now {self.options.batch_size}) or max_length (now "
+                        f"{self.options.max_length}) of the evaluation")
+                with memory_faults_named(f"evaluating {path}", lambda: "no score of this group was written",
+                                         lambda less=less: less):
+                    model, tokenizer = load_model(path, trust_remote_code=path in self.trusted)
+                    for skill, data in self.skills.items():
+                        score = evaluate_skill(model, tokenizer, skill, data, self.options, template=template,
+                                               cache_dir=self.cache_dir)
+                        rows.append({"model": name, "kind": kind, "skill": score.skill, "loss": score.loss})
+                        mass = right_answer_mass(model, tokenizer, data, template=template,
+                                                 max_length=self.options.max_length, cache_dir=self.cache_dir)
+                        if mass is not None:  # a skill whose rows list every right reply
+                            rows.append({"model": name, "kind": kind, "skill": right_mass_column(skill), "value": mass})
+                    if kind != "source":
+                        for skill, stores in self.transfer.items():
+                            if not stores:
+                                continue
+                            scores = transfer_scores(model, tokenizer, stores, temperature=self.temperature,
+                                                     batch_size=self.options.batch_size)
+                            rows += [{"model": name, "kind": kind, "skill": skill, "source": source,
+                                      "transfer_kl": m["kl"], "transfer_cover": m["cover"],
+                                      "positions": m["positions"]} for source, m in scores.items()]
+                    del model
                 models.update()
         write_json_atomic(Path(self.out), rows)
 
@@ -447,8 +514,10 @@ class ReportJob(Job):
     def run(self, resume: bool, log: Log) -> None:
         from fusechat_merge.report.effects import compute_effects, format_effects
         from fusechat_merge.report.results import (
+            TRANSFER_NOTE,
             aggregate_seeds,
             format_results_table,
+            format_transfer_table,
             lm_eval_rows,
             write_results_report,
         )
@@ -468,9 +537,12 @@ class ReportJob(Job):
             from fusechat_merge.diagnostics import collect_diagnostics, format_diagnostics
 
             diagnostics = collect_diagnostics(self.pivot, self.trained, self.aligned, self.skills)
-        write_results_report(results, Path(self.out), title=self.title, effects=effects, diagnostics=diagnostics)
+        write_results_report(results, Path(self.out), title=self.title, effects=effects, diagnostics=diagnostics,
+                             own_skills=self.own_skills)
         log(format_results_table(results))
-        for text in (format_effects(effects), format_diagnostics(diagnostics) if diagnostics else ""):
+        transfer = format_transfer_table(results, self.own_skills)
+        for text in (f"Transfer to the sources:\n{transfer}\n{TRANSFER_NOTE}" if transfer else "",
+                     format_effects(effects), format_diagnostics(diagnostics) if diagnostics else ""):
             if text:
                 log("")
                 log(text)

@@ -11,7 +11,7 @@ from fusion.model_refs import local_path, looks_like_hub_id, model_dir
 
 @dataclass(frozen=True)
 class WorkDir:
-    """``WORK/{logits,aligned,targets,baselines,merges,eval,report,stages,logs}/...``; relative recipe
+    """``WORK/{logits,aligned,eval-logits,eval-aligned,targets,baselines,merges,eval,report,stages,logs}/...``; relative recipe
     paths resolve against ``root``."""
 
     root: Path
@@ -40,6 +40,14 @@ class WorkDir:
 
     def aligned(self, source: str) -> Path:
         return self.root / "aligned" / source
+
+    def eval_store(self, skill: str, model: str) -> Path:
+        """``model``'s logit store of a held-out skill file (the transfer measure's input)."""
+        return self.root / "eval-logits" / skill / model
+
+    def eval_aligned(self, skill: str, source: str) -> Path:
+        """``source``'s store of a held-out skill file aligned to the pivot's."""
+        return self.root / "eval-aligned" / skill / source
 
     def target(self, seed: int, source: str) -> Path:
         return self.root / "targets" / f"seed-{seed}" / source

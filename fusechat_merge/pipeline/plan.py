@@ -113,6 +113,11 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
         for m in r.merges:
             plan.add(f"merge/seed-{seed}/{m.name}", MergeJob.from_recipe(r, layout, seed, m))
     if r.evaluate is not None:
+        for skill in r.evaluate.skills:  # the held-out files the transfer measure reads
+            for spec in [r.pivot, *r.sources]:
+                plan.add(f"logits/eval-{skill}/{spec.name}", LogitsJob.for_skill(r, layout, spec, skill))
+            for spec in r.sources:
+                plan.add(f"align/eval-{skill}/{spec.name}", AlignJob.for_skill(r, layout, spec.name, skill))
         groups: list[int | None] = [None, *r.seeds]
         for seed in groups:
             plan.add("evaluate/base" if seed is None else f"evaluate/seed-{seed}",

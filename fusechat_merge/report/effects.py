@@ -10,18 +10,30 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fusechat_merge.report.stats import mean_std
-from fusion.lm_eval_tasks import exact_match_column
+from fusion.lm_eval_tasks import exact_match_column, right_mass_column
+
+TRANSFER_METRICS = ("kl", "cover")  # fusion.transfer: lower KL and higher cover are closer to the source
 
 
 def _seed_values(rows: Sequence[Mapping[str, Any]], skills: Sequence[str]) -> dict[tuple[str, str], dict[str, float]]:
-    """(model, skill) → {"em", "loss"} of one seed: exact match from the skill's lm-eval
-    column, loss from the held-out reply loss."""
+    """(model, skill) → {"em", "loss", "kl:SOURCE", "cover:SOURCE"} of one seed: exact match
+    from the skill's lm-eval column, loss from the held-out reply loss, the transfer measure
+    against each source."""
     values: dict[tuple[str, str], dict[str, float]] = {}
     columns = {exact_match_column(s): s for s in skills}
+    masses = {right_mass_column(s): s for s in skills}
     for row in rows:
         model, skill = row["model"], row["skill"]
-        if "value" in row and skill in columns:
+        if "transfer_kl" in row:
+            if skill in skills:
+                cell = values.setdefault((model, skill), {})
+                for name in TRANSFER_METRICS:
+                    if row.get(f"transfer_{name}") is not None:
+                        cell[f"{name}:{row['source']}"] = float(row[f"transfer_{name}"])
+        elif "value" in row and skill in columns:
             values.setdefault((model, columns[skill]), {})["em"] = float(row["value"])
+        elif "value" in row and skill in masses:
+            values.setdefault((model, masses[skill]), {})["mass"] = float(row["value"])
         elif "loss" in row and skill in skills:
             values.setdefault((model, skill), {})["loss"] = float(row["loss"])
     return values
@@ -38,6 +50,11 @@ def _stat(diffs: Sequence[float | None]) -> dict[str, float | None]:
         return {"mean": None, "std": None}
     mean, std = mean_std(values)
     return {"mean": mean, "std": std}
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean over seeds (None where a seed lacks the value)."""
+    return None if not values or None in values else statistics.fmean(v for v in values if v is not None)
 
 
 def _diff(a: Mapping[str, float] | None, b: Mapping[str, float] | None, metric: str) -> float | None:
@@ -75,7 +92,9 @@ def compute_effects(per_seed: Sequence[Sequence[Mapping[str, Any]]], own_skills:
 
     * fusion: each target against SFT on its source's own skill (``own_skills``: source →
       skill), and Multi against SFT on every skill; ``em`` target − SFT (higher is better),
-      ``loss`` target − SFT (lower is better).
+      ``loss`` target − SFT (lower is better); where the rows hold the transfer measure
+      against that skill's own source, ``kl`` and ``cover`` target − SFT (lower KL and
+      higher cover: closer to the source) with both sides' means (``kl_sft``, ``kl_model``).
     * merge: each merge against the best single target of the same seed, per skill and on
       the mean over ``skills`` (``em``: merge − best; ``kept``: merge / best; ``loss``:
       merge − lowest)."""
@@ -85,12 +104,19 @@ def compute_effects(per_seed: Sequence[Sequence[Mapping[str, Any]]], own_skills:
     seeds = [_seed_values(rows, skills) for rows in per_seed]
     fusion: list[dict[str, Any]] = []
     if "sft" in kinds:
-        pairs = [(f"target:{s}", k) for s, k in own_skills.items() if f"target:{s}" in kinds]
-        pairs += [("multi", k) for k in skills if "multi" in kinds]
-        for model, skill in pairs:
-            fusion.append({"model": model, "against": "sft", "skill": skill, **{
+        source_of = {k: s for s, k in reversed(list(own_skills.items()))}  # a skill's (first) own source
+        pairs = [(f"target:{s}", k, s) for s, k in own_skills.items() if f"target:{s}" in kinds]
+        pairs += [("multi", k, source_of.get(k)) for k in skills if "multi" in kinds]
+        for model, skill, source in pairs:
+            entry = {"model": model, "against": "sft", "skill": skill, "source": source, **{
                 metric: _stat([_diff(v.get((model, skill)), v.get(("sft", skill)), metric) for v in seeds])
-                for metric in ("em", "loss")}})
+                for metric in ("em", "loss", "mass")}}
+            for metric in TRANSFER_METRICS if source is not None else ():
+                name = f"{metric}:{source}"
+                entry[metric] = _stat([_diff(v.get((model, skill)), v.get(("sft", skill)), name) for v in seeds])
+                entry[f"{metric}_sft"] = _mean([v.get(("sft", skill), {}).get(name) for v in seeds])
+                entry[f"{metric}_model"] = _mean([v.get((model, skill), {}).get(name) for v in seeds])
+            fusion.append(entry)
     merge: list[dict[str, Any]] = []
     for model in merges:
         for skill in [*skills, "mean"]:
@@ -110,9 +136,12 @@ def format_effects(effects: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
 
     lines: list[str] = []
     if effects.get("fusion"):
-        lines += ["Fusion effect (target − SFT on its source's own skill; Multi − SFT on each skill):", "",
-                  "| model | skill | Δ EM | Δ loss |", "|---|---|---:|---:|"]
-        lines += [f"| {e['model']} | {e['skill']} | {pm(e['em'])} | {pm(e['loss'], 4)} |" for e in effects["fusion"]]
+        lines += ["Fusion effect (target − SFT on its source's own skill; Multi − SFT on each skill; "
+                  "Δ KL and Δ cover: the transfer measure against that skill's own source):", "",
+                  "| model | skill | Δ EM | Δ loss | Δ KL | Δ cover | Δ right mass |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {e['model']} | {e['skill']} | {pm(e['em'])} | {pm(e['loss'], 4)} | {pm(e.get('kl'))} | "
+                  f"{pm(e.get('cover'))} | {pm(e.get('mass'))} |" for e in effects["fusion"]]
         lines.append("")
     if effects.get("merge"):
         lines += ["Merge effect (merge − best single target of the same seed; kept = merge EM / best EM):", "",
@@ -147,6 +176,26 @@ def effect_verdicts(effects: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
         word = {1: "beats", -1: "falls behind", 0: "is level with"}[_shows(em)]
         out.append(f"{e['model']} {word} SFT on {e['skill']} exact match "
                    f"({em['mean']:+.3f} ± {em['std']:.3f}).")
+    for e in effects.get("fusion", []):
+        mass = e.get("mass") or {}
+        if mass.get("mean") is None:
+            continue
+        word = {1: "puts more", -1: "puts less", 0: "puts as much"}[_shows(mass)]
+        than = "as" if _shows(mass) == 0 else "than"
+        out.append(f"{e['model']} {word} probability on right first answer tokens of {e['skill']} {than} SFT "
+                   f"({mass['mean']:+.3f} ± {mass['std']:.3f}).")
+    for e in effects.get("fusion", []):
+        kl = e.get("kl") or {}
+        if kl.get("mean") is None or e.get("kl_sft") is None or e.get("kl_model") is None:
+            continue
+        closer = {-1: "is closer to", 1: "is farther from", 0: "is as close to"}[_shows(kl)]
+        than = "as" if _shows(kl) == 0 else "than"
+        cover = e.get("cover") or {}
+        covered = (f"; cover {e['cover_sft']:.2f} → {e['cover_model']:.2f} ({cover['mean']:+.2f} ± "
+                   f"{cover['std']:.2f})" if cover.get("mean") is not None and e.get("cover_sft") is not None
+                   and e.get("cover_model") is not None else "")
+        out.append(f"{e['model']} on {e['skill']} {closer} its source {e['source']} {than} SFT: KL "
+                   f"{e['kl_sft']:.2f} → {e['kl_model']:.2f} ({kl['mean']:+.2f} ± {kl['std']:.2f}){covered}.")
     for e in effects.get("merge", []):
         kept = e.get("kept") or {}
         if e["skill"] != "mean" or kept.get("mean") is None:

@@ -1,8 +1,10 @@
 """The results of a run: rows per (model, skill) aggregated over seeds, shown as a
 terminal table, written as ``results.json``, ``results.md`` and ``results.png``.
 
-A row is either a held-out skill's reply loss (``loss``, `fusion.evaluate`) or an
-lm-eval metric (``value``, column ``task/metric``, `lm_eval_rows`).
+A row is a held-out skill's reply loss (``loss``, `fusion.evaluate`), an lm-eval metric
+(``value``, column ``task/metric``, `lm_eval_rows`), or the transfer measure of a model
+against one source on one skill (``source``, ``transfer_kl``, ``transfer_cover``,
+`fusion.transfer`), shown in a table of its own.
 """
 
 from __future__ import annotations
@@ -37,16 +39,17 @@ def aggregate_seeds(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dic
     skill) twice in one seed, a model whose kind changes, an lm-eval metric present in
     some seeds only.
     """
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str, str | None], list[Mapping[str, Any]]] = {}
     for seed, entries in enumerate(per_seed):
-        seen: set[tuple[str, str]] = set()
+        seen: set[tuple[str, str, str | None]] = set()
         for entry in entries:
-            key = (entry["model"], entry["skill"])
+            key = (entry["model"], entry["skill"], entry.get("source"))
             if key in seen:
-                raise ValueError(f"seed {seed}: {key[0]} on {key[1]} appears twice")
+                against = f" against {key[2]}" if key[2] is not None else ""
+                raise ValueError(f"seed {seed}: {key[0]} on {key[1]}{against} appears twice")
             seen.add(key)
             groups.setdefault(key, []).append(entry)
-    return [_aggregate(model, skill, entries) for (model, skill), entries in groups.items()]
+    return [_aggregate(model, skill, entries) for (model, skill, _), entries in groups.items()]
 
 
 def _aggregate(model: str, skill: str, entries: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -54,6 +57,17 @@ def _aggregate(model: str, skill: str, entries: list[Mapping[str, Any]]) -> dict
     if len(kinds) > 1:
         raise ValueError(f"{model}: kind differs between seeds: {sorted(kinds)}")
     row = {"model": model, "kind": entries[0]["kind"], "skill": skill}
+    if "source" in entries[0]:  # the transfer measure against one source (fusion.transfer)
+        row["source"] = entries[0]["source"]
+        if any("source" not in e for e in entries):
+            raise ValueError(f"{model} on {skill}: a transfer measure in some seeds only")
+        out: dict[str, Any] = {**row, "transfer": True, "seeds": len(entries)}
+        for name in ("kl", "cover"):
+            values = [e[f"transfer_{name}"] for e in entries]
+            mean, std = mean_std([float(v) for v in values]) if None not in values else (None, None)
+            out[f"{name}_mean"], out[f"{name}_std"] = mean, std
+        out["positions"] = int(entries[0].get("positions") or 0)
+        return out
     if "value" in entries[0]:  # an lm-eval metric ("task/metric"), not a held-out skill
         if any("value" not in e for e in entries):
             raise ValueError(f"{model} on {skill}: an lm-eval metric in some seeds only")
@@ -101,9 +115,51 @@ def _pm(mean: float | None, std: float | None, digits: int) -> str:
     return f"{mean:.{digits}f} ± {(std or 0.0):.{digits}f}"
 
 
+def scores(results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The results of the main table: held-out losses and lm-eval metrics."""
+    return [r for r in results if not r.get("transfer")]
+
+
+def transfer_results(results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The transfer measure's results (per model, skill and source)."""
+    return [r for r in results if r.get("transfer")]
+
+
+def transfer_pairs(results: Sequence[Mapping[str, Any]],
+                   own_skills: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """The (skill, source) columns of the transfer table: each source on its own skill
+    (``own_skills``: source → skill) where any is known, else every pair measured."""
+    pairs = list(dict.fromkeys((r["skill"], r["source"]) for r in transfer_results(results)))
+    own = [(skill, source) for skill, source in pairs if (own_skills or {}).get(source) == skill]
+    return own or pairs
+
+
+def _transfer_table(results: Sequence[Mapping[str, Any]],
+                    own_skills: Mapping[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the transfer table: per (skill, source) column group the mean KL
+    (source ‖ model) per position and the share of the source's mass in the model's top-K."""
+    rows = transfer_results(results)
+    pairs = transfer_pairs(results, own_skills)
+    cells = {(r["model"], r["skill"], r["source"]): r for r in rows}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    kinds = {r["model"]: r["kind"] for r in rows}
+    header = ["model", "kind"]
+    for skill, source in pairs:
+        header += [f"{skill} ← {source} KL", f"{skill} ← {source} cover"]
+    body = []
+    for model in models:
+        line = [model, kinds[model]]
+        for skill, source in pairs:
+            cell = cells.get((model, skill, source), {})
+            line += [_pm(cell.get("kl_mean"), cell.get("kl_std"), 3), _pm(cell.get("cover_mean"), cell.get("cover_std"), 3)]
+        body.append(line)
+    return header, body
+
+
 def _table(results: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows shared by the Markdown and terminal tables (model, kind, and per
     column ``loss ± std`` for a held-out skill, ``value ± std`` for an lm-eval metric)."""
+    results = scores(results)
     models, skills, cells = _grid(results)
     kinds = _kinds(results, models)
     metric = {skill: _is_metric(results, skill) for skill in skills}
@@ -123,7 +179,17 @@ def _table(results: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[s
 
 def format_results_table(results: Sequence[Mapping[str, Any]]) -> str:
     """The results table as aligned plain text for a terminal (numbers right-aligned)."""
-    header, body = _table(results)
+    return _plain(*_table(results))
+
+
+def format_transfer_table(results: Sequence[Mapping[str, Any]], own_skills: Mapping[str, str] | None = None) -> str:
+    """The transfer table as aligned plain text ("" without transfer results)."""
+    if not transfer_results(results):
+        return ""
+    return _plain(*_transfer_table(results, own_skills))
+
+
+def _plain(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(line[k]) for line in [header, *body]) for k in range(len(header))]
 
     def fmt(line: list[str]) -> str:
@@ -134,19 +200,30 @@ def format_results_table(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(line) for line in body)])
 
 
-def _markdown(results: Sequence[Mapping[str, Any]], title: str) -> str:
-    header, body = _table(results)
-
+def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     def row(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     align = ["---", "---"] + ["---:"] * (len(header) - 2)
+    return [row(header), "| " + " | ".join(align) + " |", *(row(b) for b in body)]
+
+
+TRANSFER_NOTE = ("KL: mean over the pivot positions of held-out conversations where the alignment gives the "
+                 "source a distribution of KL(source ‖ model), the source's aligned top-K renormalised as the "
+                 "fusion loss sees it (lower: closer to the source); cover: the share of that distribution's "
+                 "mass on the model's own top-K (higher: closer).")
+
+
+def _markdown(results: Sequence[Mapping[str, Any]], title: str, own_skills: Mapping[str, str] | None = None) -> str:
     seeds = sorted({int(r["seeds"]) for r in results})
     span = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
     note = (f"Mean ± sample standard deviation over {span} seed(s); "
             "`task/metric` columns are lm-evaluation-harness metrics.")
-    lines = [f"# {title}", "", row(header), "| " + " | ".join(align) + " |"]
-    return "\n".join([*lines, *(row(b) for b in body), "", note, ""])
+    lines = [f"# {title}", "", *_markdown_table(*_table(results)), "", note, ""]
+    if transfer_results(results):
+        lines += ["## Transfer to the sources", "", *_markdown_table(*_transfer_table(results, own_skills)), "",
+                  TRANSFER_NOTE + " All pairs of skill and source are in results.json.", ""]
+    return "\n".join(lines)
 
 
 def _json_default(value: Any) -> Any:
@@ -161,11 +238,13 @@ def _json_default(value: Any) -> Any:
 def write_results_report(
     results: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike[str], *, title: str,
     effects: Mapping[str, Any] | None = None, diagnostics: Mapping[str, Any] | None = None,
+    own_skills: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``results.png`` for a comparison of
     merge methods; returns them as ``{"json", "md", "png"}``. ``effects``
     (`fusechat_merge.report.effects`) and ``diagnostics`` (`fusechat_merge.diagnostics`)
-    go into both the JSON and the Markdown when given."""
+    go into both the JSON and the Markdown when given; ``own_skills`` (source → skill)
+    picks the transfer table's columns (`transfer_pairs`)."""
     if not results:
         raise ValueError("no results to report")
     out_dir = Path(out_dir)
@@ -184,14 +263,15 @@ def write_results_report(
         document["diagnostics"] = dict(diagnostics)
         extra += "\n## Diagnostics\n\n" + format_diagnostics(diagnostics) + "\n"
     write_text_atomic(paths["json"], json.dumps(document, indent=2, default=_json_default) + "\n")
-    write_text_atomic(paths["md"], _markdown(results, title) + extra)
-    plot_results(results, paths["png"], title=title)
+    write_text_atomic(paths["md"], _markdown(results, title, own_skills) + extra)
+    plot_results(scores(results), paths["png"], title=title)
     return paths
 
 
 def plot_results(results: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> Path:
     """Grouped bars (skills on x, one bar per model) of the held-out loss and of the
-    lm-eval metrics; error bars are the std over seeds."""
+    lm-eval metrics; error bars are the std over seeds (the transfer measure is left out)."""
+    results = scores(results)
     models, skills, cells = _grid(results)
     metrics = [s for s in skills if _is_metric(results, s)]
     held_out = [s for s in skills if s not in metrics]
