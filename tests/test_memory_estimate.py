@@ -32,8 +32,11 @@ ACCELERATE = REPO / "recipes" / "accelerate"
 
 @pytest.fixture(scope="module")
 def seven_b(tmp_path_factory, metaspace_tokenizer) -> Path:
-    """Two folders with Mistral-7B's config (no weights: the estimate reads only the config)
-    and a tokenizer, a corpus: a 7B run's inputs as the recipe check and the plan see them."""
+    """Two folders with Mistral-7B's config, a tokenizer and a one-element weights file (the
+    recipe check wants weights there; the estimate reads only the config), a corpus: a 7B
+    run's inputs as the recipe check and the plan see them."""
+    import torch
+    from safetensors.torch import save_file
     from transformers import MistralConfig
 
     root = tmp_path_factory.mktemp("seven-b")
@@ -41,6 +44,7 @@ def seven_b(tmp_path_factory, metaspace_tokenizer) -> Path:
         MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8).save_pretrained(root / name)
         metaspace_tokenizer.save_pretrained(root / name)
+        save_file({"placeholder": torch.zeros(1)}, str(root / name / "model.safetensors"))
     (root / "data").mkdir()
     write_jsonl(root / "data" / "train.jsonl", conversations(4))
     return root
