@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fusechat_merge.console import command_output, output_options
+from fusechat_merge.console import command_output, output_options, stopping_cleanly
 from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options
 from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
@@ -114,7 +114,8 @@ def logits_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     from fusion.logits import LogitJob, generate_logits
     from fusion.progress import echo
 
-    with command_output("logits", kwargs["out"], log_file, verbose):
+    with stopping_cleanly("Run the same command again to resume"), \
+            command_output("logits", kwargs["out"], log_file, verbose):
         try:
             generate_logits(LogitJob(**kwargs), log=echo)
         except (StoreError, ScoringError, ValueError, FileNotFoundError) as err:
@@ -151,7 +152,8 @@ def align_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     from fusion.artifacts.logit_store import StoreError
     from fusion.progress import echo
 
-    with command_output("align", kwargs["out"], log_file, verbose):
+    with stopping_cleanly("Run the same command again to resume"), \
+            command_output("align", kwargs["out"], log_file, verbose):
         try:
             align_stores(AlignJob(**kwargs), log=echo)
         except (StoreError, ValueError, FileNotFoundError) as err:
@@ -209,7 +211,8 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
                                      {k: v for k, v in flags.items() if v is not None})
     except ValueError as err:
         raise click.ClickException(f"{config_file or 'training options'}: {err}") from err
-    with command_output("fuse", out, log_file, verbose):
+    with stopping_cleanly("Run the same command with --resume to continue from it"), \
+            command_output("fuse", out, log_file, verbose):
         try:
             result = train_fusion(pivot, list(aligned), out, config, resume=resume)
         except (StoreError, InputError) as err:
@@ -236,15 +239,20 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
               "Ray task (pip install 'fusechat-merge[ray]').")
 @click.option("--ray-address", default=None,
               help="The Ray cluster to use (auto, HOST:6379, ray://HOST:10001); default: start a local one.")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="With --executor ray: how often a stage lost with its worker or node (OOM kill, "
+              "preemption) is submitted again, resuming [default: the recipe's retries, 2].")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show the libraries' output live too (it always goes to WORK/logs/<stage>.log).")
 def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | None, dry_run: bool,
                 print_plan: bool, stage_id: str | None, executor: str, ray_address: str | None,
-                verbose: bool) -> None:
+                retries: int | None, verbose: bool) -> None:
     """Run a whole FuseChat recipe: logits → align → fuse → merge → evaluate.
 
     Stages whose inputs and options did not change since the last run are skipped;
-    interrupted ones resume. See recipes/fusechat-7b.yaml, the demo's recipe
+    interrupted ones resume. On SIGTERM or Ctrl-C the running stage stops at its next safe
+    point (training saves a checkpoint) and the run exits with 143 (SIGTERM) or 130 (SIGINT);
+    running it again resumes. See recipes/fusechat-7b.yaml, the demo's recipe
     (fusechat_merge/demo/demo-pipeline.yaml), and docs/cluster.md for one node, a Ray
     cluster, and a SLURM job array (--plan, --stage).
     """
@@ -256,31 +264,36 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
 
     if ray_address and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
+    if retries is not None and executor != "ray":
+        raise click.UsageError("--retries needs --executor ray (a local run, or a scheduler's --stage, "
+                               "is retried by running it again: it resumes)")
     if sum(map(bool, (print_plan, stage_id, dry_run))) > 1 or ((print_plan or stage_id) and (from_stage or only)):
         raise click.UsageError("--plan, --stage and --dry-run go alone (not with each other, --from or --only)")
     try:
         parsed = load_pipeline_recipe(recipe, work_dir)
     except PipelineRecipeError as err:
         raise click.ClickException(str(err)) from err
-    try:
-        if print_plan:
-            click.echo(json.dumps(pipeline_runner(parsed, work_dir).plan(), indent=2))
-        elif stage_id:
-            if executor != "local":
-                raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
-            pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose).run_one(stage_id)
-        else:
-            run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
-                         executor=executor, ray_address=ray_address, verbose=verbose)
-    except (StageError, RunError, RuntimeError, ValueError) as err:  # a stage's traceback is in its log
-        raise click.ClickException(str(err)) from err
-    except OSError as err:
-        from fusion.artifacts.atomic import write_fault
+    again = "The finished stages and what this one completed are kept; run the same command again to resume"
+    with stopping_cleanly(again):  # outside: click's Exit is a RuntimeError
+        try:
+            if print_plan:
+                click.echo(json.dumps(pipeline_runner(parsed, work_dir).plan(), indent=2))
+            elif stage_id:
+                if executor != "local":
+                    raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
+                pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose).run_one(stage_id)
+            else:
+                run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
+                             executor=executor, ray_address=ray_address, verbose=verbose, retries=retries)
+        except (StageError, RunError, RuntimeError, ValueError) as err:  # a stage's traceback is in its log
+            raise click.ClickException(str(err)) from err
+        except OSError as err:
+            from fusion.artifacts.atomic import write_fault
 
-        fault = write_fault(err, work_dir)
-        if fault is None:
-            raise
-        raise click.ClickException(f"cannot write the work dir {work_dir}: {fault}") from err
+            fault = write_fault(err, work_dir)
+            if fault is None:
+                raise
+            raise click.ClickException(f"cannot write the work dir {work_dir}: {fault}") from err
 
 
 @main.command("status")

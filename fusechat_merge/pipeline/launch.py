@@ -12,6 +12,7 @@ the same `fusion.trainer.train_fusion`, only in N processes.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from fusion import stopping
 from fusion.artifacts.atomic import write_text_atomic
 from fusion.progress import Follower
 
@@ -87,13 +89,18 @@ def run_launched(job: Launchable, resume: bool, log: Callable[[str], None]) -> d
         out.flush()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         follower = Follower()  # the training's bar, from the progress its main process reports
+        forwarded = False
         try:
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                follower.poll()
-                time.sleep(1.0)
+            with stopping.watching():  # a stop request goes to the training, which saves a checkpoint
+                while True:
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    if stopping.requested() and not forwarded:
+                        proc.send_signal(signal.SIGTERM)
+                        forwarded = True
+                    follower.poll()
+                    time.sleep(0.2 if forwarded else 1.0)
         except BaseException:  # interrupted: do not leave training processes behind
             proc.terminate()
             proc.wait()
@@ -101,9 +108,21 @@ def run_launched(job: Launchable, resume: bool, log: Callable[[str], None]) -> d
         finally:
             follower.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    signum = stopping.requested()
+    if signum is not None and proc.returncode != 0:
+        raise stopping.Stopped(signum, f"the launched training stopped: {_last_checkpoint(job.out)}; "
+                                       f"its log: {log_file}")
     if proc.returncode != 0:
         raise LaunchError("accelerate launch", proc.returncode, str(log_file), tail(log_file))
     return {"peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def _last_checkpoint(out: str) -> str:
+    from fusion.train_checkpoints import complete_checkpoints
+
+    folder = Path(out) / "checkpoints"
+    done = complete_checkpoints(folder) if folder.is_dir() else []
+    return f"its last checkpoint is {done[-1]}" if done else "no checkpoint was saved"
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:

@@ -5,7 +5,9 @@ started_at; its bars' last state in a ``progress`` record), a ``failed`` record 
 raised, and a ``done`` record when it finished, in ``WORK/stages/``, and everything the
 libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.pipeline.stage_output`). The
 done record holds: its key, how it ran (``executor``: local or ray, ``host``,
-``pid``), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), its peak memory
+``pid``), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), every attempt
+(``attempts``: host, pid, started_at, ended_at, and ``lost``: why, for those lost with their
+Ray worker or node and retried), its peak memory
 (``peak_rss_mb``: of the process that ran it, or of the largest process of an accelerate
 launch, ``peak_rss_of`` says which; ``peak_gpu_mb`` when it used CUDA in-process) and what
 its job reports (fuse: ``world_size``, the number of training processes, as the training
@@ -39,6 +41,7 @@ from fusechat_merge.pipeline.stage_output import (
     started_fields,
 )
 from fusechat_merge.pipeline_recipe import STAGES
+from fusion import stopping
 from fusion.artifacts.atomic import write_json_atomic
 from fusion.artifacts.records import OutputLock, read_record, write_record
 
@@ -153,6 +156,7 @@ class Runner:
             if executor is None:
                 self._summaries = Summaries(self.log)
                 for stage, resume, reason in work:
+                    stopping.check()  # asked to stop while the last stage ended: before the next
                     self.run_stage(stage, resume=resume, reason=reason)
             else:
                 executor(self, work)
@@ -189,19 +193,29 @@ class Runner:
                  "resources": dict(s.resources), "outputs": [str(p) for p in s.outputs]}
                 for s in self.stages]
 
-    def run_stage(self, stage: Stage, *, resume: bool, reason: str) -> dict[str, Any]:
+    def run_stage(self, stage: Stage, *, resume: bool, reason: str,
+                  attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Run one stage's job between its ``started`` and ``done`` records; returns the
-        done record. A job that raises becomes `StageError` (the started record stays).
+        done record. A job that raises becomes `StageError` (the started record stays); one stopped by a
+        signal (`fusion.stopping.Stopped`) names the stage and keeps its started record too.
         The stage's lock is held meanwhile: a stage another process runs is refused."""
-        with OutputLock(self.layout.stage_lock(stage.id), f"stage {stage.id}"):
-            return self._run_stage(stage, resume=resume, reason=reason)
+        try:
+            with OutputLock(self.layout.stage_lock(stage.id), f"stage {stage.id}"):
+                return self._run_stage(stage, resume=resume, reason=reason, attempts=attempts or [])
+        except stopping.Stopped as stop:  # its started record stays: the rerun resumes it
+            stop.stage = stop.stage or stage.id
+            stage.status = "stopped"
+            raise
 
-    def _run_stage(self, stage: Stage, *, resume: bool, reason: str) -> dict[str, Any]:
+    def _run_stage(self, stage: Stage, *, resume: bool, reason: str, attempts: list[dict[str, Any]]) -> dict[str, Any]:
         if not resume:
             for out in stage.outputs:
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
         self.layout.record(stage.id, "done").unlink(missing_ok=True)
-        write_record(self.layout.record(stage.id, "started"), {"key": stage.key, **started_fields(self.executor)})
+        started_record = {"key": stage.key, **started_fields(self.executor)}
+        if attempts:  # the earlier attempts of this run, lost with their worker (the Ray executor)
+            started_record.update(attempt=len(attempts) + 1, lost_attempts=attempts)
+        write_record(self.layout.record(stage.id, "started"), started_record)
         _reset_peak_gpu()
         started_at, started = time.time(), time.perf_counter()
         try:
@@ -214,7 +228,9 @@ class Runner:
             "key": stage.key, "executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
             "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_of": "process", **_peak_gpu(), "version": __version__}
+            "peak_rss_of": "process", **_peak_gpu(), "version": __version__,
+            "attempts": [*attempts, {"host": socket.gethostname(), "pid": os.getpid(), "started_at": started_at,
+                                     "ended_at": time.time()}]}
         if "peak_rss_mb" in reported:
             record["peak_rss_of"] = "largest launched process"
         record.update(reported)
