@@ -223,6 +223,8 @@ class PipelineRecipe(_Strict):
     merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(name="sce")])
     evaluate: EvalSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    retries: int = Field(2, ge=0, description="Times a stage lost with its Ray worker or node is submitted "
+                         "again (resuming); `run --retries` overrides it. A stage's own error is not retried.")
 
     def model_names(self) -> list[str]:
         return [self.pivot.name] + [s.name for s in self.sources]

@@ -42,11 +42,13 @@ def run_pipeline(
     executor: str = "local",
     ray_address: str | None = None,
     verbose: bool = False,
+    retries: int | None = None,
 ) -> list[Stage]:
     """Plan ``recipe`` in ``work_dir`` and run it; returns the stages with their status.
     ``executor``: ``local`` (this process, stage after stage) or ``ray`` (a Ray cluster at
     ``ray_address``, or a local Ray instance). ``verbose``: the libraries' output on the
-    terminal too (it always goes to ``WORK/logs/<stage>.log``)."""
+    terminal too (it always goes to ``WORK/logs/<stage>.log``). ``retries``: how often a Ray
+    stage lost with its worker or node is submitted again (default: the recipe's ``retries``)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     layout = WorkDir(Path(work_dir).absolute())
@@ -55,7 +57,7 @@ def run_pipeline(
     if executor == "ray":
         from fusechat_merge.pipeline.ray_executor import RayExecutor
 
-        run_with = RayExecutor(ray_address)
+        run_with = RayExecutor(ray_address, retries=recipe.retries if retries is None else retries)
     return runner.run(from_stage=from_stage, only=only, dry_run=dry_run, executor=run_with)
 
 

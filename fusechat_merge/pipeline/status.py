@@ -5,7 +5,8 @@ A stage is ``done`` (its done record holds its current key and its outputs exist
 current key whose process is alive, or on another host: a Ray worker, a SLURM task),
 ``interrupted`` (started here, its process gone: a rerun resumes it), ``stale`` (its
 records hold another key: the recipe or an input changed since) or ``waiting`` (never
-run, or run by a plan whose stages are gone).
+run, or run by a plan whose stages are gone). A stage retried after its Ray worker or node
+was lost says which attempt it is and where the lost ones ran.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _status(layout: WorkDir, stage_id: str, key: str | None, outputs: list[Path]
     if current(done) and all(p.exists() for p in outputs):
         row.update(state="done", host=done.get("host"), started_at=done.get("started_at"),
                    finished_at=done.get("finished_at"), seconds=done.get("seconds"),
-                   peak_rss_mb=done.get("peak_rss_mb"), peak_gpu_mb=done.get("peak_gpu_mb"))
+                   peak_rss_mb=done.get("peak_rss_mb"), peak_gpu_mb=done.get("peak_gpu_mb"),
+                   attempts=done.get("attempts") or [])
     elif current(failed):
         row.update(state="failed", host=failed.get("host"), error=failed.get("error"),
                    started_at=(started or {}).get("started_at"), finished_at=failed.get("failed_at"))
@@ -67,7 +69,9 @@ def _status(layout: WorkDir, stage_id: str, key: str | None, outputs: list[Path]
         alive = not here or process_alive(started.get("pid"))
         row.update(state="running" if alive else "interrupted", host=started.get("host"),
                    pid=started.get("pid"), started_at=started.get("started_at"),
-                   progress=_read(layout.record(stage_id, "progress")))
+                   progress=_read(layout.record(stage_id, "progress")),
+                   attempts=[*(started.get("lost_attempts") or []),
+                             {k: started.get(k) for k in ("host", "pid", "started_at")}])
     else:
         row.update(state="stale" if any(records.values()) else "waiting")
     return row
@@ -90,7 +94,8 @@ def _details(row: dict[str, Any], now: float) -> str:
     if state == "done":
         peak = format_bytes_mb(row["peak_rss_mb"] or 0)
         gpu = f", GPU {format_bytes_mb(row['peak_gpu_mb'])}" if row.get("peak_gpu_mb") else ""
-        return f"{format_seconds(row['seconds'] or 0)}, peak {peak}{gpu}, {_when(row['finished_at'], now)} on {row['host']}"
+        return (f"{format_seconds(row['seconds'] or 0)}, peak {peak}{gpu}, {_when(row['finished_at'], now)} on "
+                f"{row['host']}{_lost(row)}")
     if state == "failed":
         return f"{row['error']}; log: {row['log']}"
     if state in ("running", "interrupted"):
@@ -100,10 +105,18 @@ def _details(row: dict[str, Any], now: float) -> str:
             total = f"/{progress['total']:g}" if progress.get("total") else ""
             rest = "".join(f", {k} {v}" for k, v in progress.items() if k not in ("n", "total", "unit", "at", "rate"))
             since += f"; {progress['n']:g}{total} {progress['unit']}{rest} ({_when(progress['at'], now)})"
-        return since + ("" if state == "running" else "; a rerun resumes it")
+        return since + _lost(row) + ("" if state == "running" else "; a rerun resumes it")
     if state == "stale":
         return "the recipe or an input changed since it ran: it reruns"
     return f"for {', '.join(row['waits_for'])}" if row.get("waits_for") else ""
+
+
+def _lost(row: dict[str, Any]) -> str:
+    """``; attempt 2, lost before: on HOST (WorkerCrashedError: ...)`` when earlier attempts were lost."""
+    lost = [a for a in row.get("attempts") or [] if a.get("lost")]
+    if not lost:
+        return ""
+    return f"; attempt {len(lost) + 1}, lost before: " + "; ".join(f"on {a.get('host')} ({a['lost']})" for a in lost)
 
 
 def _when(stamp: float | None, now: float) -> str:
