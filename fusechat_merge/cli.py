@@ -73,7 +73,7 @@ def merge_command(
 
     raw, text = load_recipe(recipe)  # a RecipeError is a ClickException: exit 1, no traceback
     if check_only:
-        validate_recipe(raw, str(recipe))
+        validate_recipe(raw, str(recipe), text=text)
         click.echo(f"{recipe}: OK")
         return
     from fusion.progress import bar
