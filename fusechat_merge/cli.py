@@ -260,7 +260,11 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
 
     from fusechat_merge.pipeline import pipeline_runner, run_pipeline
     from fusechat_merge.pipeline.runner import RunError, StageError
-    from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
+    from fusechat_merge.pipeline_recipe import (
+        PipelineRecipeError,
+        load_pipeline_recipe,
+        unavailable_models,
+    )
 
     if ray_address and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
@@ -273,6 +277,9 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
         parsed = load_pipeline_recipe(recipe, work_dir)
     except PipelineRecipeError as err:
         raise click.ClickException(str(err)) from err
+    if dry_run or print_plan:  # planned where the hub may not answer: said, not refused (a run refuses)
+        for why in unavailable_models(parsed, work_dir).values():
+            click.echo(f"warning: {why}; a run here refuses to start the stages that read it", err=True)
     again = "The finished stages and what this one completed are kept; run the same command again to resume"
     with stopping_cleanly(again):  # outside: click's Exit is a RuntimeError
         try:
@@ -281,7 +288,8 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
             elif stage_id:
                 if executor != "local":
                     raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
-                pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose).run_one(stage_id)
+                pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose,
+                                unavailable=unavailable_models(parsed, work_dir)).run_one(stage_id)
             else:
                 run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
                              executor=executor, ray_address=ray_address, verbose=verbose, retries=retries)

@@ -51,8 +51,11 @@ def run_pipeline(
     stage lost with its worker or node is submitted again (default: the recipe's ``retries``)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    from fusechat_merge.pipeline_recipe import unavailable_models
+
     layout = WorkDir(Path(work_dir).absolute())
-    runner = Runner(plan_stages(recipe, layout), layout, log=log, executor=executor, verbose=verbose)
+    runner = Runner(plan_stages(recipe, layout), layout, log=log, executor=executor, verbose=verbose,
+                    unavailable=unavailable_models(recipe, layout.root))
     run_with = None
     if executor == "ray":
         from fusechat_merge.pipeline.ray_executor import RayExecutor
@@ -61,8 +64,9 @@ def run_pipeline(
     return runner.run(from_stage=from_stage, only=only, dry_run=dry_run, executor=run_with)
 
 
-def pipeline_runner(recipe: PipelineRecipe, work_dir: str | Path, *,
-                    log: Callable[[str], None] = print, verbose: bool = False) -> Runner:
-    """The runner of ``recipe`` in ``work_dir`` (for ``--plan``, ``--stage`` and ``status``)."""
+def pipeline_runner(recipe: PipelineRecipe, work_dir: str | Path, *, log: Callable[[str], None] = print,
+                    verbose: bool = False, unavailable: dict[str, str] | None = None) -> Runner:
+    """The runner of ``recipe`` in ``work_dir`` (for ``--plan``, ``--stage`` and ``status``);
+    ``unavailable``: hub ids it refuses to run stages with (`pipeline_recipe.unavailable_models`)."""
     layout = WorkDir(Path(work_dir).absolute())
-    return Runner(plan_stages(recipe, layout), layout, log=log, verbose=verbose)
+    return Runner(plan_stages(recipe, layout), layout, log=log, verbose=verbose, unavailable=unavailable)

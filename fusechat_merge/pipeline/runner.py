@@ -84,8 +84,9 @@ class Runner:
     through an ``executor`` (`fusechat_merge.pipeline.ray_executor.RayExecutor`)."""
 
     def __init__(self, stages: list[Stage], layout: WorkDir, *, log: Callable[[str], None] = print,
-                 executor: str = "local", verbose: bool = False):
+                 executor: str = "local", verbose: bool = False, unavailable: dict[str, str] | None = None):
         self.stages = stages
+        self.unavailable = unavailable or {}  # hub ids that cannot be had here (id → why)
         self.layout = layout
         self.log = log
         self.executor = executor  # the name written into the records
@@ -133,7 +134,17 @@ class Runner:
         if dry_run:
             return self._dry_run(self.todo(from_stage=from_stage, only=only))
         with self._lock(shared=False):
-            return self._run(self.todo(from_stage=from_stage, only=only), executor)
+            work = self.todo(from_stage=from_stage, only=only)
+            self._refuse_unavailable([stage for stage, _, _ in work])
+            return self._run(work, executor)
+
+    def _refuse_unavailable(self, stages: list[Stage]) -> None:
+        """Before any stage starts: refuse if one to run reads a model that cannot be had."""
+        missing = {ref: why for stage in stages for ref in stage.job.reads() if (why := self.unavailable.get(ref))}
+        if missing:
+            users = {ref: [s.id for s in stages if ref in s.job.reads()] for ref in missing}
+            raise RuntimeError("models that cannot be had here, so no stage was started:\n" + "\n".join(
+                f"  - {why} (needed by {', '.join(users[ref])})" for ref, why in missing.items()))
 
     def _lock(self, *, shared: bool) -> OutputLock:
         return OutputLock(self.layout.run_lock, f"work dir {self.layout.root}", shared=shared)
@@ -184,6 +195,7 @@ class Runner:
                 stage.status = "skipped (up to date)"
                 self.log(f"[{stage_id}] up to date")
                 return stage
+            self._refuse_unavailable([stage])
             self.run_stage(stage, resume=state == "resume", reason=_REASONS[state])
         return stage
 
