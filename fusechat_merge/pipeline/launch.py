@@ -82,8 +82,10 @@ def run_launched(job: Launchable, resume: bool, log: Callable[[str], None]) -> d
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    as_ddp = "; FSDP with use_cpu: accelerate runs it as DDP (it allows FSDP on accelerators only)" \
+        if fsdp_on_cpu(job) else ""
     log(f"accelerate launch ({job.launch and job.launch.get('num_processes') or 'config'} processes), "
-        f"log: {log_file}")
+        f"log: {log_file}{as_ddp}")
     with log_file.open("ab") as out:
         out.write(("$ " + " ".join(cmd) + "\n").encode())
         out.flush()
@@ -115,6 +117,19 @@ def run_launched(job: Launchable, resume: bool, log: Callable[[str], None]) -> d
     if proc.returncode != 0:
         raise LaunchError("accelerate launch", proc.returncode, str(log_file), tail(log_file))
     return {"peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def fsdp_on_cpu(job: Launchable) -> bool:
+    """An FSDP accelerate config run on CPU (``use_cpu`` in the config or the training
+    options, ``--cpu`` among the launch args): accelerate silently trains it as DDP."""
+    assert job.launch is not None
+    try:
+        config = yaml.safe_load(Path(job.launch["accelerate_config"]).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # accelerate says what is wrong with it
+    if not isinstance(config, dict) or str(config.get("distributed_type", "")).upper() != "FSDP":
+        return False
+    return bool(config.get("use_cpu") or job.training_options().get("use_cpu") or "--cpu" in job.launch.get("args", []))
 
 
 def _last_checkpoint(out: str) -> str:
