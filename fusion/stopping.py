@@ -58,6 +58,7 @@ def signal_name(signum: int) -> str:
 _requested: int | None = None  # the signal that asked to stop, until the work stops
 _watching = 0  # how many loops check for a stop request now
 _notify: Callable[[str], None] | None = None
+_active = False  # under on_signals
 
 
 def requested() -> int | None:
@@ -106,8 +107,10 @@ def on_signals(notify: Callable[[str], None] | None = None) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _active
     saved = {s: signal.getsignal(s) for s in SIGNALS}
     saved_notify, _notify = _notify, notify or _stderr
+    saved_active, _active = _active, True
     for s in SIGNALS:
         signal.signal(s, _handle)
     try:
@@ -116,7 +119,16 @@ def on_signals(notify: Callable[[str], None] | None = None) -> Iterator[None]:
         for s, handler in saved.items():
             signal.signal(s, handler)
         _notify = saved_notify
+        _active = saved_active
         _requested = None
+
+
+def reclaim() -> None:
+    """Take SIGTERM and SIGINT back under `on_signals` after a library replaced the handlers
+    (``ray.init`` makes SIGTERM a bare ``sys.exit``)."""
+    if _active and threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _handle)
 
 
 def _stderr(message: str) -> None:

@@ -39,9 +39,10 @@ from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage
 from fusechat_merge.pipeline.runner import RunError, Runner, StageError, Work, apply_record
 from fusion.artifacts.records import StoreError, read_record
-from fusion.stopping import Stopped, on_signals
+from fusion.stopping import Stopped, check, on_signals, reclaim, requested, watching
 
 PROBE_TIMEOUT_S = 120
+STOP_WAIT_S = 600  # how long a stopped driver waits for its tasks' safe points
 LOST = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OutOfMemoryError", "ObjectLostError",
         "OwnerDiedError")
 """Ray's errors that mean the stage's worker or node was lost (not the stage's own error)."""
@@ -73,9 +74,11 @@ class RayExecutor:
             else:  # nothing large goes through the object store: keep it small
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False, object_store_memory=128 * 2**20,
                          log_to_driver=True)
-        try:
-            check_shared_filesystem(runner.layout)
-            self._schedule(runner, work)
+            reclaim()  # ray.init made SIGTERM a bare sys.exit: ours names the stages it stops
+        try:  # a signal raised inside Ray's calls would break them: the loop checks for it instead
+            with watching():
+                check_shared_filesystem(runner.layout)
+                self._schedule(runner, work)
         finally:
             if started_here:
                 ray.shutdown()
@@ -100,6 +103,8 @@ class RayExecutor:
         blocked: list[str] = []
         try:
             while waiting or running:
+                if requested():  # asked to stop (SIGTERM, Ctrl-C): so are the tasks, at their safe points
+                    check(lambda: _stop_tasks(list(running)))
                 for item in list(waiting):
                     stage, resume, reason = item
                     if any(u in not_run for u in stage.after):
@@ -113,7 +118,7 @@ class RayExecutor:
                         submit(stage, resume, reason, [])
                 if not running:
                     break
-                ready, _ = ray.wait(list(running), num_returns=1)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
                 for ref in ready:
                     stage, reason, attempts = running.pop(ref)
                     try:
@@ -140,12 +145,25 @@ class RayExecutor:
                     stage.status = "failed"
                     failed.append(StageError(stage.id, error))
                     runner.log(f"[{stage.id}] FAILED: {error}")
-        except Stopped as stop:  # the driver was asked to stop: its tasks end with it
+        except Stopped as stop:
             stop.stage = ", ".join(stage.id for stage, _, _ in running.values()) or None
-            stop.where = stop.where or "the stages running on the cluster were cancelled; a rerun resumes them"
             raise
         if failed:
             raise RunError(failed, blocked)
+
+
+def _stop_tasks(refs: list[Any]) -> str:
+    """Ask the running tasks to stop (Ray's cancel interrupts a task as Ctrl-C does: each
+    stage stops at its next safe point, a training saves a checkpoint) and wait for them
+    (a second Ctrl-C: at once)."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STOP_WAIT_S) if refs else ([], [])
+    left = len(refs) - len(ready)
+    return ("the running stages stopped at their safe points" if not left else
+            f"{left} running stage(s) did not stop within {STOP_WAIT_S}s and were ended") + "; a rerun resumes them"
 
 
 def lost_attempt(layout: WorkDir, stage: Stage, why: str) -> dict[str, Any]:
