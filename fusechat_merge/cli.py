@@ -370,8 +370,10 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
     from fusion.lm_eval_options import LmEvalError
 
     try:
-        run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
-                          split=split, echo=click.echo, verbose=verbose)
+        with stopping_cleanly("The finished stages and what this one completed are kept; run the same command "
+                              "again to resume"):
+            run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
+                              split=split, echo=click.echo, verbose=verbose)
     except LmEvalError as err:
         raise click.ClickException(str(err)) from err
 
