@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fusechat_merge.console import command_output, output_options
+from fusechat_merge.console import command_output, output_options, stopping_cleanly
 from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options
 from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
@@ -73,7 +73,7 @@ def merge_command(
 
     raw, text = load_recipe(recipe)  # a RecipeError is a ClickException: exit 1, no traceback
     if check_only:
-        validate_recipe(raw, str(recipe))
+        validate_recipe(raw, str(recipe), text=text)
         click.echo(f"{recipe}: OK")
         return
     from fusion.progress import bar
@@ -114,7 +114,8 @@ def logits_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     from fusion.logits import LogitJob, generate_logits
     from fusion.progress import echo
 
-    with command_output("logits", kwargs["out"], log_file, verbose):
+    with stopping_cleanly("Run the same command again to resume"), \
+            command_output("logits", kwargs["out"], log_file, verbose):
         try:
             generate_logits(LogitJob(**kwargs), log=echo)
         except (StoreError, ScoringError, ValueError, FileNotFoundError) as err:
@@ -155,7 +156,8 @@ def align_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     from fusion.artifacts.logit_store import StoreError
     from fusion.progress import echo
 
-    with command_output("align", kwargs["out"], log_file, verbose):
+    with stopping_cleanly("Run the same command again to resume"), \
+            command_output("align", kwargs["out"], log_file, verbose):
         try:
             align_stores(AlignJob(**kwargs), log=echo)
         except (StoreError, ValueError, FileNotFoundError) as err:
@@ -213,7 +215,8 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
                                      {k: v for k, v in flags.items() if v is not None})
     except ValueError as err:
         raise click.ClickException(f"{config_file or 'training options'}: {err}") from err
-    with command_output("fuse", out, log_file, verbose):
+    with stopping_cleanly("Run the same command with --resume to continue from it"), \
+            command_output("fuse", out, log_file, verbose):
         try:
             result = train_fusion(pivot, list(aligned), out, config, resume=resume)
         except (StoreError, InputError) as err:
@@ -240,15 +243,20 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
               "Ray task (pip install 'fusechat-merge[ray]').")
 @click.option("--ray-address", default=None,
               help="The Ray cluster to use (auto, HOST:6379, ray://HOST:10001); default: start a local one.")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="With --executor ray: how often a stage lost with its worker or node (OOM kill, "
+              "preemption) is submitted again, resuming [default: the recipe's retries, 2].")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show the libraries' output live too (it always goes to WORK/logs/<stage>.log).")
 def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | None, dry_run: bool,
                 print_plan: bool, stage_id: str | None, executor: str, ray_address: str | None,
-                verbose: bool) -> None:
+                retries: int | None, verbose: bool) -> None:
     """Run a whole FuseChat recipe: logits → align → fuse → merge → evaluate.
 
     Stages whose inputs and options did not change since the last run are skipped;
-    interrupted ones resume. See recipes/fusechat-7b.yaml, the demo's recipe
+    interrupted ones resume. On SIGTERM or Ctrl-C the running stage stops at its next safe
+    point (training saves a checkpoint) and the run exits with 143 (SIGTERM) or 130 (SIGINT);
+    running it again resumes. See recipes/fusechat-7b.yaml, the demo's recipe
     (fusechat_merge/demo/demo-pipeline.yaml), and docs/cluster.md for one node, a Ray
     cluster, and a SLURM job array (--plan, --stage).
     """
@@ -256,42 +264,55 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
 
     from fusechat_merge.pipeline import MemoryFitError, pipeline_runner, run_pipeline
     from fusechat_merge.pipeline.runner import RunError, StageError
-    from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
+    from fusechat_merge.pipeline_recipe import (
+        PipelineRecipeError,
+        load_pipeline_recipe,
+        unavailable_models,
+    )
 
     if ray_address and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
+    if retries is not None and executor != "ray":
+        raise click.UsageError("--retries needs --executor ray (a local run, or a scheduler's --stage, "
+                               "is retried by running it again: it resumes)")
     if sum(map(bool, (print_plan, stage_id, dry_run))) > 1 or ((print_plan or stage_id) and (from_stage or only)):
         raise click.UsageError("--plan, --stage and --dry-run go alone (not with each other, --from or --only)")
     try:
         parsed = load_pipeline_recipe(recipe, work_dir)
     except PipelineRecipeError as err:
         raise click.ClickException(str(err)) from err
-    try:
-        if print_plan:  # with each stage's memory per device; then refused if one cannot fit
-            runner = pipeline_runner(parsed, work_dir, memory=True)
-            click.echo(json.dumps(runner.plan(), indent=2))
-            if runner.memory_problems:
-                raise MemoryFitError(runner.memory_problems)
-        elif stage_id:
-            if executor != "local":
-                raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
-            runner = pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose, memory=True)
-            mine = [p for p in runner.memory_problems if p.split()[1] == stage_id]
-            if mine:
-                raise MemoryFitError(mine)
-            runner.run_one(stage_id)
-        else:
-            run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
-                         executor=executor, ray_address=ray_address, verbose=verbose)
-    except (StageError, RunError, RuntimeError, ValueError) as err:  # a stage's traceback is in its log
-        raise click.ClickException(str(err)) from err
-    except OSError as err:
-        from fusion.artifacts.atomic import write_fault
+    if dry_run or print_plan:  # planned where the hub may not answer: said, not refused (a run refuses)
+        for why in unavailable_models(parsed, work_dir).values():
+            click.echo(f"warning: {why}; a run here refuses to start the stages that read it", err=True)
+    again = "The finished stages and what this one completed are kept; run the same command again to resume"
+    with stopping_cleanly(again):  # outside: click's Exit is a RuntimeError
+        try:
+            if print_plan:  # with each stage's memory per device; then refused if one cannot fit
+                runner = pipeline_runner(parsed, work_dir, memory=True)
+                click.echo(json.dumps(runner.plan(), indent=2))
+                if runner.memory_problems:
+                    raise MemoryFitError(runner.memory_problems)
+            elif stage_id:
+                if executor != "local":
+                    raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
+                runner = pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose, memory=True,
+                                         unavailable=unavailable_models(parsed, work_dir))
+                mine = [p for p in runner.memory_problems if p.split()[1] == stage_id]
+                if mine:
+                    raise MemoryFitError(mine)
+                runner.run_one(stage_id)
+            else:
+                run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
+                             executor=executor, ray_address=ray_address, verbose=verbose, retries=retries)
+        except (StageError, RunError, RuntimeError, ValueError) as err:  # a stage's traceback is in its log
+            raise click.ClickException(str(err)) from err
+        except OSError as err:
+            from fusion.artifacts.atomic import write_fault
 
-        fault = write_fault(err, work_dir)
-        if fault is None:
-            raise
-        raise click.ClickException(f"cannot write the work dir {work_dir}: {fault}") from err
+            fault = write_fault(err, work_dir)
+            if fault is None:
+                raise
+            raise click.ClickException(f"cannot write the work dir {work_dir}: {fault}") from err
 
 
 @main.command("status")
@@ -376,8 +397,10 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
     from fusion.lm_eval_options import LmEvalError
 
     try:
-        run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
-                          split=split, echo=click.echo, verbose=verbose)
+        with stopping_cleanly("The finished stages and what this one completed are kept; run the same command "
+                              "again to resume"):
+            run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
+                              split=split, echo=click.echo, verbose=verbose)
     except (LmEvalError, StoreError, StageError, RunError) as err:  # a stage's traceback is in its log
         raise click.ClickException(str(err)) from err
 

@@ -5,6 +5,7 @@ stage's: its bar and one summary line on the terminal, the libraries' output in 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from fusion.progress import captured, echo, format_bytes_mb, format_seconds
+from fusion.stopping import Stopped, on_signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,6 +62,10 @@ def command_output(name: str, out: str | Path, log_file: str | None, verbose: bo
         print(f"==> {name} {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
         try:
             yield
+        except Stopped:  # what it made is kept to resume from: its log goes beside it
+            if not log_file and Path(out).exists():
+                shutil.move(path, default_log(out))
+            raise
         except Exception as err:
             traceback.print_exc()  # into the log
             if isinstance(err, click.ClickException):
@@ -70,3 +76,29 @@ def command_output(name: str, out: str | Path, log_file: str | None, verbose: bo
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     echo(f"{name}: done in {format_seconds(time.perf_counter() - started)}, peak {format_bytes_mb(peak)}; "
          f"log: {path}")
+
+
+@contextmanager
+def stopping_cleanly(resume: str) -> Iterator[None]:
+    """Run a command's long work under `fusion.stopping.on_signals`: on SIGTERM or Ctrl-C
+    it stops at its next safe point; then one line says where it stopped, what is kept and
+    ``resume`` (how to go on), and the command exits with 128 + the signal number (143 for
+    SIGTERM, 130 for SIGINT: a scheduler requeues it)."""
+    with on_signals(notify=_notify):
+        try:
+            yield
+        except Stopped as stop:
+            click.echo(stopped_message(stop, resume), err=True)
+            raise click.exceptions.Exit(stop.exit_code) from None
+
+
+def stopped_message(stop: Stopped, resume: str) -> str:
+    """``stopped by SIGTERM in stage S: where; resume (exit code 143)``."""
+    where = f" in stage {stop.stage}" if stop.stage else ""
+    said = stop.where or ("stopped at once" + (" (the stage is redone by the rerun)" if stop.stage else ""))
+    return f"stopped by {stop.signal_name}{where}: {said}. {resume} (exit code {stop.exit_code})"
+
+
+def _notify(message: str) -> None:
+    with contextlib.suppress(Exception):  # a signal may arrive while the terminal is being written
+        echo(message)

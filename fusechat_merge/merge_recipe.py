@@ -10,6 +10,8 @@ all at once.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from fusechat_merge.merge_parameters import (
     need_of,
     parameter_problems,
 )
-from fusechat_merge.recipe_keys import key_path, load_yaml
+from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
 from fusion.artifacts.provenance import missing_weights
 from fusion.hints import did_you_mean
 from fusion.model_refs import (
@@ -86,9 +88,11 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
 
 
 def check_recipe(
-    raw: Mapping[str, Any], *, base_dir: str | Path | None = None, need_models: bool = False
+    raw: Mapping[str, Any], *, base_dir: str | Path | None = None, need_models: bool = False,
+    text: str | None = None,
 ) -> list[RecipeProblem]:
-    """Every problem of a recipe, without loading tensors (configs are read).
+    """Every problem of a recipe, without loading tensors (configs are read); ``text``, the
+    recipe's YAML, lets a problem name its lines.
 
     Relative model paths are resolved against ``base_dir`` (default: the working
     directory, as mergekit does). Hub ids are read from the Hugging Face cache when
@@ -120,8 +124,59 @@ def check_recipe(
         problems += [RecipeProblem(key, message) for key, message in parameter_problems(_parameter_blocks(raw), method)]
         problems += [RecipeProblem(key, missing_message(method_name, parameter, need_of(key), MERGEKIT_FORM))
                      for key, parameter in missing_required(raw, method)]
-    problems.extend(_check_models(raw, Path(base_dir) if base_dir else Path.cwd(), need_models))
+    base = Path(base_dir) if base_dir else Path.cwd()
+    problems.extend(_duplicate_models(raw, base, _lines(text)))
+    problems.extend(_check_models(raw, base, need_models))
     return problems
+
+
+def _lines(text: str | None) -> dict[tuple[Any, ...], int]:
+    if not text:
+        return {}
+    try:
+        return line_map(text)
+    except yaml.YAMLError:
+        return {}
+
+
+def _duplicate_models(raw: Mapping[str, Any], base_dir: Path, lines: Mapping[tuple[Any, ...], int]) -> list[RecipeProblem]:
+    """A model listed twice among the inputs of one merge (the same directory or hub id and
+    revision, however spelt): mergekit stops with "Duplicate merge inputs" after loading."""
+    problems: list[RecipeProblem] = []
+    for place, node, role in _places(raw):
+        if role not in ("recipe", "module", "slice"):
+            continue
+        group, field = ("sources" if role == "slice" else "models"), "model"
+        seen: dict[tuple[str, str | None], tuple[str, tuple[Any, ...]]] = {}
+        for i, entry in enumerate(_as_list(node.get(group))):
+            ref = entry.get(field) if isinstance(entry, Mapping) else None
+            if not isinstance(ref, str):
+                continue
+            path, revision = split_ref(ref)
+            local = local_path(path, base_dir)
+            identity = (os.path.normpath(local.absolute()) if local.exists() else path, revision)
+            key = f"{_key(place, group)}[{i}].{field}"
+            loc = (*_loc(place), group, i, field)
+            if identity in seen:
+                first, first_loc = seen[identity]
+                where = _line_words(lines.get(first_loc), lines.get(loc))
+                problems.append(RecipeProblem(key, f"{ref!r} is already an input of this merge ({first}{where}); "
+                                                   "list each model once (mergekit refuses duplicate merge inputs)"))
+            else:
+                seen[identity] = (key, loc)
+    return problems
+
+
+def _loc(place: str) -> tuple[Any, ...]:
+    """``modules.x.slices[1]`` → ``("modules", "x", "slices", 1)`` (a `line_map` path)."""
+    loc: list[Any] = []
+    for part in filter(None, re.split(r"\.|\[(\d+)\]", place)):
+        loc.append(int(part) if part.isdigit() else part)
+    return tuple(loc)
+
+
+def _line_words(first: int | None, second: int | None) -> str:
+    return f"; lines {first} and {second}" if first and second else ""
 
 
 def check_merge_settings(
@@ -156,10 +211,11 @@ def check_merge_settings(
 
 
 def validate_recipe(
-    raw: Mapping[str, Any], source: str, *, base_dir: str | Path | None = None, need_models: bool = True
+    raw: Mapping[str, Any], source: str, *, base_dir: str | Path | None = None, need_models: bool = True,
+    text: str | None = None,
 ) -> None:
     """Raise `RecipeError` listing every problem, if any (before a merge: ``need_models``)."""
-    problems = check_recipe(raw, base_dir=base_dir, need_models=need_models)
+    problems = check_recipe(raw, base_dir=base_dir, need_models=need_models, text=text)
     if problems:
         raise RecipeError(source, problems)
 

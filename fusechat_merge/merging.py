@@ -76,7 +76,7 @@ def run_merge_checked(
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    validate_recipe(raw, source_name)
+    validate_recipe(raw, source_name, text=config_source)
     config = MergeConfiguration.model_validate(dict(raw))
     return run_merge_atomic(config, out_path, options or MergeOptions(), config_source)
 
@@ -573,7 +573,7 @@ def wrap_run_merge(run_merge: Callable[..., Any]) -> Callable[..., Any]:
         raw = yaml.safe_load(config_source) if config_source else None
         if not isinstance(raw, dict):
             raw = merge_config.model_dump(exclude_none=True, mode="json")
-        validate_recipe(raw, "(mergekit-yaml recipe)")
+        validate_recipe(raw, "(mergekit-yaml recipe)", text=config_source)
         run_merge_atomic(merge_config, out_path, options, config_source)
         return None
 

@@ -276,6 +276,8 @@ class PipelineRecipe(_Strict):
     merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(name="sce")])
     evaluate: EvalSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    retries: int = Field(2, ge=0, description="Times a stage lost with its Ray worker or node is submitted "
+                         "again (resuming); `run --retries` overrides it. A stage's own error is not retried.")
 
     @field_validator("seeds")
     @classmethod
@@ -423,6 +425,21 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
     if len(set(merge_names)) != len(merge_names):
         problems.append(f"{at('merges')}: merge names must be unique, got {merge_names}")
     return problems
+
+
+def unavailable_models(recipe: PipelineRecipe, work_dir: str | Path) -> dict[str, str]:
+    """The recipe's hub ids that are neither local nor in the Hugging Face cache while the
+    hub cannot be reached (``HF_HUB_OFFLINE``, no network): id → what to say, naming its
+    recipe key. The check cannot refuse them (a plan made offline runs where the hub
+    answers); a run refuses them before any stage that reads one starts."""
+    from fusion.model_refs import hub_unreachable, not_cached
+
+    specs = [("pivot.model", recipe.pivot)] + [(f"sources[{i}].model", s) for i, s in enumerate(recipe.sources)]
+    missing = [(key, spec.model) for key, spec in specs if model_dir(spec.model, Path(work_dir)) is None]
+    why = hub_unreachable() if missing else None
+    if why is None:
+        return {}
+    return {ref: f"{key}: {not_cached(ref, why)}" for key, ref in missing}
 
 
 _MACHINE_FLAGS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "use_cpu")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion import stopping
 from fusion.align import (
     TokenView,
     dtw_alignment,
@@ -299,7 +300,13 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     started = time.perf_counter()
     totals = AlignStats()
     start_row = 0
-    with bar(len(pivot), "seq", enabled=progress, desc="aligning") as sequences:
+    shards = len(pivot.manifest.shards)
+
+    def stopped_in(index: int) -> str:
+        kept = sum((out / shard_name(i)).exists() for i in range(shards))
+        return f"shard {index + 1}/{shards} was being aligned and is dropped; {kept} of {shards} shards are kept in {out}"
+
+    with bar(len(pivot), "seq", enabled=progress, desc="aligning") as sequences, stopping.watching():
         for index, shard in enumerate(pivot.manifest.shards):
             rows = range(start_row, start_row + shard["sequences"])
             start_row += shard["sequences"]
@@ -309,6 +316,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
             else:
                 columns, shard_stats = [], AlignStats()
                 for i in rows:
+                    stopping.check(lambda index=index: stopped_in(index))
                     c, seq_stats = align_sequence(pivot[i], source[i], src2piv, k, plan_of, tokenizers)
                     columns.append(c)
                     shard_stats.add(seq_stats)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion import stopping
 from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
@@ -90,12 +91,14 @@ def score_shard(
     batch_size: int,
     batch_tokens: int = 0,
     log: Callable[[str], None] = print,
+    safe_point: Callable[[], None] = lambda: None,
 ) -> list[SequenceLogits]:
     """Score one shard's sequences; records come back in input order.
 
     The hf backend gets length-sorted batches of at most ``batch_size`` sequences and
     ``batch_tokens`` padded tokens; vLLM the whole shard (its scheduler batches). Each
-    forward pass is counted in ``meter`` (real and padded tokens).
+    forward pass is counted in ``meter`` (real and padded tokens). ``safe_point`` is called
+    before each batch (`fusion.stopping.check`: a stop drops the shard).
     """
     records: list[SequenceLogits | None] = [None] * len(items)
     lengths = [len(enc.input_ids) for _, enc in items]
@@ -113,6 +116,7 @@ def score_shard(
 
     settings = f"batch_tokens (now {batch_tokens}) or batch_size (now {batch_size})"
     for batch in batches:
+        safe_point()
         scored = halving_on_oom(forward, batch, settings=settings, meter=meter, log=log)
         for i, scores in zip(batch, scored, strict=True):
             rid, enc = items[i]
@@ -288,11 +292,17 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
         meter = Throughput(total_tokens)  # from the loaded model on: the scoring rate alone
         with bar(total_tokens, "tok", unit_scale=True, enabled=progress, desc="scoring") as tokens:
             meter.on_tokens = tokens.update
-            for j in todo:
-                records = score_shard(backend, chunks[j], meter, batch_size=job.batch_size,
-                                      batch_tokens=job.batch_tokens, log=log)
-                write_shard(out / shard_name(j), records, options.id_type)
-                log(f"shard {j + 1}/{len(chunks)}: {meter.line()}")
+            with stopping.watching():
+                for j in todo:
+                    def stopped_in(j: int = j) -> str:
+                        kept = sum((out / shard_name(i)).exists() for i in range(len(chunks)))
+                        return (f"shard {j + 1}/{len(chunks)} was being scored and is dropped; {kept} of "
+                                f"{len(chunks)} shards are kept in {out}")
+                    records = score_shard(backend, chunks[j], meter, batch_size=job.batch_size,
+                                          batch_tokens=job.batch_tokens, log=log,
+                                          safe_point=lambda f=stopped_in: stopping.check(f))
+                    write_shard(out / shard_name(j), records, options.id_type)
+                    log(f"shard {j + 1}/{len(chunks)}: {meter.line()}")
         scored = meter.record()
         backend.close()
         log(f"scored {scored['tokens']:,} tokens in {scored['seconds']:.1f}s ({scored['tokens_per_s']:,.0f} tok/s, "

@@ -10,8 +10,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
+from fusion import stopping
 from fusion.artifacts.atomic import write_json_atomic
 from fusion.artifacts.logit_store import StoreError
 from fusion.artifacts.provenance import model_fingerprint, store_fingerprint
@@ -54,6 +57,29 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     """The checkpoints the Trainer finished saving, by step."""
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+
+class StopAtStep(TrainerCallback):
+    """On a stop request (`fusion.stopping`: SIGTERM, Ctrl-C) the Trainer saves a checkpoint
+    at the step it just finished (model, optimizer, scheduler, RNG, data position: what
+    ``resume_from_checkpoint`` needs) and ends the training; ``stopped`` then holds the
+    signal and the step. Every process of a launch decides alike: the request of any
+    process reaches all (a maximum over the processes after each step)."""
+
+    def __init__(self) -> None:
+        self.stopped: tuple[int, int] | None = None  # (signal, step)
+
+    def on_step_end(self, args, state, control, **kw):
+        signum = stopping.requested() or 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([signum], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped = (signum, state.global_step)
+        return control
 
 
 class MarkComplete(TrainerCallback):

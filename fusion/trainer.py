@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
+from fusion import stopping
 from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
 from fusion.artifacts.provenance import check_outputs
 from fusion.artifacts.records import locked, write_faults_named
@@ -31,6 +32,7 @@ from fusion.model_refs import resolve_model
 from fusion.remote_code import RemoteCodeError, check_remote_code
 from fusion.train_checkpoints import (
     MarkComplete,
+    StopAtStep,
     complete_checkpoints,
     resume_point,
     training_record,
@@ -185,10 +187,15 @@ def _train(pivot: str, aligned: Sequence[str], out: Path, config: FusionConfig, 
         train_dataset=dataset,
         data_collator=FusionCollator(pad_id=pad_token_id(tokenizer)),
         processing_class=tokenizer,
-        callbacks=[*callbacks, MarkComplete(), TrainProgress()],
+        callbacks=[*callbacks, stop := StopAtStep(), MarkComplete(), TrainProgress()],
     )
     checkpoint = resume if isinstance(resume, str) else resume_point(
         Path(config.output_dir), record, bool(resume), trainer.is_world_process_zero())
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with stopping.watching():
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.stopped is not None:  # saved at the step reached: the resume continues from it
+        signum, step = stop.stopped
+        raise stopping.Stopped(signum, f"training saved checkpoint-{step} (step {step} of "
+                                       f"{trainer.state.max_steps}) in {config.output_dir}")
     publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
     return out

@@ -375,3 +375,28 @@ def test_sigkill_mid_merge_then_rerun_gives_the_same_bytes(tmp_path, metaspace_t
     assert tree_hash(work / "out") == tree_hash(clean / "out")
     assert sorted(p.name for p in work.iterdir()) == ["out", "out.log"]  # no partial leftovers; the log
     assert tree_hash(models) == user_before
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "in a slice"])
+def test_a_model_listed_twice_is_refused_naming_both_yaml_lines(workspace, spelling):
+    """mergekit would stop with "Duplicate merge inputs" once the models are loaded."""
+    root, recipe = workspace
+    t1 = str(root / "models" / "t1")
+    if spelling == "in a slice":
+        text = (f"merge_method: linear\ndtype: float32\nslices:\n  - sources:\n"
+                f"      - model: {t1}\n        layer_range: [0, 2]\n        parameters: {{weight: 0.5}}\n"
+                f"      - model: {t1}/../t1\n        layer_range: [0, 2]\n        parameters: {{weight: 0.5}}\n")
+        key, lines = "slices[0].sources[1].model", "lines 5 and 8"
+    else:
+        second = t1 if spelling == "same" else "models/t1"
+        text = (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {t1}\n    parameters: {{weight: 0.5}}\n"
+                f"  - model: {root / 'models' / 't2'}\n    parameters: {{weight: 0.2}}\n"
+                f"  - model: {second}\n    parameters: {{weight: 0.3}}\n")
+        key, lines = "models[2].model", "lines 4 and 8"
+    recipe.write_text(text, encoding="utf-8")
+    before = tree_hash(root)
+    for args in (("r.yaml", "out"), ("r.yaml", "out", "--check-only")):
+        result = invoke(*args, cwd=root)
+        assert_refused(result, f"{key}:", "is already an input of this merge", lines, "list each model once")
+        assert "Duplicate merge inputs" not in result.output
+    assert tree_hash(root) == before

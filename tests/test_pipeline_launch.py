@@ -6,6 +6,7 @@ launched stage that fails names its stage, exit code and the last lines of its l
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -128,3 +129,22 @@ def test_a_launched_fuse_stage_logs_its_processes_and_shows_only_our_lines(work)
     log = (work / "logs" / "fuse__seed-0__qwen.log").read_text()
     assert "accelerate.commands.launch" in log and "{'loss'" in log and "==> fuse" in log
     assert not (work / "targets" / "seed-0" / "qwen.log").exists()  # the launched command logs into the stage's
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_an_fsdp_config_on_cpu_says_once_that_it_runs_as_ddp(work):
+    """accelerate allows FSDP on accelerators only: with use_cpu it trains DDP, silently."""
+    from test_console import cli
+
+    launched = json.loads(json.dumps(RECIPE))
+    launched["fuse"]["defaults"]["max_steps"] = 1
+    launched["fuse"]["launch"] = {**LAUNCH, "accelerate_config": str(DDP.with_name("fsdp.yaml"))}
+    (work / "recipe.yaml").write_text(yaml.safe_dump(launched, sort_keys=False))
+    done = cli("run", str(work / "recipe.yaml"), "--work-dir", str(work))
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = "FSDP with use_cpu: accelerate runs it as DDP (it allows FSDP on accelerators only)"
+    assert done.stdout.count(said) == 1, done.stdout
+    log = (work / "logs" / "fuse__seed-0__qwen.log").read_text()
+    assert log.count(said) == 1 and re.search(r"accelerate launch \(2 processes\), log: .*" + re.escape(said), log)
+    assert fuse_record(work)["world_size"] == 2

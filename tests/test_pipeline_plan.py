@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,42 @@ def test_jobs_pickle_and_carry_their_recipe_section(work):
     assert fuse.settings["seed"] == 1 and fuse.aligned == [str(work / "aligned" / "a")]
     for stage in stages.values():
         pickle.dumps(stage.job)
+
+
+def test_a_hub_id_neither_cached_nor_reachable_is_a_warning_at_the_check_and_refused_at_run_time(
+        work, tmp_path):
+    """The 7B recipe plans offline: ``--dry-run`` says which ids cannot be had here; a run
+    refuses before any stage starts (not after hours of scoring the other models)."""
+    import subprocess
+
+    from helpers import BIN, lay_out_in_hub_cache
+
+    hf_home = tmp_path / "hf-home"
+    lay_out_in_hub_cache(hf_home, "toy-org/pivot", work / "models" / "pivot")
+    recipe = copy.deepcopy(RECIPE)
+    recipe["pivot"]["model"] = "toy-org/pivot"  # cached: fine
+    recipe["sources"][0]["model"] = "toy-org/not-cached"
+    recipe["sources"][1]["model"] = "toy-org/nor-this@v2"
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "data" / "train.jsonl").write_bytes((work / "data" / "train.jsonl").read_bytes())
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+    def fusechat(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "fusechat-merge"), "run", str(run_dir / "recipe.yaml"), "--work-dir",
+                               str(run_dir), *args], env=env, capture_output=True, text=True, timeout=300)
+
+    planned = fusechat("--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    for key, ref in (("sources[0].model", "toy-org/not-cached"), ("sources[1].model", "toy-org/nor-this")):
+        assert re.search(rf"warning: {re.escape(key)}: .*'{ref}'.* not in the Hugging Face cache and cannot be "
+                         r"downloaded: HF_HUB_OFFLINE is set", planned.stderr), planned.stderr
+    assert "toy-org/pivot" not in planned.stderr
+    for args in ((), ("--stage", "logits/a")):
+        refused = fusechat(*args)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "no stage was started" in refused.stderr and "'toy-org/not-cached'" in refused.stderr
+        assert "needed by logits/a" in refused.stderr and "Traceback" not in refused.stderr
+        assert not (run_dir / "stages").exists() or not list((run_dir / "stages").glob("*.json"))
+        assert not (run_dir / "logits").exists()

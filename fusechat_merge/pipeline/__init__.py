@@ -43,15 +43,20 @@ def run_pipeline(
     executor: str = "local",
     ray_address: str | None = None,
     verbose: bool = False,
+    retries: int | None = None,
 ) -> list[Stage]:
     """Plan ``recipe`` in ``work_dir`` and run it; returns the stages with their status.
     ``executor``: ``local`` (this process, stage after stage) or ``ray`` (a Ray cluster at
     ``ray_address``, or a local Ray instance). ``verbose``: the libraries' output on the
-    terminal too (it always goes to ``WORK/logs/<stage>.log``)."""
+    terminal too (it always goes to ``WORK/logs/<stage>.log``). ``retries``: how often a Ray
+    stage lost with its worker or node is submitted again (default: the recipe's ``retries``)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    from fusechat_merge.pipeline_recipe import unavailable_models
+
     layout = WorkDir(Path(work_dir).absolute())
-    runner = Runner(plan_stages(recipe, layout), layout, log=log, executor=executor, verbose=verbose)
+    runner = Runner(plan_stages(recipe, layout), layout, log=log, executor=executor, verbose=verbose,
+                    unavailable=unavailable_models(recipe, layout.root))
     problems = memory_plan(recipe, runner.stages)
     if problems and not dry_run:
         raise MemoryFitError(problems)
@@ -59,7 +64,7 @@ def run_pipeline(
     if executor == "ray":
         from fusechat_merge.pipeline.ray_executor import RayExecutor
 
-        run_with = RayExecutor(ray_address)
+        run_with = RayExecutor(ray_address, retries=recipe.retries if retries is None else retries)
     stages = runner.run(from_stage=from_stage, only=only, dry_run=dry_run, executor=run_with)
     if problems:  # a dry run shows the plan, then says what does not fit
         raise MemoryFitError(problems)
@@ -90,12 +95,13 @@ def memory_plan(recipe: PipelineRecipe, stages: list[Stage]) -> list[str]:
 
 def pipeline_runner(recipe: PipelineRecipe, work_dir: str | Path, *,
                     log: Callable[[str], None] = print, verbose: bool = False,
-                    memory: bool = False) -> Runner:
+                    memory: bool = False, unavailable: dict[str, str] | None = None) -> Runner:
     """The runner of ``recipe`` in ``work_dir`` (for ``--plan``, ``--stage`` and ``status``);
     ``memory``: refuse a plan with a stage that cannot fit its GPUs (`MemoryFitError`), after
-    putting every stage's estimate on it."""
+    putting every stage's estimate on it; ``unavailable``: hub ids it refuses to run stages
+    with (`pipeline_recipe.unavailable_models`)."""
     layout = WorkDir(Path(work_dir).absolute())
-    runner = Runner(plan_stages(recipe, layout), layout, log=log, verbose=verbose)
+    runner = Runner(plan_stages(recipe, layout), layout, log=log, verbose=verbose, unavailable=unavailable)
     if memory:
         runner.memory_problems = memory_plan(recipe, runner.stages)
     return runner

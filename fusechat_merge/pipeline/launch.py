@@ -12,6 +12,7 @@ the same `fusion.trainer.train_fusion`, only in N processes.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from fusion import stopping
 from fusion.artifacts.atomic import write_text_atomic
 from fusion.progress import Follower
 
@@ -80,20 +82,27 @@ def run_launched(job: Launchable, resume: bool, log: Callable[[str], None]) -> d
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    as_ddp = "; FSDP with use_cpu: accelerate runs it as DDP (it allows FSDP on accelerators only)" \
+        if fsdp_on_cpu(job) else ""
     log(f"accelerate launch ({job.launch and job.launch.get('num_processes') or 'config'} processes), "
-        f"log: {log_file}")
+        f"log: {log_file}{as_ddp}")
     with log_file.open("ab") as out:
         out.write(("$ " + " ".join(cmd) + "\n").encode())
         out.flush()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         follower = Follower()  # the training's bar, from the progress its main process reports
+        forwarded = False
         try:
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                follower.poll()
-                time.sleep(1.0)
+            with stopping.watching():  # a stop request goes to the training, which saves a checkpoint
+                while True:
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    if stopping.requested() and not forwarded:
+                        proc.send_signal(signal.SIGTERM)
+                        forwarded = True
+                    follower.poll()
+                    time.sleep(0.2 if forwarded else 1.0)
         except BaseException:  # interrupted: do not leave training processes behind
             proc.terminate()
             proc.wait()
@@ -101,9 +110,34 @@ def run_launched(job: Launchable, resume: bool, log: Callable[[str], None]) -> d
         finally:
             follower.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    signum = stopping.requested()
+    if signum is not None and proc.returncode != 0:
+        raise stopping.Stopped(signum, f"the launched training stopped: {_last_checkpoint(job.out)}; "
+                                       f"its log: {log_file}")
     if proc.returncode != 0:
         raise LaunchError("accelerate launch", proc.returncode, str(log_file), tail(log_file))
     return {"peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def fsdp_on_cpu(job: Launchable) -> bool:
+    """An FSDP accelerate config run on CPU (``use_cpu`` in the config or the training
+    options, ``--cpu`` among the launch args): accelerate silently trains it as DDP."""
+    assert job.launch is not None
+    try:
+        config = yaml.safe_load(Path(job.launch["accelerate_config"]).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # accelerate says what is wrong with it
+    if not isinstance(config, dict) or str(config.get("distributed_type", "")).upper() != "FSDP":
+        return False
+    return bool(config.get("use_cpu") or job.training_options().get("use_cpu") or "--cpu" in job.launch.get("args", []))
+
+
+def _last_checkpoint(out: str) -> str:
+    from fusion.train_checkpoints import complete_checkpoints
+
+    folder = Path(out) / "checkpoints"
+    done = complete_checkpoints(folder) if folder.is_dir() else []
+    return f"its last checkpoint is {done[-1]}" if done else "no checkpoint was saved"
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:

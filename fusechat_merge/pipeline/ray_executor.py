@@ -12,8 +12,16 @@ not stop the others: stages that do not depend on it finish, then the run fails 
 A stage that asks for GPUs runs in a fresh worker process (``max_calls=1``): GPU memory is
 returned to the node when it ends, and its peak RSS is that stage's. CPU-only stages share
 workers (no import of torch per stage); their peak RSS is the worker's peak so far, as with
-the local executor. Tasks are not retried (``max_retries=0``): a rerun of the pipeline
-resumes an interrupted stage from its records.
+the local executor.
+
+A stage lost with its worker or node (the OOM killer, a preempted node, a spot instance
+reclaimed: `LOST`), or stopped by a SIGTERM sent to its worker, is submitted again, up to
+``retries`` times (the recipe's ``retries``, ``run --retries``): the new attempt resumes
+from what the lost one completed (its shards, its last checkpoint), as a rerun would. A
+stage that fails by its own error (a bad input) is not retried. Each attempt (host, pid,
+when, why it was lost) is in the stage's records (``attempts``) and ``status``. Ray's own
+task retries stay off (``max_retries=0``): they would rerun a stage without telling it to
+resume, and without a record of the attempt.
 
 The work directory must be one filesystem seen by every node (NFS, Lustre, ...):
 `check_shared_filesystem` has a task on each node read a probe file the driver wrote there.
@@ -22,6 +30,7 @@ The work directory must be one filesystem seen by every node (NFS, Lustre, ...):
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,8 +38,14 @@ from typing import Any
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage
 from fusechat_merge.pipeline.runner import RunError, Runner, StageError, Work, apply_record
+from fusion.artifacts.records import StoreError, read_record
+from fusion.stopping import Stopped, check, on_signals, reclaim, requested, watching
 
 PROBE_TIMEOUT_S = 120
+STOP_WAIT_S = 600  # how long a stopped driver waits for its tasks' safe points
+LOST = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OutOfMemoryError", "ObjectLostError",
+        "OwnerDiedError")
+"""Ray's errors that mean the stage's worker or node was lost (not the stage's own error)."""
 
 
 class SharedFilesystemError(RuntimeError):
@@ -42,9 +57,10 @@ class RayExecutor:
     ``ray://host:10001``, ``host:6379``); None starts a local Ray instance for this run (or
     uses the one this process already started)."""
 
-    def __init__(self, address: str | None = None, *, num_cpus: int | None = None) -> None:
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None, retries: int = 2) -> None:
         self.address = address
         self.num_cpus = num_cpus
+        self.retries = retries
 
     def __call__(self, runner: Runner, work: Work) -> None:
         if not work:
@@ -58,9 +74,11 @@ class RayExecutor:
             else:  # nothing large goes through the object store: keep it small
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False, object_store_memory=128 * 2**20,
                          log_to_driver=True)
-        try:
-            check_shared_filesystem(runner.layout)
-            self._schedule(runner, work)
+            reclaim()  # ray.init made SIGTERM a bare sys.exit: ours names the stages it stops
+        try:  # a signal raised inside Ray's calls would break them: the loop checks for it instead
+            with watching():
+                check_shared_filesystem(runner.layout)
+                self._schedule(runner, work)
         finally:
             if started_here:
                 ray.shutdown()
@@ -70,48 +88,100 @@ class RayExecutor:
 
         gpu_task = ray.remote(max_calls=1, max_retries=0)(run_stage_task)
         cpu_task = ray.remote(max_retries=0)(run_stage_task)
+
+        def submit(stage: Stage, resume: bool, reason: str, attempts: list[dict[str, Any]]) -> None:
+            task = gpu_task if stage.resources.get("num_gpus") else cpu_task
+            ref = task.options(**ray_options(stage.resources), name=stage.id).remote(
+                str(runner.layout.root), stage, resume, reason, attempts)
+            running[ref] = (stage, reason, attempts)
+
         unfinished = {stage.id for stage, _, _ in work}
         waiting = list(work)  # plan order: a stage comes after everything it waits for
-        running: dict[Any, Stage] = {}
+        running: dict[Any, tuple[Stage, str, list[dict[str, Any]]]] = {}
         failed: list[StageError] = []
         not_run: set[str] = set()  # failed, or waiting for a failed stage
         blocked: list[str] = []
-        while waiting or running:
-            for item in list(waiting):
-                stage, resume, reason = item
-                if any(u in not_run for u in stage.after):
-                    waiting.remove(item)
-                    not_run.add(stage.id)
-                    blocked.append(stage.id)
-                    stage.status = "not run (upstream failed)"
-                elif not any(u in unfinished for u in stage.after):
-                    waiting.remove(item)
-                    runner.log(f"[{stage.id}] submitted ({reason}) {_describe(stage.resources)}")
-                    task = gpu_task if stage.resources.get("num_gpus") else cpu_task
-                    ref = task.options(**ray_options(stage.resources), name=stage.id).remote(
-                        str(runner.layout.root), stage, resume, reason)
-                    running[ref] = stage
-            if not running:
-                break
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                stage = running.pop(ref)
-                unfinished.discard(stage.id)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as err:  # the worker died (OOM kill, lost node)
-                    result = {"error": f"{type(err).__name__}: {err}"}
-                if "record" in result:
-                    apply_record(stage, result["record"])
-                    runner.log(f"[{stage.id}] done on {result['record']['host']} "
-                               f"in {stage.seconds:.1f}s")
-                else:
+        try:
+            while waiting or running:
+                if requested():  # asked to stop (SIGTERM, Ctrl-C): so are the tasks, at their safe points
+                    check(lambda: _stop_tasks(list(running)))
+                for item in list(waiting):
+                    stage, resume, reason = item
+                    if any(u in not_run for u in stage.after):
+                        waiting.remove(item)
+                        not_run.add(stage.id)
+                        blocked.append(stage.id)
+                        stage.status = "not run (upstream failed)"
+                    elif not any(u in unfinished for u in stage.after):
+                        waiting.remove(item)
+                        runner.log(f"[{stage.id}] submitted ({reason}) {_describe(stage.resources)}")
+                        submit(stage, resume, reason, [])
+                if not running:
+                    break
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    stage, reason, attempts = running.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayError as err:
+                        result = {"lost" if type(err).__name__ in LOST else "error": _first_line(err)}
+                    if "lost" in result and len(attempts) < self.retries:
+                        attempts = [*attempts, lost_attempt(runner.layout, stage, result["lost"])]
+                        resume = runner.state(stage) == "resume"  # it got as far as its started record
+                        runner.log(f"[{stage.id}] attempt {len(attempts)} lost on {attempts[-1]['host']}: "
+                                   f"{result['lost']}; attempt {len(attempts) + 1} of {self.retries + 1}"
+                                   f"{', resuming' if resume else ''}")
+                        submit(stage, resume, reason, attempts)
+                        continue
+                    unfinished.discard(stage.id)
+                    if "record" in result:
+                        apply_record(stage, result["record"])
+                        runner.log(f"[{stage.id}] done on {result['record']['host']} "
+                                   f"in {stage.seconds:.1f}s")
+                        continue
+                    error = result.get("error") or (f"lost {len(attempts) + 1} times (retries: {self.retries}); "
+                                                    f"the last time: {result['lost']}")
                     not_run.add(stage.id)
                     stage.status = "failed"
-                    failed.append(StageError(stage.id, result["error"]))
-                    runner.log(f"[{stage.id}] FAILED: {result['error']}")
+                    failed.append(StageError(stage.id, error))
+                    runner.log(f"[{stage.id}] FAILED: {error}")
+        except Stopped as stop:
+            stop.stage = ", ".join(stage.id for stage, _, _ in running.values()) or None
+            raise
         if failed:
             raise RunError(failed, blocked)
+
+
+def _stop_tasks(refs: list[Any]) -> str:
+    """Ask the running tasks to stop (Ray's cancel interrupts a task as Ctrl-C does: each
+    stage stops at its next safe point, a training saves a checkpoint) and wait for them
+    (a second Ctrl-C: at once)."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STOP_WAIT_S) if refs else ([], [])
+    left = len(refs) - len(ready)
+    return ("the running stages stopped at their safe points" if not left else
+            f"{left} running stage(s) did not stop within {STOP_WAIT_S}s and were ended") + "; a rerun resumes them"
+
+
+def lost_attempt(layout: WorkDir, stage: Stage, why: str) -> dict[str, Any]:
+    """What the records say of an attempt that was lost: where it ran (from its started
+    record, if it got that far), when, and why it was lost."""
+    try:
+        started = read_record(layout.record(stage.id, "started"))
+    except (FileNotFoundError, StoreError):
+        started = {}
+    if started.get("key") != stage.key:
+        started = {}
+    return {"host": started.get("host", "?"), "pid": started.get("pid"), "started_at": started.get("started_at"),
+            "ended_at": time.time(), "lost": why}
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def ray_options(resources: dict[str, Any]) -> dict[str, Any]:
@@ -126,10 +196,13 @@ def _describe(resources: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in resources.items() if v)
 
 
-def run_stage_task(root: str, stage: Stage, resume: bool, reason: str) -> dict[str, Any]:
+def run_stage_task(root: str, stage: Stage, resume: bool, reason: str,
+                   attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The body of a stage's Ray task: `Runner.run_stage` in this worker, its log lines
     printed (Ray forwards them to the driver) and appended to ``WORK/logs/<stage>.log``.
-    Returns ``{"record": done record}`` or ``{"error": message}``."""
+    ``attempts``: the earlier attempts, lost. Returns ``{"record": done record}``,
+    ``{"error": message}`` or ``{"lost": why}`` (a SIGTERM to this worker: the stage stopped
+    at a safe point, another attempt resumes it)."""
     layout = WorkDir(Path(root))
     log_file = layout.log(stage.id)
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -141,10 +214,14 @@ def run_stage_task(root: str, stage: Stage, resume: bool, reason: str) -> dict[s
 
     runner = Runner([stage], layout, log=log, executor="ray")
     try:
-        return {"record": runner.run_stage(stage, resume=resume, reason=reason)}
+        with on_signals(notify=log):
+            return {"record": runner.run_stage(stage, resume=resume, reason=reason, attempts=attempts or [])}
     except StageError as err:
         log(str(err))
         return {"error": err.error}
+    except Stopped as stop:
+        log(f"[{stage.id}] {stop}")
+        return {"lost": str(stop)}
 
 
 def check_shared_filesystem(layout: WorkDir) -> None:

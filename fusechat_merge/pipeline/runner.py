@@ -5,7 +5,10 @@ started_at; its bars' last state in a ``progress`` record), a ``failed`` record 
 raised, and a ``done`` record when it finished, in ``WORK/stages/``, and everything the
 libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.pipeline.stage_output`). The
 done record holds: its key, how it ran (``executor``: local or ray, ``host``,
-``pid``; ``placement``: the resources it asked for and, on Ray, its node and GPU ids), when (``started_at``, ``finished_at``: Unix seconds; ``seconds``), its peak memory
+``pid``; ``placement``: the resources it asked for and, on Ray, its node and GPU ids), when
+(``started_at``, ``finished_at``: Unix seconds; ``seconds``), every attempt (``attempts``:
+host, pid, started_at, ended_at, and ``lost``: why, for those lost with their Ray worker or
+node and retried), its peak memory
 (``peak_rss_mb``: of the process that ran it, or of the largest process of an accelerate
 launch, ``peak_rss_of`` says which; ``peak_gpu_mb`` when it used CUDA in-process) and what
 its job reports (fuse: ``world_size``, the number of training processes, as the training
@@ -43,6 +46,7 @@ from fusechat_merge.pipeline.stage_output import (
 )
 from fusechat_merge.pipeline.stage_records import REASONS, read_stage_records, run_state
 from fusechat_merge.pipeline_recipe import STAGES
+from fusion import stopping
 from fusion.artifacts.atomic import write_json_atomic
 from fusion.artifacts.records import OutputLock, write_record
 
@@ -82,8 +86,9 @@ class Runner:
     through an ``executor`` (`fusechat_merge.pipeline.ray_executor.RayExecutor`)."""
 
     def __init__(self, stages: list[Stage], layout: WorkDir, *, log: Callable[[str], None] = print,
-                 executor: str = "local", verbose: bool = False):
+                 executor: str = "local", verbose: bool = False, unavailable: dict[str, str] | None = None):
         self.stages = stages
+        self.unavailable = unavailable or {}  # hub ids that cannot be had here (id → why)
         self.layout = layout
         self.log = log
         self.executor = executor  # the name written into the records
@@ -128,7 +133,17 @@ class Runner:
         if dry_run:
             return self._dry_run(self.todo(from_stage=from_stage, only=only))
         with self._lock(shared=False):
-            return self._run(self.todo(from_stage=from_stage, only=only), executor)
+            work = self.todo(from_stage=from_stage, only=only)
+            self._refuse_unavailable([stage for stage, _, _ in work])
+            return self._run(work, executor)
+
+    def _refuse_unavailable(self, stages: list[Stage]) -> None:
+        """Before any stage starts: refuse if one to run reads a model that cannot be had."""
+        missing = {ref: why for stage in stages for ref in stage.job.reads() if (why := self.unavailable.get(ref))}
+        if missing:
+            users = {ref: [s.id for s in stages if ref in s.job.reads()] for ref in missing}
+            raise RuntimeError("models that cannot be had here, so no stage was started:\n" + "\n".join(
+                f"  - {why} (needed by {', '.join(users[ref])})" for ref, why in missing.items()))
 
     def _lock(self, *, shared: bool) -> OutputLock:
         return OutputLock(self.layout.run_lock, f"work dir {self.layout.root}", shared=shared)
@@ -152,6 +167,7 @@ class Runner:
             if executor is None:
                 self._summaries = Summaries(self.log)
                 for stage, resume, reason in work:
+                    stopping.check()  # asked to stop while the last stage ended: before the next
                     self.run_stage(stage, resume=resume, reason=reason)
             else:
                 executor(self, work)
@@ -179,6 +195,7 @@ class Runner:
                 stage.status = "skipped (up to date)"
                 self.log(f"[{stage_id}] up to date")
                 return stage
+            self._refuse_unavailable([stage])
             self.run_stage(stage, resume=state == "resume", reason=reason)
         return stage
 
@@ -189,19 +206,29 @@ class Runner:
                  **({"memory": s.memory} if s.memory else {})}
                 for s in self.stages]
 
-    def run_stage(self, stage: Stage, *, resume: bool, reason: str) -> dict[str, Any]:
+    def run_stage(self, stage: Stage, *, resume: bool, reason: str,
+                  attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Run one stage's job between its ``started`` and ``done`` records; returns the
-        done record. A job that raises becomes `StageError` (the started record stays).
+        done record. A job that raises becomes `StageError` (the started record stays); one stopped by a
+        signal (`fusion.stopping.Stopped`) names the stage and keeps its started record too.
         The stage's lock is held meanwhile: a stage another process runs is refused."""
-        with OutputLock(self.layout.stage_lock(stage.id), f"stage {stage.id}"):
-            return self._run_stage(stage, resume=resume, reason=reason)
+        try:
+            with OutputLock(self.layout.stage_lock(stage.id), f"stage {stage.id}"):
+                return self._run_stage(stage, resume=resume, reason=reason, attempts=attempts or [])
+        except stopping.Stopped as stop:  # its started record stays: the rerun resumes it
+            stop.stage = stop.stage or stage.id
+            stage.status = "stopped"
+            raise
 
-    def _run_stage(self, stage: Stage, *, resume: bool, reason: str) -> dict[str, Any]:
+    def _run_stage(self, stage: Stage, *, resume: bool, reason: str, attempts: list[dict[str, Any]]) -> dict[str, Any]:
         if not resume:
             for out in stage.outputs:
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
         self.layout.record(stage.id, "done").unlink(missing_ok=True)
-        write_record(self.layout.record(stage.id, "started"), {"key": stage.key, **started_fields(self.executor)})
+        started_record = {"key": stage.key, **started_fields(self.executor)}
+        if attempts:  # the earlier attempts of this run, lost with their worker (the Ray executor)
+            started_record.update(attempt=len(attempts) + 1, lost_attempts=attempts)
+        write_record(self.layout.record(stage.id, "started"), started_record)
         _reset_peak_gpu()
         started_at, started = time.time(), time.perf_counter()
         try:
@@ -215,7 +242,9 @@ class Runner:
             "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_rss_of": "process", **_peak_gpu(), "version": __version__,
-            "placement": placement(stage.resources)}
+            "placement": placement(stage.resources),
+            "attempts": [*attempts, {"host": socket.gethostname(), "pid": os.getpid(), "started_at": started_at,
+                                     "ended_at": time.time()}]}
         if "peak_rss_mb" in reported:
             record["peak_rss_of"] = "largest launched process"
         record.update(reported)

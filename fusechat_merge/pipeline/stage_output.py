@@ -23,6 +23,7 @@ from fusechat_merge import __version__
 from fusechat_merge.pipeline.stage_records import NEW
 from fusion.artifacts.records import StoreError, write_record
 from fusion.progress import captured, format_bytes_mb, format_seconds
+from fusion.stopping import Stopped
 
 if TYPE_CHECKING:
     from fusechat_merge.pipeline.layout import WorkDir
@@ -59,6 +60,9 @@ def stage_output(stage: Stage, layout: WorkDir, *, verbose: bool = False) -> Ite
         print(f"==> [{stage.id}] {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}", flush=True)
         try:
             yield lines
+        except Stopped as stop:  # not a failure: the rerun resumes
+            print(f"==> [{stage.id}] {stop}; a rerun resumes it", flush=True)
+            raise
         except Exception as err:
             traceback.print_exc()  # into the log
             write_record(failed, {"key": stage.key, "error": error_text(stage, err),

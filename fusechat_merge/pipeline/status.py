@@ -7,7 +7,8 @@ current key whose process is alive, or on another host: a Ray worker, a SLURM ta
 records hold another key: the recipe, an input or the package version changed since; or
 its done or started record cannot be read: a run redoes it, as `Runner` decides from the
 same records, `fusechat_merge.pipeline.stage_records`) or ``waiting`` (never run, or run by
-a plan whose stages are gone).
+a plan whose stages are gone). A stage retried after its Ray worker or node was lost says
+which attempt it is and where the lost ones ran.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _status(layout: WorkDir, stage_id: str, key: str | None, outputs: list[Path]
     elif current(done) and all(p.exists() for p in outputs):
         row.update(state="done", host=done.get("host"), started_at=done.get("started_at"),
                    finished_at=done.get("finished_at"), seconds=done.get("seconds"),
-                   peak_rss_mb=done.get("peak_rss_mb"), peak_gpu_mb=done.get("peak_gpu_mb"))
+                   peak_rss_mb=done.get("peak_rss_mb"), peak_gpu_mb=done.get("peak_gpu_mb"),
+                   attempts=done.get("attempts") or [])
     elif current(failed):
         row.update(state="failed", host=failed.get("host"), error=failed.get("error"),
                    started_at=(started or {}).get("started_at"), finished_at=failed.get("failed_at"))
@@ -90,7 +92,9 @@ def _status(layout: WorkDir, stage_id: str, key: str | None, outputs: list[Path]
         here = started.get("host") == socket.gethostname()
         alive = not here or process_alive(started.get("pid"))
         row.update(state="running" if alive else "interrupted", host=started.get("host"),
-                   pid=started.get("pid"), started_at=started.get("started_at"), progress=records.progress)
+                   pid=started.get("pid"), started_at=started.get("started_at"), progress=records.progress,
+                   attempts=[*(started.get("lost_attempts") or []),
+                             {k: started.get(k) for k in ("host", "pid", "started_at")}])
     else:
         made = done or started or failed
         row.update(state="stale" if made else "waiting")
@@ -119,13 +123,14 @@ def _details(row: dict[str, Any], now: float) -> str:
 
         gpu = f", GPU {mb('peak_gpu_mb')}" if _number(row.get("peak_gpu_mb")) else ""
         seconds = format_seconds(row["seconds"]) if _number(row.get("seconds")) else "?"
-        return f"{seconds}, peak {mb('peak_rss_mb')}{gpu}, {_when(row.get('finished_at'), now)} on {row.get('host')}"
+        return (f"{seconds}, peak {mb('peak_rss_mb')}{gpu}, {_when(row.get('finished_at'), now)} on "
+                f"{row.get('host')}{_lost(row)}")
     if state == "failed":
         return f"{row.get('error')}; log: {row['log']}"
     if state in ("running", "interrupted"):
         since = f"on {row['host']} (pid {row['pid']}) since {_when(row['started_at'], now)}"
         since += _progress(row.get("progress"), now)
-        return since + ("" if state == "running" else "; a rerun resumes it")
+        return since + _lost(row) + ("" if state == "running" else "; a rerun resumes it")
     if state == "stale":
         reason = row.get("reason") or REASONS["stale"]
         return f"{'the recipe or an input changed since it ran' if reason == REASONS['stale'] else reason}: it reruns"
@@ -146,6 +151,14 @@ def _progress(progress: dict[str, Any] | None, now: float) -> str:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _lost(row: dict[str, Any]) -> str:
+    """``; attempt 2, lost before: on HOST (WorkerCrashedError: ...)`` when earlier attempts were lost."""
+    lost = [a for a in row.get("attempts") or [] if a.get("lost")]
+    if not lost:
+        return ""
+    return f"; attempt {len(lost) + 1}, lost before: " + "; ".join(f"on {a.get('host')} ({a['lost']})" for a in lost)
 
 
 def _when(stamp: float | None, now: float) -> str:
