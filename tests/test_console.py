@@ -104,7 +104,8 @@ def test_the_terminal_shows_our_lines_and_the_logs_the_libraries(work):  # noqa:
     assert sorted(shown) == sorted(ids), terminal  # every stage, once, with its time
     assert all(seconds.endswith("s") for seconds in shown.values())
     assert "target:qwen" in terminal and "stage timings" in terminal  # the report and the timings
-    assert len(terminal.splitlines()) < len(ids) + 60, terminal
+    # a line per stage plus its few result lines, the report's tables (results, transfer, effects)
+    assert len(terminal.splitlines()) < 3 * len(ids) + 40, terminal
 
     logs = {p.name: p.read_text(encoding="utf-8", errors="replace") for p in (work / "logs").glob("*.log")}
     assert set(logs) == {sid.replace("/", "__") + ".log" for sid in ids}
