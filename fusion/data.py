@@ -56,8 +56,8 @@ class Turn:
     content: str
 
 
-class MalformedRow(ValueError):  # noqa: N818 - the public name other modules import
-    """A row that cannot be used; carries row_id and reason."""
+class _RowError(ValueError):
+    """What is wrong with one row: carries row_id and reason."""
 
     def __init__(self, row_id: str, reason: str):
         super().__init__(f"row {row_id}: {reason}")
@@ -69,17 +69,13 @@ class MalformedRow(ValueError):  # noqa: N818 - the public name other modules im
         return (type(self), (self.row_id, self.reason))
 
 
-class UnsupportedContent(ValueError):  # noqa: N818 - raised beside MalformedRow, read the same way
+class MalformedRow(_RowError):  # noqa: N818 - the public name other modules import
+    """A row that cannot be used: skipped and counted."""
+
+
+class UnsupportedContent(_RowError):  # noqa: N818 - raised beside MalformedRow, read the same way
     """A row of a kind this tool cannot use at all (an image part): refused, not skipped; the
     corpus needs converting. `usable_rows` names the file."""
-
-    def __init__(self, row_id: str, reason: str):
-        super().__init__(f"row {row_id}: {reason}")
-        self.row_id = row_id
-        self.reason = reason
-
-    def __reduce__(self):
-        return (type(self), (self.row_id, self.reason))
 
 
 @dataclass(frozen=True)

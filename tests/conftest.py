@@ -49,3 +49,38 @@ def model_family(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
         ]
         family[arch] = [base, *targets]
     return family
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
+    """A pivot, a source of another tokenizer, their stores and the aligned store, made
+    through the CLI (the users' tests: test_faults_users*.py)."""
+    from corpus import conversations, write_jsonl
+
+    from fusechat_merge.demo.toy import make_model
+
+    root = tmp_path_factory.mktemp("users")
+    data = write_jsonl(root / "chats.jsonl", conversations(8))
+    pivot = make_model(root / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
+    source = make_model(root / "source", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
+    stores = {}
+    for name, model in (("pivot", pivot), ("source", source)):
+        stores[name] = root / f"s-{name}"
+        _ok(_cli("logits", "--model", model, "--data", data, "--out", stores[name], "--top-k", "4",
+               "--cache-dir", root / "cache"))
+    aligned = root / "aligned"
+    _ok(_cli("align", "--pivot", stores["pivot"], "--source", stores["source"], "--out", aligned))
+    return {"root": root, "data": data, "pivot": pivot, "source": source, "stores": stores, "aligned": aligned}
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from fusechat_merge.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _ok(result):
+    assert result.exit_code == 0, print(result.output) or result.exception
+    return result

@@ -34,25 +34,6 @@ TRAIN = ["--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--see
          "--disable-tqdm", "true", "--max-steps", "1"]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
-    """A pivot, a source of another tokenizer, their stores and the aligned store."""
-    from fusechat_merge.demo.toy import make_model
-
-    root = tmp_path_factory.mktemp("users")
-    data = write_jsonl(root / "chats.jsonl", conversations(8))
-    pivot = make_model(root / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
-    source = make_model(root / "source", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
-    stores = {}
-    for name, model in (("pivot", pivot), ("source", source)):
-        stores[name] = root / f"s-{name}"
-        ok(cli("logits", "--model", model, "--data", data, "--out", stores[name], "--top-k", "4",
-               "--cache-dir", root / "cache"))
-    aligned = root / "aligned"
-    ok(cli("align", "--pivot", stores["pivot"], "--source", stores["source"], "--out", aligned))
-    return {"root": root, "data": data, "pivot": pivot, "source": source, "stores": stores, "aligned": aligned}
-
-
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 

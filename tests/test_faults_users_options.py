@@ -11,43 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from click.testing import CliRunner
-from corpus import conversations, write_jsonl
+from corpus import write_jsonl
 from helpers import BIN, refused, sce_recipe, tree_hash, write_recipe
-
-from fusechat_merge.cli import main
+from test_faults_users import cli, ok
 
 TRAIN = ["--per-device-train-batch-size", "2", "--learning-rate", "1e-3", "--seed", "0",
          "--disable-tqdm", "true"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
-    """A pivot, a source of another tokenizer, their stores and the aligned store."""
-    from fusechat_merge.demo.toy import make_model
-
-    root = tmp_path_factory.mktemp("users3")
-    data = write_jsonl(root / "chats.jsonl", conversations(8))
-    pivot = make_model(root / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
-    source = make_model(root / "source", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
-    stores = {}
-    for name, model in (("pivot", pivot), ("source", source)):
-        stores[name] = root / f"s-{name}"
-        ok(cli("logits", "--model", model, "--data", data, "--out", stores[name], "--top-k", "4",
-               "--cache-dir", root / "cache"))
-    aligned = root / "aligned"
-    ok(cli("align", "--pivot", stores["pivot"], "--source", stores["source"], "--out", aligned))
-    return {"root": root, "data": data, "pivot": pivot, "source": source, "stores": stores, "aligned": aligned}
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, print(result.output) or result.exception
-    return result
 
 
 # --- 29.1: options that silently vanished ---------------------------------------------------
