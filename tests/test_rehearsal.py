@@ -75,6 +75,8 @@ def rehearsal_recipe(parts: int | None = None) -> dict:
     tp = tensor_parallel(seven_b)
     resources["stages"] = {f"logits/{name}/part-{i}": {"num_gpus": tp[name]}
                            for name, count in counts.items() for i in range(count)}
+    # a held-out file's store (the transfer measure) is scored as vLLM would: on the model's GPUs
+    resources["stages"].update({f"logits/eval-chat/{name}": {"num_gpus": tp[name]} for name in counts})
     recipe["evaluate"] = {"skills": {"chat": "data/heldout.jsonl"}, "max_length": 128, "batch_size": 8}
     return recipe
 
@@ -187,7 +189,8 @@ def test_rehearsal_runs_the_7b_recipe_on_a_simulated_gpu_cluster(hub, cluster):
         assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
     rows = json.loads((work / "eval" / "base.json").read_text(encoding="utf-8"))
     assert {r["model"] for r in rows} == set(HUB_IDS)  # InternLM2 evaluated with its own code too
-    assert all(r["loss"] > 0 for r in rows)
+    assert all(r["loss"] > 0 for r in rows if "loss" in r)
+    assert any(r.get("transfer_kl", -1) >= 0 for r in rows)  # the pivot's distance to each source
     print(sorted(p.name for p in (work / "report").iterdir()))
 
     records = _records(work)
@@ -200,6 +203,8 @@ def test_rehearsal_runs_the_7b_recipe_on_a_simulated_gpu_cluster(hub, cluster):
         gpus = where["gpu_ids"]
         if "/part-" in stage_id:  # each scoring part holds its model's tensor-parallel GPUs
             assert len(gpus) == tp[stage_id.split("/")[1]], (stage_id, gpus)
+        elif stage_id.startswith("logits/eval-"):  # a held-out file's store: the model's GPUs too
+            assert len(gpus) == tp[stage_id.split("/")[2]], (stage_id, gpus)
         elif rec["kind"] == "fuse":  # each training a whole node
             assert gpus == sorted(str(i) for i in range(GPUS_PER_NODE)), (stage_id, gpus)
         else:
