@@ -1,19 +1,19 @@
 """Token-alignment throughput: ``offsets`` and ``dtw`` against the reference-style plain DP.
 
 A corpus of conversations (~600 tokens each with the toy tokenizers) is rendered with a
-'▁' pivot tokenizer and a byte-level 'Ġ' source tokenizer (`fusion.data.render`), then
+'▁' pivot tokenizer and a byte-level 'Ġ' source tokenizer (`fusion.data.conversations.render`), then
 aligned position by position:
 
-* ``offsets``: `fusion.align.offsets_alignment` (exact, from character spans);
-* ``dtw``: `fusion.align.dtw_alignment` (rapidfuzz cost matrix + vectorised DP);
-* ``plain``: the same DTW with `fusion.dtw.dtw_align_plain` (a Python double loop calling
+* ``offsets``: `fusion.align.positions.offsets_alignment` (exact, from character spans);
+* ``dtw``: `fusion.align.positions.dtw_alignment` (rapidfuzz cost matrix + vectorised DP);
+* ``plain``: the same DTW with `fusion.align.dtw.dtw_align_plain` (a Python double loop calling
   the edit distance once per pair, as the reference code does), on a subset.
 
 It prints aligned pivot tokens per second for each, the dtw/plain ratio (target ≥ 50×),
 whether offsets reaches 1M tokens/s, and how often offsets and dtw agree.
 
-Then the byte-prefix projection (`fusion.projection`): `fusechat-merge align` end to end
-(`fusion.align_job.align_stores`: read the stores, align, write the aligned store) with
+Then the byte-prefix projection (`fusion.align.projection`): `fusechat-merge align` end to end
+(`fusion.align.job.align_stores`: read the stores, align, write the aligned store) with
 ``offsets`` and projection off, then on, side by side on the same stores on disk (the tests'
 tokenizer pairs, both directions, under one template; top-K lists of the gold token plus
 random ids, K = 10), on the reply corpus and on a numeral-heavy one. It prints coverage with and without, time per
@@ -33,8 +33,8 @@ from common import reply
 
 
 def encode_all(tokenizer, n: int, words: int):
-    from fusion.align import TokenView
-    from fusion.data import Turn, render
+    from fusion.align.positions import TokenView
+    from fusion.data.conversations import Turn, render
 
     views = []
     for i in range(n):
@@ -60,8 +60,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from fusechat_merge.demo.toy import make_tokenizer
-    from fusion import align, dtw
-    from fusion.vocab_map import piece_texts
+    from fusion.align import dtw
+    from fusion.align import positions as align
+    from fusion.align.vocab_map import piece_texts
 
     piv_tok, src_tok = make_tokenizer("metaspace"), make_tokenizer("bytelevel")
     started = time.perf_counter()
@@ -149,7 +150,7 @@ def write_store(root, name: str, tokenizer, texts: list[str], k: int, seed: int)
         tokenizer_fingerprint,
         write_shard,
     )
-    from fusion.data import Turn, render
+    from fusion.data.conversations import Turn, render
 
     model = root / f"tokenizer-{name}"
     tokenizer.save_pretrained(model)
@@ -186,7 +187,7 @@ def bench_projection(conversations: int, words: int) -> None:
     import pyarrow as pa
 
     from fusechat_merge.demo.toy import make_tokenizer
-    from fusion.align_job import AlignJob, align_stores
+    from fusion.align.job import AlignJob, align_stores
 
     k = 10
     tokenizers = {"metaspace": make_tokenizer("metaspace"), "bytelevel": make_tokenizer("bytelevel"),

@@ -1,7 +1,7 @@
 """What reading a local corpus costs when `datasets`' cache is keyed by content.
 
-`fusion.data.load_conversations` names the `datasets` builder config after the files'
-content fingerprint (`fusion.content_cache`), so an in-place edit that keeps size and mtime
+`fusion.data.conversations.load_conversations` names the `datasets` builder config after the files'
+content fingerprint (`fusion.data.content_cache`), so an in-place edit that keeps size and mtime
 is parsed anew. This prints, side by side in one run and best of ``--repeats``, on a
 JSON-lines corpus of ``--conversations`` rows (three turns of a few sentences each):
 
@@ -46,7 +46,7 @@ def timed(fn) -> float:
 def main() -> None:
     import datasets
 
-    from fusion.content_cache import load_local
+    from fusion.data.content_cache import load_local
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=100_000)

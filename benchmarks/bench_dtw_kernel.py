@@ -1,4 +1,4 @@
-"""DTW token alignment: ``fusion.dtw.dtw_align`` against the plain per-pair reference.
+"""DTW token alignment: ``fusion.align.dtw.dtw_align`` against the plain per-pair reference.
 
 Why: the issue's target is relative (``dtw_align`` >= 50x faster than ``dtw_align_plain`` on
 ~600-token sequences), so both run here on the same inputs, in one process, and must return
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 from fusechat_merge.demo.toy import make_tokenizer
-from fusion.dtw import (
+from fusion.align.dtw import (
     _accumulate,
     _backtrack,
     dtw_align,

@@ -5,8 +5,8 @@ Qwen2/byte-level, Mistral/metaspace at the demo's size), each briefly trained so
 answers and stops, are scored on the demo's held-out skill files (50 conversations per
 skill) by the two evaluations a pipeline runs, side by side in one process:
 
-* ours: ``fusion.evaluate.evaluate_model`` (the reply loss per trained token, no decoding);
-* lm-eval: ``fusion.lm_eval_runner.run_lm_eval`` on the tasks ``fusion.lm_eval_tasks``
+* ours: ``fusion.evaluate.heldout.evaluate_model`` (the reply loss per trained token, no decoding);
+* lm-eval: ``fusion.evaluate.lm_eval_runner.run_lm_eval`` on the tasks ``fusion.evaluate.lm_eval_tasks``
   writes from the same files (generate_until exact match, at most 32 new tokens, greedy,
   + the reply's loglikelihood).
 
@@ -69,11 +69,11 @@ def main() -> None:
     import torch
 
     from fusechat_merge.demo.skills import SKILLS, train_heldout, write_jsonl
-    from fusion.evaluate import evaluate_model
-    from fusion.lm_eval_options import LmEvalOptions
-    from fusion.lm_eval_results import metrics_by_task
-    from fusion.lm_eval_runner import run_lm_eval
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.heldout import evaluate_model
+    from fusion.evaluate.lm_eval_options import LmEvalOptions
+    from fusion.evaluate.lm_eval_results import metrics_by_task
+    from fusion.evaluate.lm_eval_runner import run_lm_eval
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     torch.set_num_threads(1)
     work = args.work_dir

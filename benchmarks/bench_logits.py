@@ -12,7 +12,7 @@ length-sorted corpus, in one process, alternating over ``--repeat`` rounds (best
 For each, two paths over the very same batches:
 
 * ``plain``: ``model(input_ids, attention_mask).logits`` (what any scoring script pays);
-* ``store``: `fusion.logits.score_shard` (top-K of float32 ``log_softmax`` at trained
+* ``store``: `fusion.capture.logit_job.score_shard` (top-K of float32 ``log_softmax`` at trained
   positions, the gold log-probability, the records) plus writing the Arrow shard.
 
 It prints, per row, the batches, the padding share (padded tokens that are padding),
@@ -119,11 +119,11 @@ def main() -> None:
 
     from fusion.artifacts.logit_store import write_shard
     from fusion.backends.hf import HFBackend
-    from fusion.batching import length_sorted_batches, pad_sequences, padded_tokens
-    from fusion.data import encode_rows, load_conversations
-    from fusion.logits import score_shard
+    from fusion.capture.logit_job import score_shard
+    from fusion.capture.throughput import Throughput
+    from fusion.data.batching import length_sorted_batches, pad_sequences, padded_tokens
+    from fusion.data.conversations import encode_rows, load_conversations
     from fusion.options import LogitOptions
-    from fusion.throughput import Throughput
 
     n, repeat = (64, 1) if args.quick else (args.conversations, args.repeat)
     args.work_dir.mkdir(parents=True, exist_ok=True)

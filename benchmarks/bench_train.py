@@ -100,8 +100,8 @@ def build_corpus(path: Path, n: int, words: int) -> Path:
 
 def build_aligned(work: Path, quick: bool, n: int, seq_len: int) -> tuple[Path, Path]:
     """(pivot model dir, aligned store dir), reusing whatever is already on disk."""
-    from fusion.align_job import AlignJob, align_stores
-    from fusion.logits import LogitJob, generate_logits
+    from fusion.align.job import AlignJob, align_stores
+    from fusion.capture.logit_job import LogitJob, generate_logits
 
     tag = f"{'quick' if quick else '50M'}-n{n}-t{seq_len}"
     pivot = build_pivot(work / ("pivot-quick" if quick else "pivot-50M"), quick)
@@ -162,7 +162,7 @@ def step_timer():
 
 def timed_trainer_class():
     """`FusionTrainer` that also records the wall time of each ``compute_loss``."""
-    from fusion.trainer import FusionTrainer
+    from fusion.train.trainer import FusionTrainer
 
     class TimedTrainer(FusionTrainer):
         def __init__(self, *a: Any, **kw: Any) -> None:
@@ -208,8 +208,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusion.train_config import fusion_config
-    from fusion.train_data import FusionCollator, FusionDataset
+    from fusion.train.config import fusion_config
+    from fusion.train.data import FusionCollator, FusionDataset
 
     torch.set_num_threads(args.threads)
     dataset = FusionDataset([args.aligned])

@@ -49,7 +49,7 @@ def _store(work: Path, name: str, model: Path, data: Path, **options):
     """Score ``data`` into ``work/name``; (store, seconds with the engine start, what the
     scoring measured: the store's scoring.json)."""
     from fusion.artifacts.logit_store import LogitStore
-    from fusion.logits import LogitJob, generate_logits
+    from fusion.capture.logit_job import LogitJob, generate_logits
 
     settings = {"max_length": 2048, "dtype": "float32", "device": DEVICE, "cache_dir": str(work / "cache"),
                 "overwrite": True, **options}
@@ -166,8 +166,8 @@ def check_fuse(work: Path, steps: int) -> bool:
     from bench_train import build_aligned
     from transformers import TrainerCallback
 
-    from fusion.train_config import fusion_config
-    from fusion.trainer import train_fusion
+    from fusion.train.config import fusion_config
+    from fusion.train.trainer import train_fusion
 
     class Losses(TrainerCallback):
         def __init__(self) -> None:

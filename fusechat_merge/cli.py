@@ -19,7 +19,7 @@ from fusechat_merge.console import command_output, output_options, stopping_clea
 from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options
 from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
-from fusion.lm_eval_options import LmEvalOptions
+from fusion.evaluate.lm_eval_options import LmEvalOptions
 from fusion.options import AlignOptions, FusionSettings, LogitOptions
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def merge_command(
         validate_recipe(raw, str(recipe), text=text)
         click.echo(f"{recipe}: OK")
         return
-    from fusion.progress import bar
+    from fusion.runtime.progress import bar
 
     merge_options.apply_global_options()
     verbose = verbose or merge_options.verbosity > 0
@@ -111,8 +111,8 @@ def logits_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     """
     from fusion.artifacts.logit_store import StoreError
     from fusion.backends.base import ScoringError
-    from fusion.logits import LogitJob, generate_logits
-    from fusion.progress import echo
+    from fusion.capture.logit_job import LogitJob, generate_logits
+    from fusion.runtime.progress import echo
 
     with stopping_cleanly("Run the same command again to resume"), \
             command_output("logits", kwargs["out"], log_file, verbose):
@@ -152,9 +152,9 @@ def align_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     Writes the pivot's store plus the aligned source distribution per position; sources
     with the pivot's tokenizer are copied through without alignment. Resumable.
     """
-    from fusion.align_job import AlignJob, align_stores
+    from fusion.align.job import AlignJob, align_stores
     from fusion.artifacts.logit_store import StoreError
-    from fusion.progress import echo
+    from fusion.runtime.progress import echo
 
     with stopping_cleanly("Run the same command again to resume"), \
             command_output("align", kwargs["out"], log_file, verbose):
@@ -195,8 +195,8 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     """
     from fusion.artifacts.logit_store import StoreError
     from fusion.artifacts.provenance import InputError
-    from fusion.train_config import parse_fusion_config
-    from fusion.trainer import train_fusion
+    from fusion.train.config import parse_fusion_config
+    from fusion.train.trainer import train_fusion
 
     from_file: dict[str, Any] = {}
     if config_file:
@@ -394,7 +394,7 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
     from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
     from fusechat_merge.pipeline.runner import RunError, StageError
     from fusion.artifacts.records import StoreError
-    from fusion.lm_eval_options import LmEvalError
+    from fusion.evaluate.lm_eval_options import LmEvalError
 
     try:
         with stopping_cleanly("The finished stages and what this one completed are kept; run the same command "
@@ -425,10 +425,10 @@ def eval_command(model: str, out: Path, log_file: str | None, verbose: bool, **o
     lm-eval's and transformers' own output goes to the log (--log, default OUT.log), live with -v.
     Needs the eval extra: pip install 'fusechat-merge[eval]'.
     """
-    from fusion.lm_eval_options import LmEvalError
-    from fusion.lm_eval_results import format_table, write_results
-    from fusion.lm_eval_runner import require_lm_eval, run_lm_eval
-    from fusion.progress import bar
+    from fusion.evaluate.lm_eval_options import LmEvalError
+    from fusion.evaluate.lm_eval_results import format_table, write_results
+    from fusion.evaluate.lm_eval_runner import require_lm_eval, run_lm_eval
+    from fusion.runtime.progress import bar
 
     try:
         require_lm_eval()

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import click
 
-from fusion.progress import captured, echo, format_bytes_mb, format_seconds
-from fusion.stopping import Stopped, on_signals
+from fusion.runtime.progress import captured, echo, format_bytes_mb, format_seconds
+from fusion.runtime.stopping import Stopped, on_signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -80,7 +80,7 @@ def command_output(name: str, out: str | Path, log_file: str | None, verbose: bo
 
 @contextmanager
 def stopping_cleanly(resume: str) -> Iterator[None]:
-    """Run a command's long work under `fusion.stopping.on_signals`: on SIGTERM or Ctrl-C
+    """Run a command's long work under `fusion.runtime.stopping.on_signals`: on SIGTERM or Ctrl-C
     it stops at its next safe point; then one line says where it stopped, what is kept and
     ``resume`` (how to go on), and the command exits with 128 + the signal number (143 for
     SIGTERM, 130 for SIGINT: a scheduler requeues it)."""

@@ -8,12 +8,12 @@
   (`rule_shares`: at a shared token boundary, projected from inside a source token, or
   none, falling back to the pivot's own), how often MinCE picks the source over the pivot
   (sequence CE of the source below the pivot's; ties go to the pivot, as in
-  `fusion.losses.mince_choice`); a sequence's skill is the skill its id starts with; and
+  `fusion.train.losses.mince_choice`); a sequence's skill is the skill its id starts with; and
   where it does, the *gold mass*: the probability the source's distribution gives the gold
   next token (near 1, the fusion term only repeats the CLM term);
 * ``loss``: per trained model and seed, the mean logged CLM and fusion losses, the fusion
   term's share of the objective, (1 − λ)·L_fuse / (λ·L_CLM + (1 − λ)·L_fuse), and, as
-  measured in training at the student's logits (`fusion.losses.gradient_parts`), its share
+  measured in training at the student's logits (`fusion.train.losses.gradient_parts`), its share
   of the gradient ‖G_fuse‖ / (‖G_clm‖ + ‖G_fuse‖) and the cosine of the two gradients.
 """
 
@@ -83,9 +83,9 @@ def mince_picks(aligned: str | Path, skills: Sequence[str]) -> dict[str, Any]:
 
 
 def rule_shares(rules: Sequence[np.ndarray]) -> dict[str, float] | None:
-    """Share of pivot positions per alignment rule (`fusion.projection.RULES`), over the
+    """Share of pivot positions per alignment rule (`fusion.align.projection.RULES`), over the
     given sequences' ``src_rule`` columns; None without positions."""
-    from fusion.projection import RULES
+    from fusion.align.projection import RULES
 
     values = np.concatenate(rules) if rules else np.zeros(0, dtype=np.int64)
     if not len(values):
@@ -113,7 +113,7 @@ def _nanmean(values: Sequence[float]) -> float | None:
 def loss_share(model: str | Path) -> dict[str, Any]:
     """A trained model's mean CLM and fusion losses (its ``train_run.json``) and the
     fusion term's share of the objective."""
-    from fusion.train_output import read_train_run
+    from fusion.train.output import read_train_run
 
     run = read_train_run(model)
     parts = run.get("loss_parts") or {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fusion.hints import did_you_mean
+from fusion.errors import did_you_mean
 
 
 def find_method(name: str) -> tuple[Any, str | None]:

@@ -31,8 +31,8 @@ from fusechat_merge.merge_parameters import (
 )
 from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
 from fusion.artifacts.provenance import missing_weights
-from fusion.hints import did_you_mean
-from fusion.model_refs import (
+from fusion.errors import did_you_mean
+from fusion.names import (
     cached_snapshot,
     hub_unreachable,
     local_path,

@@ -49,7 +49,7 @@ from fusion.artifacts.records import (
     write_faults_named,
 )
 from fusion.artifacts.weights import Weights, WeightsError
-from fusion.memory_faults import memory_faults_named, ran_out
+from fusion.runtime.memory_faults import memory_faults_named, ran_out
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""

@@ -17,9 +17,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from fusechat_merge.option_forms import recipe_section
 from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
 from fusion.artifacts.provenance import has_chat_template, missing_weights
-from fusion.model_refs import local_path, looks_like_hub_id, model_dir
+from fusion.names import local_path, looks_like_hub_id, model_dir
 from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
-from fusion.remote_code import needs_remote_code, remote_code_risk
+from fusion.runtime.remote_code import needs_remote_code, remote_code_risk
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
 EXECUTORS = ("local", "ray")  # `run --executor`
@@ -155,7 +155,7 @@ RUN_SETS = {"seed": "the run trains one target per seed of the recipe's `seeds`;
 
 
 def _check_training_keys(block: dict[str, Any]) -> None:
-    from fusion.train_config import FusionConfig
+    from fusion.train.config import FusionConfig
 
     if "trust_remote_code" in block:
         raise ValueError(_MODEL_KEY)
@@ -192,14 +192,14 @@ class EvalSpec(recipe_section(EvalOptions, exclude=("trust_remote_code",))):  # 
                               "(update norms, alignment, MinCE picks, the fusion loss's share).")
     lm_eval: dict[str, Any] | None = Field(
         None, description="lm-evaluation-harness tasks scored on every model of the run "
-        "(`fusion.lm_eval_options.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
+        "(`fusion.evaluate.lm_eval_options.LmEvalOptions` fields: tasks, include_path, num_fewshot, "
         "apply_chat_template, limit, ...); include_path is relative to the work dir.")
 
     @field_validator("lm_eval")
     @classmethod
     def _lm_eval_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            from fusion.lm_eval_options import LmEvalError, LmEvalOptions
+            from fusion.evaluate.lm_eval_options import LmEvalError, LmEvalOptions
 
             if "trust_remote_code" in value:
                 raise ValueError(_MODEL_KEY)
@@ -432,7 +432,7 @@ def unavailable_models(recipe: PipelineRecipe, work_dir: str | Path) -> dict[str
     hub cannot be reached (``HF_HUB_OFFLINE``, no network): id → what to say, naming its
     recipe key. The check cannot refuse them (a plan made offline runs where the hub
     answers); a run refuses them before any stage that reads one starts."""
-    from fusion.model_refs import hub_unreachable, not_cached
+    from fusion.names import hub_unreachable, not_cached
 
     specs = [("pivot.model", recipe.pivot)] + [(f"sources[{i}].model", s) for i, s in enumerate(recipe.sources)]
     missing = [(key, spec.model) for key, spec in specs if model_dir(spec.model, Path(work_dir)) is None]
@@ -450,7 +450,7 @@ def _check_training_options(recipe: PipelineRecipe, at: Any) -> list[str]:
 
     Precision flags are left to the machine that trains (bf16 and tf32 need a GPU there,
     not on the machine that checks the recipe)."""
-    from fusion.train_config import fusion_config
+    from fusion.train.config import fusion_config
 
     problems = []
     blocks = [(("fuse", "defaults"), {})] + [(("fuse", "per_source", n), o) for n, o in recipe.fuse.per_source.items()]

@@ -1,7 +1,7 @@
 """Every stage's options, declared once: a field carries its default, help, choices and range.
 
 `LogitOptions` (teacher logits), `AlignOptions` (alignment), `FusionSettings` (the fusion
-part of training: `fusion.train_config.FusionConfig` is ``TrainingArguments`` plus these) and
+part of training: `fusion.train.config.FusionConfig` is ``TrainingArguments`` plus these) and
 `EvalOptions` (held-out evaluation). The command line
 (`fusechat_merge.option_forms.click_options`) and the pipeline recipe's sections
 (`fusechat_merge.option_forms.recipe_section`) are generated from these fields, so a
@@ -241,7 +241,7 @@ class FusionSettings:
 @dataclass(kw_only=True)
 class EvalOptions:
     """How held-out skills' reply loss is scored (the recipe's ``evaluate`` section, skills and
-    lm-eval tasks aside; exact match is an lm-eval task, see `fusion.lm_eval_tasks`)."""
+    lm-eval tasks aside; exact match is an lm-eval task, see `fusion.evaluate.lm_eval_tasks`)."""
 
     max_length: int = option(512, "Tokens per conversation; longer ones are truncated.", min=2)
     batch_size: int = option(16, "Conversations per forward pass.", min=1)

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion.align import TokenView, map_distribution, offsets_alignment, token_pairs
-from fusion.data import Turn, render
-from fusion.vocab_map import piece_texts
+from fusion.align.positions import TokenView, map_distribution, offsets_alignment, token_pairs
+from fusion.align.vocab_map import piece_texts
+from fusion.data.conversations import Turn, render
 
 WORDS = ["Hello", "world", "tokenization", "123", "4.5", "ÄÖÜ", "ß", "😀", "fox!", "(a+b)", "naïve", "--", "x"]
 

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
 
-from fusion.align_job import AlignJob, align_stores
+from fusion.align.job import AlignJob, align_stores
 from fusion.artifacts.aligned_store import AlignedStore
 from fusion.artifacts.logit_store import LogitStore, StoreError
-from fusion.logits import LogitJob, generate_logits
+from fusion.capture.logit_job import LogitJob, generate_logits
 
 
 def make_store(model: Path, data: Path, out: Path, **kw) -> LogitStore:
@@ -112,9 +112,9 @@ def test_align_cli_and_vocab_map_reuse(stores, tmp_path):
 
 
 def test_dtw_method_end_to_end_and_agreement_with_offsets(stores, tmp_path):
-    from fusion.align import TokenView, dtw_alignment, offsets_alignment
-    from fusion.align_job import load_tokenizer
-    from fusion.vocab_map import piece_texts
+    from fusion.align.job import load_tokenizer
+    from fusion.align.positions import TokenView, dtw_alignment, offsets_alignment
+    from fusion.align.vocab_map import piece_texts
 
     for method in ("offsets", "dtw"):
         align_stores(AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path),
@@ -141,7 +141,7 @@ def test_dtw_method_end_to_end_and_agreement_with_offsets(stores, tmp_path):
 
 
 def test_projection_off_keeps_the_character_rule(stores, tmp_path):
-    from fusion.projection import BOUNDARY, FALLBACK
+    from fusion.align.projection import BOUNDARY, FALLBACK
 
     def run(out: Path, **kw):
         return align_stores(AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path),
@@ -163,8 +163,8 @@ def test_projection_off_keeps_the_character_rule(stores, tmp_path):
 def test_resume_reads_the_statistics_kept_with_each_shard(stores, tmp_path, monkeypatch):
     """A resumed run aligns only the missing shards (statistics come from the finished ones)
     and reads each tokenizer's vocabulary once per run."""
-    import fusion.align_job as align_job
-    import fusion.vocab_map as vocab_map
+    import fusion.align.job as align_job
+    import fusion.align.vocab_map as vocab_map
 
     calls = {"aligned": 0, "vocabulary": 0}
 
@@ -191,8 +191,8 @@ def test_resume_reads_the_statistics_kept_with_each_shard(stores, tmp_path, monk
 
 
 def test_a_store_without_rules_reads_its_aligned_flags_as_rules():
+    from fusion.align.projection import BOUNDARY, FALLBACK
     from fusion.artifacts.aligned_store import rules_of
-    from fusion.projection import BOUNDARY, FALLBACK
 
     assert rules_of({"src_aligned": np.array([True, False])}).tolist() == [BOUNDARY, FALLBACK]
     assert rules_of({"src_rule": np.array([2, 0]), "src_aligned": np.array([True, False])}).tolist() == [2, 0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusion.batching import pad_sequences
+from fusion.data.batching import pad_sequences
 
 
 def test_right_padding():
@@ -18,7 +18,7 @@ def test_empty_batch():
 
 
 def test_token_budget_batches_are_greedy_length_sorted_and_cover_each_index_once():
-    from fusion.batching import length_sorted_batches, padded_tokens
+    from fusion.data.batching import length_sorted_batches, padded_tokens
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 2049, 300).tolist() + [5000, 3]  # one longer than the budget
@@ -37,7 +37,7 @@ def test_token_budget_batches_are_greedy_length_sorted_and_cover_each_index_once
 
 
 def test_without_a_budget_batches_are_fixed_slices_of_the_length_order():
-    from fusion.batching import length_sorted_batches
+    from fusion.data.batching import length_sorted_batches
 
     lengths = [5, 9, 9, 1, 7, 3, 8]
     order = [1, 2, 6, 4, 0, 5, 3]

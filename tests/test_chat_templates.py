@@ -10,7 +10,7 @@ import json
 import pytest
 from corpus import write_jsonl
 
-from fusion.data import Turn, parse_turns, render
+from fusion.data.conversations import Turn, parse_turns, render
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -71,12 +71,12 @@ def test_a_tokenizer_without_a_template_needs_the_shared_one(bytelevel_tokenizer
 @pytest.mark.parametrize("style", list(STYLES))
 def test_logits_evaluate_and_lm_eval_tasks_use_the_models_template(tmp_path, bytelevel_tokenizer, style):
     from fusechat_merge.demo.toy import make_model
-    from fusion.evaluate import evaluate_model
-    from fusion.lm_eval_options import LmEvalOptions
-    from fusion.lm_eval_results import metrics_by_task
-    from fusion.lm_eval_runner import run_lm_eval
-    from fusion.lm_eval_tasks import write_skill_tasks
-    from fusion.logits import LogitJob, generate_logits
+    from fusion.capture.logit_job import LogitJob, generate_logits
+    from fusion.evaluate.heldout import evaluate_model
+    from fusion.evaluate.lm_eval_options import LmEvalOptions
+    from fusion.evaluate.lm_eval_results import metrics_by_task
+    from fusion.evaluate.lm_eval_runner import run_lm_eval
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     model = make_model(tmp_path / style, "qwen2", tokenizer=styled(bytelevel_tokenizer, style), seed=3)
     data = write_jsonl(tmp_path / "chats.jsonl", [ROW, {**ROW, "id": "c1"}])

@@ -44,7 +44,7 @@ def summarised(terminal: str) -> dict[str, str]:
 
 
 def with_lm_eval(root: Path) -> dict:
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     tasks = write_skill_tasks({"chat": root / "data" / "held.jsonl"}, root / "data" / "lm_eval", max_gen_toks=4)
     recipe = json.loads(json.dumps(RECIPE))
@@ -56,7 +56,7 @@ def with_lm_eval(root: Path) -> dict:
 
 CAPTURE_SCRIPT = """
 import logging, os, subprocess, sys, warnings
-from fusion.progress import bar, captured, echo
+from fusion.runtime.progress import bar, captured, echo
 library = logging.getLogger("somelibrary")
 library.addHandler(logging.StreamHandler(sys.stderr))  # made before the stage, like transformers'
 print("before", flush=True)
@@ -68,7 +68,7 @@ with captured(sys.argv[1], label="stage/x"):
     library.warning("library warning")
     warnings.warn_explicit("library deprecation", FutureWarning, "/site-packages/lib/x.py", 1)
     for _ in range(2):
-        warnings.warn_explicit("our warning", UserWarning, "/x/fusion/data.py", 1)
+        warnings.warn_explicit("our warning", UserWarning, "/x/fusion/data/conversations.py", 1)
     with bar(3, "step") as steps:
         steps.update(3)
     echo("our line")

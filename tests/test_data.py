@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion.data import (
+from fusion.data.conversations import (
     EncodeReport,
     MalformedRow,
     Turn,

@@ -123,7 +123,7 @@ def test_deepspeed_auto_values_are_all_filled_by_the_trainer(name, tmp_path):
         unset_hf_deepspeed_config,
     )
 
-    from fusion.train_config import fusion_config
+    from fusion.train.config import fusion_config
 
     args = fusion_config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=4,
                          learning_rate=5e-6, bf16=True, use_cpu=True)
@@ -151,8 +151,8 @@ def _env() -> dict[str, str]:
 
 
 def _build(root: Path, rows: list[dict], pivot: Path, source: Path) -> Path:
-    from fusion.align_job import AlignJob, align_stores
-    from fusion.logits import LogitJob, generate_logits
+    from fusion.align.job import AlignJob, align_stores
+    from fusion.capture.logit_job import LogitJob, generate_logits
 
     data = write_jsonl(root / "corpus.jsonl", rows)
     for name, model in (("pivot", pivot), ("source", source)):
@@ -184,7 +184,7 @@ def pair(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
     for corpus, rows in (("conversations", conversations(24)), ("even", same_length_replies(24))):
         (root / corpus).mkdir()
         stores[corpus] = _build(root / corpus, rows, pivot, source)
-    from fusion.train_data import FusionDataset
+    from fusion.train.data import FusionDataset
 
     even = FusionDataset([stores["even"]])
     assert len({int(even[i]["loss_mask"][1:].sum()) for i in range(len(even))}) == 1

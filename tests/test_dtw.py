@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion.dtw import (
+from fusion.align.dtw import (
     _accumulate,
     dtw_align,
     dtw_align_plain,
@@ -191,7 +191,7 @@ def test_empty_inputs():
 
 
 def test_compiled_grid_equals_numpy_scan():
-    from fusion.dtw import _accumulate, accumulate
+    from fusion.align.dtw import _accumulate, accumulate
 
     rng = np.random.default_rng(0)
     for n, m in [(1, 1), (1, 7), (9, 1), (13, 17), (40, 33)]:

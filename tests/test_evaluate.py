@@ -15,9 +15,9 @@ import pytest
 import torch
 from corpus import conversations, write_jsonl
 
-from fusion.batching import pad_sequences
-from fusion.data import MalformedRow, Turn, parse_turns, render
-from fusion.evaluate import (
+from fusion.data.batching import pad_sequences
+from fusion.data.conversations import MalformedRow, Turn, parse_turns, render
+from fusion.evaluate.heldout import (
     SkillScore,
     evaluate_model,
     load_model,
@@ -240,7 +240,7 @@ def _path_probability(model, tokenizer, row: dict, answer: str) -> float:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_right_answer_mass_sums_the_right_first_tokens(arch, random_models, tmp_path):
-    from fusion.evaluate import load_model, right_answer_mass
+    from fusion.evaluate.heldout import load_model, right_answer_mass
 
     model, tokenizer = load_model(random_models[arch])
     letters = ["b", "k", "q", "x", "z", "m"]
@@ -261,7 +261,7 @@ def test_right_answer_mass_sums_the_right_first_tokens(arch, random_models, tmp_
 
 
 def test_a_reply_outside_its_answers_is_named(random_models, tmp_path):
-    from fusion.evaluate import load_model, right_answer_mass
+    from fusion.evaluate.heldout import load_model, right_answer_mass
 
     model, tokenizer = load_model(random_models["llama"])
     write_jsonl(tmp_path / "bad.jsonl", [_pick_row("r7", ["b", "k"], "q")])

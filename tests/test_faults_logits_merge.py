@@ -20,7 +20,7 @@ from helpers import BIN
 
 from fusechat_merge.cli import main as cli
 from fusion.artifacts.logit_store import LogitStore
-from fusion.logits import LogitJob, generate_logits
+from fusion.capture.logit_job import LogitJob, generate_logits
 
 
 def tree_hash(root: Path) -> dict[str, str]:

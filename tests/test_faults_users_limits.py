@@ -29,7 +29,7 @@ LIMITED = """
 import resource, sys
 import datasets, pyarrow, safetensors, tokenizers, torch, transformers  # noqa: F401
 from transformers import LlamaForCausalLM, Trainer  # noqa: F401
-import fusion.logits, fusion.trainer  # noqa: F401
+import fusion.capture.logit_job, fusion.train.trainer  # noqa: F401
 if sys.argv[2] == "eval":
     import lm_eval.models.huggingface  # noqa: F401
 from fusechat_merge.cli import main
@@ -150,7 +150,7 @@ def test_a_datasets_cache_that_cannot_be_written_is_not_blamed_on_the_corpus(wor
 
 def test_out_of_memory_in_lm_eval_names_its_batch_size(world, tmp_path):
     """Before: lm-eval's DefaultCPUAllocator RuntimeError as a traceback."""
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     tasks = tmp_path / "tasks"
     write_skill_tasks({"chat": world["data"]}, tasks, cache_dir=tmp_path / "cache")

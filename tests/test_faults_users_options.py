@@ -91,7 +91,7 @@ def test_engine_options_of_another_backend_are_refused_not_dropped(world, tmp_pa
 def test_lm_eval_model_args_that_are_options_of_their_own_are_refused(world, tmp_path):
     """Before: lm-eval's TypeError "got multiple values for keyword argument 'batch_size'"."""
     tasks = tmp_path / "tasks"
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     write_skill_tasks({"chat": world["data"]}, tasks, cache_dir=tmp_path / "cache")
     for key in ("batch_size", "device"):
@@ -151,7 +151,7 @@ def test_a_model_folder_without_weights_is_named_before_any_work(world, tmp_path
 def test_eval_keeps_the_libraries_output_in_its_log(world, tmp_path):
     """Before: lm-eval's and transformers' bars, warnings and git's "fatal: not a git
     repository" on the terminal, and no --log (unlike logits, align, fuse, merge)."""
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     tasks = tmp_path / "tasks"
     write_skill_tasks({"chat": world["data"]}, tasks, cache_dir=tmp_path / "cache")

@@ -24,9 +24,9 @@ from corpus import write_jsonl
 pytest.importorskip("lm_eval")
 
 from fusechat_merge.cli import main
-from fusion.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
-from fusion.lm_eval_results import metrics_by_task, write_results
-from fusion.lm_eval_tasks import write_skill_tasks
+from fusion.evaluate.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
+from fusion.evaluate.lm_eval_results import metrics_by_task, write_results
+from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
 QA = [("What is 2+3?", "5"), ("What is 7+1?", "8"), ("Capital of France?", "Paris"),
       ("Say hello.", "Hello world!")]
@@ -183,7 +183,7 @@ def test_trained_chat_model_answers_under_its_template(arch, trained_models, ski
     # loglikelihood request (prompt + reference, no delimiter under a chat template) leaves
     # out, so there it scores a sequence the model never saw: see docs/evaluation.md.
     # our own evaluator (reply loss) agrees that the model knows the replies
-    from fusion.evaluate import evaluate_model
+    from fusion.evaluate.heldout import evaluate_model
 
     (score,) = evaluate_model(trained_models[arch], {"qa": held}, cache_dir=root / "cache")
     assert score.loss < 0.5

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from corpus import write_jsonl
 
-from fusion.lm_eval_tasks import skill_documents, task_name, write_skill_tasks
+from fusion.evaluate.lm_eval_tasks import skill_documents, task_name, write_skill_tasks
 
 
 def rows() -> list[dict]:

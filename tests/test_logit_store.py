@@ -19,7 +19,7 @@ from fusion.artifacts.logit_store import (
     id_type_for,
     write_shard,
 )
-from fusion.data import trained_positions
+from fusion.data.conversations import trained_positions
 
 
 def test_ids_use_uint16_exactly_while_they_fit():

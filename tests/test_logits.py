@@ -21,8 +21,8 @@ from fusion.artifacts.logit_store import (
     merge_stores,
 )
 from fusion.backends.base import ScoringError
-from fusion.logits import LogitJob, generate_logits, shard_rows
-from fusion.throughput import Throughput
+from fusion.capture.logit_job import LogitJob, generate_logits, shard_rows
+from fusion.capture.throughput import Throughput
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_a_resumed_run_with_other_options_is_refused(teachers, corpus, tmp_path)
 
 
 def test_strict_mode_raises_on_the_first_malformed_row(teachers, corpus, tmp_path):
-    from fusion.data import MalformedRow
+    from fusion.data.conversations import MalformedRow
 
     with pytest.raises(MalformedRow, match="bad-role"):
         run_job(teachers["llama"], corpus, tmp_path / "s", strict=True)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion.losses import fuse, fusion_objective, merge_duplicates, tempered_probs
+from fusion.train.losses import fuse, fusion_objective, merge_duplicates, tempered_probs
 
 NEG = -float("inf")
 

@@ -150,7 +150,7 @@ def test_hub_ids_run_offline_from_the_hugging_face_cache(work, tmp_path_factory)
 
 
 def test_lm_eval_tasks_score_every_model_once(work):
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     tasks = write_skill_tasks({"chat": work / "data" / "held.jsonl"}, work / "data" / "lm_eval", max_gen_toks=4)
     recipe = json.loads(json.dumps(RECIPE))

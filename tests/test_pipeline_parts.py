@@ -93,7 +93,7 @@ def test_parts_make_the_unsplit_runs_stores_targets_and_merges(inputs, unsplit, 
 
 
 def test_a_killed_part_is_redone_alone(inputs, tmp_path):
-    from fusion.logits import LogitJob, generate_logits
+    from fusion.capture.logit_job import LogitJob, generate_logits
 
     work = tmp_path / "work"
     shutil.copytree(inputs, work)

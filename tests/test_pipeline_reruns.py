@@ -74,7 +74,7 @@ def _results(work: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer) -> Path:
     from fusechat_merge.demo.toy import make_model
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     root = tmp_path_factory.mktemp("reruns") / "base"
     pivot = make_model(root / "models" / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
@@ -200,7 +200,7 @@ def test_files_edited_in_place_with_size_and_mtime_kept_are_read_anew(base, tmp_
     ``rsync -a``/``cp -p`` leave them, are read as they are now (not from `datasets`' cache,
     which keys a local file by path and mtime): the rerun equals a fresh run on the edits."""
     from fusion.artifacts.logit_store import LogitStore
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     work = tmp_path / "work"
     shutil.copytree(base, work, symlinks=True)

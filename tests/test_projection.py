@@ -1,4 +1,4 @@
-"""Byte-prefix projection (`fusion.projection`): exact against a brute-force reference from the
+"""Byte-prefix projection (`fusion.align.projection`): exact against a brute-force reference from the
 source model's full softmax, coverage on every tokenizer pair of the tests, both directions."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from corpus import unicode_conversations, write_jsonl
 
-from fusion.align import TokenView, offsets_alignment
-from fusion.data import Turn, render
-from fusion.projection import (
+from fusion.align.positions import TokenView, offsets_alignment
+from fusion.align.projection import (
     BOUNDARY,
     CLOSING,
     FALLBACK,
@@ -24,7 +23,8 @@ from fusion.projection import (
     project_distribution,
     projection_plan,
 )
-from fusion.vocab_map import vocabulary
+from fusion.align.vocab_map import vocabulary
+from fusion.data.conversations import Turn, render
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def scored(tmp_path_factory, tokenizers):
     """Tiny real models, one per tokenizer, and their logit stores under one template: with
     K = the vocabulary size, and with K = 6."""
     from fusechat_merge.demo.toy import make_model
-    from fusion.logits import LogitJob, generate_logits
+    from fusion.capture.logit_job import LogitJob, generate_logits
 
     root = tmp_path_factory.mktemp("projection")
     rows = unicode_conversations(12)
@@ -205,7 +205,7 @@ def reference(logprobs: np.ndarray, allowed, prefix: bytes, s_voc, p_voc, src2pi
 def test_projection_equals_the_full_softmax_reference(scored, pair, tmp_path):
     from transformers import AutoTokenizer
 
-    from fusion.align_job import AlignJob, align_stores
+    from fusion.align.job import AlignJob, align_stores
     from fusion.artifacts.aligned_store import AlignedStore
     from fusion.artifacts.logit_store import LogitStore
     from fusion.artifacts.vocab_map_file import VocabMap
@@ -292,9 +292,9 @@ def test_the_closing_token_pairs_with_the_sources_own_end_of_turn(metaspace_toke
     its closing distribution still predicts the pivot's '</s>', although the vocabulary map
     sends '<|im_end|>' elsewhere."""
     from fusechat_merge.demo.toy import byte_level_tokenizer
-    from fusion.align_job import Tokenizers, align_sequence
-    from fusion.projection import boundary_plan
-    from fusion.vocab_map import build_vocab_map
+    from fusion.align.job import Tokenizers, align_sequence
+    from fusion.align.projection import boundary_plan
+    from fusion.align.vocab_map import build_vocab_map
 
     source = byte_level_tokenizer()
     source.eos_token = "<|endoftext|>"

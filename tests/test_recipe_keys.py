@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fusechat_merge.recipe_keys import key_path, line_map
-from fusion.model_refs import looks_like_hub_id
+from fusion.names import looks_like_hub_id
 
 
 def test_key_path_and_lines():

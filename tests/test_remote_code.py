@@ -20,7 +20,7 @@ from fusechat_merge.cli import main
 from fusechat_merge.pipeline import WorkDir, plan_stages
 from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
 from fusion.artifacts.logit_store import LogitStore
-from fusion.remote_code import RemoteCodeError, check_remote_code
+from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
 
 RECIPE = {
     "name": "remote",
@@ -93,7 +93,7 @@ def test_recipe_keys_of_stages_are_refused(inputs):
 
 
 def test_logits_align_and_evaluate_with_the_flag(inputs, tmp_path):
-    from fusion.evaluate import evaluate_model
+    from fusion.evaluate.heldout import evaluate_model
 
     model, data = inputs / "models" / "internlm", inputs / "data" / "train.jsonl"
     common = ["--data", str(data), "--top-k", "4", "--max-length", "256", "--template", "shared"]
@@ -124,8 +124,8 @@ def test_logits_align_and_evaluate_with_the_flag(inputs, tmp_path):
 
 def test_lm_eval_with_the_flag(inputs, tmp_path):
     pytest.importorskip("lm_eval")
-    from fusion.lm_eval_options import LmEvalError, LmEvalOptions
-    from fusion.lm_eval_runner import run_lm_eval
+    from fusion.evaluate.lm_eval_options import LmEvalError, LmEvalOptions
+    from fusion.evaluate.lm_eval_runner import run_lm_eval
 
     folder = tmp_path / "mc"
     folder.mkdir()

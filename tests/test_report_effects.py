@@ -7,8 +7,8 @@ from corpus import write_jsonl
 
 from fusechat_merge.report.effects import compute_effects, effect_verdicts, format_effects
 from fusechat_merge.report.results import lm_eval_rows
-from fusion.lm_eval_results import metrics_by_task
-from fusion.lm_eval_tasks import write_skill_tasks
+from fusion.evaluate.lm_eval_results import metrics_by_task
+from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
 
 def test_effects_are_per_seed_differences_with_their_spread():

@@ -204,7 +204,7 @@ def test_pick_rate_counts_any_right_reply_and_the_mass_spreads_over_the_set(demo
     more probability on the listed letters than a uniform choice of letter would (5-7 of
     26: about 0.23; it measured 0.38, the rest spread over other letters, while its greedy
     reply is right 0.88 of the time), the pivot (never taught pick) almost none."""
-    from fusion.evaluate import load_model, right_answer_mass
+    from fusion.evaluate.heldout import load_model, right_answer_mass
 
     work, paths, _ = demo_models
     held = train_heldout("pick", 0, N_HELDOUT, seed=0)[1]

@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 from transformers import TrainerCallback
 
-from fusion.align_job import AlignJob, align_stores
+from fusion.align.job import AlignJob, align_stores
 from fusion.artifacts.aligned_store import AlignedStore
-from fusion.logits import LogitJob, generate_logits
-from fusion.train_config import fusion_config
-from fusion.trainer import train_fusion
+from fusion.capture.logit_job import LogitJob, generate_logits
+from fusion.train.config import fusion_config
+from fusion.train.trainer import train_fusion
 
 
 def reverse_task(n: int, seed: int) -> list[dict]:
@@ -130,7 +130,7 @@ def test_loss_falls_and_parts_are_logged(setup, tmp_path):
 
 
 def test_gradients_are_measured_only_on_the_steps_that_are_logged():
-    from fusion.trainer import logs_after_step
+    from fusion.train.trainer import logs_after_step
 
     # logging_steps 5: the Trainer logs after steps 5, 10, …, i.e. during global_step 4, 9, …
     assert [s for s in range(12) if logs_after_step(s, 5, "steps")] == [4, 9]
@@ -230,7 +230,7 @@ def test_fusechat_7b_training_recipe_parses(tmp_path):
     import yaml
     from transformers import HfArgumentParser
 
-    from fusion.train_config import FusionConfig
+    from fusion.train.config import FusionConfig
 
     recipe = Path(__file__).parent.parent / "recipes" / "fusechat-7b-fuse.yaml"
     values = yaml.safe_load(recipe.read_text())

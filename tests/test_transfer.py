@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fusion.transfer import TransferSums, transfer_per_position, transfer_sums
+from fusion.evaluate.transfer import TransferSums, transfer_per_position, transfer_sums
 
 NEG = -float("inf")
 

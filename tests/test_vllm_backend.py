@@ -38,7 +38,7 @@ def data(tmp_path_factory):
 
 
 def job(model, data, out, **kw):
-    from fusion.logits import LogitJob
+    from fusion.capture.logit_job import LogitJob
 
     settings = {"top_k": K, "max_length": 256, "dtype": "float32", "cache_dir": str(out.parent / "cache"), **kw}
     if settings.get("backend") == "vllm":  # an option of vLLM's alone (refused with hf)
@@ -48,7 +48,7 @@ def job(model, data, out, **kw):
 
 def test_vllm_parts_merged_equal_the_hf_store_at_k50(model, data, tmp_path):
     from fusion.artifacts.logit_store import LogitStore, merge_stores
-    from fusion.logits import generate_logits
+    from fusion.capture.logit_job import generate_logits
 
     generate_logits(job(model, data, tmp_path / "hf", backend="hf"), progress=False, log=lambda _: None)
     parts = [tmp_path / f"vllm-{i}" for i in range(2)]
@@ -90,7 +90,7 @@ def test_flat_logprobs_read_as_vllm_s_own_dicts_and_match_hf_in_float32(model, d
         scores_from_flat_logprobs,
         scores_from_prompt_logprobs,
     )
-    from fusion.logits import generate_logits
+    from fusion.capture.logit_job import generate_logits
 
     generate_logits(job(model, data, tmp_path / "hf", backend="hf", top_k=8), progress=False, log=lambda _: None)
     store = LogitStore(tmp_path / "hf")
@@ -111,7 +111,7 @@ def test_flat_logprobs_read_as_vllm_s_own_dicts_and_match_hf_in_float32(model, d
 
 
 def test_an_unknown_engine_option_is_refused_before_any_work(model, data, tmp_path):
-    from fusion.logits import generate_logits
+    from fusion.capture.logit_job import generate_logits
 
     out = tmp_path / "store"
     with pytest.raises(ValueError, match="'max_num_batched_token'.*did you mean 'max_num_batched_tokens'"):
@@ -125,7 +125,7 @@ def test_an_unknown_engine_option_is_refused_before_any_work(model, data, tmp_pa
 
 def test_an_engine_too_large_for_the_device_names_the_options_to_change(model, data, tmp_path):
     from fusion.backends.base import ScoringError
-    from fusion.logits import generate_logits
+    from fusion.capture.logit_job import generate_logits
 
     out = tmp_path / "store"
     # a KV cache of 1 KiB holds no block: vLLM's own "no memory for the cache blocks" failure

@@ -13,8 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from fusion.artifacts.logit_store import tokenizer_fingerprint
-from fusion.vocab_map import (
+from fusion.align.vocab_map import (
     MODES,
     CooccurrenceCounts,
     VocabMap,
@@ -24,6 +23,7 @@ from fusion.vocab_map import (
     piece_style,
     piece_texts,
 )
+from fusion.artifacts.logit_store import tokenizer_fingerprint
 
 SPECIALS = ("<unk>", "<s>", "</s>")
 
@@ -382,7 +382,7 @@ def test_counts_accumulate_duplicates():
 
 @pytest.mark.parametrize("flush", [1, 7, 1 << 22])
 def test_counts_match_dense(monkeypatch, flush):
-    monkeypatch.setattr("fusion.vocab_map._FLUSH_PAIRS", flush)
+    monkeypatch.setattr("fusion.align.vocab_map._FLUSH_PAIRS", flush)
     rng = np.random.default_rng(0)
     n_piv, n_src = 37, 23
     counts = CooccurrenceCounts(n_piv, n_src)

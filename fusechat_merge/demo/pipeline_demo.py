@@ -43,7 +43,7 @@ def prepare_demo_data(work_dir: Path, *, corpus_rows: dict[str, int] | None = No
         validation_rows,
     )
     from fusion.artifacts.atomic import write_jsonl_atomic
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     data = work_dir / "data"
     if (data / "train.jsonl").exists() and all((data / _task_dir(s)).is_dir() for s in SPLITS):
@@ -91,7 +91,7 @@ def run_pipeline_demo(
     ``work_dir/logs/`` (``setup.log``, one log per stage), live too when ``verbose``."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    from fusion.lm_eval_runner import require_lm_eval
+    from fusion.evaluate.lm_eval_runner import require_lm_eval
 
     require_lm_eval()  # exact match is lm-eval's: say which extra to install before any work
     work_dir = Path(work_dir).absolute()
@@ -111,8 +111,8 @@ def _run_demo(work_dir: Path, recipe: Path, seeds: list[int] | None, split: str,
     from fusechat_merge.demo.skills import make_demo_models
     from fusechat_merge.pipeline import run_pipeline
     from fusechat_merge.pipeline_recipe import load_pipeline_recipe
-    from fusion.progress import captured
-    from fusion.progress import echo as to_terminal
+    from fusion.runtime.progress import captured
+    from fusion.runtime.progress import echo as to_terminal
 
     started = time.perf_counter()
     with captured(work_dir / "logs" / "setup.log", label="setup", verbose=verbose):

@@ -128,7 +128,7 @@ _MAKERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "generic": _generic,
 }
 # skills where many replies are right: each row lists them in "answers" (lm-eval's check of
-# the reply is then membership, see fusion.lm_eval_tasks)
+# the reply is then membership, see fusion.evaluate.lm_eval_tasks)
 _ANSWER_SETS: dict[str, Callable[[str], list[str]]] = {"pick": pick_answers}
 
 
@@ -226,7 +226,7 @@ def encode_for_training(tokenizer: Any, row: dict) -> tuple[list[int], list[int]
     the reply (the Llama template's space before a reply, a lone '▁' token): greedy decoding
     from the prompt has to produce it, so it must be learned too.
     """
-    from fusion.data import parse_turns, render
+    from fusion.data.conversations import parse_turns, render
 
     enc = render(
         tokenizer,
@@ -247,7 +247,7 @@ def encode_for_training(tokenizer: Any, row: dict) -> tuple[list[int], list[int]
 
 def _batch(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
     """Right-padded tensors; padding is masked out of attention and loss."""
-    from fusion.batching import pad_sequences
+    from fusion.data.batching import pad_sequences
 
     ids, attention = pad_sequences([ids for ids, _ in encoded], pad_id)
     labels, _ = pad_sequences([labels for _, labels in encoded], -100)
@@ -308,14 +308,14 @@ def train_causal_lm(
 def exact_match(model_dir: str | Path, rows: Sequence[dict], *, max_new_tokens: int = 16) -> float:
     """Share of rows whose greedy reply equals the reference reply (both stripped), scored
     by lm-evaluation-harness: the rows become a local ``generate_until`` task
-    (`fusion.lm_eval_tasks`) under the model's chat template."""
+    (`fusion.evaluate.lm_eval_tasks`) under the model's chat template."""
     import tempfile
 
     from fusion.artifacts.atomic import write_jsonl_atomic
-    from fusion.lm_eval_options import LmEvalOptions
-    from fusion.lm_eval_results import metrics_by_task
-    from fusion.lm_eval_runner import run_lm_eval
-    from fusion.lm_eval_tasks import write_skill_tasks
+    from fusion.evaluate.lm_eval_options import LmEvalOptions
+    from fusion.evaluate.lm_eval_results import metrics_by_task
+    from fusion.evaluate.lm_eval_runner import run_lm_eval
+    from fusion.evaluate.lm_eval_tasks import write_skill_tasks
 
     if not rows:
         raise ValueError("exact match needs at least one row")

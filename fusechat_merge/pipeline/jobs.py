@@ -53,17 +53,17 @@ class Job:
 
 @dataclass(frozen=True)
 class LogitsJob(Job):
-    """Score the corpus, or one part of it, with one model (`fusion.logits.generate_logits`)."""
+    """Score the corpus, or one part of it, with one model (`fusion.capture.logit_job.generate_logits`)."""
 
     kind: ClassVar[str] = "logits"
-    job: Any  # fusion.logits.LogitJob: model, data, out and the scoring options
+    job: Any  # fusion.capture.logit_job.LogitJob: model, data, out and the scoring options
     threads: int | None = None  # CPU threads (a part's, from its resources: parts share machines)
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec,
                     part: tuple[int, int] | None = None, threads: int | None = None) -> LogitsJob:
         """The model's whole corpus, or part ``(i, N)`` of it (``--shard i/N``) into its part store."""
-        from fusion.logits import LogitJob
+        from fusion.capture.logit_job import LogitJob
 
         out = layout.store(spec.name) if part is None else layout.store_part(spec.name, part[0])
         return cls(LogitJob(
@@ -77,7 +77,7 @@ class LogitsJob(Job):
     def for_skill(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec, skill: str) -> LogitsJob:
         """The model's store of one held-out skill file (``evaluate.skills``), scored with the
         corpus's options, for the transfer measure (a local file: its split is ``train``)."""
-        from fusion.logits import LogitJob
+        from fusion.capture.logit_job import LogitJob
 
         assert recipe.evaluate is not None
         return cls(LogitJob(
@@ -98,7 +98,7 @@ class LogitsJob(Job):
         import torch
 
         from fusion.artifacts.logit_store import LogitStore
-        from fusion.logits import generate_logits
+        from fusion.capture.logit_job import generate_logits
 
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads or before)
@@ -143,15 +143,15 @@ class CombineLogitsJob(Job):
 
 @dataclass(frozen=True)
 class AlignJob(Job):
-    """Align one source's store onto the pivot's (`fusion.align_job.align_stores`)."""
+    """Align one source's store onto the pivot's (`fusion.align.job.align_stores`)."""
 
     kind: ClassVar[str] = "align"
-    job: Any  # fusion.align_job.AlignJob: pivot, source, out and the alignment options
+    job: Any  # fusion.align.job.AlignJob: pivot, source, out and the alignment options
     vocab_map_from: str = ""  # a corpus's aligned store whose vocabulary map this alignment reuses
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, source: str) -> AlignJob:
-        from fusion.align_job import AlignJob as Alignment
+        from fusion.align.job import AlignJob as Alignment
 
         spec = next(s for s in recipe.sources if s.name == source)
         # the tokenizers from where the models are now, not from where the stores say they were
@@ -165,7 +165,7 @@ class AlignJob(Job):
         """``source``'s store of a held-out skill file aligned to the pivot's, with the
         corpus's alignment options and the vocabulary map its alignment built (or was given),
         so the skill's positions get the same source → pivot ids as training did."""
-        from fusion.align_job import AlignJob as Alignment
+        from fusion.align.job import AlignJob as Alignment
 
         spec = next(s for s in recipe.sources if s.name == source)
         return cls(Alignment(pivot=str(layout.eval_store(skill, recipe.pivot.name)),
@@ -182,7 +182,7 @@ class AlignJob(Job):
         return [Path(self.job.out)]
 
     def run(self, resume: bool, log: Log) -> None:
-        from fusion.align_job import align_stores
+        from fusion.align.job import align_stores
         from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 
         job = self.job
@@ -194,7 +194,7 @@ class AlignJob(Job):
 
 @dataclass(frozen=True)
 class FuseJob(Job):
-    """Train one target: the pivot fused with aligned stores (`fusion.trainer.train_fusion`),
+    """Train one target: the pivot fused with aligned stores (`fusion.train.trainer.train_fusion`),
     in this process, or under ``accelerate launch`` when ``launch`` is set
     (`fusechat_merge.pipeline.launch`). Returns the record fields of the training run
     (``world_size``, read from the target's ``train_run.json``)."""
@@ -246,15 +246,15 @@ class FuseJob(Job):
         return {"disable_tqdm": True, "save_strategy": "no", **self.settings}
 
     def run(self, resume: bool, log: Log) -> dict[str, Any]:
-        from fusion.train_output import read_train_run
+        from fusion.train.output import read_train_run
 
         if self.launch is not None:
             from fusechat_merge.pipeline.launch import run_launched
 
             fields = run_launched(self, resume, _indented(log))
         else:
-            from fusion.train_config import fusion_config
-            from fusion.trainer import train_fusion
+            from fusion.train.config import fusion_config
+            from fusion.train.trainer import train_fusion
 
             config = fusion_config(self.out, **self.training_options())
             train_fusion(self.pivot, self.aligned, self.out, config, resume=resume)
@@ -325,7 +325,7 @@ class MergeJob(Job):
         from fusechat_merge.merging import run_merge_checked
         from fusechat_merge.report.sce import write_sce_report
         from fusechat_merge.stats_sink import record_stats
-        from fusion.progress import bar
+        from fusion.runtime.progress import bar
 
         with record_stats.collecting() as rows, bar(None, "merge"):
             run_merge_checked(self.config, self.out, MergeOptions(quiet=False, random_seed=self.seed,
@@ -338,7 +338,7 @@ class MergeJob(Job):
 
 @dataclass(frozen=True)
 class EvalJob(Job):
-    """Score models on the held-out skills (`fusion.evaluate.evaluate_model`)."""
+    """Score models on the held-out skills (`fusion.evaluate.heldout.evaluate_model`)."""
 
     kind: ClassVar[str] = "evaluate"
     models: list[tuple[str, str, str, str]]  # (report name, kind, path, template)
@@ -378,10 +378,15 @@ class EvalJob(Job):
         """Per model and skill the held-out reply loss (and, where the rows list every right
         reply, the mass on right first answer tokens); for every model that reads the pivot's
         tokens (all but the sources) also the transfer measure per source."""
-        from fusion.evaluate import evaluate_skill, load_model, right_answer_mass, transfer_scores
-        from fusion.lm_eval_tasks import right_mass_column
-        from fusion.memory_faults import memory_faults_named
-        from fusion.progress import bar
+        from fusion.evaluate.heldout import (
+            evaluate_skill,
+            load_model,
+            right_answer_mass,
+            transfer_scores,
+        )
+        from fusion.evaluate.lm_eval_tasks import right_mass_column
+        from fusion.runtime.memory_faults import memory_faults_named
+        from fusion.runtime.progress import bar
 
         rows: list[dict[str, Any]] = []
         if not self.skills:  # only lm-eval tasks in this recipe
@@ -432,7 +437,7 @@ def eval_models(recipe: PipelineRecipe, layout: WorkDir, seed: int | None) -> li
 
 @dataclass(frozen=True)
 class LmEvalJob(Job):
-    """Score one model on the recipe's lm-eval tasks (`fusion.lm_eval_runner.run_lm_eval`)."""
+    """Score one model on the recipe's lm-eval tasks (`fusion.evaluate.lm_eval_runner.run_lm_eval`)."""
 
     kind: ClassVar[str] = "evaluate"
     model: str
@@ -443,7 +448,7 @@ class LmEvalJob(Job):
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, model: str, out: Path,
                     trust_remote_code: bool = False) -> LmEvalJob:
-        from fusion.lm_eval_options import lm_eval_version
+        from fusion.evaluate.lm_eval_options import lm_eval_version
 
         assert recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
         options = dict(recipe.evaluate.lm_eval)
@@ -460,10 +465,10 @@ class LmEvalJob(Job):
         return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
-        from fusion.lm_eval_options import LmEvalOptions
-        from fusion.lm_eval_results import write_results
-        from fusion.lm_eval_runner import require_lm_eval, run_lm_eval
-        from fusion.progress import bar
+        from fusion.evaluate.lm_eval_options import LmEvalOptions
+        from fusion.evaluate.lm_eval_results import write_results
+        from fusion.evaluate.lm_eval_runner import require_lm_eval, run_lm_eval
+        from fusion.runtime.progress import bar
 
         require_lm_eval()
         with bar(None, "model"):
@@ -549,7 +554,7 @@ class ReportJob(Job):
 
 
 def _lm_eval_metrics(path: Path) -> dict[str, dict[str, float]]:
-    from fusion.lm_eval_results import metrics_by_task
+    from fusion.evaluate.lm_eval_results import metrics_by_task
 
     return metrics_by_task(json.loads(path.read_text(encoding="utf-8")))
 

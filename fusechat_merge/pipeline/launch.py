@@ -6,7 +6,7 @@ runs ``accelerate launch --config_file C [--num_processes N] -m fusechat_merge.c
 (the same Python, so the same environment), its output in ``WORK/logs/<stage>.log`` (LOG),
 its training's bar followed here from the progress its main process reports. The target,
 its checkpoints and ``--resume`` are those of the in-process stage: the same options reach
-the same `fusion.trainer.train_fusion`, only in N processes.
+the same `fusion.train.trainer.train_fusion`, only in N processes.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 import yaml
 
-from fusion import stopping
 from fusion.artifacts.atomic import write_text_atomic
-from fusion.progress import Follower
+from fusion.runtime import stopping
+from fusion.runtime.progress import Follower
 
 TAIL_LINES = 40
 
@@ -133,7 +133,7 @@ def fsdp_on_cpu(job: Launchable) -> bool:
 
 
 def _last_checkpoint(out: str) -> str:
-    from fusion.train_checkpoints import complete_checkpoints
+    from fusion.train.checkpoints import complete_checkpoints
 
     folder = Path(out) / "checkpoints"
     done = complete_checkpoints(folder) if folder.is_dir() else []

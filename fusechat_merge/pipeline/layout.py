@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusechat_merge.pipeline.stage_records import record_file, stage_file
-from fusion.model_refs import local_path, looks_like_hub_id, model_dir
+from fusion.names import local_path, looks_like_hub_id, model_dir
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage
 from fusechat_merge.pipeline.runner import RunError, Runner, StageError, Work, apply_record
 from fusion.artifacts.records import StoreError, read_record
-from fusion.stopping import Stopped, check, on_signals, reclaim, requested, watching
+from fusion.runtime.stopping import Stopped, check, on_signals, reclaim, requested, watching
 
 PROBE_TIMEOUT_S = 120
 STOP_WAIT_S = 600  # how long a stopped driver waits for its tasks' safe points

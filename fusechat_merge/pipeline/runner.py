@@ -46,9 +46,9 @@ from fusechat_merge.pipeline.stage_output import (
 )
 from fusechat_merge.pipeline.stage_records import REASONS, read_stage_records, run_state
 from fusechat_merge.pipeline_recipe import STAGES
-from fusion import stopping
 from fusion.artifacts.atomic import write_json_atomic
 from fusion.artifacts.records import OutputLock, write_record
+from fusion.runtime import stopping
 
 
 class StageError(RuntimeError):
@@ -210,7 +210,7 @@ class Runner:
                   attempts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Run one stage's job between its ``started`` and ``done`` records; returns the
         done record. A job that raises becomes `StageError` (the started record stays); one stopped by a
-        signal (`fusion.stopping.Stopped`) names the stage and keeps its started record too.
+        signal (`fusion.runtime.stopping.Stopped`) names the stage and keeps its started record too.
         The stage's lock is held meanwhile: a stage another process runs is refused."""
         try:
             with OutputLock(self.layout.stage_lock(stage.id), f"stage {stage.id}"):

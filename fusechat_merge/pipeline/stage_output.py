@@ -2,7 +2,7 @@
 summary line, its failed record, the timing table.
 
 `stage_output` wraps one ``job.run``: the libraries' output goes to ``WORK/logs/<stage>.log``
-(`fusion.progress.captured`), the job's bars report to ``WORK/stages/<stage>.progress.json``,
+(`fusion.runtime.progress.captured`), the job's bars report to ``WORK/stages/<stage>.progress.json``,
 the job's own lines are kept for the terminal (printed under the summary line), and a job
 that raises leaves its traceback in the log and a ``failed`` record beside the ``started``
 one. The started record holds where and since when the stage runs (`started_fields`).
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from fusechat_merge import __version__
 from fusechat_merge.pipeline.stage_records import NEW
 from fusion.artifacts.records import StoreError, write_record
-from fusion.progress import captured, format_bytes_mb, format_seconds
-from fusion.stopping import Stopped
+from fusion.runtime.progress import captured, format_bytes_mb, format_seconds
+from fusion.runtime.stopping import Stopped
 
 if TYPE_CHECKING:
     from fusechat_merge.pipeline.layout import WorkDir

@@ -27,7 +27,7 @@ from fusechat_merge.pipeline.stage_records import (
     stale_reason,
 )
 from fusion.artifacts.records import process_alive
-from fusion.progress import format_bytes_mb, format_seconds
+from fusion.runtime.progress import format_bytes_mb, format_seconds
 
 if TYPE_CHECKING:
     from pathlib import Path

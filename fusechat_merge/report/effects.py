@@ -1,7 +1,7 @@
 """The two effects a fusion run is for, from each seed's rows: fusion (a target against
 SFT) and merge (a merge against the best single target), as per-seed differences with
 their mean ± std over seeds, as Markdown tables and in words. Exact match is the skill's
-lm-eval column (`fusion.lm_eval_tasks.exact_match_column`), loss the held-out reply loss."""
+lm-eval column (`fusion.evaluate.lm_eval_tasks.exact_match_column`), loss the held-out reply loss."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fusechat_merge.report.stats import mean_std
-from fusion.lm_eval_tasks import exact_match_column, right_mass_column
+from fusion.evaluate.lm_eval_tasks import exact_match_column, right_mass_column
 
-TRANSFER_METRICS = ("kl", "cover")  # fusion.transfer: lower KL and higher cover are closer to the source
+TRANSFER_METRICS = ("kl", "cover")  # fusion.evaluate.transfer: lower KL and higher cover are closer to the source
 
 
 def _seed_values(rows: Sequence[Mapping[str, Any]], skills: Sequence[str]) -> dict[tuple[str, str], dict[str, float]]:

@@ -1,10 +1,10 @@
 """The results of a run: rows per (model, skill) aggregated over seeds, shown as a
 terminal table, written as ``results.json``, ``results.md`` and ``results.png``.
 
-A row is a held-out skill's reply loss (``loss``, `fusion.evaluate`), an lm-eval metric
+A row is a held-out skill's reply loss (``loss``, `fusion.evaluate.heldout`), an lm-eval metric
 (``value``, column ``task/metric``, `lm_eval_rows`), or the transfer measure of a model
 against one source on one skill (``source``, ``transfer_kl``, ``transfer_cover``,
-`fusion.transfer`), shown in a table of its own.
+`fusion.evaluate.transfer`), shown in a table of its own.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _aggregate(model: str, skill: str, entries: list[Mapping[str, Any]]) -> dict
     if len(kinds) > 1:
         raise ValueError(f"{model}: kind differs between seeds: {sorted(kinds)}")
     row = {"model": model, "kind": entries[0]["kind"], "skill": skill}
-    if "source" in entries[0]:  # the transfer measure against one source (fusion.transfer)
+    if "source" in entries[0]:  # the transfer measure against one source (fusion.evaluate.transfer)
         row["source"] = entries[0]["source"]
         if any("source" not in e for e in entries):
             raise ValueError(f"{model} on {skill}: a transfer measure in some seeds only")

@@ -1,6 +1,6 @@
 """The aligned store: a pivot logit store plus a source's distribution per pivot position.
 
-Written by `fusion.align_job`, read by `fusion.train_data`. The pivot's own columns are those
+Written by `fusion.align.job`, read by `fusion.train.data`. The pivot's own columns are those
 of the logit store (`fusion.artifacts.logit_store`, docs/logit-store.md); these six are
 added, per pivot trained position unless noted:
 
@@ -11,11 +11,11 @@ added, per pivot trained position unless noted:
 * ``src_target_logprobs`` (P): the aligned source log-probability of the pivot's next
   token (-inf when outside the kept entries, NaN where not aligned), for token-level MinCE;
 * ``src_seq_ce`` (per sequence): the source's own sequence cross-entropy (the MinCE metric);
-* ``src_rule`` (P, uint8): how the position got its distribution (`fusion.projection.RULES`:
+* ``src_rule`` (P, uint8): how the position got its distribution (`fusion.align.projection.RULES`:
   0 fallback, 1 boundary, 2 projected); a store written before it existed reads as
   ``src_aligned`` (boundary where aligned).
 
-Each shard keeps its alignment statistics (`fusion.align_stats.AlignStats`) in its Arrow
+Each shard keeps its alignment statistics (`fusion.align.stats.AlignStats`) in its Arrow
 schema metadata, so a resumed run does not align finished shards again. The manifest's
 ``alignment`` holds the source store, method, projection, vocabulary map and the summed
 statistics (shares of positions by rule, overall and per category, entries kept,

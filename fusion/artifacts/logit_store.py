@@ -17,7 +17,7 @@ topk_logprobs      list<float16>                   P×K, flattened: their log-pr
 target_logprobs    list<float32>                   P: log-probability of the actual next token
 seq_ce             float32                         mean NLL over trained tokens (MinCE metric)
 text_sha1          string                          sha1 of the conversation's roles and texts
-                                                   (`fusion.data.content_fingerprint`; v2)
+                                                   (`fusion.data.conversations.content_fingerprint`; v2)
 =================  ==============================  =========================================
 
 A *trained position* is a position t whose next token t+1 is trained
@@ -66,7 +66,7 @@ from fusion.artifacts.records import (
     remove_partials,
     write_record,
 )
-from fusion.data import trained_positions
+from fusion.data.conversations import trained_positions
 from fusion.options import parse_shard
 
 FORMAT = "fusechat-logit-store"
@@ -325,7 +325,7 @@ def finish_run(
     scoring: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write the manifest over the finished shards: the store is complete from now on.
-    ``scoring`` (what the run measured: `fusion.throughput.Throughput.record`) goes to
+    ``scoring`` (what the run measured: `fusion.capture.throughput.Throughput.record`) goes to
     `SCORING_FILE`, so two runs of the same scoring make byte-identical manifests."""
 
     shards, sequences, tokens = [], 0, 0

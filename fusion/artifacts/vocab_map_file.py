@@ -1,6 +1,6 @@
 """The vocabulary map file: source token id → pivot token id, tied to both tokenizers.
 
-Built by `fusion.vocab_map.build_vocab_map`, saved in the aligned store's directory
+Built by `fusion.align.vocab_map.build_vocab_map`, saved in the aligned store's directory
 (``vocab_map.json``) and reusable with ``align --vocab-map``. JSON with the two tokenizer
 fingerprints (a map made for other tokenizers is refused: it would silently garble ids),
 ``src2piv`` and ``inexact`` (the source ids without an exact canonical-text match).

@@ -28,7 +28,7 @@ class Backend(Protocol):
     name: str
     schedules_batches: bool
     """True: `score` takes a whole store shard and batches it itself (vLLM's scheduler);
-    False: it takes the token-budget batches of `fusion.batching.length_sorted_batches`."""
+    False: it takes the token-budget batches of `fusion.data.batching.length_sorted_batches`."""
 
     def score(
         self, sequences: Sequence[Sequence[int]], positions: Sequence[np.ndarray]

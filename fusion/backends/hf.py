@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fusion.backends.base import PositionScores
-from fusion.batching import pad_sequences
+from fusion.data.batching import pad_sequences
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PROJECT_ROWS = 2048
@@ -37,7 +37,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class HFBackend:
     name = "hf"
-    schedules_batches = False  # score() takes the batches `fusion.batching` forms
+    schedules_batches = False  # score() takes the batches `fusion.data.batching` forms
 
     def __init__(self, model: str, *, top_k: int, dtype: str = "auto", device: str = "auto",
                  device_map: str | None = None, trust_remote_code: bool = False):

@@ -14,15 +14,26 @@ from typing import Any
 
 import numpy as np
 
-from fusion import stopping
-from fusion.align import (
+from fusion.align.positions import (
     TokenView,
     dtw_alignment,
     map_distribution,
     offsets_alignment,
     token_pairs,
 )
-from fusion.align_stats import AlignStats
+from fusion.align.projection import (
+    CLOSING,
+    FALLBACK,
+    PROJECTED,
+    PieceBytes,
+    Plan,
+    Projector,
+    boundary_plan,
+    categories,
+    project_distribution,
+    projection_plan,
+)
+from fusion.align.stats import AlignStats
 from fusion.artifacts.aligned_store import shard_statistics, write_aligned_shard
 from fusion.artifacts.logit_store import (
     LOCATION_FIELDS,
@@ -39,22 +50,11 @@ from fusion.artifacts.logit_store import (
 from fusion.artifacts.provenance import check_outputs, path_fingerprint, store_fingerprint
 from fusion.artifacts.records import locked, removed_unless, write_faults_named
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
-from fusion.memory_faults import memory_faults_named
-from fusion.model_refs import looks_like_hub_id
+from fusion.names import looks_like_hub_id
 from fusion.options import METHODS, AlignOptions
-from fusion.progress import bar
-from fusion.projection import (
-    CLOSING,
-    FALLBACK,
-    PROJECTED,
-    PieceBytes,
-    Plan,
-    Projector,
-    boundary_plan,
-    categories,
-    project_distribution,
-    projection_plan,
-)
+from fusion.runtime import stopping
+from fusion.runtime.memory_faults import memory_faults_named
+from fusion.runtime.progress import bar
 
 
 @dataclass(kw_only=True)
@@ -114,7 +114,7 @@ def load_tokenizer(store: LogitStore, model: str | None = None, option: str = "-
     ships its own code unless ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
-    from fusion.remote_code import RemoteCodeError, check_remote_code
+    from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
 
     where = model or store.options.model
     if model is None and not Path(where).expanduser().exists() and not looks_like_hub_id(where):
@@ -147,8 +147,8 @@ class Tokenizers:
 
 def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_vocab, src_vocab, out: Path):
     """Load the given map (checked against both tokenizers) or build one from this corpus;
-    ``*_vocab`` are the tokenizers' `fusion.vocab_map.Vocabulary`."""
-    from fusion.vocab_map import CooccurrenceCounts, VocabMap, build_vocab_map
+    ``*_vocab`` are the tokenizers' `fusion.align.vocab_map.Vocabulary`."""
+    from fusion.align.vocab_map import CooccurrenceCounts, VocabMap, build_vocab_map
 
     if job.vocab_map or (out / VOCAB_MAP_FILE_NAME).exists():
         return VocabMap.load(
@@ -284,7 +284,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
         vocab_info: dict[str, Any] = {"mode": "identity (same tokenizer)"}
         tokenizers = Tokenizers()
     else:
-        from fusion.vocab_map import vocabulary
+        from fusion.align.vocab_map import vocabulary
 
         piv_vocab = vocabulary(load_tokenizer(pivot, job.pivot_model, "--pivot-model", job.trust_remote_code))
         src_vocab = vocabulary(load_tokenizer(source, job.source_model, "--source-model", job.trust_remote_code))

@@ -1,6 +1,6 @@
 """Held-out conversation files as local lm-evaluation-harness tasks (YAML + JSON lines).
 
-Each skill file (anything `fusion.data.load_conversations` reads) becomes two lm-eval tasks
+Each skill file (anything `fusion.data.conversations.load_conversations` reads) becomes two lm-eval tasks
 over one JSONL of documents ``{id, system, prompt, reference}``, where ``prompt`` is the
 user turn that the last assistant reply answers and ``reference`` is that reply:
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion.artifacts.atomic import write_jsonl_atomic, write_text_atomic
-from fusion.data import MalformedRow, parse_turns, row_id
+from fusion.data.conversations import MalformedRow, parse_turns, row_id
 
 PREFIX = "fusechat"
 GENERATE = "gen"
@@ -89,7 +89,7 @@ def exact_match_column(skill: str, prefix: str = PREFIX) -> str:
 
 def right_mass_column(skill: str) -> str:
     """The results column of a skill's mass on right first answer tokens (ours, teacher-forced:
-    `fusion.evaluate.right_answer_mass`), for skills whose rows list every right reply."""
+    `fusion.evaluate.heldout.right_answer_mass`), for skills whose rows list every right reply."""
     return f"{skill}/{RIGHT_MASS}"
 
 
@@ -104,8 +104,8 @@ def skill_documents(rows: Iterable[Mapping]) -> tuple[list[dict[str, str]], dict
     """lm-eval documents of the usable rows, and ``{row id: reason}`` for the rows left out.
 
     A document is the last assistant reply and the single user turn (plus an optional
-    system turn) before it; `fusion.data.parse_turns` decides what is malformed, exactly as
-    for training and for `fusion.evaluate`.
+    system turn) before it; `fusion.data.conversations.parse_turns` decides what is malformed, exactly as
+    for training and for `fusion.evaluate.heldout`.
     """
     docs: list[dict[str, str]] = []
     skipped: dict[str, str] = {}
@@ -216,11 +216,11 @@ def write_skill_tasks(
     """Write each skill's documents and its two task YAML files under ``out_dir``.
 
     ``skills`` maps a skill name to a conversation file or folder, as for
-    `fusion.evaluate.evaluate_model`. ``cache_dir`` is the ``datasets`` cache lm-eval
+    `fusion.evaluate.heldout.evaluate_model`. ``cache_dir`` is the ``datasets`` cache lm-eval
     loads the documents through (its default cache when None). Raises ValueError for a
     skill with no usable conversation or two skills with the same task name.
     """
-    from fusion.data import UnsupportedContent, load_conversations
+    from fusion.data.conversations import UnsupportedContent, load_conversations
 
     if max_gen_toks < 1:
         raise ValueError(f"max_gen_toks must be positive, got {max_gen_toks}")
@@ -264,5 +264,5 @@ def _write_jsonl(path: Path, docs: Iterable[Mapping[str, str]]) -> Path:
 def _write_yaml(path: Path, config: Mapping[str, Any]) -> Path:
     import yaml
 
-    text = "# Written by fusion.lm_eval_tasks; regenerate rather than edit.\n"
+    text = "# Written by fusion.evaluate.lm_eval_tasks; regenerate rather than edit.\n"
     return write_text_atomic(path, text + yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True))

@@ -16,8 +16,8 @@ Positions are matched in bytes only inside reply text whose bytes both tokenizat
 identically (checked per reply), and in the template text just before it where both sides'
 tokens cover the same bytes (one template for both models); other template text, the
 closing token and any reply whose bytes disagree keep the character-span rule of
-`fusion.align`.
-Pure numpy, no I/O: `fusion.align_job` applies it per sequence.
+`fusion.align.positions`.
+Pure numpy, no I/O: `fusion.align.job` applies it per sequence.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fusion.align import TokenView, merge_distribution, reply_keys
+from fusion.align.positions import TokenView, merge_distribution, reply_keys
 
 FALLBACK, BOUNDARY, PROJECTED = 0, 1, 2
 RULES = ("fallback", "boundary", "projected")
@@ -51,7 +51,7 @@ class PieceBytes:
 
     @classmethod
     def build(cls, pieces: Sequence[bytes | None], byte_piece: np.ndarray | None = None) -> PieceBytes:
-        """From `fusion.vocab_map.Vocabulary.pieces` (and ``byte_piece``, its byte-fallback flags)."""
+        """From `fusion.align.vocab_map.Vocabulary.pieces` (and ``byte_piece``, its byte-fallback flags)."""
         lengths = np.array([len(b) if b else -1 for b in pieces], dtype=np.int64)
         flags = byte_piece if byte_piece is not None else np.zeros(len(pieces), dtype=bool)
         by_bytes: dict[bytes, int] = {}
@@ -140,7 +140,7 @@ def boundary_plan(source_positions: np.ndarray) -> Plan:
 def projection_plan(
     pivot: TokenView, source: TokenView, by_chars: np.ndarray, piv_text: PieceBytes, src_text: PieceBytes
 ) -> Plan:
-    """`boundary_plan` of ``by_chars`` (the `fusion.align.offsets_alignment` result), decided
+    """`boundary_plan` of ``by_chars`` (the `fusion.align.positions.offsets_alignment` result), decided
     again in bytes inside every reply both sides spell alike: the source token starting at
     the pivot token's first byte (boundary), else the one covering it (projected)."""
     plan = boundary_plan(by_chars)
@@ -222,7 +222,7 @@ def project_distribution(
     """The source's stored entries (top-K plus ``gold``, the (id, log-probability) of the
     token it emitted) conditioned on having emitted ``prefix``, in pivot ids.
 
-    Returns (ids, logprobs) padded to ``k`` as `fusion.align.merge_distribution` does, the
+    Returns (ids, logprobs) padded to ``k`` as `fusion.align.positions.merge_distribution` does, the
     number of surviving entries, and the residual mass (probability of the entries that end
     exactly after ``prefix``). No survivor gives zero entries: the caller falls back.
     """

@@ -1,19 +1,19 @@
 """Aligning a source model's top-K distributions to the pivot's tokens and vocabulary.
 
-Two steps, both pure functions here (`align_stores` in `fusion.align_job` does the I/O):
+Two steps, both pure functions here (`align_stores` in `fusion.align.job` does the I/O):
 
 1. **Positions.** A distribution at position t predicts token t + 1, so predictions are
    aligned, not input tokens: pivot position j and source position i correspond when the
    pivot token j + 1 and the source token i + 1 *start at the same character* of the same
    assistant reply. Where the pivot's next token starts inside a source token (no source
-   token boundary there), no source distribution predicts it directly; `fusion.projection`
+   token boundary there), no source distribution predicts it directly; `fusion.align.projection`
    conditions the one that predicted that source token on what it already emitted.
    Template whitespace just before a reply (Llama's space, ChatML's newline) is each
    template's own text: it pairs only with the same text on the other side.
 
    * ``offsets`` (default) reads the character spans stored with each token: exact.
    * ``dtw`` aligns the decoded token strings of each reply by edit-distance DTW
-     (the paper's method, `fusion.dtw`), for parity with the reference and for data
+     (the paper's method, `fusion.align.dtw`), for parity with the reference and for data
      without offsets; a pivot token then takes the first source token aligned to it when
      the two strings start alike.
 
@@ -23,7 +23,7 @@ Two steps, both pure functions here (`align_stores` in `fusion.align_job` does t
    differently. Aligning predictions avoids that.
 
 2. **Vocabulary.** Each source top-K entry is mapped to a pivot id with the vocabulary map
-   (exact canonical text first, then the statistics-based choice; `fusion.vocab_map`),
+   (exact canonical text first, then the statistics-based choice; `fusion.align.vocab_map`),
    duplicates are merged by log-sum-exp, and the kept entries are renormalised.
 
 Where no source distribution exists for a pivot position, the fusion stage falls back to
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusion.data import trained_positions
+from fusion.data.conversations import trained_positions
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class TokenView:
     loss_mask: np.ndarray  # (T,) bool
     token_offsets: np.ndarray  # (T, 2)
     reply_spans: np.ndarray  # (R, 2)
-    # canonical text of every id of the tokenizer (`fusion.vocab_map.piece_texts`; for one
+    # canonical text of every id of the tokenizer (`fusion.align.vocab_map.piece_texts`; for one
     # tokenizer the ids themselves), needed to pair the template whitespace in front of a
     # reply across tokenizers; None pairs none
     texts: Sequence[Hashable] | None = None
@@ -154,12 +154,12 @@ def dtw_alignment(
 ) -> np.ndarray:
     """Like `offsets_alignment`, from edit-distance DTW over each reply's token strings.
 
-    ``*_texts`` give the text of each id (`fusion.vocab_map.piece_texts`: markers as
+    ``*_texts`` give the text of each id (`fusion.align.vocab_map.piece_texts`: markers as
     spaces, byte pieces decoded; the reference aligns ``decode([id])`` strings), with
-    ``*_marker`` the space marker in them. ``kernel`` defaults to `fusion.dtw.dtw_align`
+    ``*_marker`` the space marker in them. ``kernel`` defaults to `fusion.align.dtw.dtw_align`
     (the benchmark passes the plain reference DP).
     """
-    from fusion.dtw import dtw_align
+    from fusion.align.dtw import dtw_align
 
     kernel = kernel or dtw_align
     out = np.full(len(pivot.positions), -1, dtype=np.int64)

@@ -5,7 +5,7 @@ the pipeline's ``evaluate.lm_eval`` stage. It checks every input before any mode
 (the model folder or hub id, the include path, the task names, the backend), so a typo costs
 seconds rather than a model load, then calls ``lm_eval.simple_evaluate`` and returns
 lm-eval's own results dictionary unchanged apart from ``config.model_args``
-(`fusion.lm_eval_results` reads and writes it). lm-eval itself is imported only inside the
+(`fusion.evaluate.lm_eval_results` reads and writes it). lm-eval itself is imported only inside the
 functions that need it.
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from fusion.artifacts.provenance import InputError, has_chat_template
-from fusion.content_cache import content_keyed_loads
-from fusion.hints import did_you_mean
-from fusion.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
-from fusion.memory_faults import OutOfMemory, memory_faults_named, ran_out
-from fusion.model_refs import resolve_model
-from fusion.remote_code import RemoteCodeError, check_remote_code
+from fusion.data.content_cache import content_keyed_loads
+from fusion.errors import did_you_mean
+from fusion.evaluate.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
+from fusion.names import resolve_model
+from fusion.runtime.memory_faults import OutOfMemory, memory_faults_named, ran_out
+from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
 
 EXTRA_HINT = "pip install 'fusechat-merge[eval]'"
 VLLM_HINT = "pip install 'fusechat-merge[vllm]'"
@@ -38,7 +38,7 @@ def require_lm_eval() -> None:
 
 
 def check_model(model: str, trust_remote_code: bool = False) -> str:
-    """What lm-eval loads for ``model`` (`fusion.model_refs.resolve_model`: a saved model
+    """What lm-eval loads for ``model`` (`fusion.names.resolve_model`: a saved model
     folder, or a hub id, from the cache when it is there); one that ships its own code
     only with ``trust_remote_code``."""
     try:

@@ -32,7 +32,7 @@ def read_train_run(out: str | os.PathLike[str]) -> dict[str, Any]:
 def loss_parts(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     """The means of what a training run logged of its two terms (None: not logged, as in
     plain CLM training): ``clm`` and ``fuse`` losses, the fusion term's share of the
-    gradient at the logits and the cosine of the two gradients (`fusion.losses.gradient_parts`)."""
+    gradient at the logits and the cosine of the two gradients (`fusion.train.losses.gradient_parts`)."""
     out: dict[str, float | None] = {}
     for part, logged in LOGGED_PARTS.items():
         values = [float(e[logged]) for e in log_history if logged in e]

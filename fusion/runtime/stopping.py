@@ -4,7 +4,7 @@ Schedulers send SIGTERM some seconds before they kill (SLURM ``--signal``, Kuber
 spot instances); a user presses Ctrl-C. Under `on_signals` (the commands that run long
 work install it) the first of them is a request while a long loop watches for it
 (`watching`): the loop asks `check` at each of its safe points (between scoring batches,
-between aligned sequences, after each optimizer step: `fusion.trainer`) and raises
+between aligned sequences, after each optimizer step: `fusion.train.trainer`) and raises
 `Stopped` there, saying where it stopped and what it kept. Where nothing watches (a merge,
 an evaluation: both are redone whole by the rerun) the signal stops the work at once. A
 second Ctrl-C stops at once too; a repeated SIGTERM is ignored (a launcher forwards it to

@@ -106,7 +106,7 @@ def piece_bytes(piece: str, *, byte_level: bool = False, marker: str | None = "â
     """The bytes a raw vocabulary piece stands for (what it adds to the text), or None for a
     byte-level-vocabulary piece outside the byte alphabet (an added token stored there).
 
-    The byte-prefix projection (`fusion.projection`) compares tokens of two tokenizers by
+    The byte-prefix projection (`fusion.align.projection`) compares tokens of two tokenizers by
     these bytes: a multi-byte character split into byte pieces by one tokenizer is a prefix
     of the other's whole-character token. Arguments as in :func:`canonical_piece`.
     """

@@ -5,9 +5,9 @@ next-token distribution. Whether a trained model took it up shows in how far the
 next-token distribution is from the source's, on held-out conversations, at the pivot
 positions where the alignment gave the source a distribution. The source's distribution is
 taken exactly as the fusion loss sees it: its aligned top-K, softmax(logprobs / T) over the
-kept entries (`fusion.losses.tempered_probs`), ids outside the model's vocabulary dropped
-and the rest renormalised (`fusion.losses.within_vocab`), repeated ids summed
-(`fusion.losses.merge_duplicates`). Two numbers per position:
+kept entries (`fusion.train.losses.tempered_probs`), ids outside the model's vocabulary dropped
+and the rest renormalised (`fusion.train.losses.within_vocab`), repeated ids summed
+(`fusion.train.losses.merge_duplicates`). Two numbers per position:
 
 * ``kl``: KL(q ‖ p) = Σ q (log q − log p), q the source's renormalised top-K, p the model's
   full softmax; 0 when the model puts the source's relative weights on those ids *and*
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusion.losses import merge_duplicates, tempered_probs, within_vocab
+from fusion.train.losses import merge_duplicates, tempered_probs, within_vocab
 
 
 @dataclass
@@ -88,7 +88,7 @@ def transfer_sums(
 ) -> TransferSums:
     """The measure over a batch: ``logits`` (B, T, V) of the model, the source's aligned
     top-K ``src_ids`` / ``src_logprobs`` (B, T, K) indexed by the predicting position (as
-    `fusion.train_data.FusionCollator` lays them out), ``valid`` (B, T) where the source
+    `fusion.train.data.FusionCollator` lays them out), ``valid`` (B, T) where the source
     has a distribution (aligned, trained positions only). Positions with no in-vocabulary
     entry are left out."""
     if valid.shape != logits.shape[:2] or src_ids.shape[:2] != valid.shape:

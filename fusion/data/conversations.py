@@ -118,12 +118,12 @@ def load_conversations(
     JSON file holding one top-level list (FuseChat-Mixture's format) loads like JSON lines.
     A folder contributes its top-level data files, which must all be JSON or all Parquet
     with one row format (``datasets`` cannot merge schemas across files; one file may mix).
-    Local files are cached by content (`fusion.content_cache`): what is parsed is what
+    Local files are cached by content (`fusion.data.content_cache`): what is parsed is what
     the records fingerprint, also after an in-place edit that kept size and mtime.
     """
     import datasets
 
-    from fusion.content_cache import load_local
+    from fusion.data.content_cache import load_local
 
     files = _local_files(source)
     if files is None:
@@ -178,7 +178,7 @@ def _cache_write_fault(err: BaseException, inputs: Sequence[Path]) -> str | None
 
 
 def _ran_out(err: BaseException) -> bool:
-    from fusion.memory_faults import ran_out
+    from fusion.runtime.memory_faults import ran_out
 
     return ran_out(err) is not None
 

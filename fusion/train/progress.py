@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from fusion.progress import bar
+from fusion.runtime.progress import bar
 
 # the Trainer's log keys shown after the bar, and how
 POSTFIX = {"loss": ("loss", "{:.4f}"), "fuse_grad_share": ("fusion", "{:.1%}"), "learning_rate": ("lr", "{:.2e}")}

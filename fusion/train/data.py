@@ -12,7 +12,7 @@ import torch
 
 from fusion.artifacts.aligned_store import AlignedStore
 from fusion.artifacts.logit_store import StoreError
-from fusion.batching import pad_sequences
+from fusion.data.batching import pad_sequences
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_valid", "teacher_ce", "teacher_gold")
 

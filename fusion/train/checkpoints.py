@@ -14,15 +14,15 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from fusion import stopping
 from fusion.artifacts.atomic import write_json_atomic
 from fusion.artifacts.logit_store import StoreError
 from fusion.artifacts.provenance import model_fingerprint, store_fingerprint
 from fusion.artifacts.records import differences, read_record, write_record
 from fusion.options import FusionSettings
+from fusion.runtime import stopping
 
 if TYPE_CHECKING:
-    from fusion.train_config import FusionConfig
+    from fusion.train.config import FusionConfig
 
 RUN_FILE = "fusion_run.json"
 """The training configuration of the checkpoints in OUT/checkpoints (`--resume` must match it)."""
@@ -60,7 +60,7 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 class StopAtStep(TrainerCallback):
-    """On a stop request (`fusion.stopping`: SIGTERM, Ctrl-C) the Trainer saves a checkpoint
+    """On a stop request (`fusion.runtime.stopping`: SIGTERM, Ctrl-C) the Trainer saves a checkpoint
     at the step it just finished (model, optimizer, scheduler, RNG, data position: what
     ``resume_from_checkpoint`` needs) and ends the training; ``stopped`` then holds the
     signal and the step. Every process of a launch decides alike: the request of any

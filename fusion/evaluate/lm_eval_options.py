@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fusion.hints import did_you_mean
+from fusion.errors import did_you_mean
 from fusion.options import BACKENDS, TRUST_HELP, check_options, option
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion.projection import BOUNDARY, CATEGORIES, PROJECTED, RULES
+from fusion.align.projection import BOUNDARY, CATEGORIES, PROJECTED, RULES
 
 
 @dataclass
@@ -21,7 +21,7 @@ class AlignStats:
     """Sums over pivot trained positions; `summary` turns them into shares and means."""
 
     counts: np.ndarray = field(default_factory=lambda: np.zeros((len(CATEGORIES), len(RULES)), dtype=np.int64))
-    """positions per (category, rule): categories and rules as `fusion.projection` names them"""
+    """positions per (category, rule): categories and rules as `fusion.align.projection` names them"""
     kept: int = 0
     """entries kept (in pivot ids) over the positions with a source distribution"""
     surviving: int = 0

@@ -1,14 +1,14 @@
 """Per-skill reply loss of one chat model on held-out conversation files.
 
-Conversations go through `fusion.data` exactly as in training, so the loss is over the very
+Conversations go through `fusion.data.conversations` exactly as in training, so the loss is over the very
 tokens a fused model was trained on (every assistant reply of a multi-turn conversation and
 the token that closes each one), whatever the tokenizer or template, the shared FuseChat
 template included: the mean negative log-likelihood per trained reply token over the whole
 file (token-weighted, like the training loss).
 
 This is what lm-evaluation-harness cannot do. Exact match of the last reply (greedy
-decoding) is lm-eval's: `fusion.lm_eval_tasks` writes the held-out files as local lm-eval
-tasks and `fusion.lm_eval_runner` runs them (``evaluate.lm_eval`` in a pipeline recipe).
+decoding) is lm-eval's: `fusion.evaluate.lm_eval_tasks` writes the held-out files as local lm-eval
+tasks and `fusion.evaluate.lm_eval_runner` runs them (``evaluate.lm_eval`` in a pipeline recipe).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 
 from fusion.artifacts.provenance import InputError
 from fusion.backends.hf import resolve_device
-from fusion.batching import pad_sequences, pad_token_id
-from fusion.data import (
+from fusion.data.batching import pad_sequences, pad_token_id
+from fusion.data.conversations import (
     Encoded,
     EncodeReport,
     TemplateKind,
@@ -32,8 +32,8 @@ from fusion.data import (
     render,
     usable_rows,
 )
-from fusion.memory_faults import memory_faults_named
 from fusion.options import EvalOptions
+from fusion.runtime.memory_faults import memory_faults_named
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def evaluate_model(
     """Score the model in ``model_dir`` (saved with its tokenizer) on each skill's file.
 
     ``skills`` maps a skill name to a conversation file or folder (anything
-    `fusion.data.load_conversations` reads); results come back in the mapping's order.
+    `fusion.data.conversations.load_conversations` reads); results come back in the mapping's order.
     ``overrides`` are `EvalOptions` fields. Raises ValueError for a bad option or a skill
     file with no usable conversation.
     """
@@ -88,11 +88,11 @@ def load_model(model_dir: str | Path, device: str = "cpu", *, trust_remote_code:
     """The model in float32 (scores must not depend on the saved dtype) and its tokenizer.
 
     ``device`` is a torch device or ``"auto"`` (CUDA when available). A model that ships its
-    own code loads only with ``trust_remote_code`` (`fusion.remote_code`).
+    own code loads only with ``trust_remote_code`` (`fusion.runtime.remote_code`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusion.remote_code import check_remote_code
+    from fusion.runtime.remote_code import check_remote_code
 
     check_remote_code(model_dir, trust_remote_code)
     trust = {"trust_remote_code": trust_remote_code}
@@ -197,13 +197,13 @@ def transfer_scores(
     model: Any, tokenizer: Any, aligned: Mapping[str, str | Path], *, temperature: float = 1.0,
     batch_size: int = 16,
 ) -> dict[str, dict[str, float | int | None]]:
-    """The transfer measure (`fusion.transfer`) of a loaded model against each source, on
+    """The transfer measure (`fusion.evaluate.transfer`) of a loaded model against each source, on
     one skill file: ``aligned`` maps a source name to its store of that file aligned to the
     pivot's (all from the same pivot store). The model must share the pivot's tokenizer: it
     reads the pivot's token ids. Returns source → ``{"kl", "cover", "positions"}``."""
     from fusion.artifacts.logit_store import tokenizer_fingerprint
-    from fusion.train_data import FusionCollator, FusionDataset
-    from fusion.transfer import TransferSums, transfer_sums
+    from fusion.evaluate.transfer import TransferSums, transfer_sums
+    from fusion.train.data import FusionCollator, FusionDataset
 
     names = list(aligned)
     data = FusionDataset([aligned[n] for n in names])
@@ -241,8 +241,8 @@ def right_answer_mass(
     answer's first character. A model that spreads its first step over the whole set scores
     as high as one that always picks the same member; mass on wrong answers lowers it.
     None when the file's rows list no ``answers``."""
-    from fusion.data import parse_turns, row_id
-    from fusion.lm_eval_tasks import right_answers
+    from fusion.data.conversations import parse_turns, row_id
+    from fusion.evaluate.lm_eval_tasks import right_answers
 
     rows = _load_rows(path, cache_dir)
     masses: list[float] = []
