@@ -1,9 +1,38 @@
-"""The one "did you mean" of every error that names an unknown key, method or task."""
+"""The error family every user-facing failure belongs to, and the one "did you mean".
+
+A ``FusionError`` is a failure the user can fix: bad input, an output in the way, a
+resource that does not fit. It carries what is at fault (a file, a row, a YAML key, a
+model, a tensor) so every message can name it, and the exit code the command line
+returns. Library code raises these and nothing click-specific; ``fusechat_merge.cli``
+maps the family to exit codes in one place. Anything else reaching the command line is a
+bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+
+
+class FusionError(Exception):
+    """A failure the user can fix. ``str()`` is the message shown, without a traceback.
+
+    ``at`` holds what is at fault, by kind: ``file``, ``row``, ``key``, ``model``,
+    ``tensor``, ``stage``. Subclasses set ``exit_code`` (1 unless said otherwise; 2 is a
+    usage error, as click's).
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str = "", **at: object) -> None:
+        super().__init__(message)
+        self.at: dict[str, object] = {k: v for k, v in at.items() if v is not None}
+
+
+class UsageError(FusionError):
+    """Options or arguments that cannot go together, or name nothing: exit 2, as click's."""
+
+    exit_code = 2
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
