@@ -108,7 +108,7 @@ def run_pipeline_demo(
 
 def _run_demo(work_dir: Path, recipe: Path, seeds: list[int] | None, split: str,
               echo: Callable[[str], None], verbose: bool) -> Path:
-    from fusechat_merge.demo.skills import make_demo_models
+    from fusechat_merge.demo.skills import make_demo_models, torch_threads
     from fusechat_merge.pipeline import run_pipeline
     from fusechat_merge.pipeline_recipe import load_pipeline_recipe
     from fusion.runtime.progress import captured
@@ -130,7 +130,11 @@ def _run_demo(work_dir: Path, recipe: Path, seeds: list[int] | None, split: str,
         text = yaml.safe_dump(raw, sort_keys=False)
     local = work_dir / "demo-pipeline.yaml"
     local.write_text(text, encoding="utf-8")
-    run_pipeline(load_pipeline_recipe(local, work_dir), work_dir, log=echo, verbose=verbose)
+    # one torch thread for the whole run: the toy's matmuls are too small to share, and on a
+    # 2-core machine that other work shares, a second spinning OpenMP thread made a training
+    # step 7-11x slower (20 ms against 150-270 ms)
+    with torch_threads(1):
+        run_pipeline(load_pipeline_recipe(local, work_dir), work_dir, log=echo, verbose=verbose)
     echo(f"\nreport: {work_dir / 'report'} (results.md, results.png); "
          f"SCE coefficients: {work_dir / 'merges'}/seed-*/sce-report/sce_coefficients.png")
     echo(f"demo done in {time.perf_counter() - started:.1f}s (setup {setup_seconds:.1f}s)")

@@ -326,7 +326,7 @@ def exact_match(model_dir: str | Path, rows: Sequence[dict], *, max_new_tokens: 
         task = tasks.by_skill()["skill"].generate
         options = LmEvalOptions(tasks=(task,), include_path=str(tasks.include_path), apply_chat_template=True,
                                 bootstrap_iters=0, device="cpu", batch_size=16)
-        with _torch_threads(1):
+        with torch_threads(1):
             return metrics_by_task(run_lm_eval(str(model_dir), options))[task]["exact_match"]
 
 
@@ -377,7 +377,7 @@ def _training_rows(spec: ModelSpec, seed: int) -> tuple[list[dict], dict[str, li
 
 
 @contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """Run with ``n`` torch threads: these matmuls are too small to share, and on a busy
     2-core machine two spinning OpenMP threads made training and decoding 10-80x slower."""
     import torch
@@ -412,6 +412,6 @@ def make_demo_models(
             log(f"{spec.name:<10}: reusing {path}")
             continue
         steps = DEFAULT_STEPS[spec.name] if train_steps is None else train_steps
-        with _torch_threads(1):
+        with torch_threads(1):
             _build(spec, path, seed, steps, log)
     return paths
