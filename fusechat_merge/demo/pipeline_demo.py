@@ -19,7 +19,8 @@ DEMO_RECIPE = Path(__file__).resolve().parent / "demo-pipeline.yaml"
 # The fusion corpus: some plain chat, 1000 conversations of arithmetic and of reversal
 # (chosen on the validation split over 500 and 1000; the sources have seen most of these
 # prompts) and few of pick, each showing one of its right replies (FuseChat's regime: a
-# corpus small against what the sources know).
+# corpus small against what the sources know): 100, chosen on the validation split over 300
+# by target:pick − SFT in mass on right first tokens (benchmarks/sweep_pick.py).
 CORPUS_ROWS: dict[str, int] = {"generic": 300, "arithmetic": 1000, "reversal": 1000, "pick": 100}
 # The stream each skill's corpus rows come from: the sources' own (seed 0: they have seen
 # these conversations), except pick's, whose source has not: its distribution there is what
