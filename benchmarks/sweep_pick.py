@@ -10,7 +10,7 @@ nothing that the two compared models see: fusion is pairwise, so target:pick is 
 with the pick source on the same corpus, seeds and steps as in the whole recipe, and SFT uses
 no source at all. The models are built once and copied. Prints per candidate target:pick − SFT
 on pick (right replies, mass on right first answer tokens, KL to the pick source), mean ± std
-over the seeds, with the two models' own means. About 2 minutes per candidate on 2 idle cores.
+over the seeds, with the two models' own means. About 3 minutes per candidate on 2 idle cores.
 """
 
 from __future__ import annotations
