@@ -111,8 +111,8 @@ def _run_demo(work_dir: Path, recipe: Path, seeds: list[int] | None, split: str,
     from fusechat_merge.demo.skills import make_demo_models
     from fusechat_merge.pipeline import run_pipeline
     from fusechat_merge.pipeline_recipe import load_pipeline_recipe
-    from fusion.runtime.progress import captured
-    from fusion.runtime.progress import echo as to_terminal
+    from fusion.runtime.log_capture import captured
+    from fusion.runtime.log_capture import echo as to_terminal
 
     started = time.perf_counter()
     with captured(work_dir / "logs" / "setup.log", label="setup", verbose=verbose):
