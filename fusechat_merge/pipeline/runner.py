@@ -3,7 +3,7 @@
 Each stage leaves a ``started`` record while it runs (key, executor, host, pid,
 started_at; its bars' last state in a ``progress`` record), a ``failed`` record if its job
 raised, and a ``done`` record when it finished, in ``WORK/stages/``, and everything the
-libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.pipeline.stage_output`). The
+libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.console.stage_output`). The
 done record holds: its key, how it ran (``executor``: local or ray, ``host``,
 ``pid``; ``placement``: the resources it asked for and, on Ray, its node and GPU ids), when
 (``started_at``, ``finished_at``: Unix seconds; ``seconds``), every attempt (``attempts``:
@@ -17,14 +17,14 @@ same whichever ran them. A stage is ``done`` when its done
 record holds its current key and its outputs exist; ``resume`` when it started with its
 current key and never finished (the logit, alignment and training jobs resume where they
 stopped; merges and evaluations are redone); ``stale`` when its records hold another key
-(the reason says so when it is the package version) or cannot be read (redone);
-``new`` otherwise (`fusechat_merge.pipeline.stage_records`).
+(the reason says so when it is the package version), cannot be read, or its outputs are
+gone (redone); ``new`` otherwise: `fusechat_merge.pipeline.stage_records.run_state` decides,
+for the runner and ``status`` alike.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import socket
 import sys
@@ -33,18 +33,25 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fusechat_merge import __version__
-from fusechat_merge.pipeline.layout import WorkDir
-from fusechat_merge.pipeline.placement import placement
-from fusechat_merge.pipeline.plan import Stage
-from fusechat_merge.pipeline.stage_output import (
+from fusechat_merge.console import (
     Summaries,
     error_text,
     format_timings,
+    peak_rss_mb,
     skipped_line,
     stage_output,
+)
+from fusechat_merge.pipeline.layout import WorkDir
+from fusechat_merge.pipeline.placement import placement
+from fusechat_merge.pipeline.plan import Stage
+from fusechat_merge.pipeline.stage_records import (
+    NEW,
+    REASONS,
+    failed_fields,
+    read_stage_records,
+    run_state,
     started_fields,
 )
-from fusechat_merge.pipeline.stage_records import REASONS, read_stage_records, run_state
 from fusechat_merge.pipeline_recipe import STAGES
 from fusion.artifacts.atomic import write_json_atomic
 from fusion.artifacts.records import OutputLock, write_record
@@ -74,7 +81,7 @@ class RunError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-Work = list[tuple[Stage, bool, str]]  # (stage, resume, reason) of each stage to run
+Work = list[tuple[Stage, bool, str]]  # (stage, resume, reason: "" for a first run) of each stage to run
 
 
 class Executor(Protocol):
@@ -152,11 +159,12 @@ class Runner:
         chosen = {stage.id: reason for stage, _, reason in work}
         width = self._id_width()
         for stage in self.stages:
+            why = chosen[stage.id] or NEW if stage.id in chosen else ""
             if stage.id in chosen:
-                stage.status = f"would run ({chosen[stage.id]})"
+                stage.status = f"would run ({why})"
             memory = f"  [{_memory_line(stage.memory)}]" if stage.memory else ""
-            self.log(f"  {stage.id:<{width}} " + (f"run: {chosen[stage.id]}" if stage.id in chosen
-                                                   else "skip: up to date") + memory)
+            self.log(f"  {stage.id:<{width}} " + (f"run: {why}" if stage.id in chosen else "skip: up to date")
+                     + memory)
         return self.stages
 
     def _run(self, work: Work, executor: Executor | None) -> list[Stage]:
@@ -224,23 +232,27 @@ class Runner:
         if not resume:
             for out in stage.outputs:
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-        self.layout.record(stage.id, "done").unlink(missing_ok=True)
-        started_record = {"key": stage.key, **started_fields(self.executor)}
+        for kind in ("done", "failed", "progress"):
+            self.layout.record(stage.id, kind).unlink(missing_ok=True)
+        started_record = started_fields(self.executor, stage.key)
         if attempts:  # the earlier attempts of this run, lost with their worker (the Ray executor)
             started_record.update(attempt=len(attempts) + 1, lost_attempts=attempts)
         write_record(self.layout.record(stage.id, "started"), started_record)
         _reset_peak_gpu()
         started_at, started = time.time(), time.perf_counter()
+        log = self.layout.log(stage.id)
         try:
-            with stage_output(stage, self.layout, verbose=self.verbose) as output:
+            with stage_output(stage.id, log, self.layout.record(stage.id, "progress"), verbose=self.verbose) as output:
                 reported = stage.job.run(resume, output.log) or {}
-        except Exception as err:
-            raise StageError(stage.id, error_text(stage, err), str(self.layout.log(stage.id))) from err
+        except Exception as err:  # its started record stays: a rerun resumes
+            error = error_text(stage, err)
+            write_record(self.layout.record(stage.id, "failed"), failed_fields(stage.key, error, log))
+            raise StageError(stage.id, error, str(log)) from err
         seconds = time.perf_counter() - started
         record: dict[str, Any] = {
             "key": stage.key, "executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
             "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "peak_rss_of": "process", **_peak_gpu(), "version": __version__,
             "placement": placement(stage.resources),
             "attempts": [*attempts, {"host": socket.gethostname(), "pid": os.getpid(), "started_at": started_at,
