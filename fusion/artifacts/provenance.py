@@ -139,16 +139,6 @@ def missing_weights(model: Path) -> str | None:
             "unfinished download or copy?")
 
 
-def has_chat_template(model: Path) -> bool:
-    """Whether the tokenizer saved in ``model`` carries a chat template (read, not loaded)."""
-    if (model / "chat_template.jinja").is_file() or (model / "chat_template.json").is_file():
-        return True
-    try:
-        return bool(json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def check_outputs(out: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
     """Refuse an output that is, lies inside, or contains one of ``inputs`` (name → path).
 
