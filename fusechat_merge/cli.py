@@ -112,7 +112,7 @@ def logits_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     from fusion.artifacts.logit_store import StoreError
     from fusion.backends.base import ScoringError
     from fusion.capture.logit_job import LogitJob, generate_logits
-    from fusion.runtime.progress import echo
+    from fusion.runtime.log_capture import echo
 
     with stopping_cleanly("Run the same command again to resume"), \
             command_output("logits", kwargs["out"], log_file, verbose):
@@ -152,14 +152,14 @@ def align_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     Writes the pivot's store plus the aligned source distribution per position; sources
     with the pivot's tokenizer are copied through without alignment. Resumable.
     """
-    from fusion.align.job import AlignJob, align_stores
+    from fusion.align.job import StoreAlignment, align_stores
     from fusion.artifacts.logit_store import StoreError
-    from fusion.runtime.progress import echo
+    from fusion.runtime.log_capture import echo
 
     with stopping_cleanly("Run the same command again to resume"), \
             command_output("align", kwargs["out"], log_file, verbose):
         try:
-            align_stores(AlignJob(**kwargs), log=echo)
+            align_stores(StoreAlignment(**kwargs), log=echo)
         except (StoreError, ValueError, FileNotFoundError) as err:
             raise click.ClickException(str(err)) from err
 

@@ -16,9 +16,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from fusechat_merge.option_forms import recipe_section
 from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
-from fusion.artifacts.provenance import has_chat_template, missing_weights
+from fusion.artifacts.provenance import missing_weights
+from fusion.data.chat_templates import has_chat_template
 from fusion.names import local_path, looks_like_hub_id, model_dir
-from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
+from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions, default_of
 from fusion.runtime.remote_code import needs_remote_code, remote_code_risk
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
@@ -66,13 +67,13 @@ class ModelSpec(_EngineSpec):  # type: ignore[misc,valid-type]
     name: Annotated[str, AfterValidator(_plain_name)] = Field(
         description="Short name used for outputs and reports (a plain name: it names folders).")
     model: str = Field(description="Model directory (or hub id) with its tokenizer.")
-    template: Literal[TEMPLATES] = "own"  # type: ignore[valid-type]
+    template: Literal[TEMPLATES] = default_of(LogitOptions, "template")  # type: ignore[valid-type]
     parts: int | None = Field(None, ge=1, description="Scoring parts of this model (over `logits.parts`).")
 
 
 class DataSpec(_Strict):
     train: str = Field(description="Conversations scored by every model and used for fusion.")
-    split: str = "train"
+    split: str = default_of(LogitOptions, "split")
 
 
 # Options that the run sets itself (per model, per stage) are not recipe keys here.

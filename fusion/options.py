@@ -2,7 +2,10 @@
 
 `LogitOptions` (teacher logits), `AlignOptions` (alignment), `FusionSettings` (the fusion
 part of training: `fusion.train.config.FusionConfig` is ``TrainingArguments`` plus these) and
-`EvalOptions` (held-out evaluation). The command line
+`EvalOptions` (held-out evaluation); `LogitJob` and `StoreAlignment` are the first two with
+what they read and write (one scoring run, one alignment), which a command and a pipeline
+stage both run. A function along a stage's path that needs a default takes it from here
+(`default_of`). The command line
 (`fusechat_merge.option_forms.click_options`) and the pipeline recipe's sections
 (`fusechat_merge.option_forms.recipe_section`) are generated from these fields, so a
 default, a range or a help text cannot drift between them. Importing this module is cheap
@@ -124,7 +127,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map strategies
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class LogitOptions:
     """How a corpus is scored (``fusechat-merge logits`` options and the recipe's ``logits``)."""
 
@@ -173,7 +176,7 @@ class LogitOptions:
         if self.backend != "vllm" and self.engine_args:
             raise ValueError("engine_args are vllm.EngineArgs: they need backend vllm")
         for name in ("tensor_parallel_size", "gpu_memory_utilization"):  # else dropped without a word
-            if self.backend != "vllm" and getattr(self, name) != _default(LogitOptions, name):
+            if self.backend != "vllm" and getattr(self, name) != default_of(LogitOptions, name):
                 raise ValueError(f"{name} is for the vllm backend; the {self.backend} backend spreads a "
                                  "model with device_map")
         if self.device_map is not None and self.device != "auto":
@@ -181,7 +184,19 @@ class LogitOptions:
                              "model itself, give one of them")
 
 
-def _default(cls: type, name: str) -> Any:
+@dataclass(kw_only=True, frozen=True)
+class LogitJob(LogitOptions):
+    """One scoring run (`fusion.capture.logit_job.generate_logits`): a model over a corpus into
+    a store, with its options."""
+
+    model: str
+    data: str
+    out: str
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The declared default of option ``name`` of ``cls``: what a function along the same path
+    defaults to, so that a default is written once."""
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
@@ -192,7 +207,7 @@ SWITCH = ("on", "off")
 VOCAB_MODES = ("ms", "em", "mined")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class AlignOptions:
     """How a source is aligned to the pivot (``align`` options and the recipe's ``align``)."""
 
@@ -213,6 +228,20 @@ class AlignOptions:
 
     def __post_init__(self) -> None:
         check_options(self)
+
+
+@dataclass(kw_only=True, frozen=True)
+class StoreAlignment(AlignOptions):
+    """One alignment (`fusion.align.job.align_stores`): a source store onto the pivot's store,
+    into ``out``."""
+
+    pivot: str
+    source: str
+    out: str
+    pivot_model: str | None = None
+    """Where the pivot's tokenizer is now (None: the model directory its store records)."""
+    source_model: str | None = None
+    """Where the source's tokenizer is now (None: the model directory its store records)."""
 
 
 # --------------------------------------------------------------------------- fuse

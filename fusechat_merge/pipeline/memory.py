@@ -264,7 +264,7 @@ def stage_estimate(stage: Any, max_length: int) -> Estimate | None:
 
     job = stage.job
     if isinstance(job, LogitsJob):
-        spec = job.job
+        spec = job
         shape = model_shape(str(spec.model), spec.trust_remote_code)
         if shape is None:
             return None
@@ -326,7 +326,7 @@ def _fixes(stage: Any, estimate: Estimate, allowed: int, max_length: int) -> lis
             if per_gpu_weights // tp * 1.15 < allowed and tp > estimate.devices:
                 fixes.append(f"tensor_parallel_size: {tp} (backend: vllm) on this model's entry")
                 break
-        if job.job.dtype == "float32":
+        if job.dtype == "float32":
             fixes.append("logits.dtype: bfloat16")
         fixes.append("a lower logits.max_length")
         fixes.append("GPUs with more memory (resources.gpu_memory)")

@@ -139,8 +139,8 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
                          f"{', '.join(s.id for s in stages)}")
     for stage in stages:
         stage.resources = r.resources.for_stage(stage.id, stage.kind)
-        if isinstance(stage.job, LogitsJob) and stage.job.job.backend == "vllm":  # its tensor-parallel GPUs
-            stage.resources["num_gpus"] = max(stage.resources["num_gpus"], stage.job.job.tensor_parallel_size)
+        if isinstance(stage.job, LogitsJob) and stage.job.backend == "vllm":  # its tensor-parallel GPUs
+            stage.resources["num_gpus"] = max(stage.resources["num_gpus"], stage.job.tensor_parallel_size)
         if isinstance(stage.job, CombineLogitsJob):  # links files: one CPU, unless its own entry says more
             stage.resources = {**ResourceSpec().model_dump(), **(r.resources.stages[stage.id].model_dump(
                 exclude_unset=True) if stage.id in r.resources.stages else {})}

@@ -51,23 +51,10 @@ from fusion.artifacts.provenance import check_outputs, path_fingerprint, store_f
 from fusion.artifacts.records import locked, removed_unless, write_faults_named
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 from fusion.names import looks_like_hub_id
-from fusion.options import METHODS, AlignOptions
+from fusion.options import METHODS, StoreAlignment
 from fusion.runtime import stopping
 from fusion.runtime.memory_faults import memory_faults_named
 from fusion.runtime.progress import bar
-
-
-@dataclass(kw_only=True)
-class AlignJob(AlignOptions):
-    """One alignment: a source store onto the pivot's store, into ``out``."""
-
-    pivot: str
-    source: str
-    out: str
-    pivot_model: str | None = None
-    """Where the pivot's tokenizer is now (None: the model directory its store records)."""
-    source_model: str | None = None
-    """Where the source's tokenizer is now (None: the model directory its store records)."""
 
 
 def view(seq: SequenceLogits, texts: Sequence[Hashable] | None = None) -> TokenView:
@@ -145,7 +132,7 @@ class Tokenizers:
     projector: Projector | None = None
 
 
-def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_vocab, src_vocab, out: Path):
+def resolve_vocab_map(job: StoreAlignment, pivot: LogitStore, source: LogitStore, piv_vocab, src_vocab, out: Path):
     """Load the given map (checked against both tokenizers) or build one from this corpus;
     ``*_vocab`` are the tokenizers' `fusion.align.vocab_map.Vocabulary`."""
     from fusion.align.vocab_map import CooccurrenceCounts, VocabMap, build_vocab_map
@@ -236,7 +223,7 @@ ALIGNMENT_INPUTS = {
 ALIGNMENT_LOCATIONS = (*LOCATION_FIELDS, "align_source", "vocab_map")
 
 
-def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
+def align_stores(job: StoreAlignment, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
     """Run (or resume) an alignment job; returns the aligned store's manifest.
 
     The output is checked against the inputs and the stores are paired before the run
@@ -273,7 +260,7 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
         return _align(job, pivot, source, out, run, progress=progress, log=log)
 
 
-def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run: dict[str, Any], *,
+def _align(job: StoreAlignment, pivot: LogitStore, source: LogitStore, out: Path, run: dict[str, Any], *,
            progress: bool, log: Callable[[str], None]) -> Manifest:
     options = pivot.options
     begin_run(out, run, overwrite=job.overwrite, inputs=ALIGNMENT_INPUTS, located=ALIGNMENT_LOCATIONS)
@@ -344,7 +331,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     return manifest
 
 
-def _position_planner(job: AlignJob, same_vocab: bool, tokenizers: Tokenizers) -> Callable[[TokenView, TokenView], Plan]:
+def _position_planner(job: StoreAlignment, same_vocab: bool, tokenizers: Tokenizers) -> Callable[[TokenView, TokenView], Plan]:
     if same_vocab:
         return lambda p, s: boundary_plan(_identity_or_offsets(p, s))
     if job.method == "offsets" and job.projection == "on":

@@ -67,7 +67,7 @@ from fusion.artifacts.records import (
     write_record,
 )
 from fusion.data.conversations import trained_positions
-from fusion.options import parse_shard
+from fusion.options import LogitOptions, default_of, parse_shard
 
 FORMAT = "fusechat-logit-store"
 FORMAT_VERSION = 2
@@ -128,8 +128,8 @@ class StoreOptions:
     backend: str
     dtype: str
     data: str
-    shard: str = "0/1"
-    rows_per_shard: int = 1024
+    shard: str = default_of(LogitOptions, "shard")
+    rows_per_shard: int = default_of(LogitOptions, "rows_per_shard")
     package_version: str = ""
     model_fingerprint: str = ""
     """`fusion.artifacts.provenance.model_fingerprint` of the weights and config."""

@@ -14,6 +14,7 @@ import torch
 
 from fusion.backends.base import PositionScores
 from fusion.data.batching import pad_sequences
+from fusion.options import LogitOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PROJECT_ROWS = 2048
@@ -39,16 +40,17 @@ class HFBackend:
     name = "hf"
     schedules_batches = False  # score() takes the batches `fusion.data.batching` forms
 
-    def __init__(self, model: str, *, top_k: int, dtype: str = "auto", device: str = "auto",
-                 device_map: str | None = None, trust_remote_code: bool = False):
-        """``device_map`` (auto, balanced, ...) loads the model with accelerate over every
-        visible GPU (then CPU): its layers run where they were placed, one after another."""
+    def __init__(self, model: str, options: LogitOptions):
+        """Reads ``top_k``, ``dtype``, ``device``, ``device_map`` and ``trust_remote_code`` of
+        ``options``. ``device_map`` (auto, balanced, ...) loads the model with accelerate over
+        every visible GPU (then CPU): its layers run where they were placed, one after another."""
         from transformers import AutoModelForCausalLM
 
-        place = resolve_device("auto" if device_map else device)
-        self.dtype = resolve_dtype(dtype, place)
-        self.top_k = top_k
-        trust = {"trust_remote_code": trust_remote_code}
+        device_map = options.device_map
+        place = resolve_device("auto" if device_map else options.device)
+        self.dtype = resolve_dtype(options.dtype, place)
+        self.top_k = options.top_k
+        trust = {"trust_remote_code": options.trust_remote_code}
         if device_map:
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype, device_map=device_map, **trust)
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,20 +49,11 @@ from fusion.data.conversations import (
     trained_positions,
 )
 from fusion.names import resolve_model
-from fusion.options import LogitOptions, parse_shard
+from fusion.options import LogitJob, LogitOptions, parse_shard
 from fusion.runtime import stopping
 from fusion.runtime.memory_faults import memory_faults_named
 from fusion.runtime.progress import bar
 from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
-
-
-@dataclass(kw_only=True)
-class LogitJob(LogitOptions):
-    """One scoring run: a model over a corpus into a store, with its options."""
-
-    model: str
-    data: str
-    out: str
 
 
 def package_version() -> str:
@@ -276,19 +267,7 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
     total_tokens = sum(len(enc.input_ids) for j in todo for _, enc in chunks[j])
     scored = Throughput(0).record()  # a resumed run with nothing left to score
     if todo:
-        backend = make_backend(
-            job.backend,
-            job.model,
-            top_k=job.top_k,
-            dtype=job.dtype,
-            device=job.device,
-            device_map=job.device_map,
-            tensor_parallel_size=job.tensor_parallel_size,
-            gpu_memory_utilization=job.gpu_memory_utilization,
-            max_length=job.max_length,
-            engine_args=job.engine_args,
-            trust_remote_code=job.trust_remote_code,
-        )
+        backend = make_backend(job.model, job)
         meter = Throughput(total_tokens)  # from the loaded model on: the scoring rate alone
         with bar(total_tokens, "tok", unit_scale=True, enabled=progress, desc="scoring") as tokens:
             meter.on_tokens = tokens.update

@@ -23,12 +23,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from fusion.options import LogitOptions, default_of
+
 if TYPE_CHECKING:
     import datasets
 
 T = TypeVar("T")
 Role = Literal["system", "user", "assistant"]
 TemplateKind = Literal["own", "shared"]
+# the scoring path's defaults, declared by `LogitOptions` alone
+TEMPLATE, MAX_LENGTH, SPLIT, STRICT = (default_of(LogitOptions, name)
+                                       for name in ("template", "max_length", "split", "strict"))
 
 # FuseChat-Mixture uses ShareGPT roles (human/gpt); OpenAI/HF use user/assistant. Either
 # spelling is accepted in either format.
@@ -109,7 +114,7 @@ class EncodeReport:
 
 
 def load_conversations(
-    source: str, *, split: str = "train", cache_dir: str | None = None
+    source: str, *, split: str = SPLIT, cache_dir: str | None = None
 ) -> datasets.Dataset:
     """Load conversations from a local .json/.jsonl/.parquet file or folder, or a hub dataset.
 
@@ -404,8 +409,8 @@ def render(
     tokenizer: Any,
     turns: Sequence[Turn],
     *,
-    template: TemplateKind = "own",
-    max_length: int = 2048,
+    template: TemplateKind = TEMPLATE,
+    max_length: int = MAX_LENGTH,
     row_id: str = "?",
 ) -> Encoded:
     """Render ``turns`` to text, tokenize it and mark the tokens to train.
@@ -678,7 +683,7 @@ def usable_rows(
     make: Callable[[str, list[Turn]], T],
     *,
     indices: Iterable[int] | None = None,
-    strict: bool = False,
+    strict: bool = STRICT,
     report: EncodeReport | None = None,
     source: str | None = None,
 ) -> Iterator[tuple[str, T]]:
@@ -713,9 +718,9 @@ def encode_rows(
     rows: Sequence[Mapping] | Iterable[Mapping],
     tokenizer: Any,
     *,
-    template: TemplateKind = "own",
-    max_length: int = 2048,
-    strict: bool = False,
+    template: TemplateKind = TEMPLATE,
+    max_length: int = MAX_LENGTH,
+    strict: bool = STRICT,
     report: EncodeReport | None = None,
     indices: Iterable[int] | None = None,
     source: str | None = None,
