@@ -10,10 +10,13 @@ report). In parts:
   paths and options (it pickles), so any executor can run it;
 * `plan.plan_stages`: the stages with their ids, keys (hash of options, inputs and
   upstream keys), dependencies and jobs;
+* `stage_records`: a stage id's record files (both ways) and the state they say, decided
+  once for `runner` and `status`;
 * `runner.Runner`: the state machine (skip what is done, redo what changed, resume what
   was cut) over the records in ``WORK/stages/``, and the timing table; it runs the stages
   one after the other in this process (the ``local`` executor), one alone (``--stage``),
-  or hands them to an executor;
+  or hands them to an executor (what it prints: `fusechat_merge.console`);
+* `status`: ``fusechat-merge status``, the runner's state of every stage told in detail;
 * `launch`: a fuse stage under ``accelerate launch`` (the recipe's ``fuse.launch``);
 * `ray_executor.RayExecutor`: the stages as Ray tasks, every ready stage at once.
 """
