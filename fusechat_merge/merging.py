@@ -103,7 +103,7 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
                                        allow_unicode=True)
     config, sources = resolve_hub_models(config, getattr(options, "transformers_cache", None))
     output = Output(out, "the merged model", merge_record(config, recipe, sources, options, recipe_hash), whole=True,
-                    reads={f"recipe's model {w}" + ("" if str(p) == w else f" ({p})"): p for w, p in sources.items()},
+                    reads={f"recipe's model {w}": p for w, p in sources.items()},
                     inputs={f"model {w}": f"the model {w} changed since this merge was made" for w in sources},
                     located=NOT_COMPARED, record_file=OUTPUT_MARKER, option="output directory")
     shard = getattr(options, "out_shard_size", None)

@@ -132,7 +132,7 @@ def test_overwrite_leaves_a_foreign_directory_alone(model, data, tmp_path):
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
     before = tree_hash(out)
-    refused(logits(model, data, out, "--overwrite"), "not a store of this tool")
+    refused(logits(model, data, out, "--overwrite"), "not an output of this tool")
     assert tree_hash(out) == before
 
 

@@ -166,7 +166,8 @@ def refuse_overlap(out: str | os.PathLike[str], reads: Mapping[str, str | os.Pat
         if relation is not None:
             remedy = {"is": "choose another output directory", "lies inside": "choose a directory outside it",
                       "contains": "choose a directory that does not"}[relation]
-            raise InputError(f"{option} {out} {relation} the {name} ({value}); an output never writes into "
+            where = "" if name.endswith(str(value)) else f" ({value})"
+            raise InputError(f"{option} {out} {relation} the {name}{where}; an output never writes into "
                              f"or over its inputs: {remedy}")
 
 

@@ -530,7 +530,7 @@ def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     record = {**asdict(options), "parts": [str(s.path) for s in stores],
               "part_stores": [store_fingerprint(s.path) for s in stores]}
     output = Output(out, "the combined logit store", record, whole=True,
-                    reads={f"part {s.path}": s.path for s in stores},
+                    reads={f"part {i + 1} of {len(stores)}": s.path for i, s in enumerate(stores)},
                     inputs={"part_stores": "the part stores changed since this store was combined"},
                     located=(*LOCATION_FIELDS, "parts"), marks=(MANIFEST,))
     with writing(output, overwrite=overwrite) as made:

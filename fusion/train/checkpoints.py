@@ -20,6 +20,7 @@ from fusion.artifacts.lifecycle import RUN_FILE, Output
 from fusion.artifacts.provenance import model_fingerprint, store_fingerprint
 from fusion.options import FusionSettings
 from fusion.runtime import stopping
+from fusion.train.output import trained_to_the_end
 
 if TYPE_CHECKING:
     from fusion.train.config import FusionConfig
@@ -75,7 +76,7 @@ def training_output(out: str | os.PathLike[str], record: dict[str, Any], checkpo
                 else "no checkpoint was complete")
 
     return Output(out, "the target model", record, reads=reads, inputs=TRAINING_INPUTS, located=LOCATION_KEYS,
-                  pieces=pieces, finished=lambda target: (target / FINAL_FILE).is_file(), leftovers=unfinished,
+                  pieces=pieces, finished=trained_to_the_end, leftovers=unfinished,
                   kept=kept)
 
 

@@ -30,6 +30,15 @@ def read_train_run(out: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def trained_to_the_end(out: Path) -> bool:
+    """Whether ``out`` holds a published target trained to its last step (a training stopped
+    early by a callback publishes too: it resumes)."""
+    if not (out / "config.json").is_file():
+        return False
+    run = read_train_run(out)
+    return run.get("global_step", 0) >= run.get("max_steps", 0)
+
+
 def loss_parts(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     """The means of what a training run logged of its two terms (None: not logged, as in
     plain CLM training): ``clm`` and ``fuse`` losses, the fusion term's share of the
@@ -57,7 +66,7 @@ def publish_model(trainer: Trainer, tokenizer, made: Writing) -> None:
     write_json_atomic(staging / TRAIN_RUN, {
         "world_size": trainer.args.world_size, "num_processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
-        "global_step": trainer.state.global_step,
+        "global_step": trainer.state.global_step, "max_steps": trainer.state.max_steps,
         "global_batch": trainer.args.world_size * trainer.args.per_device_train_batch_size
         * trainer.args.gradient_accumulation_steps,
         "lm_weight": trainer.args.lm_weight, "loss_parts": loss_parts(trainer.state.log_history)})
