@@ -39,6 +39,7 @@ from typing import Any
 import click
 
 from fusechat_merge import METHOD_NAME, __version__
+from fusechat_merge.merge_card import describe_tied_head, restore_written_refs
 from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
 from fusion.artifacts.lifecycle import DONE, Output, writing
 from fusion.artifacts.provenance import InputError, model_fingerprint
@@ -46,6 +47,7 @@ from fusion.artifacts.records import StoreError
 from fusion.artifacts.weights import Weights, WeightsError
 from fusion.artifacts.write_faults import write_fault
 from fusion.runtime.memory_faults import memory_faults_named, ran_out
+from fusion.runtime.progress import echo
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""
@@ -113,7 +115,10 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
     try:
         with memory_faults_named(f"merging into {out}", lambda: "nothing of it was kept", lambda: less), \
                 writing(output, overwrite=overwrite) as made:
-            if made.state != DONE:
+            if made.state == DONE:
+                echo(f"{out} already holds this merge (the same recipe, models and options): left as it is "
+                     "(--overwrite merges again)")
+            else:
                 check_model_tensors(config, sources)
                 _merge_into(made.dir, config, sources, options, config_source, run_merge)
     except (StoreError, InputError) as err:  # overlap, a full disk, out of memory, another merge into `out`
@@ -161,7 +166,7 @@ def _merge_into(model_dir: Path, config, sources: Mapping[str, Path], options, c
         raise MergeInputError(message) from err
     check_finite_output(model_dir, sources)
     describe_tied_head(model_dir, bool(getattr(options, "trust_remote_code", False)))
-    _restore_written_refs(model_dir, sources)
+    restore_written_refs(model_dir, sources)
 
 
 @contextlib.contextmanager
@@ -288,36 +293,6 @@ def _recipe_hash(config) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-_CARD_LIST = "The following models were included in the merge:\n"
-
-
-def _restore_written_refs(model_dir: Path, sources: Mapping[str, Path]) -> None:
-    """The model card names the models as the recipe does, not by resolved directory,
-    and lists them in a fixed order (mergekit lists a set: the order changed per run)."""
-    for name in ("README.md", "mergekit_config.yml"):
-        path = model_dir / name
-        if not path.is_file():
-            continue
-        text = original = path.read_text(encoding="utf-8")
-        for written, local in sorted(sources.items(), key=lambda kv: -len(str(kv[1]))):
-            if str(local.absolute()) != written:
-                text = text.replace(str(local.absolute()), written)
-        if name == "README.md":
-            text = _sorted_card_list(text)
-        if text != original:
-            path.write_text(text, encoding="utf-8")
-
-
-def _sorted_card_list(text: str) -> str:
-    start = text.find(_CARD_LIST)
-    if start < 0:
-        return text
-    start += len(_CARD_LIST)
-    lines = text[start:].split("\n")
-    count = next((i for i, line in enumerate(lines) if not line.startswith("* ")), len(lines))
-    return text[:start] + "\n".join(sorted(lines[:count]) + lines[count:])
-
-
 # --- the models' tensors --------------------------------------------------------------
 
 
@@ -338,33 +313,6 @@ def check_finite_output(model_dir: Path, sources: Mapping[str, Path]) -> None:
                          + ", ".join(culprits)) if culprits else " (the inputs are finite there: the method overflowed)"
                 raise MergeInputError(f"the merged tensor {key!r} has non-finite values (NaN or inf){where}; "
                                       "nothing was written")
-
-
-def describe_tied_head(model_dir: Path, trust_remote_code: bool = False) -> None:
-    """Make ``config.json``'s ``tie_word_embeddings`` say what the merged weights hold.
-
-    mergekit copies the base model's config: a tied base merged with untied targets says
-    ``true`` beside a separate output head, which a loader that ties then drops (and the
-    reverse leaves a missing head to random initialisation)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config_file = model_dir / "config.json"
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if not hasattr(config, "tie_word_embeddings"):
-        return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    head = model.get_output_embeddings()
-    names = [f"{n}.weight" for n, module in model.named_modules(remove_duplicate=False) if module is head]
-    if head is None or not names:
-        return
-    with Weights(model_dir) as weights:
-        has_head = any(name in weights for name in names)
-    if bool(config.tie_word_embeddings) == has_head:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-        raw["tie_word_embeddings"] = not has_head
-        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _models_with_non_finite(key: str, sources: Mapping[str, Path]) -> list[str]:

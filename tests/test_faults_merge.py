@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from fusechat_merge.cli import main as cli
 from fusechat_merge.merging import OUTPUT_MARKER
-from fusion.artifacts.records import PARTIAL_MARKER
+from fusion.artifacts.lifecycle import PARTIAL_MARKER
 
 
 def tree_hash(root: Path) -> dict[str, str]:

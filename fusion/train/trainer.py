@@ -25,6 +25,7 @@ from fusion.data.batching import pad_token_id
 from fusion.names import resolve_model
 from fusion.runtime import stopping
 from fusion.runtime.memory_faults import memory_faults_named
+from fusion.runtime.progress import echo
 from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
 from fusion.train.checkpoints import (
     MarkComplete,
@@ -169,6 +170,8 @@ def train_fusion(
     with memory_faults_named(f"training {out}", output.kept_now, less), \
             writing(output, overwrite=overwrite, main=main) as made:
         if made.state == DONE:
+            echo(f"{out} already holds the target trained with these inputs and options: left as it is "
+                 "(--overwrite trains it again)")
             return out
         done = complete_checkpoints(folder) if folder.is_dir() and not overwrite else []
         checkpoint = resume if isinstance(resume, str) else str(done[-1]) if done else None
