@@ -214,3 +214,10 @@ def test_fuse_keeps_accepting_resume_for_old_scripts(world, tmp_path):
     out = tmp_path / "t"
     ok(run(world, WRITERS[2], out, "--resume"))
     assert (out / "config.json").is_file() and (out / RUN_FILE).stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", [w.name for w in WRITERS])
+def test_every_writing_command_has_the_same_overwrite_flag(command):
+    text = " ".join(ok(cli(command, "--help")).output.split())
+    assert "--overwrite Start over: replace what the output holds from an earlier run" in text
+    assert ("--resume" in text) == (command == "fuse")

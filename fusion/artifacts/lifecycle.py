@@ -213,7 +213,10 @@ def _settle_whole(output: Output, overwrite: bool) -> str:
                          f"{output.record_file}); it is left as it is", "choose another directory")
     if overwrite:
         return NEW
-    diffs = _differences(output, read_record(out / output.record_file))
+    try:
+        diffs = _differences(output, read_record(out / output.record_file))
+    except StoreError as err:
+        raise StoreError(err.reason, START_OVER.replace("--out", output.option)) from None
     if diffs:
         raise StoreError(f"{out} holds {output.what} made with other inputs or options ({'; '.join(diffs)})",
                          START_OVER.replace("--out", output.option))
