@@ -20,7 +20,7 @@ from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options
 from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
 from fusion.evaluate.lm_eval_options import LmEvalOptions
-from fusion.options import AlignOptions, FusionSettings, LogitOptions
+from fusion.options import OVERWRITE_HELP, AlignOptions, FusionSettings, LogitOptions
 
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 @click.version_option(package_name="fusechat-merge")
 def main() -> None:
     """FuseChat knowledge fusion and SCE merging of chat LLMs."""
+
+
+def overwrite_option(command):
+    """``--overwrite``, the same for every writing command (logits and align get it from
+    their option dataclasses with the same help)."""
+    return click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)(command)
 
 
 @main.command("merge")
@@ -48,6 +54,7 @@ def main() -> None:
     is_flag=True,
     help="Check the recipe (keys, method, parameters, model paths) and exit.",
 )
+@overwrite_option
 @add_mergekit_options
 @output_options(short=False)
 def merge_command(
@@ -56,6 +63,7 @@ def merge_command(
     out_dir: Path,
     report_dir: Path | None,
     check_only: bool,
+    overwrite: bool,
     log_file: str | None,
     verbose: bool,
 ) -> None:
@@ -64,7 +72,9 @@ def merge_command(
     Takes every option of mergekit-yaml. Unlike mergekit-yaml, the recipe is checked
     before any model is loaded (unknown keys, method and parameters, per-model
     parameters mergekit would ignore, missing model paths, mismatched vocabularies),
-    and OUT_DIR appears only once the merge is complete.
+    and OUT_DIR appears only once the merge is complete. A merge of the same recipe and
+    models is left as it is; another recipe is refused naming what differs unless
+    --overwrite (docs/outputs.md).
     """
     from fusechat_merge.merge_recipe import load_recipe, validate_recipe
     from fusechat_merge.merging import run_merge_checked
@@ -81,7 +91,8 @@ def merge_command(
     merge_options.apply_global_options()
     verbose = verbose or merge_options.verbosity > 0
     with command_output("merge", out_dir, log_file, verbose), record_stats.collecting() as rows, bar(None, "merge"):
-        out = run_merge_checked(raw, out_dir, merge_options, config_source=text, source_name=str(recipe))
+        out = run_merge_checked(raw, out_dir, merge_options, config_source=text, source_name=str(recipe),
+                                overwrite=overwrite)
     if report_dir is not None:
         csv_path = write_sce_report(rows, report_dir)
         click.echo(f"SCE report: {csv_path}")
@@ -125,13 +136,18 @@ def logits_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
 @main.command("logits-merge")
 @click.argument("parts", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Merged store directory.")
-def logits_merge_command(parts: tuple[str, ...], out: str) -> None:
-    """Combine the stores of `logits --shard i/N` runs (give them in order 0..N-1)."""
+@overwrite_option
+def logits_merge_command(parts: tuple[str, ...], out: str, overwrite: bool) -> None:
+    """Combine the stores of `logits --shard i/N` runs (give them in order 0..N-1).
+
+    A store combined from the same parts is left as it is; other parts are refused naming
+    what differs unless --overwrite (docs/outputs.md)."""
     from fusion.artifacts.logit_store import StoreError, merge_stores
+    from fusion.artifacts.provenance import InputError
 
     try:
-        manifest = merge_stores(parts, out)
-    except StoreError as err:
+        manifest = merge_stores(parts, out, overwrite=overwrite)
+    except (StoreError, InputError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"{out}: {manifest.sequences} sequences, {manifest.tokens:,} tokens")
 
@@ -179,11 +195,13 @@ def align_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
 @click_options(FusionSettings, overrides=True,
                aliases={"lm_weight": ["--lambda"], "fuse_temperature": ["--temperature"],
                         "fuse_loss_type": ["--loss-type"]})
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in OUT/checkpoints: "
+              "the default now (kept so that older scripts work).")
+@overwrite_option
 @output_options
 @click.pass_context
-def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str,
-                 config_file: str | None, resume: bool, log_file: str | None, verbose: bool, **flags: Any) -> None:
+def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str, config_file: str | None,
+                 resume: bool, overwrite: bool, log_file: str | None, verbose: bool, **flags: Any) -> None:
     """Fine-tune the pivot on aligned stores: one target LLM per call.
 
     Any other option is a transformers TrainingArguments option, named as there
@@ -191,7 +209,9 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     --gradient-accumulation-steps, --bf16, --gradient-checkpointing, --lr-scheduler-type,
     --warmup-ratio, ...). FuseChat-7B's settings are in recipes/fusechat-7b-fuse.yaml. The
     stores must have been made with this pivot's tokenizer (checked before training).
-    Precedence: defaults, then --config, then flags.
+    Precedence: defaults, then --config, then flags. Like every writing command, a run with
+    the same inputs and options resumes from its last complete checkpoint, another is
+    refused naming what changed unless --overwrite (docs/outputs.md).
     """
     from fusion.artifacts.logit_store import StoreError
     from fusion.artifacts.provenance import InputError
@@ -215,10 +235,10 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
                                      {k: v for k, v in flags.items() if v is not None})
     except ValueError as err:
         raise click.ClickException(f"{config_file or 'training options'}: {err}") from err
-    with stopping_cleanly("Run the same command with --resume to continue from it"), \
+    with stopping_cleanly("Run the same command again to continue from it"), \
             command_output("fuse", out, log_file, verbose):
         try:
-            result = train_fusion(pivot, list(aligned), out, config, resume=resume)
+            result = train_fusion(pivot, list(aligned), out, config, overwrite=overwrite)
         except (StoreError, InputError) as err:
             raise click.ClickException(str(err)) from err
     click.echo(f"target model: {result}")
@@ -307,7 +327,7 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
         except (StageError, RunError, RuntimeError, ValueError) as err:  # a stage's traceback is in its log
             raise click.ClickException(str(err)) from err
         except OSError as err:
-            from fusion.artifacts.atomic import write_fault
+            from fusion.artifacts.write_faults import write_fault
 
             fault = write_fault(err, work_dir)
             if fault is None:

@@ -115,9 +115,10 @@ TRUST_HELP = ("Allow a model that ships its own Python code (an auto_map in its 
               "tokenizer_config.json, e.g. InternLM2) to run it when it loads. Off: such a model is "
               "refused. The code runs with your rights: read the model's *.py files first.")
 
-OVERWRITE_HELP = ("Replace what OUT holds from an earlier run of this command (only a store or run "
-                  "of this tool, never another directory), instead of resuming it; needed when "
-                  "the inputs or options changed.")
+OVERWRITE_HELP = ("Start over: replace what the output holds from an earlier run of this command (only an "
+                  "output of this tool, never another directory). Without it a run with the same inputs "
+                  "and options resumes (or, finished, is left as it is) and one with other inputs or "
+                  "options is refused naming what changed (docs/outputs.md).")
 
 # --------------------------------------------------------------------------- logits
 

@@ -98,7 +98,7 @@ def run_pipeline_demo(
     if not recipe.is_file():
         raise FileNotFoundError(f"the demo recipe {recipe} is missing (a broken install?)")
     from fusechat_merge.pipeline import WorkDir
-    from fusion.artifacts.records import OutputLock
+    from fusion.artifacts.locks import OutputLock
 
     # the run's lock, before the models are made: a second demo in this folder is refused
     # at once, naming this one (not after minutes of work, and never writing the same models)

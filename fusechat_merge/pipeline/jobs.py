@@ -320,7 +320,7 @@ class MergeJob(Job):
         with record_stats.collecting() as rows, bar(None, "merge"):
             run_merge_checked(self.config, self.out, MergeOptions(quiet=False, random_seed=self.seed,
                                                                    trust_remote_code=self.trust_remote_code),
-                              source_name=f"merges[{self.name}]")
+                              source_name=f"merges[{self.name}]", overwrite=True)  # the stage key decides
         Path(self.report).mkdir(parents=True, exist_ok=True)
         if rows:  # fusechat_sce merges: coefficients per tensor and target
             write_sce_report(rows, self.report)

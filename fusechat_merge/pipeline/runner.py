@@ -54,7 +54,8 @@ from fusechat_merge.pipeline.stage_records import (
 )
 from fusechat_merge.pipeline_recipe import STAGES
 from fusion.artifacts.atomic import write_json_atomic
-from fusion.artifacts.records import OutputLock, write_record
+from fusion.artifacts.locks import OutputLock
+from fusion.artifacts.records import write_record
 from fusion.runtime import stopping
 
 

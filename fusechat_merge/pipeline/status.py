@@ -24,7 +24,7 @@ from fusechat_merge.pipeline.stage_records import (
     read_stage_records,
     run_state,
 )
-from fusion.artifacts.records import process_alive
+from fusion.artifacts.locks import process_alive
 from fusion.runtime.progress import format_bytes_mb, format_seconds
 
 if TYPE_CHECKING:

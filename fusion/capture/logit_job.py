@@ -11,31 +11,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fusion.artifacts.lifecycle import refuse_overlap, writing
 from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
     SequenceLogits,
     StoreError,
     StoreOptions,
-    begin_run,
     finish_run,
-    has_shards,
     shard_name,
+    shards_kept,
+    store_output,
     tokenizer_fingerprint,
     write_shard,
 )
-from fusion.artifacts.provenance import (
-    check_outputs,
-    files_fingerprint,
-    model_fingerprint,
-)
-from fusion.artifacts.records import locked, removed_unless, write_faults_named
+from fusion.artifacts.provenance import files_fingerprint, model_fingerprint
 from fusion.backends.base import Backend, PositionScores, ScoringError
 from fusion.capture.throughput import Throughput
 from fusion.data.batching import length_sorted_batches, padded_tokens
@@ -195,22 +191,25 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
     """Run (or resume) a logit job; returns the finished store's manifest.
 
     Everything that can be refused (paths, model, data, ``top_k`` against the vocabulary)
-    is checked before the run record is written; one writer at a time per ``out``; a run
-    that fails before its first shard removes the directory it created.
+    is checked before the run record is written; the store is then written through the
+    one output lifecycle (`fusion.artifacts.lifecycle.writing`: one writer at a time, a
+    matching run resumed, a changed one refused unless ``overwrite``; a run that fails
+    before its first shard removes the directory it created).
     """
     out = Path(job.out)
     job = replace(job, model=resolve_model(job.model))  # a cached hub id: its snapshot
-    check_outputs(out, {"model directory": job.model, "data": job.data})
+    refuse_overlap(out, reads(job))  # before any model is loaded (again in `writing`)
 
-    def kept() -> str:
-        return "its complete shards are kept: the same command resumes" if has_shards(out) else \
-            "nothing of it was kept"
-
-    with memory_faults_named(f"scoring {job.data} with {job.model}", kept, lambda: less_memory(job)):
+    with memory_faults_named(f"scoring {job.data} with {job.model}", lambda: shards_kept(out),
+                             lambda: less_memory(job)):
         tokenizer, config = load_model_parts(job.model, job.trust_remote_code)
         rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
-        with write_faults_named(out, "the logit store", kept), locked(out), removed_unless(out, has_shards):
-            return _generate(job, tokenizer, config, rows, progress=progress, log=log)
+        return _generate(job, tokenizer, config, rows, progress=progress, log=log)
+
+
+def reads(job: LogitJob) -> dict[str, str]:
+    """What a scoring run reads (its output may overlap none of it)."""
+    return {"model directory": job.model, "data": job.data}
 
 
 def less_memory(job: LogitOptions) -> str:
@@ -223,7 +222,6 @@ def less_memory(job: LogitOptions) -> str:
 
 
 def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Callable[[str], None]) -> Manifest:
-    from fusion.backends import make_backend
 
     indices = shard_rows(len(rows), job.shard)
     report = EncodeReport()
@@ -258,8 +256,14 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
         model_fingerprint=model_fingerprint(job.model),
         data_fingerprint=data_fingerprint(job.data, rows),
     )
-    out = Path(job.out)
-    begin_run(out, options, overwrite=job.overwrite)
+    with writing(store_output(job.out, asdict(options), reads=reads(job)), overwrite=job.overwrite) as made:
+        return _score_into(made.out, job, options, encoded, indices, len(rows), skipped, log=log, progress=progress)
+
+
+def _score_into(out: Path, job: LogitJob, options: StoreOptions, encoded: list, indices: range, corpus: int,
+                skipped: dict[str, str], *, log: Callable[[str], None], progress: bool) -> Manifest:
+    from fusion.backends import make_backend
+
     chunks = [encoded[i : i + job.rows_per_shard] for i in range(0, len(encoded), job.rows_per_shard)]
     todo = [j for j in range(len(chunks)) if not (out / shard_name(j)).exists()]
     if len(todo) < len(chunks):
@@ -288,7 +292,7 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
             f"padding {scored['padding_share']:.0%})")
     scoring = {**scored, "shards_scored": len(todo), "shards_resumed": len(chunks) - len(todo)}
     manifest = finish_run(
-        out, options, skipped, rows={"start": indices.start, "stop": indices.stop, "corpus": len(rows)},
+        out, options, skipped, rows={"start": indices.start, "stop": indices.stop, "corpus": corpus},
         scoring=scoring,
     )
     store = LogitStore(out)

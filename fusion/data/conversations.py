@@ -165,9 +165,9 @@ def load_conversations(
 
 def _cache_write_fault(err: BaseException, inputs: Sequence[Path]) -> str | None:
     """``File too large (PATH)`` when ``err`` or what caused it is a write refused for where it
-    goes (full disk, quota, file size limit, read-only folder: `atomic.WRITE_ERRNOS`), not a
+    goes (full disk, quota, file size limit, read-only folder: `fusion.artifacts.write_faults.WRITE_ERRNOS`), not a
     corpus file that cannot be read."""
-    from fusion.artifacts.atomic import WRITE_ERRNOS
+    from fusion.artifacts.write_faults import WRITE_ERRNOS
 
     read = {os.path.realpath(f) for f in inputs}
     seen: list[BaseException] = []
