@@ -46,8 +46,8 @@ from fusion.artifacts.provenance import InputError, model_fingerprint
 from fusion.artifacts.records import StoreError
 from fusion.artifacts.weights import Weights, WeightsError
 from fusion.artifacts.write_faults import write_fault
+from fusion.runtime.log_capture import echo
 from fusion.runtime.memory_faults import memory_faults_named, ran_out
-from fusion.runtime.progress import echo
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""

@@ -24,8 +24,8 @@ from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
 from fusion.data.batching import pad_token_id
 from fusion.names import resolve_model
 from fusion.runtime import stopping
+from fusion.runtime.log_capture import echo
 from fusion.runtime.memory_faults import memory_faults_named
-from fusion.runtime.progress import echo
 from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
 from fusion.train.checkpoints import (
     MarkComplete,
