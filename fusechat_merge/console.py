@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
+from fusion.errors import FusionError
 from fusion.runtime.progress import captured, echo, format_bytes_mb, format_seconds
 from fusion.runtime.stopping import Stopped, on_signals
 
@@ -68,7 +69,7 @@ def command_output(name: str, out: str | Path, log_file: str | None, verbose: bo
             raise
         except Exception as err:
             traceback.print_exc()  # into the log
-            if isinstance(err, click.ClickException):
+            if isinstance(err, (FusionError, click.ClickException)):
                 err.message += f"\n  full log: {path}"
             raise
     if not log_file:

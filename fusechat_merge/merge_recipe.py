@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import yaml
 
 from fusechat_merge.merge_parameters import (
@@ -31,7 +30,7 @@ from fusechat_merge.merge_parameters import (
 )
 from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
 from fusion.artifacts.provenance import missing_weights
-from fusion.errors import did_you_mean
+from fusion.errors import InputError, did_you_mean
 from fusion.names import (
     cached_snapshot,
     hub_unreachable,
@@ -51,17 +50,18 @@ class RecipeProblem:
         return f"{self.key}: {self.message}"
 
 
-class RecipeError(click.ClickException, ValueError):
+class RecipeError(InputError):
     """A recipe that cannot be merged; ``problems`` lists every reason.
 
-    A `click.ClickException` too, so that a command line (ours, or stock
-    ``mergekit-yaml`` through the import hook) prints it and exits 1, no traceback.
+    A `fusion.errors.FusionError`: our command line prints it and exits 1, no traceback
+    (stock ``mergekit-yaml`` through the import hook too: `merging.wrap_run_merge`).
     """
 
     def __init__(self, source: str, problems: list[RecipeProblem]) -> None:
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid merge recipe {source}:\n{lines}")
+        super().__init__(f"invalid merge recipe {source}:\n{lines}", file=source,
+                         key=problems[0].key if len(problems) == 1 else None)
 
 
 _VOCAB_KEYS = ("vocab_size",)

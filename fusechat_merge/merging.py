@@ -18,7 +18,7 @@ Before any work:
   tensor shapes are compared across the models (the model and tensor are named).
 
 Input faults found then or during the merge (NaN weights, say) raise `MergeInputError`,
-a `click.ClickException`: a command line prints it and exits 1, without a traceback. After
+a `fusion.errors.FusionError`: a command line prints it and exits 1, without a traceback. After
 the merge, before publishing, the output is scanned for non-finite values, whatever the
 method (mergekit's own pass NaN through).
 """
@@ -49,6 +49,7 @@ from fusion.artifacts.records import (
     write_faults_named,
 )
 from fusion.artifacts.weights import Weights, WeightsError
+from fusion.errors import FusionError, InputError
 from fusion.runtime.memory_faults import memory_faults_named, ran_out
 
 OUTPUT_MARKER = ".fusechat-merge.json"
@@ -57,7 +58,7 @@ TOOL = "fusechat-merge"
 MARKER_VERSION = 1
 
 
-class MergeInputError(click.ClickException, ValueError):
+class MergeInputError(InputError):
     """A merge refused or stopped because of its inputs or output directory."""
 
 
@@ -573,8 +574,11 @@ def wrap_run_merge(run_merge: Callable[..., Any]) -> Callable[..., Any]:
         raw = yaml.safe_load(config_source) if config_source else None
         if not isinstance(raw, dict):
             raw = merge_config.model_dump(exclude_none=True, mode="json")
-        validate_recipe(raw, "(mergekit-yaml recipe)", text=config_source)
-        run_merge_atomic(merge_config, out_path, options, config_source)
+        try:
+            validate_recipe(raw, "(mergekit-yaml recipe)", text=config_source)
+            run_merge_atomic(merge_config, out_path, options, config_source)
+        except FusionError as err:  # mergekit-yaml is a click command: its way to say it, no traceback
+            raise click.ClickException(str(err)) from err
         return None
 
     checked_run_merge._fusechat_wrapped = True  # type: ignore[attr-defined]

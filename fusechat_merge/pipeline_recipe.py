@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from fusechat_merge.option_forms import recipe_section
 from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
 from fusion.artifacts.provenance import has_chat_template, missing_weights
+from fusion.errors import InputError
 from fusion.names import local_path, looks_like_hub_id, model_dir
 from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
 from fusion.runtime.remote_code import needs_remote_code, remote_code_risk
@@ -291,10 +292,13 @@ class PipelineRecipe(_Strict):
         return [self.pivot.name] + [s.name for s in self.sources]
 
 
-class PipelineRecipeError(ValueError):
+class PipelineRecipeError(InputError):
+    """A pipeline recipe that cannot run; ``problems`` lists every reason, each naming its key and line."""
+
     def __init__(self, source: str, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__(f"invalid pipeline recipe {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"invalid pipeline recipe {source}:\n" + "\n".join(f"  - {p}" for p in problems),
+                         file=source)
 
 
 def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineRecipe:

@@ -26,13 +26,38 @@ class FusionError(Exception):
 
     def __init__(self, message: str = "", **at: object) -> None:
         super().__init__(message)
+        self.message = message
         self.at: dict[str, object] = {k: v for k, v in at.items() if v is not None}
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        # Crosses processes (Ray, datasets.map num_proc) as it was: message and what is at fault.
+        return (_rebuild, (type(self), self.message, self.at, self.__dict__))
 
 
 class UsageError(FusionError):
     """Options or arguments that cannot go together, or name nothing: exit 2, as click's."""
 
     exit_code = 2
+
+
+class InputError(FusionError, ValueError):
+    """An input that does not exist or cannot be used (a file, a row, a model, an option's
+    value), or an output that would overwrite an input. A ValueError too, for callers
+    that read bad values as such."""
+
+
+class InputNotFound(FusionError, FileNotFoundError):  # noqa: N818 - named like FileNotFoundError
+    """An input file or folder that is not there (a FileNotFoundError too)."""
+
+
+def _rebuild(kind: type[FusionError], message: str, at: dict[str, object], state: dict[str, object]) -> FusionError:
+    err = kind.__new__(kind)
+    FusionError.__init__(err, message, **at)
+    err.__dict__.update(state)
+    return err
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:

@@ -12,13 +12,13 @@ from fusion.artifacts.logit_store import (
     MANIFEST,
     LogitStore,
     SequenceLogits,
-    StoreError,
     StoreOptions,
     begin_run,
     finish_run,
     id_type_for,
     write_shard,
 )
+from fusion.artifacts.records import StoreError
 from fusion.data.conversations import trained_positions
 
 

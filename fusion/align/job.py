@@ -40,7 +40,6 @@ from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
     SequenceLogits,
-    StoreError,
     begin_run,
     finish_run,
     has_shards,
@@ -48,8 +47,9 @@ from fusion.artifacts.logit_store import (
     tokenizer_fingerprint,
 )
 from fusion.artifacts.provenance import check_outputs, path_fingerprint, store_fingerprint
-from fusion.artifacts.records import locked, removed_unless, write_faults_named
+from fusion.artifacts.records import StoreError, locked, removed_unless, write_faults_named
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
+from fusion.errors import InputError
 from fusion.names import looks_like_hub_id
 from fusion.options import METHODS, AlignOptions
 from fusion.runtime import stopping
@@ -243,7 +243,7 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
     record is written; one writer at a time per ``out``; a run that fails before its first
     shard removes what it created."""
     if job.method not in METHODS:
-        raise ValueError(f"unknown alignment method {job.method!r}; use one of {', '.join(METHODS)}")
+        raise InputError(f"unknown alignment method {job.method!r}; use one of {', '.join(METHODS)}", key="method")
     out = Path(job.out)
     check_outputs(out, {"pivot store": job.pivot, "source store": job.source, "vocabulary map": job.vocab_map})
     pivot, source = LogitStore(job.pivot), LogitStore(job.source)

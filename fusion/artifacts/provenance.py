@@ -24,6 +24,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from fusion.errors import InputError
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 SMALL_FILE = 16 * 2**20
 WHOLE_FILE = 512 * 2**20
@@ -31,8 +33,7 @@ BLOCK = 2**20
 BLOCKS = 64
 
 
-class InputError(ValueError):
-    """An input that does not exist or an output that would overwrite an input."""
+__all__ = ["InputError"]  # defined in fusion.errors; imported from here by older code
 
 
 def _hash_file(h, path: Path) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fusion.backends.base import Backend, PositionScores, ScoringError
+from fusion.errors import InputError
 from fusion.options import BACKENDS
 
 __all__ = ["BACKENDS", "Backend", "PositionScores", "ScoringError", "make_backend"]
@@ -48,4 +49,4 @@ def make_backend(
             engine_args=engine_args,
             trust_remote_code=trust_remote_code,
         )
-    raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    raise InputError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}", key="backend")

@@ -35,6 +35,7 @@ from typing import Any
 
 from fusion.artifacts.atomic import write_jsonl_atomic, write_text_atomic
 from fusion.data.conversations import MalformedRow, parse_turns, row_id
+from fusion.errors import InputError
 
 PREFIX = "fusechat"
 GENERATE = "gen"
@@ -239,13 +240,13 @@ def write_skill_tasks(
                 str(path), cache_dir=None if cache_dir is None else str(cache_dir)
             )
         except StopIteration as err:  # how `datasets` fails on a zero-byte JSON file
-            raise ValueError(f"{path}: no usable conversation (the file is empty)") from err
+            raise InputError(f"{path}: no usable conversation (the file is empty)", file=str(path)) from err
         try:
             docs, skipped = skill_documents(rows)
         except UnsupportedContent as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise InputError(f"{path}: {err}", file=str(path)) from None
         if not docs:
-            raise ValueError(f"{path}: no usable conversation ({len(skipped)} rows left out)")
+            raise InputError(f"{path}: no usable conversation ({len(skipped)} rows left out)", file=str(path))
         stem = f"{_slug(prefix)}_{_slug(skill)}"
         data = _write_jsonl(out / f"{stem}.jsonl", docs)
         for config in task_configs(

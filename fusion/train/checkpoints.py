@@ -15,9 +15,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from fusion.artifacts.atomic import write_json_atomic
-from fusion.artifacts.logit_store import StoreError
 from fusion.artifacts.provenance import model_fingerprint, store_fingerprint
-from fusion.artifacts.records import differences, read_record, write_record
+from fusion.artifacts.records import StoreError, differences, read_record, write_record
 from fusion.options import FusionSettings
 from fusion.runtime import stopping
 

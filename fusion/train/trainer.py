@@ -21,9 +21,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
-from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
+from fusion.artifacts.logit_store import tokenizer_fingerprint
 from fusion.artifacts.provenance import check_outputs
-from fusion.artifacts.records import locked, write_faults_named
+from fusion.artifacts.records import StoreError, locked, write_faults_named
 from fusion.data.batching import pad_token_id
 from fusion.names import resolve_model
 from fusion.runtime import stopping
