@@ -38,7 +38,7 @@ from typing import Any
 import click
 
 from fusechat_merge import METHOD_NAME, __version__
-from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
+from fusechat_merge.merge_recipe import validate_recipe
 from fusion.artifacts.atomic import partial_dir, publish_dir, write_fault
 from fusion.artifacts.provenance import overlap
 from fusion.artifacts.records import (
@@ -50,6 +50,8 @@ from fusion.artifacts.records import (
 )
 from fusion.artifacts.weights import Weights, WeightsError
 from fusion.errors import FusionError, InputError
+from fusion.names import HUB
+from fusion.names import resolve as resolve_name
 from fusion.runtime.memory_faults import memory_faults_named, ran_out
 
 OUTPUT_MARKER = ".fusechat-merge.json"
@@ -218,12 +220,14 @@ def resolve_hub_models(config, cache_dir: str | None = None) -> tuple[Any, dict[
 
     def resolve(ref):
         written = str(ref.model)
-        local, problem = resolve_model_ref(written, base_dir, cache_dir)
+        found = resolve_name(written, base_dir, cache_dir=cache_dir)
+        problem = found.problem()
         if problem is not None:
             problems.append(f"{written}: {problem}")
             return ref
-        if local is None:
+        if found.kind == HUB or found.path is None:
             return ref
+        local = found.path
         sources[written] = local
         # absolute: mergekit's model card asks the hub about relative paths ``a/b``
         if ref.model.path == str(local.absolute()):

@@ -50,7 +50,7 @@ from fusion.artifacts.provenance import check_outputs, path_fingerprint, store_f
 from fusion.artifacts.records import StoreError, locked, removed_unless, write_faults_named
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 from fusion.errors import InputError
-from fusion.names import looks_like_hub_id
+from fusion.names import MISSING, resolve
 from fusion.options import METHODS, AlignOptions
 from fusion.runtime import stopping
 from fusion.runtime.memory_faults import memory_faults_named
@@ -117,7 +117,7 @@ def load_tokenizer(store: LogitStore, model: str | None = None, option: str = "-
     from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
 
     where = model or store.options.model
-    if model is None and not Path(where).expanduser().exists() and not looks_like_hub_id(where):
+    if model is None and resolve(where).kind == MISSING:
         raise StoreError(f"{store.path} was scored with the model at {where}, which is not there any more "
                          "(moved?)", f"give the model's folder with {option}")
     try:

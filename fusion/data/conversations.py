@@ -115,8 +115,9 @@ def load_conversations(
 ) -> datasets.Dataset:
     """Load conversations from a local .json/.jsonl/.parquet file or folder, or a hub dataset.
 
-    A source that looks like a path (a data-file suffix, or starting with ``/ ./ ../ ~``) but
-    does not exist raises FileNotFoundError instead of falling through to a hub lookup. A
+    What ``source`` names is `fusion.names.resolve`'s rule: a local path, else an ``org/name``
+    hub dataset; anything else that does not exist raises InputNotFound (a
+    FileNotFoundError) instead of falling through to a hub lookup. A
     JSON file holding one top-level list (FuseChat-Mixture's format) loads like JSON lines.
     A folder contributes its top-level data files, which must all be JSON or all Parquet
     with one row format (``datasets`` cannot merge schemas across files; one file may mix).
@@ -220,7 +221,15 @@ def check_json_file(path: Path) -> None:
 
 
 def _local_files(source: str) -> list[Path] | None:
-    """The data files behind ``source``, or None when it names a hub dataset."""
+    """The data files behind ``source``, or None when it names a hub dataset (`fusion.names.resolve`)."""
+    from fusion.names import LOCAL, MISSING, resolve
+
+    found = resolve(source, what="dataset")
+    if found.kind == MISSING:
+        raise InputNotFound(f"conversation file not found: {source}"
+                            + (" (a hub dataset is named org/name)" if "/" not in source else ""), file=str(source))
+    if found.kind != LOCAL:
+        return None
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(
@@ -233,9 +242,7 @@ def _local_files(source: str) -> list[Path] | None:
         if path.suffix.lower() not in _LOCAL_BUILDERS:
             raise InputError(f"{source}: unsupported file type; use .json, .jsonl or .parquet", file=str(source))
         return [path]
-    if path.suffix.lower() in _LOCAL_BUILDERS or source.startswith(("/", "./", "../", "~")):
-        raise InputNotFound(f"conversation file not found: {source}", file=str(source))
-    return None
+    raise InputNotFound(f"{source} is neither a data file nor a folder", file=str(source))
 
 
 def _plain_names(files: Sequence[Path]) -> list[Path]:
