@@ -250,7 +250,6 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
 
     from fusechat_merge.pipeline import MemoryFitError, pipeline_runner, run_pipeline
     from fusechat_merge.pipeline_recipe import load_pipeline_recipe, unavailable_models
-    from fusion.artifacts.records import write_faults_named
 
     if ray_address and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
@@ -264,8 +263,7 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
         for why in unavailable_models(parsed, work_dir).values():
             click.echo(f"warning: {why}; a run here refuses to start the stages that read it", err=True)
     again = "The finished stages and what this one completed are kept; run the same command again to resume"
-    kept = "the finished stages are kept"
-    with stopping_cleanly(again), write_faults_named(Path(work_dir), "the work dir", lambda: kept):
+    with stopping_cleanly(again):
         if print_plan:  # with each stage's memory per device; then refused if one cannot fit
             runner = pipeline_runner(parsed, work_dir, memory=True)
             click.echo(json.dumps(runner.plan(), indent=2))

@@ -40,13 +40,11 @@ def user_error(err: BaseException) -> FusionError | None:
         mark = getattr(err, "problem_mark", None)
         name = getattr(mark, "name", None)
         return InputError(f"not valid YAML: {err}", file=name if name and not name.startswith("<") else None)
-    if isinstance(err, OSError):
-        from fusion.artifacts.atomic import WRITE_ERRNOS
+    from fusion.artifacts.atomic import write_fault
 
-        if err.errno in WRITE_ERRNOS:
-            where = err.filename
-            why = os.strerror(err.errno)
-            return FusionError(f"{where}: {why}" if where else why, file=where)
+    fault = write_fault(err, os.sep)  # a full disk, a quota, a read-only folder, anywhere
+    if fault is not None:
+        return FusionError(f"the filesystem refused: {fault}", file=getattr(err, "filename", None))
     return None
 
 
