@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import pickle
 import pkgutil
 from pathlib import Path
@@ -143,25 +142,10 @@ def test_status_names_the_folder_that_is_no_work_dir(tmp_path):
     assert_named(code, err, f"{tmp_path.absolute()} is not a work dir")
 
 
-@pytest.fixture
-def unwritable(tmp_path):
-    """A folder nothing may be written into (root writes through a mode, not into /sys)."""
-    if os.geteuid() != 0:
-        folder = tmp_path / "read-only"
-        folder.mkdir()
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-    elif Path("/sys").is_dir():
-        yield Path("/sys")
-    else:
-        pytest.skip("no folder root cannot write into")
-
-
 @pytest.mark.parametrize("merge_only", [[], ["--merge-only"]])
-def test_demo_names_the_folder_it_cannot_write(unwritable, merge_only):
-    code, err = invoke("demo", "--work-dir", unwritable / "fusechat-demo", *merge_only)
-    assert_named(code, err, str(unwritable / "fusechat-demo"), "the filesystem refused")
+def test_demo_names_the_folder_it_cannot_write(read_only, merge_only):
+    code, err = invoke("demo", "--work-dir", read_only / "fusechat-demo", *merge_only)
+    assert_named(code, err, str(read_only / "fusechat-demo"), "the filesystem refused")
 
 
 def test_usage_errors_are_clicks(tmp_path):
