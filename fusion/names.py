@@ -202,21 +202,16 @@ def resolve_model(name: str | os.PathLike[str], what: str = "model") -> str:
     """
     name = str(name)
     found = resolve(name)
-    if found.kind == LOCAL:
-        assert found.path is not None
-        problem = model_problem(found.path)
-        if problem is not None:
-            raise InputError(f"{what} path {name}{joined(problem)}", model=name)
-        return name
     if found.kind == MISSING:
         raise InputNotFound(f"{what} path {name} does not exist", model=name, file=name)
-    if found.kind == CACHED:
-        assert found.path is not None
-        problem = missing_weights(found.path)
-        if problem is not None:
-            raise InputError(f"{what} {name} (cached at {found.path}): {problem}", model=name)
-        return str(found.path)
-    why = hub_unreachable()
-    if why is not None:
-        raise InputError(f"{what} {not_cached(name, why)}", model=name)
-    return name
+    if found.kind == HUB:
+        why = hub_unreachable()
+        if why is not None:
+            raise InputError(f"{what} {not_cached(name, why)}", model=name)
+        return name
+    assert found.path is not None
+    problem = model_problem(found.path)
+    if problem is not None:
+        where = f"{what} path {name}" if found.kind == LOCAL else f"{what} {name} (cached at {found.path})"
+        raise InputError(f"{where}{joined(problem)}", model=name)
+    return name if found.kind == LOCAL else str(found.path)
