@@ -33,9 +33,6 @@ BLOCK = 2**20
 BLOCKS = 64
 
 
-__all__ = ["InputError"]  # defined in fusion.errors; imported from here by older code
-
-
 def _hash_file(h, path: Path) -> None:
     size = path.stat().st_size
     h.update(f"{path.name}\0{size}\0".encode())
