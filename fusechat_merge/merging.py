@@ -49,7 +49,7 @@ from fusion.artifacts.records import (
     write_faults_named,
 )
 from fusion.artifacts.weights import Weights, WeightsError
-from fusion.errors import FusionError, InputError
+from fusion.errors import FusionError, InputError, causes
 from fusion.names import HUB
 from fusion.names import resolve as resolve_name
 from fusion.runtime.memory_faults import memory_faults_named, ran_out
@@ -533,11 +533,7 @@ def _input_fault(err: BaseException) -> str | None:
     """The message for an error a merge raised because of its inputs (None: a bug)."""
     from fusechat_merge.sce import SCEInputError
 
-    chain: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
+    chain = list(causes(err))
     for e in chain:
         if isinstance(e.__cause__, SCEInputError):
             return str(e)

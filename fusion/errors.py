@@ -11,7 +11,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 
 class FusionError(Exception):
@@ -58,6 +58,17 @@ def _rebuild(kind: type[FusionError], message: str, at: dict[str, object], state
     FusionError.__init__(err, message, **at)
     err.__dict__.update(state)
     return err
+
+
+def causes(err: BaseException) -> Iterator[BaseException]:
+    """``err``, then what caused it (``__cause__``, else ``__context__``), and so on: where a
+    full disk or an exhausted memory hides under a library's own error. Each once."""
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:

@@ -226,3 +226,16 @@ def test_no_library_error_is_a_click_exception():
     clicky = sorted(name for name, cls in classes.items()
                     if issubclass(cls, click.ClickException) and name != "fusechat_merge.exit_codes.UserFacing")
     assert not clicky, clicky
+
+
+def test_causes_walks_the_chain_once():
+    from fusion.errors import causes
+
+    inner = OSError(28, "No space left on device")
+    outer = RuntimeError("safetensors failed")
+    outer.__cause__ = inner
+    inner.__context__ = outer  # a cycle, as a re-raise in an except block can make
+    assert list(causes(outer)) == [outer, inner]
+    full = RuntimeError("wrapped")
+    full.__context__ = outer
+    assert "No space left on device" in str(user_error(full))  # under a library's own error

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from fusion.errors import InputError, InputNotFound
+from fusion.errors import InputError, InputNotFound, causes
 
 if TYPE_CHECKING:
     import datasets
@@ -168,15 +168,11 @@ def _cache_write_fault(err: BaseException, inputs: Sequence[Path]) -> str | None
     from fusion.artifacts.atomic import WRITE_ERRNOS
 
     read = {os.path.realpath(f) for f in inputs}
-    seen: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in seen:
-        seen.append(current)
+    for current in causes(err):
         where = getattr(current, "filename", None)
         if (isinstance(current, OSError) and current.errno in WRITE_ERRNOS
                 and not (where and os.path.realpath(where) in read)):
             return os.strerror(current.errno) + (f" ({where})" if where else "")
-        current = current.__cause__ or current.__context__
     return None
 
 
