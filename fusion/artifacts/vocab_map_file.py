@@ -71,9 +71,9 @@ class VocabMap:
             raise InputError(f"{path} is not a vocab map file", file=str(path))
         found = (raw.get("source_fingerprint"), raw.get("pivot_fingerprint"))
         if found != (source_fingerprint, pivot_fingerprint):
-            raise ValueError(
+            raise InputError(
                 f"vocab map {path} was made for source tokenizer {found[0]} and pivot tokenizer "
-                f"{found[1]}, not source {source_fingerprint} and pivot {pivot_fingerprint}"
+                f"{found[1]}, not source {source_fingerprint} and pivot {pivot_fingerprint}", file=str(path)
             )
         src2piv = np.asarray(raw["src2piv"], dtype=np.int64)
         exact = np.ones(src2piv.size, dtype=bool)
