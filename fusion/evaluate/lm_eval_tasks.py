@@ -97,7 +97,7 @@ def right_mass_column(skill: str) -> str:
 def _slug(text: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
     if not slug:
-        raise ValueError(f"{text!r} has no letter or digit to name a task with")
+        raise InputError(f"{text!r} has no letter or digit to name a task with", key=text)
     return slug
 
 
@@ -224,7 +224,7 @@ def write_skill_tasks(
     from fusion.data.conversations import UnsupportedContent, load_conversations
 
     if max_gen_toks < 1:
-        raise ValueError(f"max_gen_toks must be positive, got {max_gen_toks}")
+        raise InputError(f"max_gen_toks must be positive, got {max_gen_toks}", key="max_gen_toks")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{_slug(prefix)}_skills"
@@ -233,7 +233,7 @@ def write_skill_tasks(
     for skill, path in skills.items():
         gen, ll = (task_name(prefix, skill, kind) for kind in (GENERATE, LOGLIKELIHOOD))
         if gen in seen:
-            raise ValueError(f"skills {seen[gen]!r} and {skill!r} both make task {gen}")
+            raise InputError(f"skills {seen[gen]!r} and {skill!r} both make task {gen}", key=skill)
         seen[gen] = skill
         try:
             rows = load_conversations(
