@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from fusion.artifacts.records import StoreError
+from fusion.errors import FusionError
 from fusion.runtime.log_capture import captured, echo
 from fusion.runtime.progress import format_bytes_mb, format_seconds, reporting_to
 from fusion.runtime.stopping import Stopped, on_signals
@@ -111,7 +112,7 @@ def command_output(name: str, out: str | Path, log_file: str | None, verbose: bo
         if not log_file and Path(out).exists():
             shutil.move(path, default_log(out))
         raise
-    except click.ClickException as err:
+    except (FusionError, click.ClickException) as err:
         err.message += f"\n  full log: {path}"
         raise
     if not log_file:

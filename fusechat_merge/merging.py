@@ -20,7 +20,7 @@ Before any work:
   tensor shapes are compared across the models (the model and tensor are named).
 
 Input faults found then or during the merge (NaN weights, say) raise `MergeInputError`,
-a `click.ClickException`: a command line prints it and exits 1, without a traceback. After
+a `fusion.errors.FusionError`: a command line prints it and exits 1, without a traceback. After
 the merge, before publishing, the output is scanned for non-finite values, whatever the
 method (mergekit's own pass NaN through).
 """
@@ -40,12 +40,15 @@ import click
 
 from fusechat_merge import METHOD_NAME, __version__
 from fusechat_merge.merge_card import describe_tied_head, restore_written_refs
-from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
+from fusechat_merge.merge_recipe import validate_recipe
 from fusion.artifacts.lifecycle import DONE, Output, writing
-from fusion.artifacts.provenance import InputError, model_fingerprint
+from fusion.artifacts.provenance import model_fingerprint
 from fusion.artifacts.records import StoreError
 from fusion.artifacts.weights import Weights, WeightsError
 from fusion.artifacts.write_faults import write_fault
+from fusion.errors import FusionError, InputError, causes
+from fusion.names import HUB
+from fusion.names import resolve as resolve_name
 from fusion.runtime.log_capture import echo
 from fusion.runtime.memory_faults import memory_faults_named, ran_out
 
@@ -60,7 +63,7 @@ OUTPUT_OPTIONS = ("out_shard_size", "copy_tokenizer", "random_seed", "write_mode
 NOT_COMPARED = ("tool", "marker_version", "version", "mergekit_version", "recipe_sha256")
 
 
-class MergeInputError(click.ClickException, ValueError):
+class MergeInputError(InputError):
     """A merge refused or stopped because of its inputs or output directory."""
 
 
@@ -226,12 +229,14 @@ def resolve_hub_models(config, cache_dir: str | None = None) -> tuple[Any, dict[
 
     def resolve(ref):
         written = str(ref.model)
-        local, problem = resolve_model_ref(written, base_dir, cache_dir)
+        found = resolve_name(written, base_dir, cache_dir=cache_dir)
+        problem = found.problem()
         if problem is not None:
             problems.append(f"{written}: {problem}")
             return ref
-        if local is None:
+        if found.kind == HUB or found.path is None:
             return ref
+        local = found.path
         sources[written] = local
         # absolute: mergekit's model card asks the hub about relative paths ``a/b``
         if ref.model.path == str(local.absolute()):
@@ -411,11 +416,7 @@ def _input_fault(err: BaseException) -> str | None:
     """The message for an error a merge raised because of its inputs (None: a bug)."""
     from fusechat_merge.sce import SCEInputError
 
-    chain: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
+    chain = list(causes(err))
     for e in chain:
         if isinstance(e.__cause__, SCEInputError):
             return str(e)
@@ -456,8 +457,11 @@ def wrap_run_merge(run_merge: Callable[..., Any]) -> Callable[..., Any]:
         raw = yaml.safe_load(config_source) if config_source else None
         if not isinstance(raw, dict):
             raw = merge_config.model_dump(exclude_none=True, mode="json")
-        validate_recipe(raw, "(mergekit-yaml recipe)", text=config_source)
-        run_merge_atomic(merge_config, out_path, options, config_source, overwrite=True)  # as mergekit-yaml
+        try:
+            validate_recipe(raw, "(mergekit-yaml recipe)", text=config_source)
+            run_merge_atomic(merge_config, out_path, options, config_source, overwrite=True)  # as mergekit-yaml
+        except FusionError as err:  # mergekit-yaml is a click command: its way to say it, no traceback
+            raise click.ClickException(str(err)) from err
         return None
 
     checked_run_merge._fusechat_wrapped = True  # type: ignore[attr-defined]

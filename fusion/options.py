@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fusion.errors import InputError
+
 # Ranges live beside the fields, not in their metadata: ``HfArgumentParser`` hands a
 # field's metadata to argparse as keyword arguments (``help`` and ``choices`` are fine there,
 # anything else is an error), and `FusionSettings` is part of a ``TrainingArguments``.
@@ -73,26 +75,26 @@ def _kind_error(f: dataclasses.Field, value: Any) -> str | None:
 
 
 def check_options(options: Any) -> None:
-    """Raise ValueError naming the first field whose value is not of its declared kind, or
+    """Raise InputError (a ValueError) naming the first field whose value is not of its declared kind, or
     outside its choices or range."""
     for f in option_fields(type(options)):
         meta = f.metadata
         value = getattr(options, f.name)
         wrong = _kind_error(f, value)
         if wrong:
-            raise ValueError(f"{f.name} must be {wrong}, got {value!r}")
+            raise InputError(f"{f.name} must be {wrong}, got {value!r}", key=f.name)
         if value is None:
             continue
         if meta.get("choices") and value not in meta["choices"]:
             allowed = ", ".join(map(str, meta["choices"]))
-            raise ValueError(f"{f.name} must be one of {allowed}, got {value!r}")
+            raise InputError(f"{f.name} must be one of {allowed}, got {value!r}", key=f.name)
         low, high, open_low = bounds(f)["min"], bounds(f)["max"], bounds(f)["min_open"]
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if low is not None and (value <= low if open_low else value < low):
-            raise ValueError(f"{f.name} must be {'>' if open_low else '>='} {low}, got {value!r}")
+            raise InputError(f"{f.name} must be {'>' if open_low else '>='} {low}, got {value!r}", key=f.name)
         if high is not None and value > high:
-            raise ValueError(f"{f.name} must be <= {high}, got {value!r}")
+            raise InputError(f"{f.name} must be <= {high}, got {value!r}", key=f.name)
 
 
 def option_fields(cls: type, exclude: Sequence[str] = ()) -> list[dataclasses.Field]:
@@ -105,9 +107,9 @@ def parse_shard(spec: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in spec.split("/"))
     except ValueError as err:
-        raise ValueError(f"--shard must look like i/N (for example 0/4), got {spec!r}") from err
+        raise InputError(f"--shard must look like i/N (for example 0/4), got {spec!r}", key="shard") from err
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {spec}: need 0 <= i < N")
+        raise InputError(f"--shard {spec}: need 0 <= i < N", key="shard")
     return index, count
 
 
@@ -172,17 +174,17 @@ class LogitOptions:
         check_options(self)
         parse_shard(self.shard)
         if self.backend != "hf" and self.device_map is not None:
-            raise ValueError(f"device_map is for the hf backend; the {self.backend} backend spreads a "
-                             "model with tensor_parallel_size")
+            raise InputError(f"device_map is for the hf backend; the {self.backend} backend spreads a "
+                             "model with tensor_parallel_size", key="device_map")
         if self.backend != "vllm" and self.engine_args:
-            raise ValueError("engine_args are vllm.EngineArgs: they need backend vllm")
+            raise InputError("engine_args are vllm.EngineArgs: they need backend vllm", key="engine_args")
         for name in ("tensor_parallel_size", "gpu_memory_utilization"):  # else dropped without a word
             if self.backend != "vllm" and getattr(self, name) != default_of(LogitOptions, name):
-                raise ValueError(f"{name} is for the vllm backend; the {self.backend} backend spreads a "
-                                 "model with device_map")
+                raise InputError(f"{name} is for the vllm backend; the {self.backend} backend spreads a "
+                                 "model with device_map", key=name)
         if self.device_map is not None and self.device != "auto":
-            raise ValueError(f"device {self.device} and device_map {self.device_map}: device_map places the "
-                             "model itself, give one of them")
+            raise InputError(f"device {self.device} and device_map {self.device_map}: device_map places the "
+                             "model itself, give one of them", key="device_map")
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -11,7 +11,8 @@ from corpus import conversations, write_jsonl
 
 from fusion.align.job import StoreAlignment, align_stores
 from fusion.artifacts.aligned_store import AlignedStore
-from fusion.artifacts.logit_store import LogitStore, StoreError
+from fusion.artifacts.logit_store import LogitStore
+from fusion.artifacts.records import StoreError
 from fusion.capture.logit_job import LogitJob, generate_logits
 
 

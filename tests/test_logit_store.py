@@ -13,13 +13,13 @@ from fusion.artifacts.logit_store import (
     MANIFEST,
     LogitStore,
     SequenceLogits,
-    StoreError,
     StoreOptions,
     finish_run,
     id_type_for,
     store_output,
     write_shard,
 )
+from fusion.artifacts.records import StoreError
 from fusion.data.conversations import trained_positions
 
 

@@ -30,6 +30,7 @@ from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage, plan_stages
 from fusechat_merge.pipeline.runner import Runner
 from fusechat_merge.pipeline_recipe import EXECUTORS, PipelineRecipe
+from fusion.errors import InputError
 
 __all__ = ["EXECUTORS", "MemoryFitError", "Runner", "Stage", "WorkDir", "memory_plan", "pipeline_runner",
            "plan_stages", "run_pipeline"]
@@ -54,7 +55,7 @@ def run_pipeline(
     terminal too (it always goes to ``WORK/logs/<stage>.log``). ``retries``: how often a Ray
     stage lost with its worker or node is submitted again (default: the recipe's ``retries``)."""
     if executor not in EXECUTORS:
-        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}", key="executor")
     from fusechat_merge.pipeline_recipe import unavailable_models
 
     layout = WorkDir(Path(work_dir).absolute())
@@ -74,7 +75,7 @@ def run_pipeline(
     return stages
 
 
-class MemoryFitError(ValueError):
+class MemoryFitError(InputError):
     """Stages whose estimated memory per GPU exceeds the GPUs' (what to change is in each line)."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -33,6 +33,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from fusion.names import is_model_dir
+
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto on a GPU: bf16
 
@@ -79,7 +81,7 @@ def model_shape(model_dir: str, trust_remote_code: bool = False) -> ModelShape |
     from accelerate.utils import calculate_maximum_sizes
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not (Path(model_dir) / "config.json").is_file():
+    if not is_model_dir(Path(model_dir)):
         return None
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

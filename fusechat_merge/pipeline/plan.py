@@ -33,6 +33,7 @@ from fusechat_merge.pipeline.keys import stage_key
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline_recipe import PipelineRecipe, ResourceSpec
 from fusion.artifacts.provenance import path_fingerprint
+from fusion.errors import InputError
 
 
 @dataclass
@@ -135,8 +136,8 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
     ids = {s.id for s in stages}
     unknown = sorted(set(r.resources.stages) - ids)
     if unknown:
-        raise ValueError(f"resources.stages: no stage {', '.join(unknown)}; the stages are: "
-                         f"{', '.join(s.id for s in stages)}")
+        raise InputError(f"resources.stages: no stage {', '.join(unknown)}; the stages are: "
+                         f"{', '.join(s.id for s in stages)}", key="resources.stages")
     for stage in stages:
         stage.resources = r.resources.for_stage(stage.id, stage.kind)
         if isinstance(stage.job, LogitsJob) and stage.job.backend == "vllm":  # its tensor-parallel GPUs

@@ -40,6 +40,7 @@ from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage
 from fusechat_merge.pipeline.runner import RunError, Runner, StageError, Work, apply_record
 from fusechat_merge.pipeline.stage_records import current, read_stage_records
+from fusion.errors import FusionError
 from fusion.runtime.stopping import Stopped, check, on_signals, reclaim, requested, watching
 
 PROBE_TIMEOUT_S = 120
@@ -49,8 +50,8 @@ LOST = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OutOfMem
 """Ray's errors that mean the stage's worker or node was lost (not the stage's own error)."""
 
 
-class SharedFilesystemError(RuntimeError):
-    pass
+class SharedFilesystemError(FusionError, RuntimeError):
+    """The Ray workers do not see the work dir the driver writes (no shared filesystem)."""
 
 
 class RayExecutor:

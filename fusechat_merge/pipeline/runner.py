@@ -56,10 +56,11 @@ from fusechat_merge.pipeline_recipe import STAGES
 from fusion.artifacts.atomic import write_json_atomic
 from fusion.artifacts.locks import OutputLock
 from fusion.artifacts.records import write_record
+from fusion.errors import FusionError, InputError
 from fusion.runtime import stopping
 
 
-class StageError(RuntimeError):
+class StageError(FusionError, RuntimeError):
     """A stage's job raised: the stage id, the error and the stage's log (its started record
     stays: a rerun resumes it)."""
 
@@ -67,10 +68,16 @@ class StageError(RuntimeError):
         self.stage_id = stage_id
         self.error = error
         self.log = log
-        super().__init__(f"stage {stage_id} failed: {error}" + (f"\n  full log: {log}" if log else ""))
+        super().__init__(f"stage {stage_id} failed: {error}" + (f"\n  full log: {log}" if log else ""),
+                         stage=stage_id)
 
 
-class RunError(RuntimeError):
+class RunRefused(FusionError, RuntimeError):  # noqa: N818 - says what happened, as Stopped does
+    """A run or a stage refused before it started: what it waits for is not done, or a
+    model it reads cannot be had here."""
+
+
+class RunError(FusionError, RuntimeError):
     """Stages failed (and the stages waiting for them did not run)."""
 
     def __init__(self, failed: list[StageError], blocked: list[str]) -> None:
@@ -117,7 +124,7 @@ class Runner:
         skipped."""
         for flag, value in (("--from", from_stage), ("--only", only)):
             if value is not None and value not in STAGES:
-                raise ValueError(f"{flag} must be one of {', '.join(STAGES)}, got {value!r}")
+                raise InputError(f"{flag} must be one of {', '.join(STAGES)}, got {value!r}", key=flag)
         first_forced = STAGES.index(from_stage) if from_stage else len(STAGES)
         work: Work = []
         for stage in self.stages:
@@ -125,7 +132,8 @@ class Runner:
             forced = STAGES.index(stage.kind) >= first_forced
             if only is not None and stage.kind != only:
                 if state != "done":
-                    raise RuntimeError(f"--only {only}: stage {stage.id} is not done ({state}); run it first")
+                    raise RunRefused(f"--only {only}: stage {stage.id} is not done ({state}); run it first",
+                                     stage=stage.id)
                 stage.status = "skipped (up to date)"
                 continue
             if state == "done" and not forced:
@@ -150,8 +158,9 @@ class Runner:
         missing = {ref: why for stage in stages for ref in stage.job.reads() if (why := self.unavailable.get(ref))}
         if missing:
             users = {ref: [s.id for s in stages if ref in s.job.reads()] for ref in missing}
-            raise RuntimeError("models that cannot be had here, so no stage was started:\n" + "\n".join(
-                f"  - {why} (needed by {', '.join(users[ref])})" for ref, why in missing.items()))
+            raise RunRefused("models that cannot be had here, so no stage was started:\n" + "\n".join(
+                f"  - {why} (needed by {', '.join(users[ref])})" for ref, why in missing.items()),
+                model=next(iter(missing)))
 
     def _lock(self, *, shared: bool) -> OutputLock:
         return OutputLock(self.layout.run_lock, f"work dir {self.layout.root}", shared=shared)
@@ -193,12 +202,12 @@ class Runner:
         (a scheduler's jobs), never beside a whole run of the same work dir."""
         by_id = {s.id: s for s in self.stages}
         if stage_id not in by_id:
-            raise ValueError(f"no stage {stage_id!r}; the stages are: {', '.join(by_id)}")
+            raise InputError(f"no stage {stage_id!r}; the stages are: {', '.join(by_id)}", stage=stage_id)
         stage = by_id[stage_id]
         with self._lock(shared=True):
             missing = [u for u in stage.after if self.state(by_id[u]) != "done"]
             if missing:
-                raise RuntimeError(f"stage {stage_id} waits for {', '.join(missing)}: not done yet")
+                raise RunRefused(f"stage {stage_id} waits for {', '.join(missing)}: not done yet", stage=stage_id)
             state, reason = self.assess(stage)
             if state == "done":
                 stage.status = "skipped (up to date)"

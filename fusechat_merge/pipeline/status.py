@@ -25,6 +25,7 @@ from fusechat_merge.pipeline.stage_records import (
     run_state,
 )
 from fusion.artifacts.locks import process_alive
+from fusion.errors import InputError
 from fusion.runtime.progress import format_bytes_mb, format_seconds
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def stage_status(runner: Runner) -> list[dict[str, Any]]:
     return rows
 
 
-class NotAWorkDirError(ValueError):
+class NotAWorkDirError(InputError):
     """``status`` without a recipe, of a folder no run wrote records into."""
 
 
@@ -61,7 +62,8 @@ def recorded_status(layout: WorkDir) -> list[dict[str, Any]]:
     if not layout.records.is_dir():
         raise NotAWorkDirError(f"{layout.root} is not a work dir of `fusechat-merge run`: it has no "
                           f"{layout.records.name}/ folder of stage records; give the folder a run's "
-                          "--work-dir named (with the recipe, status also shows the stages still waiting)")
+                          "--work-dir named (with the recipe, status also shows the stages still waiting)",
+                          file=str(layout.root))
     named = (parse_record_name(path.name) for path in layout.records.glob("*.json"))
     ids = sorted({found[0] for found in named if found is not None})
     return [_status(layout, stage_id, None, []) for stage_id in ids]

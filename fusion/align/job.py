@@ -41,7 +41,6 @@ from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
     SequenceLogits,
-    StoreError,
     finish_run,
     shard_name,
     shards_kept,
@@ -49,8 +48,10 @@ from fusion.artifacts.logit_store import (
     tokenizer_fingerprint,
 )
 from fusion.artifacts.provenance import path_fingerprint, store_fingerprint
+from fusion.artifacts.records import StoreError
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
-from fusion.names import looks_like_hub_id
+from fusion.errors import InputError
+from fusion.names import MISSING, resolve
 from fusion.options import METHODS, StoreAlignment
 from fusion.runtime import stopping
 from fusion.runtime.memory_faults import memory_faults_named
@@ -104,7 +105,7 @@ def load_tokenizer(store: LogitStore, model: str | None = None, option: str = "-
     from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
 
     where = model or store.options.model
-    if model is None and not Path(where).expanduser().exists() and not looks_like_hub_id(where):
+    if model is None and resolve(where).kind == MISSING:
         raise StoreError(f"{store.path} was scored with the model at {where}, which is not there any more "
                          "(moved?)", f"give the model's folder with {option}")
     try:
@@ -230,7 +231,7 @@ def align_stores(job: StoreAlignment, *, progress: bool = True, log: Callable[[s
     record is written; the aligned store is then written through the one output lifecycle
     (`fusion.artifacts.lifecycle.writing`)."""
     if job.method not in METHODS:
-        raise ValueError(f"unknown alignment method {job.method!r}; use one of {', '.join(METHODS)}")
+        raise InputError(f"unknown alignment method {job.method!r}; use one of {', '.join(METHODS)}", key="method")
     out = Path(job.out)
     reads = {"pivot store": job.pivot, "source store": job.source, "vocabulary map": job.vocab_map}
     refuse_overlap(out, reads)  # before the stores are read (again in `writing`)

@@ -31,9 +31,9 @@ from typing import Any
 
 from fusion.artifacts.atomic import PARTIAL_INFIX, partial_dir, publish_dir, stale_temp_files
 from fusion.artifacts.locks import locked
-from fusion.artifacts.provenance import InputError
 from fusion.artifacts.records import StoreError, differences, read_record, write_record
 from fusion.artifacts.write_faults import write_faults_named
+from fusion.errors import InputError
 
 RUN_FILE = "run.json"
 """The run record of an output (a store, a training run)."""

@@ -32,10 +32,6 @@ BLOCK = 2**20
 BLOCKS = 64
 
 
-class InputError(ValueError):
-    """An input that does not exist or an output that would overwrite an input."""
-
-
 def _hash_file(h, path: Path) -> None:
     size = path.stat().st_size
     h.update(f"{path.name}\0{size}\0".encode())

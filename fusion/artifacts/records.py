@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from fusion.artifacts.atomic import write_json_atomic
+from fusion.errors import FusionError
 
 
-class StoreError(RuntimeError):
+class StoreError(FusionError, RuntimeError):
     """An output that cannot be written, read or resumed as asked: ``reason`` says why,
     ``remedy`` what to do with the command that writes it (``--overwrite``, ``--resume``,
     another ``--out``). A pipeline run, which has none of those options, says its own
     remedy instead (`fusechat_merge.pipeline.runner`)."""
 
-    def __init__(self, reason: str, remedy: str = "") -> None:
-        super().__init__(f"{reason}; {remedy}" if remedy else reason)
+    def __init__(self, reason: str, remedy: str = "", **at: object) -> None:
+        super().__init__(f"{reason}; {remedy}" if remedy else reason, **at)
         self.reason = reason
         self.remedy = remedy
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fusion.artifacts.records import StoreError
+from fusion.errors import causes
 
 # Writes that fail because of where they go (full disk, quota, read-only or forbidden folder,
 # file size limit), not because of what is written.
@@ -27,17 +28,13 @@ def write_fault(err: BaseException, out: str | os.PathLike[str]) -> str | None:
     """What went wrong, when ``err`` (or what caused it) is a failed write into ``out`` (its
     files, its hidden temporary siblings, or a folder above it to be made) of the kind
     `WRITE_ERRNOS` lists: ``No space left on device (PATH)``; None for any other error."""
-    seen: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in seen:
-        seen.append(current)
+    for current in causes(err):
         code = current.errno if isinstance(current, OSError) else None
         match = None if code is not None else _RUST_IO.search(str(current))
         code = int(match.group(1) or match.group(2)) if match else code
         where = getattr(current, "filename", None)
         if code in WRITE_ERRNOS and (where is None or _touches(Path(where), Path(out))):
             return os.strerror(code) + (f" ({where})" if where else "")
-        current = current.__cause__ or current.__context__
     return None
 
 

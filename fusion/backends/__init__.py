@@ -10,6 +10,7 @@ alone.
 from __future__ import annotations
 
 from fusion.backends.base import Backend, PositionScores, ScoringError
+from fusion.errors import InputError
 from fusion.options import BACKENDS, LogitOptions
 
 __all__ = ["BACKENDS", "Backend", "PositionScores", "ScoringError", "make_backend"]
@@ -25,4 +26,4 @@ def make_backend(model: str, options: LogitOptions) -> Backend:
         from fusion.backends.vllm import VLLMBackend
 
         return VLLMBackend(model, options)
-    raise ValueError(f"unknown backend {options.backend!r}; use one of {', '.join(BACKENDS)}")
+    raise InputError(f"unknown backend {options.backend!r}; use one of {', '.join(BACKENDS)}", key="backend")

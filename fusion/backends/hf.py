@@ -14,6 +14,7 @@ import torch
 
 from fusion.backends.base import PositionScores
 from fusion.data.batching import pad_sequences
+from fusion.errors import InputError
 from fusion.options import LogitOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,7 +25,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for, but CUDA is not available here")
+        raise InputError(f"--device {device} asked for, but CUDA is not available here", key="device")
     return torch.device(device)
 
 
@@ -32,7 +33,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}", key="dtype")
     return DTYPES[dtype]
 
 

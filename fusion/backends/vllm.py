@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from fusion.backends.base import PositionScores, ScoringError
+from fusion.errors import InputError
 from fusion.options import LogitOptions
 
 # Engine arguments this backend sets itself, and the option that sets each.
@@ -69,11 +70,12 @@ def check_engine_args(args: Mapping[str, Any], known: Collection[str]) -> None:
     nearest known name) or that this backend sets from one of its own options."""
     for key in args:
         if key in OWN_ENGINE_ARGS:
-            raise ValueError(f"engine_args: {key} is set from {OWN_ENGINE_ARGS[key]}, not here")
+            raise InputError(f"engine_args: {key} is set from {OWN_ENGINE_ARGS[key]}, not here", key="engine_args")
         if key not in known:
             near = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"engine_args: {key!r} is not an engine option of the installed vLLM{hint}")
+            raise InputError(f"engine_args: {key!r} is not an engine option of the installed vLLM{hint}",
+                             key="engine_args")
 
 
 class VLLMBackend:

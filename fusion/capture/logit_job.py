@@ -22,7 +22,6 @@ from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
     SequenceLogits,
-    StoreError,
     StoreOptions,
     finish_run,
     shard_name,
@@ -31,7 +30,11 @@ from fusion.artifacts.logit_store import (
     tokenizer_fingerprint,
     write_shard,
 )
-from fusion.artifacts.provenance import files_fingerprint, model_fingerprint
+from fusion.artifacts.provenance import (
+    files_fingerprint,
+    model_fingerprint,
+)
+from fusion.artifacts.records import StoreError
 from fusion.backends.base import Backend, PositionScores, ScoringError
 from fusion.capture.throughput import Throughput
 from fusion.data.batching import length_sorted_batches, padded_tokens
@@ -44,6 +47,7 @@ from fusion.data.conversations import (
     load_conversations,
     trained_positions,
 )
+from fusion.errors import InputError
 from fusion.names import resolve_model
 from fusion.options import LogitJob, LogitOptions, parse_shard
 from fusion.runtime import stopping
@@ -230,10 +234,11 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
     skipped = report.skipped
     if not encoded and len(indices):
         first = f" (first: {next(iter(skipped.items()))})" if skipped else ""
-        raise ValueError(f"{job.data}: no usable row in {len(indices)} rows{first}")
+        raise InputError(f"{job.data}: no usable row in {len(indices)} rows{first}", file=job.data)
     vocab_size = max(len(tokenizer), int(getattr(config, "vocab_size", 0) or 0))
     if job.top_k > vocab_size:
-        raise ValueError(f"--top-k {job.top_k} is above the vocabulary of {job.model} ({vocab_size} tokens)")
+        raise InputError(f"--top-k {job.top_k} is above the vocabulary of {job.model} ({vocab_size} tokens)",
+                         key="top_k", model=job.model)
     if job.backend == "vllm":  # before the run record: a misspelt engine option costs nothing
         from fusion.backends.vllm import check_engine_args, installed_engine_args
 

@@ -20,7 +20,8 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from fusion.artifacts.lifecycle import DONE, Writing, refuse_overlap, writing
-from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
+from fusion.artifacts.logit_store import tokenizer_fingerprint
+from fusion.artifacts.records import StoreError
 from fusion.data.batching import pad_token_id
 from fusion.names import resolve_model
 from fusion.runtime import stopping
