@@ -187,7 +187,7 @@ def bench_projection(conversations: int, words: int) -> None:
     import pyarrow as pa
 
     from fusechat_merge.demo.toy import make_tokenizer
-    from fusion.align.job import AlignJob, align_stores
+    from fusion.align.job import StoreAlignment, align_stores
 
     k = 10
     tokenizers = {"metaspace": make_tokenizer("metaspace"), "bytelevel": make_tokenizer("bytelevel"),
@@ -214,7 +214,7 @@ def bench_projection(conversations: int, words: int) -> None:
                         shutil.rmtree(out, ignore_errors=True)
                         start = time.perf_counter()
                         manifests[mode] = align_stores(
-                            AlignJob(pivot=str(stores[pivot]), source=str(stores[source]), out=str(out),
+                            StoreAlignment(pivot=str(stores[pivot]), source=str(stores[source]), out=str(out),
                                      projection=mode, vocab_mode="em"), progress=False, log=lambda _: None)
                         seconds[mode] = min(seconds.get(mode, np.inf), time.perf_counter() - start)
                 tokens = manifests["on"].alignment["statistics"]["positions"]

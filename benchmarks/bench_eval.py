@@ -68,7 +68,8 @@ def main() -> None:
 
     import torch
 
-    from fusechat_merge.demo.skills import SKILLS, train_heldout, write_jsonl
+    from fusechat_merge.demo.skills import SKILLS, train_heldout
+    from fusion.artifacts.atomic import write_jsonl_atomic as write_jsonl
     from fusion.evaluate.heldout import evaluate_model
     from fusion.evaluate.lm_eval_options import LmEvalOptions
     from fusion.evaluate.lm_eval_results import metrics_by_task

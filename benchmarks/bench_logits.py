@@ -135,7 +135,7 @@ def main() -> None:
     lengths = [len(e.input_ids) for _, e in encoded]
     tokens = sum(lengths)
     torch.set_grad_enabled(False)
-    backend = HFBackend(str(model_dir), top_k=args.top_k, dtype="float32", device=args.device)
+    backend = HFBackend(str(model_dir), LogitOptions(top_k=args.top_k, dtype="float32", device=args.device))
     device = backend.device
     params = sum(p.numel() for p in backend.model.parameters())
     defaults = LogitOptions()
@@ -191,7 +191,8 @@ def main() -> None:
     if args.vllm:
         from fusion.backends.vllm import VLLMBackend
 
-        engine = VLLMBackend(str(model_dir), top_k=args.top_k, dtype="float32", max_length=LONGEST)
+        engine = VLLMBackend(str(model_dir), LogitOptions(backend="vllm", top_k=args.top_k, dtype="float32",
+                                                        max_length=LONGEST))
         store_v = lambda: score_shard(engine, encoded, Throughput(tokens), batch_size=1)  # noqa: E731
         store_v()  # warm-up
         seconds, _ = measure(store_v, device)

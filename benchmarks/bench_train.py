@@ -100,7 +100,7 @@ def build_corpus(path: Path, n: int, words: int) -> Path:
 
 def build_aligned(work: Path, quick: bool, n: int, seq_len: int) -> tuple[Path, Path]:
     """(pivot model dir, aligned store dir), reusing whatever is already on disk."""
-    from fusion.align.job import AlignJob, align_stores
+    from fusion.align.job import StoreAlignment, align_stores
     from fusion.capture.logit_job import LogitJob, generate_logits
 
     tag = f"{'quick' if quick else '50M'}-n{n}-t{seq_len}"
@@ -124,7 +124,7 @@ def build_aligned(work: Path, quick: bool, n: int, seq_len: int) -> tuple[Path, 
         generate_logits(job, progress=False, log=lambda _: None)
     aligned = work / f"aligned-{tag}"
     align_stores(
-        AlignJob(pivot=str(stores["pivot"]), source=str(stores["source"]), out=str(aligned)),
+        StoreAlignment(pivot=str(stores["pivot"]), source=str(stores["source"]), out=str(aligned)),
         progress=False,
         log=print,
     )

@@ -19,6 +19,9 @@ from types import FunctionType, ModuleType  # not typing: it costs ~8 ms at star
 
 
 def _after_merge_methods(module: ModuleType) -> None:
+    adapter = sys.modules.get("fusechat_merge.mergekit_adapter")
+    if adapter is not None and not hasattr(adapter, "register"):
+        return  # the adapter, imported first, imports mergekit itself: it registers when it is made
     from fusechat_merge.mergekit_adapter import register
 
     register()
@@ -76,9 +79,14 @@ class _MergekitWatcher:
         return spec
 
 
+def installed() -> bool:
+    """Whether the watcher is installed in this interpreter."""
+    return any(isinstance(f, _MergekitWatcher) for f in sys.meta_path)
+
+
 def install() -> None:
     """Install the watcher once; if mergekit is already imported, act now."""
-    if any(isinstance(f, _MergekitWatcher) for f in sys.meta_path):
+    if installed():
         return
     sys.meta_path.insert(0, _MergekitWatcher())
     for name, callback in _AFTER_IMPORT.items():

@@ -4,7 +4,8 @@ Start-up is cheap on purpose: at import only click, pydantic and the option data
 load; every command imports its heavy parts (torch, transformers, mergekit) when it runs,
 so ``--help`` answers at once. Options are generated from each stage's dataclass
 (`fusechat_merge.option_forms`), the merge options from a checked static copy of
-mergekit's (`fusechat_merge.mergekit_options`).
+mergekit's (`fusechat_merge.mergekit_options`). Errors become messages and exit codes in
+one place, `fusechat_merge.exit_codes`: a command only raises.
 """
 
 from __future__ import annotations
@@ -16,20 +17,27 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from fusechat_merge.console import command_output, output_options, stopping_cleanly
+from fusechat_merge.exit_codes import FusionGroup
 from fusechat_merge.mergekit_options import add_mergekit_options
 from fusechat_merge.option_forms import click_options
 from fusechat_merge.pipeline_recipe import EXECUTORS, STAGES
 from fusion.evaluate.lm_eval_options import LmEvalOptions
-from fusion.options import AlignOptions, FusionSettings, LogitOptions
+from fusion.options import OVERWRITE_HELP, AlignOptions, FusionSettings, LogitOptions
 
 if TYPE_CHECKING:
     from mergekit.options import MergeOptions
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FusionGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fusechat-merge")
 def main() -> None:
     """FuseChat knowledge fusion and SCE merging of chat LLMs."""
+
+
+def overwrite_option(command):
+    """``--overwrite``, the same for every writing command (logits and align get it from
+    their option dataclasses with the same help)."""
+    return click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)(command)
 
 
 @main.command("merge")
@@ -48,6 +56,7 @@ def main() -> None:
     is_flag=True,
     help="Check the recipe (keys, method, parameters, model paths) and exit.",
 )
+@overwrite_option
 @add_mergekit_options
 @output_options(short=False)
 def merge_command(
@@ -56,6 +65,7 @@ def merge_command(
     out_dir: Path,
     report_dir: Path | None,
     check_only: bool,
+    overwrite: bool,
     log_file: str | None,
     verbose: bool,
 ) -> None:
@@ -64,14 +74,16 @@ def merge_command(
     Takes every option of mergekit-yaml. Unlike mergekit-yaml, the recipe is checked
     before any model is loaded (unknown keys, method and parameters, per-model
     parameters mergekit would ignore, missing model paths, mismatched vocabularies),
-    and OUT_DIR appears only once the merge is complete.
+    and OUT_DIR appears only once the merge is complete. A merge of the same recipe and
+    models is left as it is; another recipe is refused naming what differs unless
+    --overwrite (docs/outputs.md).
     """
     from fusechat_merge.merge_recipe import load_recipe, validate_recipe
     from fusechat_merge.merging import run_merge_checked
     from fusechat_merge.report.sce import write_sce_report
     from fusechat_merge.stats_sink import record_stats
 
-    raw, text = load_recipe(recipe)  # a RecipeError is a ClickException: exit 1, no traceback
+    raw, text = load_recipe(recipe)
     if check_only:
         validate_recipe(raw, str(recipe), text=text)
         click.echo(f"{recipe}: OK")
@@ -81,7 +93,8 @@ def merge_command(
     merge_options.apply_global_options()
     verbose = verbose or merge_options.verbosity > 0
     with command_output("merge", out_dir, log_file, verbose), record_stats.collecting() as rows, bar(None, "merge"):
-        out = run_merge_checked(raw, out_dir, merge_options, config_source=text, source_name=str(recipe))
+        out = run_merge_checked(raw, out_dir, merge_options, config_source=text, source_name=str(recipe),
+                                overwrite=overwrite)
     if report_dir is not None:
         csv_path = write_sce_report(rows, report_dir)
         click.echo(f"SCE report: {csv_path}")
@@ -109,30 +122,26 @@ def logits_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
 
       fusechat-merge logits --model ./pivot --data chats.jsonl --out stores/pivot
     """
-    from fusion.artifacts.logit_store import StoreError
-    from fusion.backends.base import ScoringError
     from fusion.capture.logit_job import LogitJob, generate_logits
-    from fusion.runtime.progress import echo
+    from fusion.runtime.log_capture import echo
 
     with stopping_cleanly("Run the same command again to resume"), \
             command_output("logits", kwargs["out"], log_file, verbose):
-        try:
-            generate_logits(LogitJob(**kwargs), log=echo)
-        except (StoreError, ScoringError, ValueError, FileNotFoundError) as err:
-            raise click.ClickException(str(err)) from err
+        generate_logits(LogitJob(**kwargs), log=echo)
 
 
 @main.command("logits-merge")
 @click.argument("parts", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Merged store directory.")
-def logits_merge_command(parts: tuple[str, ...], out: str) -> None:
-    """Combine the stores of `logits --shard i/N` runs (give them in order 0..N-1)."""
-    from fusion.artifacts.logit_store import StoreError, merge_stores
+@overwrite_option
+def logits_merge_command(parts: tuple[str, ...], out: str, overwrite: bool) -> None:
+    """Combine the stores of `logits --shard i/N` runs (give them in order 0..N-1).
 
-    try:
-        manifest = merge_stores(parts, out)
-    except StoreError as err:
-        raise click.ClickException(str(err)) from err
+    A store combined from the same parts is left as it is; other parts are refused naming
+    what differs unless --overwrite (docs/outputs.md)."""
+    from fusion.artifacts.logit_store import merge_stores
+
+    manifest = merge_stores(parts, out, overwrite=overwrite)
     click.echo(f"{out}: {manifest.sequences} sequences, {manifest.tokens:,} tokens")
 
 
@@ -152,16 +161,12 @@ def align_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
     Writes the pivot's store plus the aligned source distribution per position; sources
     with the pivot's tokenizer are copied through without alignment. Resumable.
     """
-    from fusion.align.job import AlignJob, align_stores
-    from fusion.artifacts.logit_store import StoreError
-    from fusion.runtime.progress import echo
+    from fusion.align.job import StoreAlignment, align_stores
+    from fusion.runtime.log_capture import echo
 
     with stopping_cleanly("Run the same command again to resume"), \
             command_output("align", kwargs["out"], log_file, verbose):
-        try:
-            align_stores(AlignJob(**kwargs), log=echo)
-        except (StoreError, ValueError, FileNotFoundError) as err:
-            raise click.ClickException(str(err)) from err
+        align_stores(StoreAlignment(**kwargs), log=echo)
 
 
 @main.command(
@@ -179,11 +184,13 @@ def align_command(log_file: str | None, verbose: bool, **kwargs: Any) -> None:
 @click_options(FusionSettings, overrides=True,
                aliases={"lm_weight": ["--lambda"], "fuse_temperature": ["--temperature"],
                         "fuse_loss_type": ["--loss-type"]})
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in OUT/checkpoints: "
+              "the default now (kept so that older scripts work).")
+@overwrite_option
 @output_options
 @click.pass_context
-def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str,
-                 config_file: str | None, resume: bool, log_file: str | None, verbose: bool, **flags: Any) -> None:
+def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: str, config_file: str | None,
+                 resume: bool, overwrite: bool, log_file: str | None, verbose: bool, **flags: Any) -> None:
     """Fine-tune the pivot on aligned stores: one target LLM per call.
 
     Any other option is a transformers TrainingArguments option, named as there
@@ -191,10 +198,11 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
     --gradient-accumulation-steps, --bf16, --gradient-checkpointing, --lr-scheduler-type,
     --warmup-ratio, ...). FuseChat-7B's settings are in recipes/fusechat-7b-fuse.yaml. The
     stores must have been made with this pivot's tokenizer (checked before training).
-    Precedence: defaults, then --config, then flags.
+    Precedence: defaults, then --config, then flags. Like every writing command, a run with
+    the same inputs and options resumes from its last complete checkpoint, another is
+    refused naming what changed unless --overwrite (docs/outputs.md).
     """
-    from fusion.artifacts.logit_store import StoreError
-    from fusion.artifacts.provenance import InputError
+    from fusion.errors import InputError
     from fusion.train.config import parse_fusion_config
     from fusion.train.trainer import train_fusion
 
@@ -207,20 +215,17 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
         try:
             from_file = load_yaml(Path(config_file).read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise click.ClickException(f"{config_file}: not valid YAML ({err})") from err
+            raise InputError(f"{config_file}: not valid YAML ({err})", file=config_file) from err
         if not isinstance(from_file, dict):
-            raise click.ClickException(f"{config_file}: expected a mapping of training options")
-    try:
+            raise InputError(f"{config_file}: expected a mapping of training options", file=config_file)
+    try:  # transformers' HfArgumentParser says what is wrong with a ValueError: named here
         config = parse_fusion_config(out, from_file, ctx.args,
                                      {k: v for k, v in flags.items() if v is not None})
     except ValueError as err:
-        raise click.ClickException(f"{config_file or 'training options'}: {err}") from err
-    with stopping_cleanly("Run the same command with --resume to continue from it"), \
+        raise InputError(f"{config_file or 'training options'}: {err}", file=config_file) from err
+    with stopping_cleanly("Run the same command again to continue from it"), \
             command_output("fuse", out, log_file, verbose):
-        try:
-            result = train_fusion(pivot, list(aligned), out, config, resume=resume)
-        except (StoreError, InputError) as err:
-            raise click.ClickException(str(err)) from err
+        result = train_fusion(pivot, list(aligned), out, config, overwrite=overwrite)
     click.echo(f"target model: {result}")
 
 
@@ -263,12 +268,7 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
     import json
 
     from fusechat_merge.pipeline import MemoryFitError, pipeline_runner, run_pipeline
-    from fusechat_merge.pipeline.runner import RunError, StageError
-    from fusechat_merge.pipeline_recipe import (
-        PipelineRecipeError,
-        load_pipeline_recipe,
-        unavailable_models,
-    )
+    from fusechat_merge.pipeline_recipe import load_pipeline_recipe, unavailable_models
 
     if ray_address and executor != "ray":
         raise click.UsageError("--ray-address needs --executor ray")
@@ -277,42 +277,29 @@ def run_command(recipe: str, work_dir: str, from_stage: str | None, only: str | 
                                "is retried by running it again: it resumes)")
     if sum(map(bool, (print_plan, stage_id, dry_run))) > 1 or ((print_plan or stage_id) and (from_stage or only)):
         raise click.UsageError("--plan, --stage and --dry-run go alone (not with each other, --from or --only)")
-    try:
-        parsed = load_pipeline_recipe(recipe, work_dir)
-    except PipelineRecipeError as err:
-        raise click.ClickException(str(err)) from err
+    parsed = load_pipeline_recipe(recipe, work_dir)
     if dry_run or print_plan:  # planned where the hub may not answer: said, not refused (a run refuses)
         for why in unavailable_models(parsed, work_dir).values():
             click.echo(f"warning: {why}; a run here refuses to start the stages that read it", err=True)
     again = "The finished stages and what this one completed are kept; run the same command again to resume"
-    with stopping_cleanly(again):  # outside: click's Exit is a RuntimeError
-        try:
-            if print_plan:  # with each stage's memory per device; then refused if one cannot fit
-                runner = pipeline_runner(parsed, work_dir, memory=True)
-                click.echo(json.dumps(runner.plan(), indent=2))
-                if runner.memory_problems:
-                    raise MemoryFitError(runner.memory_problems)
-            elif stage_id:
-                if executor != "local":
-                    raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
-                runner = pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose, memory=True,
-                                         unavailable=unavailable_models(parsed, work_dir))
-                mine = [p for p in runner.memory_problems if p.split()[1] == stage_id]
-                if mine:
-                    raise MemoryFitError(mine)
-                runner.run_one(stage_id)
-            else:
-                run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
-                             executor=executor, ray_address=ray_address, verbose=verbose, retries=retries)
-        except (StageError, RunError, RuntimeError, ValueError) as err:  # a stage's traceback is in its log
-            raise click.ClickException(str(err)) from err
-        except OSError as err:
-            from fusion.artifacts.atomic import write_fault
-
-            fault = write_fault(err, work_dir)
-            if fault is None:
-                raise
-            raise click.ClickException(f"cannot write the work dir {work_dir}: {fault}") from err
+    with stopping_cleanly(again):
+        if print_plan:  # with each stage's memory per device; then refused if one cannot fit
+            runner = pipeline_runner(parsed, work_dir, memory=True)
+            click.echo(json.dumps(runner.plan(), indent=2))
+            if runner.memory_problems:
+                raise MemoryFitError(runner.memory_problems)
+        elif stage_id:
+            if executor != "local":
+                raise click.UsageError("--stage runs the stage in this process (the scheduler placed it)")
+            runner = pipeline_runner(parsed, work_dir, log=click.echo, verbose=verbose, memory=True,
+                                     unavailable=unavailable_models(parsed, work_dir))
+            mine = [p for p in runner.memory_problems if p.split()[1] == stage_id]
+            if mine:
+                raise MemoryFitError(mine)
+            runner.run_one(stage_id)
+        else:
+            run_pipeline(parsed, work_dir, log=click.echo, from_stage=from_stage, only=only, dry_run=dry_run,
+                         executor=executor, ray_address=ray_address, verbose=verbose, retries=retries)
 
 
 @main.command("status")
@@ -328,27 +315,16 @@ def status_command(work_dir: str, recipe: str | None, as_json: bool) -> None:
     import json
 
     from fusechat_merge.pipeline import WorkDir, pipeline_runner
-    from fusechat_merge.pipeline.status import (
-        NotAWorkDirError,
-        format_status,
-        recorded_status,
-        stage_status,
-    )
-    from fusechat_merge.pipeline_recipe import PipelineRecipeError, load_pipeline_recipe
+    from fusechat_merge.pipeline.status import format_status, recorded_status, stage_status
+    from fusechat_merge.pipeline_recipe import load_pipeline_recipe
 
     if recipe is None:
-        try:
-            rows = recorded_status(WorkDir(Path(work_dir).absolute()))
-        except NotAWorkDirError as err:
-            raise click.ClickException(str(err)) from err
+        rows = recorded_status(WorkDir(Path(work_dir).absolute()))
         if not rows and not as_json:
             click.echo(f"no stage of the run in {work_dir} has started yet (give the recipe to see its stages)")
             return
     else:
-        try:
-            rows = stage_status(pipeline_runner(load_pipeline_recipe(recipe, work_dir), work_dir))
-        except (PipelineRecipeError, ValueError) as err:
-            raise click.ClickException(str(err)) from err
+        rows = stage_status(pipeline_runner(load_pipeline_recipe(recipe, work_dir), work_dir))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -392,17 +368,11 @@ def demo_command(work_dir: Path | None, seeds: int | None, merge_only: bool, sel
         run_demo(work_dir or Path("demo-merge-work"), select_topk=select_topk, echo=click.echo)
         return
     from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
-    from fusechat_merge.pipeline.runner import RunError, StageError
-    from fusion.artifacts.records import StoreError
-    from fusion.evaluate.lm_eval_options import LmEvalError
 
-    try:
-        with stopping_cleanly("The finished stages and what this one completed are kept; run the same command "
-                              "again to resume"):
-            run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
-                              split=split, echo=click.echo, verbose=verbose)
-    except (LmEvalError, StoreError, StageError, RunError) as err:  # a stage's traceback is in its log
-        raise click.ClickException(str(err)) from err
+    with stopping_cleanly("The finished stages and what this one completed are kept; run the same command "
+                          "again to resume"):
+        run_pipeline_demo(work_dir or Path("demo-work"), seeds=list(range(seeds)) if seeds else None,
+                          split=split, echo=click.echo, verbose=verbose)
 
 
 # --------------------------------------------------------------------------- eval (lm-eval)
@@ -425,22 +395,15 @@ def eval_command(model: str, out: Path, log_file: str | None, verbose: bool, **o
     lm-eval's and transformers' own output goes to the log (--log, default OUT.log), live with -v.
     Needs the eval extra: pip install 'fusechat-merge[eval]'.
     """
-    from fusion.evaluate.lm_eval_options import LmEvalError
     from fusion.evaluate.lm_eval_results import format_table, write_results
     from fusion.evaluate.lm_eval_runner import require_lm_eval, run_lm_eval
     from fusion.runtime.progress import bar
 
-    try:
-        require_lm_eval()
-        parsed = LmEvalOptions(**options)
-        parsed.check()
-    except LmEvalError as err:
-        raise click.ClickException(str(err)) from err
+    require_lm_eval()
+    parsed = LmEvalOptions(**options)
+    parsed.check()
     with command_output("eval", out, log_file, verbose), bar(None, "eval"):
-        try:
-            results = run_lm_eval(model, parsed)
-        except LmEvalError as err:
-            raise click.ClickException(str(err)) from err
+        results = run_lm_eval(model, parsed)
     click.echo(format_table(results))
     click.echo(f"results: {write_results(results, out)}")
 

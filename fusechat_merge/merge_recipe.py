@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import yaml
 
 from fusechat_merge.merge_parameters import (
@@ -30,16 +29,8 @@ from fusechat_merge.merge_parameters import (
     parameter_problems,
 )
 from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
-from fusion.artifacts.provenance import missing_weights
-from fusion.errors import did_you_mean
-from fusion.names import (
-    cached_snapshot,
-    hub_unreachable,
-    local_path,
-    names_hub_model,
-    not_cached,
-    split_ref,
-)
+from fusion.errors import InputError, did_you_mean
+from fusion.names import HUB, MISSING, joined, local_path, model_problem, resolve, split_ref
 
 
 @dataclass(frozen=True)
@@ -51,17 +42,18 @@ class RecipeProblem:
         return f"{self.key}: {self.message}"
 
 
-class RecipeError(click.ClickException, ValueError):
+class RecipeError(InputError):
     """A recipe that cannot be merged; ``problems`` lists every reason.
 
-    A `click.ClickException` too, so that a command line (ours, or stock
-    ``mergekit-yaml`` through the import hook) prints it and exits 1, no traceback.
+    A `fusion.errors.FusionError`: our command line prints it and exits 1, no traceback
+    (stock ``mergekit-yaml`` through the import hook too: `merging.wrap_run_merge`).
     """
 
     def __init__(self, source: str, problems: list[RecipeProblem]) -> None:
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid merge recipe {source}:\n{lines}")
+        super().__init__(f"invalid merge recipe {source}:\n{lines}", file=source,
+                         key=problems[0].key if len(problems) == 1 else None)
 
 
 _VOCAB_KEYS = ("vocab_size",)
@@ -272,28 +264,6 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def resolve_model_ref(
-    ref: str, base_dir: Path, cache_dir: str | None = None
-) -> tuple[Path | None, str | None]:
-    """(local directory, problem) for a model reference.
-
-    A local path is returned as is (the problem says when it does not exist). A hub id
-    is looked up in the Hugging Face cache: its snapshot directory when cached; when it
-    is not, an unreachable hub is a problem, a reachable one (None, None) leaves it to mergekit.
-    """
-    path, revision = split_ref(ref)
-    candidate = local_path(path, base_dir)
-    if candidate.exists():
-        return candidate, None
-    if not names_hub_model(ref, base_dir):
-        return candidate, f"model path {str(candidate)!r} does not exist"
-    snapshot = cached_snapshot(path, revision, cache_dir)
-    if snapshot is not None:
-        return snapshot, None
-    why = hub_unreachable()
-    return None, (None if why is None else not_cached(ref, why))
-
-
 def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> list[RecipeProblem]:
     problems: list[RecipeProblem] = []
     vocab: dict[str, tuple[str, int]] = {}
@@ -302,25 +272,21 @@ def _check_models(raw: Mapping[str, Any], base_dir: Path, need_models: bool) -> 
             continue
         if not isinstance(ref, str):
             continue  # reported by schema validation
-        local, problem = resolve_model_ref(ref, base_dir)
-        if problem is not None and (local is not None or need_models):
+        found = resolve(ref, base_dir)
+        problem = found.problem()
+        if problem is not None and (found.kind == MISSING or need_models):
             problems.append(RecipeProblem(key, problem))
             continue
-        if local is None:
+        if found.kind == HUB or found.path is None:
             continue  # a hub id that is not cached: mergekit downloads it
-        if not local.is_dir():
-            problems.append(RecipeProblem(key, f"model path {str(local)!r} is not a directory"))
-            continue
-        config = local / "config.json"
-        if not config.is_file():
-            problems.append(RecipeProblem(key, f"{str(local)!r} has no config.json"))
+        local = found.path
+        problem = model_problem(local, weights=key != "tokenizer_source")
+        if problem is not None:
+            problems.append(RecipeProblem(key, f"model path {local}{joined(problem)}"))
             continue
         if key == "tokenizer_source":
             continue
-        weights = missing_weights(local)
-        if weights is not None:
-            problems.append(RecipeProblem(key, f"{str(local)!r}: {weights}"))
-            continue
+        config = local / "config.json"
         try:
             cfg = json.loads(config.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:

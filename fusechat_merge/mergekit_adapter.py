@@ -7,6 +7,7 @@ names the tensor and model in any error. `register` makes it available by name.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Literal
 
 import torch
@@ -66,3 +67,8 @@ def register() -> MergeMethod:
     except RuntimeError:
         registry.register(fusechat_sce)
         return fusechat_sce
+
+
+_hook = sys.modules.get("fusechat_merge._hook")
+if _hook is not None and _hook.installed():  # imported before mergekit.merge_methods: the hook left it here
+    register()

@@ -1,24 +1,26 @@
 """Running a mergekit merge safely: checked first, written atomically, never over inputs.
 
 mergekit writes straight into the output directory, so an interrupted merge leaves a
-directory with ``config.json`` and some shards that looks like a model. Here the merge
-goes to ``NAME`` inside a hidden sibling ``.NAME.partial-XXXX`` and is renamed into
-place only when complete; a killed run leaves only that hidden directory, which the next run into the
-same output removes.
+directory with ``config.json`` and some shards that looks like a model. Here the merge is a
+whole output of the one output lifecycle (`fusion.artifacts.lifecycle`, docs/outputs.md):
+built in a hidden staging directory and published when complete; a killed run leaves only
+that, which the next run into the same output removes. Its run record is the marker file
+`OUTPUT_MARKER` (the recipe, flattened key by key, the models' fingerprints and the
+options that change the output): a merge of the same recipe and models is left as it is,
+another is refused naming what differs unless ``overwrite``.
 
 Before any work:
 
 * hub ids are resolved to their Hugging Face cache snapshot when cached (stock
   mergekit lists a repo's files through the hub API even then, so it fails offline);
 * the output may not be, lie inside, or contain any model or tokenizer source of the
-  recipe;
-* an existing output is replaced only when it is an earlier output of this tool, known
-  by the marker file `OUTPUT_MARKER` that only this tool writes;
+  recipe, and an existing output is touched only when it is an earlier output of this
+  tool, known by `OUTPUT_MARKER` (both checked by the lifecycle);
 * every safetensors header of every model is read (a corrupt file is named) and the
   tensor shapes are compared across the models (the model and tensor are named).
 
 Input faults found then or during the merge (NaN weights, say) raise `MergeInputError`,
-a `click.ClickException`: a command line prints it and exits 1, without a traceback. After
+a `fusion.errors.FusionError`: a command line prints it and exits 1, without a traceback. After
 the merge, before publishing, the output is scanned for non-finite values, whatever the
 method (mergekit's own pass NaN through).
 """
@@ -30,7 +32,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,26 +39,31 @@ from typing import Any
 import click
 
 from fusechat_merge import METHOD_NAME, __version__
-from fusechat_merge.merge_recipe import resolve_model_ref, validate_recipe
-from fusion.artifacts.atomic import partial_dir, publish_dir, write_fault
-from fusion.artifacts.provenance import overlap
-from fusion.artifacts.records import (
-    StoreError,
-    locked,
-    mark_partial,
-    remove_partials,
-    write_faults_named,
-)
+from fusechat_merge.merge_card import describe_tied_head, restore_written_refs
+from fusechat_merge.merge_recipe import validate_recipe
+from fusion.artifacts.lifecycle import DONE, Output, writing
+from fusion.artifacts.provenance import model_fingerprint
+from fusion.artifacts.records import StoreError
 from fusion.artifacts.weights import Weights, WeightsError
+from fusion.artifacts.write_faults import write_fault
+from fusion.errors import FusionError, InputError, causes
+from fusion.names import HUB
+from fusion.names import resolve as resolve_name
+from fusion.runtime.log_capture import echo
 from fusion.runtime.memory_faults import memory_faults_named, ran_out
 
 OUTPUT_MARKER = ".fusechat-merge.json"
 """Written into every published merge: ``{"tool": "fusechat-merge", ...}``."""
 TOOL = "fusechat-merge"
-MARKER_VERSION = 1
+MARKER_VERSION = 2
+"""2: the marker is the merge's run record (recipe keys, model fingerprints, options)."""
+OUTPUT_OPTIONS = ("out_shard_size", "copy_tokenizer", "random_seed", "write_model_card", "safe_serialization",
+                  "allow_crimes", "clone_tensors")
+"""The mergekit options that change what a merge writes (the others change how it runs)."""
+NOT_COMPARED = ("tool", "marker_version", "version", "mergekit_version", "recipe_sha256")
 
 
-class MergeInputError(click.ClickException, ValueError):
+class MergeInputError(InputError):
     """A merge refused or stopped because of its inputs or output directory."""
 
 
@@ -68,21 +74,24 @@ def run_merge_checked(
     *,
     config_source: str | None = None,
     source_name: str = "<recipe>",
+    overwrite: bool = False,
 ) -> Path:
     """Check ``raw`` (a recipe mapping), then merge it atomically into ``out_path``.
 
-    ``options`` is a `mergekit.options.MergeOptions` (defaults when None).
+    ``options`` is a `mergekit.options.MergeOptions` (defaults when None); ``overwrite``
+    replaces an earlier merge of another recipe (see the module doc).
     """
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
     validate_recipe(raw, source_name, text=config_source)
     config = MergeConfiguration.model_validate(dict(raw))
-    return run_merge_atomic(config, out_path, options or MergeOptions(), config_source)
+    return run_merge_atomic(config, out_path, options or MergeOptions(), config_source, overwrite=overwrite)
 
 
-def run_merge_atomic(config, out_path, options, config_source: str | None = None) -> Path:
-    """mergekit's ``run_merge`` into a temporary sibling, renamed into place when done."""
+def run_merge_atomic(config, out_path, options, config_source: str | None = None, *, overwrite: bool = False) -> Path:
+    """mergekit's ``run_merge`` through the output lifecycle: built in a staging directory,
+    published when done (`fusion.artifacts.lifecycle.writing`)."""
     from mergekit import merge as mergekit_merge
 
     from fusechat_merge.mergekit_adapter import register
@@ -91,37 +100,76 @@ def run_merge_atomic(config, out_path, options, config_source: str | None = None
     run_merge = getattr(mergekit_merge.run_merge, "__wrapped__", mergekit_merge.run_merge)
     out = Path(os.path.normpath(Path(out_path).absolute()))  # a/../out is out
     recipe_hash = _recipe_hash(config)
+    recipe = _flat(_plain_dump(config, exclude_none=True), "recipe")  # as written, before hub ids resolve
     if config_source is None:  # mergekit's own to_yaml fails on a path with a space
         import yaml
 
         config_source = yaml.safe_dump(_plain_dump(config, exclude_defaults=True), sort_keys=False,
                                        allow_unicode=True)
     config, sources = resolve_hub_models(config, getattr(options, "transformers_cache", None))
-    check_output_dir(out, sources)
-    check_model_tensors(config, sources)
+    output = Output(out, "the merged model", merge_record(config, recipe, sources, options, recipe_hash), whole=True,
+                    reads={f"recipe's model {w}": p for w, p in sources.items()},
+                    inputs={f"model {w}": f"the model {w} changed since this merge was made" for w in sources},
+                    located=NOT_COMPARED, record_file=OUTPUT_MARKER, option="output directory")
     shard = getattr(options, "out_shard_size", None)
     less = ("--lazy-unpickle (lazy_unpickle), a smaller --out-shard-size (out_shard_size"
             + (f", now {shard:,} parameters" if isinstance(shard, int) else "") + "), or "
             "--cuda with --low-cpu-memory when the GPU has more memory than the CPU")
     try:
         with memory_faults_named(f"merging into {out}", lambda: "nothing of it was kept", lambda: less), \
-                write_faults_named(out, "the merged model", lambda: "nothing of it was kept"):
-            _merge_into(out, config, sources, options, config_source, recipe_hash, run_merge)
-    except StoreError as err:  # a full disk, a read-only folder, out of memory, another merge into `out`
+                writing(output, overwrite=overwrite) as made:
+            if made.state == DONE:
+                echo(f"{out} already holds this merge (the same recipe, models and options): left as it is "
+                     "(--overwrite merges again)")
+            else:
+                check_model_tensors(config, sources)
+                _merge_into(made.dir, config, sources, options, config_source, run_merge)
+    except (StoreError, InputError) as err:  # overlap, a full disk, out of memory, another merge into `out`
         raise MergeInputError(str(err)) from err
     return out
 
 
-def _merge_into(out: Path, config, sources: Mapping[str, Path], options, config_source: str | None,
-                recipe_hash: str, run_merge: Callable[..., Any]) -> None:
-    """Merge holding ``out``'s lock; the parent folders it had to make go if it fails."""
-    created = _make_parents(out.parent)
+def merge_record(config, recipe: Mapping[str, Any], sources: Mapping[str, Path], options,
+                 recipe_hash: str) -> dict[str, Any]:
+    """What makes a merge what it is: the recipe key by key (so a refusal names the key),
+    the content fingerprint of every local model, the options that change the output."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        with locked(out, f"merge output {out}"):
-            _merge_locked(config, out, options, config_source, run_merge, sources, recipe_hash)
-    except BaseException:
-        _remove_created(created)
-        raise
+        mergekit_version = version("mergekit")
+    except PackageNotFoundError:
+        mergekit_version = ""
+    return {"tool": TOOL, "marker_version": MARKER_VERSION, "version": __version__,
+            "mergekit_version": mergekit_version, "merge_method": config.merge_method,
+            "recipe_sha256": recipe_hash, **recipe,
+            **{f"model {w}": model_fingerprint(p) for w, p in sorted(sources.items())},
+            **{f"option {k}": getattr(options, k) for k in OUTPUT_OPTIONS if hasattr(options, k)}}
+
+
+def _flat(value: Any, key: str) -> dict[str, Any]:
+    """``{"recipe.parameters.select_topk": 0.1, "recipe.models[0].model": ...}``."""
+    if isinstance(value, dict) and value:
+        return {k: v for name, item in value.items() for k, v in _flat(item, f"{key}.{name}").items()}
+    if isinstance(value, list) and value:
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{key}[{i}]").items()}
+    return {key: value}
+
+
+def _merge_into(model_dir: Path, config, sources: Mapping[str, Path], options, config_source: str | None,
+                run_merge: Callable[..., Any]) -> None:
+    """mergekit's merge into ``model_dir`` (named as the output: mergekit names the model
+    card after its directory), then the checks and fixes before it is published."""
+    try:
+        with _fresh_loaders():
+            run_merge(config, str(model_dir), options=options, config_source=config_source)
+    except Exception as err:
+        message = None if write_fault(err, model_dir) or ran_out(err) else _input_fault(err)
+        if message is None:
+            raise
+        raise MergeInputError(message) from err
+    check_finite_output(model_dir, sources)
+    describe_tied_head(model_dir, bool(getattr(options, "trust_remote_code", False)))
+    restore_written_refs(model_dir, sources)
 
 
 @contextlib.contextmanager
@@ -137,42 +185,6 @@ def _fresh_loaders() -> Iterator[None]:
         yield
     finally:
         cache.loaders.clear()
-
-
-def _merge_locked(config, out: Path, options, config_source: str | None, run_merge: Callable[..., Any],
-                  sources: Mapping[str, Path], recipe_hash: str) -> None:
-    remove_stale_partials(out)
-    partial = partial_dir(out)
-    mark_partial(partial, tool=TOOL, version=__version__, out=str(out))
-    model_dir = partial / out.name  # mergekit names the model card after its directory
-    try:
-        model_dir.mkdir()
-        try:
-            with _fresh_loaders():
-                run_merge(config, str(model_dir), options=options, config_source=config_source)
-        except Exception as err:
-            message = None if write_fault(err, out) or ran_out(err) else _input_fault(err)
-            if message is None:
-                raise
-            raise MergeInputError(message) from err
-        check_finite_output(model_dir, sources)
-        describe_tied_head(model_dir, bool(getattr(options, "trust_remote_code", False)))
-        _restore_written_refs(model_dir, sources)
-        _write_output_marker(model_dir, config, recipe_hash)
-        publish_dir(model_dir, out, replace=True)  # with the user's umask
-        shutil.rmtree(partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-
-
-def _remove_created(created: list[Path]) -> None:
-    """Remove the (empty) parent directories a failed merge created, deepest first."""
-    for directory in created:
-        try:
-            directory.rmdir()
-        except OSError:
-            break
 
 
 # --- hub ids --------------------------------------------------------------------------
@@ -217,12 +229,14 @@ def resolve_hub_models(config, cache_dir: str | None = None) -> tuple[Any, dict[
 
     def resolve(ref):
         written = str(ref.model)
-        local, problem = resolve_model_ref(written, base_dir, cache_dir)
+        found = resolve_name(written, base_dir, cache_dir=cache_dir)
+        problem = found.problem()
         if problem is not None:
             problems.append(f"{written}: {problem}")
             return ref
-        if local is None:
+        if found.kind == HUB or found.path is None:
             return ref
+        local = found.path
         sources[written] = local
         # absolute: mergekit's model card asks the hub about relative paths ``a/b``
         if ref.model.path == str(local.absolute()):
@@ -240,62 +254,11 @@ def resolve_hub_models(config, cache_dir: str | None = None) -> tuple[Any, dict[
 
 def is_merge_output(path: Path) -> bool:
     """True when ``path`` is a merge this tool published (it holds `OUTPUT_MARKER`)."""
-    return _read_marker(path / OUTPUT_MARKER) is not None
-
-
-def _read_marker(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads((path / OUTPUT_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("tool") == TOOL else None
-
-
-def check_output_dir(out: Path, sources: Mapping[str, Path]) -> None:
-    """Refuse an output that overlaps an input, or an existing directory not ours."""
-    real = out.resolve()
-    for written, local in sources.items():
-        relation = overlap(real, local.resolve())
-        if relation is not None:
-            where = "" if str(local) == written else f" ({local})"
-            raise MergeInputError(
-                f"output directory {out} {relation} the recipe's model {written}{where}; "
-                "a merge never writes into or over its inputs: choose another output directory"
-            )
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise MergeInputError(f"output path {out} exists and is not a directory")
-    if not any(out.iterdir()):
-        return
-    if not is_merge_output(out):
-        raise MergeInputError(
-            f"output directory {out} is not empty and holds no previous merge of {TOOL} "
-            f"(no {OUTPUT_MARKER}); it is left as it is: choose another directory"
-        )
-
-
-def remove_stale_partials(out: Path) -> list[Path]:
-    """Remove the hidden directories of killed runs into ``out`` (call it holding ``out``'s
-    lock); returns them: marked ``.NAME.partial-*`` staging directories, and ``.NAME.old-*``
-    earlier outputs (with `OUTPUT_MARKER`) a killed publish left."""
-    removed = remove_partials(out)
-    for path in out.parent.glob(f".{out.name}.old-*") if out.parent.is_dir() else []:
-        if path.is_dir() and not path.is_symlink() and is_merge_output(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _make_parents(parent: Path) -> list[Path]:
-    """Create ``parent`` and its missing ancestors; returns those created, deepest first."""
-    missing = []
-    path = parent
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return missing
+        return False
+    return isinstance(data, dict) and data.get("tool") == TOOL
 
 
 def _plain_dump(obj: Any, **how: bool) -> Any:
@@ -335,54 +298,6 @@ def _recipe_hash(config) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-_CARD_LIST = "The following models were included in the merge:\n"
-
-
-def _restore_written_refs(model_dir: Path, sources: Mapping[str, Path]) -> None:
-    """The model card names the models as the recipe does, not by resolved directory,
-    and lists them in a fixed order (mergekit lists a set: the order changed per run)."""
-    for name in ("README.md", "mergekit_config.yml"):
-        path = model_dir / name
-        if not path.is_file():
-            continue
-        text = original = path.read_text(encoding="utf-8")
-        for written, local in sorted(sources.items(), key=lambda kv: -len(str(kv[1]))):
-            if str(local.absolute()) != written:
-                text = text.replace(str(local.absolute()), written)
-        if name == "README.md":
-            text = _sorted_card_list(text)
-        if text != original:
-            path.write_text(text, encoding="utf-8")
-
-
-def _sorted_card_list(text: str) -> str:
-    start = text.find(_CARD_LIST)
-    if start < 0:
-        return text
-    start += len(_CARD_LIST)
-    lines = text[start:].split("\n")
-    count = next((i for i, line in enumerate(lines) if not line.startswith("* ")), len(lines))
-    return text[:start] + "\n".join(sorted(lines[:count]) + lines[count:])
-
-
-def _write_output_marker(directory: Path, config, recipe_hash: str) -> None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        mergekit_version = version("mergekit")
-    except PackageNotFoundError:
-        mergekit_version = ""
-    marker = {
-        "tool": TOOL,
-        "marker_version": MARKER_VERSION,
-        "version": __version__,
-        "mergekit_version": mergekit_version,
-        "merge_method": config.merge_method,
-        "recipe_sha256": recipe_hash,
-    }
-    (directory / OUTPUT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
 # --- the models' tensors --------------------------------------------------------------
 
 
@@ -403,33 +318,6 @@ def check_finite_output(model_dir: Path, sources: Mapping[str, Path]) -> None:
                          + ", ".join(culprits)) if culprits else " (the inputs are finite there: the method overflowed)"
                 raise MergeInputError(f"the merged tensor {key!r} has non-finite values (NaN or inf){where}; "
                                       "nothing was written")
-
-
-def describe_tied_head(model_dir: Path, trust_remote_code: bool = False) -> None:
-    """Make ``config.json``'s ``tie_word_embeddings`` say what the merged weights hold.
-
-    mergekit copies the base model's config: a tied base merged with untied targets says
-    ``true`` beside a separate output head, which a loader that ties then drops (and the
-    reverse leaves a missing head to random initialisation)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config_file = model_dir / "config.json"
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if not hasattr(config, "tie_word_embeddings"):
-        return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    head = model.get_output_embeddings()
-    names = [f"{n}.weight" for n, module in model.named_modules(remove_duplicate=False) if module is head]
-    if head is None or not names:
-        return
-    with Weights(model_dir) as weights:
-        has_head = any(name in weights for name in names)
-    if bool(config.tie_word_embeddings) == has_head:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-        raw["tie_word_embeddings"] = not has_head
-        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _models_with_non_finite(key: str, sources: Mapping[str, Path]) -> list[str]:
@@ -528,11 +416,7 @@ def _input_fault(err: BaseException) -> str | None:
     """The message for an error a merge raised because of its inputs (None: a bug)."""
     from fusechat_merge.sce import SCEInputError
 
-    chain: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
+    chain = list(causes(err))
     for e in chain:
         if isinstance(e.__cause__, SCEInputError):
             return str(e)
@@ -573,8 +457,11 @@ def wrap_run_merge(run_merge: Callable[..., Any]) -> Callable[..., Any]:
         raw = yaml.safe_load(config_source) if config_source else None
         if not isinstance(raw, dict):
             raw = merge_config.model_dump(exclude_none=True, mode="json")
-        validate_recipe(raw, "(mergekit-yaml recipe)", text=config_source)
-        run_merge_atomic(merge_config, out_path, options, config_source)
+        try:
+            validate_recipe(raw, "(mergekit-yaml recipe)", text=config_source)
+            run_merge_atomic(merge_config, out_path, options, config_source, overwrite=True)  # as mergekit-yaml
+        except FusionError as err:  # mergekit-yaml is a click command: its way to say it, no traceback
+            raise click.ClickException(str(err)) from err
         return None
 
     checked_run_merge._fusechat_wrapped = True  # type: ignore[attr-defined]

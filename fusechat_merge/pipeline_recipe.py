@@ -16,9 +16,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from fusechat_merge.option_forms import recipe_section
 from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
-from fusion.artifacts.provenance import has_chat_template, missing_weights
-from fusion.names import local_path, looks_like_hub_id, model_dir
-from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions
+from fusion.data.chat_templates import has_chat_template
+from fusion.errors import InputError
+from fusion.names import HUB, MISSING, joined, local_path, model_problem, resolve
+from fusion.options import TEMPLATES, AlignOptions, EvalOptions, LogitOptions, default_of
 from fusion.runtime.remote_code import needs_remote_code, remote_code_risk
 
 STAGES = ("logits", "align", "fuse", "merge", "evaluate")
@@ -66,13 +67,13 @@ class ModelSpec(_EngineSpec):  # type: ignore[misc,valid-type]
     name: Annotated[str, AfterValidator(_plain_name)] = Field(
         description="Short name used for outputs and reports (a plain name: it names folders).")
     model: str = Field(description="Model directory (or hub id) with its tokenizer.")
-    template: Literal[TEMPLATES] = "own"  # type: ignore[valid-type]
+    template: Literal[TEMPLATES] = default_of(LogitOptions, "template")  # type: ignore[valid-type]
     parts: int | None = Field(None, ge=1, description="Scoring parts of this model (over `logits.parts`).")
 
 
 class DataSpec(_Strict):
     train: str = Field(description="Conversations scored by every model and used for fusion.")
-    split: str = "train"
+    split: str = default_of(LogitOptions, "split")
 
 
 # Options that the run sets itself (per model, per stage) are not recipe keys here.
@@ -291,10 +292,13 @@ class PipelineRecipe(_Strict):
         return [self.pivot.name] + [s.name for s in self.sources]
 
 
-class PipelineRecipeError(ValueError):
+class PipelineRecipeError(InputError):
+    """A pipeline recipe that cannot run; ``problems`` lists every reason, each naming its key and line."""
+
     def __init__(self, source: str, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__(f"invalid pipeline recipe {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"invalid pipeline recipe {source}:\n" + "\n".join(f"  - {p}" for p in problems),
+                         file=source)
 
 
 def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineRecipe:
@@ -363,16 +367,15 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
             LogitOptions(**{name: getattr(spec, name) for name in ENGINE_FIELDS})
         except ValueError as err:
             problems.append(f"{at(*loc, 'backend')}: {err}")
-        local = model_dir(spec.model, work_dir)
-        if local is None:
+        found = resolve(spec.model, work_dir)
+        if found.kind == HUB or found.path is None:
             continue  # a hub id, not cached: its stage downloads it, or fails in seconds without the hub
-        if not local.exists():
-            problems.append(f"{at(*loc, 'model')}: model path {str(local)!r} does not exist")
+        local = found.path
+        if found.kind == MISSING:
+            problems.append(f"{at(*loc, 'model')}: {found.problem()}")
             continue
-        if not (local / "config.json").is_file():
-            problems.append(f"{at(*loc, 'model')}: {local} has no config.json")
-        elif (weights := missing_weights(local)) is not None:
-            problems.append(f"{at(*loc, 'model')}: {local}: {weights}")
+        if (problem := model_problem(local)) is not None:
+            problems.append(f"{at(*loc, 'model')}: model path {local}{joined(problem)}")
         if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             problems.append(f"{at(*loc, 'model')}: {local} has no tokenizer (tokenizer.json)")
         elif spec.template == "own" and not has_chat_template(local):
@@ -381,10 +384,9 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
         if not spec.trust_remote_code and needs_remote_code(local):
             key = _where((*loc, "trust_remote_code"))
             problems.append(f"{at(*loc, 'model')}: {remote_code_risk(spec.model, local, f'`{key}: true`')}")
-    data = local_path(recipe.data.train, work_dir)
-    hub_data = looks_like_hub_id(recipe.data.train) and not local_path(recipe.data.train.split("/")[0], work_dir).exists()
-    if not data.exists() and not hub_data:
-        problems.append(f"{at('data', 'train')}: {data} does not exist")
+    data = resolve(recipe.data.train, work_dir, what="dataset")
+    if data.kind == MISSING:
+        problems.append(f"{at('data', 'train')}: {data.problem()}")
     for skill, file in (recipe.evaluate.skills.items() if recipe.evaluate else []):
         if not local_path(file, work_dir).exists():
             problems.append(f"{at('evaluate', 'skills', skill)}: {local_path(file, work_dir)} does not exist")
@@ -432,14 +434,9 @@ def unavailable_models(recipe: PipelineRecipe, work_dir: str | Path) -> dict[str
     hub cannot be reached (``HF_HUB_OFFLINE``, no network): id → what to say, naming its
     recipe key. The check cannot refuse them (a plan made offline runs where the hub
     answers); a run refuses them before any stage that reads one starts."""
-    from fusion.names import hub_unreachable, not_cached
-
     specs = [("pivot.model", recipe.pivot)] + [(f"sources[{i}].model", s) for i, s in enumerate(recipe.sources)]
-    missing = [(key, spec.model) for key, spec in specs if model_dir(spec.model, Path(work_dir)) is None]
-    why = hub_unreachable() if missing else None
-    if why is None:
-        return {}
-    return {ref: f"{key}: {not_cached(ref, why)}" for key, ref in missing}
+    found = [(key, resolve(spec.model, work_dir)) for key, spec in specs]
+    return {name.name: f"{key}: {why}" for key, name in found if name.kind == HUB and (why := name.problem())}
 
 
 _MACHINE_FLAGS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "use_cpu")

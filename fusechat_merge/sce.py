@@ -52,6 +52,8 @@ from typing import Literal
 
 import torch
 
+from fusion.errors import InputError
+
 SelectScope = Literal["weights", "deltas"]
 SELECT_SCOPES: tuple[str, ...] = ("weights", "deltas")
 
@@ -66,7 +68,7 @@ DEFAULT_MAX_SCRATCH_BYTES = 1 << 30
 _RADIX_BINS = 1 << 16
 
 
-class SCEInputError(ValueError):
+class SCEInputError(InputError):
     """An input the method cannot merge; ``index`` is the target (or -1 for the base)."""
 
     def __init__(self, message: str, index: int | None = None) -> None:

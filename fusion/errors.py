@@ -11,7 +11,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 
 class FusionError(Exception):
@@ -26,13 +26,49 @@ class FusionError(Exception):
 
     def __init__(self, message: str = "", **at: object) -> None:
         super().__init__(message)
+        self.message = message
         self.at: dict[str, object] = {k: v for k, v in at.items() if v is not None}
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        # Crosses processes (Ray, datasets.map num_proc) as it was: message and what is at fault.
+        return (_rebuild, (type(self), self.message, self.at, self.__dict__))
 
 
 class UsageError(FusionError):
     """Options or arguments that cannot go together, or name nothing: exit 2, as click's."""
 
     exit_code = 2
+
+
+class InputError(FusionError, ValueError):
+    """An input that does not exist or cannot be used (a file, a row, a model, an option's
+    value), or an output that would overwrite an input. A ValueError too, for callers
+    that read bad values as such."""
+
+
+class InputNotFound(FusionError, FileNotFoundError):  # noqa: N818 - named like FileNotFoundError
+    """An input file or folder that is not there (a FileNotFoundError too)."""
+
+
+def _rebuild(kind: type[FusionError], message: str, at: dict[str, object], state: dict[str, object]) -> FusionError:
+    err = kind.__new__(kind)
+    FusionError.__init__(err, message, **at)
+    err.__dict__.update(state)
+    return err
+
+
+def causes(err: BaseException) -> Iterator[BaseException]:
+    """``err``, then what caused it (``__cause__``, else ``__context__``), and so on: where a
+    full disk or an exhausted memory hides under a library's own error. Each once."""
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:

@@ -2,7 +2,10 @@
 
 `LogitOptions` (teacher logits), `AlignOptions` (alignment), `FusionSettings` (the fusion
 part of training: `fusion.train.config.FusionConfig` is ``TrainingArguments`` plus these) and
-`EvalOptions` (held-out evaluation). The command line
+`EvalOptions` (held-out evaluation); `LogitJob` and `StoreAlignment` are the first two with
+what they read and write (one scoring run, one alignment), which a command and a pipeline
+stage both run. A function along a stage's path that needs a default takes it from here
+(`default_of`). The command line
 (`fusechat_merge.option_forms.click_options`) and the pipeline recipe's sections
 (`fusechat_merge.option_forms.recipe_section`) are generated from these fields, so a
 default, a range or a help text cannot drift between them. Importing this module is cheap
@@ -15,6 +18,8 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from fusion.errors import InputError
 
 # Ranges live beside the fields, not in their metadata: ``HfArgumentParser`` hands a
 # field's metadata to argparse as keyword arguments (``help`` and ``choices`` are fine there,
@@ -70,26 +75,26 @@ def _kind_error(f: dataclasses.Field, value: Any) -> str | None:
 
 
 def check_options(options: Any) -> None:
-    """Raise ValueError naming the first field whose value is not of its declared kind, or
+    """Raise InputError (a ValueError) naming the first field whose value is not of its declared kind, or
     outside its choices or range."""
     for f in option_fields(type(options)):
         meta = f.metadata
         value = getattr(options, f.name)
         wrong = _kind_error(f, value)
         if wrong:
-            raise ValueError(f"{f.name} must be {wrong}, got {value!r}")
+            raise InputError(f"{f.name} must be {wrong}, got {value!r}", key=f.name)
         if value is None:
             continue
         if meta.get("choices") and value not in meta["choices"]:
             allowed = ", ".join(map(str, meta["choices"]))
-            raise ValueError(f"{f.name} must be one of {allowed}, got {value!r}")
+            raise InputError(f"{f.name} must be one of {allowed}, got {value!r}", key=f.name)
         low, high, open_low = bounds(f)["min"], bounds(f)["max"], bounds(f)["min_open"]
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if low is not None and (value <= low if open_low else value < low):
-            raise ValueError(f"{f.name} must be {'>' if open_low else '>='} {low}, got {value!r}")
+            raise InputError(f"{f.name} must be {'>' if open_low else '>='} {low}, got {value!r}", key=f.name)
         if high is not None and value > high:
-            raise ValueError(f"{f.name} must be <= {high}, got {value!r}")
+            raise InputError(f"{f.name} must be <= {high}, got {value!r}", key=f.name)
 
 
 def option_fields(cls: type, exclude: Sequence[str] = ()) -> list[dataclasses.Field]:
@@ -102,9 +107,9 @@ def parse_shard(spec: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in spec.split("/"))
     except ValueError as err:
-        raise ValueError(f"--shard must look like i/N (for example 0/4), got {spec!r}") from err
+        raise InputError(f"--shard must look like i/N (for example 0/4), got {spec!r}", key="shard") from err
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {spec}: need 0 <= i < N")
+        raise InputError(f"--shard {spec}: need 0 <= i < N", key="shard")
     return index, count
 
 
@@ -112,9 +117,10 @@ TRUST_HELP = ("Allow a model that ships its own Python code (an auto_map in its 
               "tokenizer_config.json, e.g. InternLM2) to run it when it loads. Off: such a model is "
               "refused. The code runs with your rights: read the model's *.py files first.")
 
-OVERWRITE_HELP = ("Replace what OUT holds from an earlier run of this command (only a store or run "
-                  "of this tool, never another directory), instead of resuming it; needed when "
-                  "the inputs or options changed.")
+OVERWRITE_HELP = ("Start over: replace what the output holds from an earlier run of this command (only an "
+                  "output of this tool, never another directory). Without it a run with the same inputs "
+                  "and options resumes (or, finished, is left as it is) and one with other inputs or "
+                  "options is refused naming what changed (docs/outputs.md).")
 
 # --------------------------------------------------------------------------- logits
 
@@ -124,7 +130,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map strategies
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class LogitOptions:
     """How a corpus is scored (``fusechat-merge logits`` options and the recipe's ``logits``)."""
 
@@ -168,20 +174,32 @@ class LogitOptions:
         check_options(self)
         parse_shard(self.shard)
         if self.backend != "hf" and self.device_map is not None:
-            raise ValueError(f"device_map is for the hf backend; the {self.backend} backend spreads a "
-                             "model with tensor_parallel_size")
+            raise InputError(f"device_map is for the hf backend; the {self.backend} backend spreads a "
+                             "model with tensor_parallel_size", key="device_map")
         if self.backend != "vllm" and self.engine_args:
-            raise ValueError("engine_args are vllm.EngineArgs: they need backend vllm")
+            raise InputError("engine_args are vllm.EngineArgs: they need backend vllm", key="engine_args")
         for name in ("tensor_parallel_size", "gpu_memory_utilization"):  # else dropped without a word
-            if self.backend != "vllm" and getattr(self, name) != _default(LogitOptions, name):
-                raise ValueError(f"{name} is for the vllm backend; the {self.backend} backend spreads a "
-                                 "model with device_map")
+            if self.backend != "vllm" and getattr(self, name) != default_of(LogitOptions, name):
+                raise InputError(f"{name} is for the vllm backend; the {self.backend} backend spreads a "
+                                 "model with device_map", key=name)
         if self.device_map is not None and self.device != "auto":
-            raise ValueError(f"device {self.device} and device_map {self.device_map}: device_map places the "
-                             "model itself, give one of them")
+            raise InputError(f"device {self.device} and device_map {self.device_map}: device_map places the "
+                             "model itself, give one of them", key="device_map")
 
 
-def _default(cls: type, name: str) -> Any:
+@dataclass(kw_only=True, frozen=True)
+class LogitJob(LogitOptions):
+    """One scoring run (`fusion.capture.logit_job.generate_logits`): a model over a corpus into
+    a store, with its options."""
+
+    model: str
+    data: str
+    out: str
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The declared default of option ``name`` of ``cls``: what a function along the same path
+    defaults to, so that a default is written once."""
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
@@ -192,7 +210,7 @@ SWITCH = ("on", "off")
 VOCAB_MODES = ("ms", "em", "mined")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class AlignOptions:
     """How a source is aligned to the pivot (``align`` options and the recipe's ``align``)."""
 
@@ -213,6 +231,20 @@ class AlignOptions:
 
     def __post_init__(self) -> None:
         check_options(self)
+
+
+@dataclass(kw_only=True, frozen=True)
+class StoreAlignment(AlignOptions):
+    """One alignment (`fusion.align.job.align_stores`): a source store onto the pivot's store,
+    into ``out``."""
+
+    pivot: str
+    source: str
+    out: str
+    pivot_model: str | None = None
+    """Where the pivot's tokenizer is now (None: the model directory its store records)."""
+    source_model: str | None = None
+    """Where the source's tokenizer is now (None: the model directory its store records)."""
 
 
 # --------------------------------------------------------------------------- fuse

@@ -84,3 +84,18 @@ def _cli(*args):
 def _ok(result):
     assert result.exit_code == 0, print(result.output) or result.exception
     return result
+
+
+@pytest.fixture
+def read_only(tmp_path) -> Path:
+    """A folder nothing may be written into (root writes through a mode, not into /sys)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif Path("/sys").is_dir():
+        yield Path("/sys")
+    else:
+        pytest.skip("no folder root cannot write into")

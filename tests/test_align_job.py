@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
 
-from fusion.align.job import AlignJob, align_stores
+from fusion.align.job import StoreAlignment, align_stores
 from fusion.artifacts.aligned_store import AlignedStore
-from fusion.artifacts.logit_store import LogitStore, StoreError
+from fusion.artifacts.logit_store import LogitStore
+from fusion.artifacts.records import StoreError
 from fusion.capture.logit_job import LogitJob, generate_logits
 
 
@@ -41,7 +42,7 @@ def stores(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
 
 def test_offsets_alignment_end_to_end(stores, tmp_path):
     manifest = align_stores(
-        AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path), out=str(tmp_path / "a")),
+        StoreAlignment(pivot=str(stores["pivot"].path), source=str(stores["source"].path), out=str(tmp_path / "a")),
         progress=False, log=lambda _: None,
     )
     stats = manifest.alignment["statistics"]
@@ -66,7 +67,7 @@ def test_offsets_alignment_end_to_end(stores, tmp_path):
 
 def test_same_tokenizer_source_is_copied_through(stores, tmp_path):
     manifest = align_stores(
-        AlignJob(pivot=str(stores["pivot"].path), source=str(stores["twin"].path), out=str(tmp_path / "a")),
+        StoreAlignment(pivot=str(stores["pivot"].path), source=str(stores["twin"].path), out=str(tmp_path / "a")),
         progress=False, log=lambda _: None,
     )
     assert manifest.alignment["same_vocabulary"] and manifest.alignment["statistics"]["aligned_fraction"] == 1.0
@@ -84,7 +85,7 @@ def test_mismatched_stores_name_the_first_difference(stores, tmp_path):
     other = write_jsonl(tmp_path / "other.jsonl", conversations(12)[2:])
     shifted = make_store(Path(stores["source"].options.model), other, tmp_path / "shifted")
     with pytest.raises(StoreError, match="sequence 0: pivot has id 'conv-0', source has 'conv-2'"):
-        align_stores(AlignJob(pivot=str(stores["pivot"].path), source=str(shifted.path), out=str(tmp_path / "x")),
+        align_stores(StoreAlignment(pivot=str(stores["pivot"].path), source=str(shifted.path), out=str(tmp_path / "x")),
                      progress=False, log=lambda _: None)
 
 
@@ -117,7 +118,7 @@ def test_dtw_method_end_to_end_and_agreement_with_offsets(stores, tmp_path):
     from fusion.align.vocab_map import piece_texts
 
     for method in ("offsets", "dtw"):
-        align_stores(AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path),
+        align_stores(StoreAlignment(pivot=str(stores["pivot"].path), source=str(stores["source"].path),
                               out=str(tmp_path / method), method=method), progress=False, log=lambda _: None)
     by_dtw = AlignedStore(tmp_path / "dtw")
     assert by_dtw.manifest.alignment["method"] == "dtw"
@@ -144,7 +145,7 @@ def test_projection_off_keeps_the_character_rule(stores, tmp_path):
     from fusion.align.projection import BOUNDARY, FALLBACK
 
     def run(out: Path, **kw):
-        return align_stores(AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path),
+        return align_stores(StoreAlignment(pivot=str(stores["pivot"].path), source=str(stores["source"].path),
                                      out=str(out), **kw), progress=False, log=lambda _: None)
 
     on, off = run(tmp_path / "on"), run(tmp_path / "off", projection="off")
@@ -176,7 +177,7 @@ def test_resume_reads_the_statistics_kept_with_each_shard(stores, tmp_path, monk
 
     monkeypatch.setattr(align_job, "align_sequence", counted("aligned", align_job.align_sequence))
     monkeypatch.setattr(vocab_map, "vocabulary", counted("vocabulary", vocab_map.vocabulary))
-    job = AlignJob(pivot=str(stores["pivot"].path), source=str(stores["source"].path), out=str(tmp_path / "a"))
+    job = StoreAlignment(pivot=str(stores["pivot"].path), source=str(stores["source"].path), out=str(tmp_path / "a"))
     first = align_stores(job, progress=False, log=lambda _: None)
     assert calls == {"aligned": len(stores["pivot"]), "vocabulary": 2}
     shards = sorted((tmp_path / "a").glob("shard-*.arrow"))

@@ -10,7 +10,6 @@ from fusechat_merge.demo.skills import skill_conversations
 from fusion.artifacts.atomic import (
     atomic_path,
     publish_dir,
-    staged_dir,
     stale_temp_files,
     write_json_atomic,
     write_jsonl_atomic,
@@ -42,17 +41,19 @@ def test_a_left_temporary_is_found(tmp_path):
     assert stale_temp_files(tmp_path) == [copy]
 
 
-def test_staged_dir_publishes_only_on_success_and_replace_swaps_whole(tmp_path):
+def test_a_whole_output_is_published_only_on_success_and_replaced_whole(tmp_path):
+    from fusion.artifacts.lifecycle import Output, writing
+
     out = tmp_path / "model"
-    with pytest.raises(ValueError), staged_dir(out) as part:
-        (part / "config.json").write_text("{}")
+    with pytest.raises(ValueError), writing(Output(out, "the model", {"v": 1}, whole=True)) as made:
+        (made.dir / "config.json").write_text("{}")
         raise ValueError("broken")
     assert not out.exists() and list(tmp_path.iterdir()) == []
-    with staged_dir(out) as part:
-        (part / "old.txt").write_text("1")
-    with staged_dir(out, replace=True) as part:
-        (part / "new.txt").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    with writing(Output(out, "the model", {"v": 1}, whole=True)) as made:
+        (made.dir / "old.txt").write_text("1")
+    with writing(Output(out, "the model", {"v": 2}, whole=True), overwrite=True) as made:
+        (made.dir / "new.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt", "run.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from fusion.backends import make_backend
 from fusion.backends.hf import resolve_device, resolve_dtype
+from fusion.options import LogitOptions
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def test_scores_equal_log_softmax_of_a_forward_pass(model_dir):
     rng = np.random.default_rng(0)
     sequences = [rng.integers(3, 300, n).tolist() for n in (9, 5, 12)]  # padded in one batch
     positions = [np.array([0, 3, 7]), np.array([1, 3]), np.arange(11)]
-    backend = make_backend("hf", str(model_dir), top_k=5, dtype="float32", device="cpu")
+    backend = make_backend(str(model_dir), LogitOptions(top_k=5, dtype="float32", device="cpu"))
     scores = backend.score(sequences, positions)
     backend.close()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -56,9 +57,9 @@ def test_device_map_auto_loads_and_scores_identically(model_dir):
     rng = np.random.default_rng(1)
     sequences = [rng.integers(3, 300, n).tolist() for n in (14, 6, 9)]
     positions = [np.arange(13), np.array([0, 4]), np.array([2, 5, 7])]
-    plain = _score_all(make_backend("hf", str(model_dir), top_k=6, dtype="float32", device="cpu"),
+    plain = _score_all(make_backend(str(model_dir), LogitOptions(top_k=6, dtype="float32", device="cpu")),
                        sequences, positions)
-    mapped = make_backend("hf", str(model_dir), top_k=6, dtype="float32", device_map="auto")
+    mapped = make_backend(str(model_dir), LogitOptions(top_k=6, dtype="float32", device_map="auto"))
     assert {p.device.type for p in mapped.model.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}
     for a, b in zip(plain, _score_all(mapped, sequences, positions), strict=True):
         np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
@@ -71,9 +72,9 @@ def test_device_map_spreads_layers_over_the_gpus_with_the_same_scores(model_dir)
     rng = np.random.default_rng(2)
     sequences = [rng.integers(3, 300, n).tolist() for n in (30, 12)]
     positions = [np.arange(29), np.arange(11)]
-    one = _score_all(make_backend("hf", str(model_dir), top_k=6, dtype="float32", device="cuda:0"),
+    one = _score_all(make_backend(str(model_dir), LogitOptions(top_k=6, dtype="float32", device="cuda:0")),
                      sequences, positions)
-    spread = make_backend("hf", str(model_dir), top_k=6, dtype="float32", device_map="balanced")
+    spread = make_backend(str(model_dir), LogitOptions(top_k=6, dtype="float32", device_map="balanced"))
     assert len(set(spread.model.hf_device_map.values())) >= 2, spread.model.hf_device_map
     for a, b in zip(one, _score_all(spread, sequences, positions), strict=True):
         np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, rtol=0, atol=1e-4)

@@ -56,7 +56,8 @@ def with_lm_eval(root: Path) -> dict:
 
 CAPTURE_SCRIPT = """
 import logging, os, subprocess, sys, warnings
-from fusion.runtime.progress import bar, captured, echo
+from fusion.runtime.log_capture import captured, echo
+from fusion.runtime.progress import bar
 library = logging.getLogger("somelibrary")
 library.addHandler(logging.StreamHandler(sys.stderr))  # made before the stage, like transformers'
 print("before", flush=True)

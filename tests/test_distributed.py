@@ -151,14 +151,14 @@ def _env() -> dict[str, str]:
 
 
 def _build(root: Path, rows: list[dict], pivot: Path, source: Path) -> Path:
-    from fusion.align.job import AlignJob, align_stores
+    from fusion.align.job import StoreAlignment, align_stores
     from fusion.capture.logit_job import LogitJob, generate_logits
 
     data = write_jsonl(root / "corpus.jsonl", rows)
     for name, model in (("pivot", pivot), ("source", source)):
         generate_logits(LogitJob(model=str(model), data=str(data), out=str(root / f"s-{name}"),
                                  cache_dir=str(root / "cache")), progress=False, log=lambda _: None)
-    align_stores(AlignJob(pivot=str(root / "s-pivot"), source=str(root / "s-source"), out=str(root / "aligned")),
+    align_stores(StoreAlignment(pivot=str(root / "s-pivot"), source=str(root / "s-source"), out=str(root / "aligned")),
                  progress=False, log=lambda _: None)
     return root / "aligned"
 

@@ -1,6 +1,6 @@
 """`fusechat-merge fuse` on faulty inputs and resumes: exit code 1 with a message naming
-the option, path or difference; user directories unchanged; a killed run resumed with
---resume ends with the weights of an uninterrupted run and no partial files."""
+the option, path or difference; user directories unchanged; a killed run, run again (it
+resumes by default), ends with the weights of an uninterrupted run and no partial files."""
 
 from __future__ import annotations
 
@@ -89,8 +89,11 @@ def test_resume_refuses_checkpoints_of_another_configuration(world, tmp_path):
     before = tree_hash(out)
     refused(fuse(world, out, *steps[:-4], "--max-steps", "4", "--save-strategy", "steps", "--save-steps", "2",
                  "--learning-rate", "5e-3", "--resume"),
-            "another configuration", "learning_rate: 0.001 then, 0.005 now", "max_steps: 2 then, 4 now")
-    refused(fuse(world, out, *steps), "holds checkpoints of an earlier run", "--resume")
+            "other inputs or options", "learning_rate: 0.001 then, 0.005 now", "max_steps: 2 then, 4 now",
+            "--overwrite")
+    assert tree_hash(out) == before
+    result = fuse(world, out, *steps)  # the same configuration, finished: left as it is
+    assert result.exit_code == 0, result.output
     assert tree_hash(out) == before
 
 
@@ -127,7 +130,7 @@ def test_resume_after_kill_gives_the_weights_of_an_uninterrupted_run(world, tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
-    subprocess.run(args(killed, "--resume"), env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(args(killed), env=env, check=True, capture_output=True, timeout=600)  # resumes by default
     clean, resumed = load_weights(tmp_path / "clean"), load_weights(killed)
     assert clean.keys() == resumed.keys()
     for name in clean:

@@ -74,10 +74,12 @@ def test_top_k_above_the_vocabulary_does_not_block_the_corrected_command(model, 
 
 
 def test_a_run_that_failed_before_its_first_shard_does_not_lock_its_options(model, data, tmp_path):
-    from fusion.artifacts.logit_store import StoreOptions, begin_run
+    from fusion.artifacts.lifecycle import RUN_FILE
+    from fusion.artifacts.records import write_record
 
-    out = tmp_path / "store"  # what a run killed while loading its model leaves
-    begin_run(out, StoreOptions("x", "fp", 10, "own", 7, 16, "hf", "float32", str(data)))
+    out = tmp_path / "store"  # what a run killed while loading its model leaves: its record alone
+    out.mkdir()
+    write_record(out / RUN_FILE, {"model": "x", "top_k": 7, "data": str(data)})
     result = logits(model, data, out)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run.json").read_text())["top_k"] == 4
@@ -130,7 +132,7 @@ def test_overwrite_leaves_a_foreign_directory_alone(model, data, tmp_path):
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
     before = tree_hash(out)
-    refused(logits(model, data, out, "--overwrite"), "not a store of this tool")
+    refused(logits(model, data, out, "--overwrite"), "not an output of this tool")
     assert tree_hash(out) == before
 
 

@@ -119,7 +119,7 @@ def test_an_output_that_overlaps_a_part_or_is_not_empty_is_refused(stores, tmp_p
     before = tree_hash(stores)
     parts = [str(stores / f"p{i}") for i in range(3)]
     result = CliRunner().invoke(cli, ["logits-merge", *parts, "--out", str(stores / "p1" / "sub")])
-    assert result.exit_code == 1 and "overlaps the part" in result.output
+    assert result.exit_code == 1 and "lies inside the part 2 of 3" in result.output
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from fusechat_merge.cli import main as cli
 from fusechat_merge.merging import OUTPUT_MARKER
-from fusion.artifacts.records import PARTIAL_MARKER
+from fusion.artifacts.lifecycle import PARTIAL_MARKER
 
 
 def tree_hash(root: Path) -> dict[str, str]:
@@ -108,7 +108,7 @@ def test_only_an_earlier_output_of_this_tool_is_replaced(workspace, model_family
     shutil.copytree(model_family["llama"][3], foreign)
     (foreign / "notes.txt").write_text("keep me")
     before = tree_hash(root)
-    assert_refused(invoke(recipe, foreign), "holds no previous merge", OUTPUT_MARKER)
+    assert_refused(invoke(recipe, foreign), "holds no output of this tool", OUTPUT_MARKER)
     assert tree_hash(root) == before
     # a file where the output should go: kept (click refuses it as OUT_DIR)
     (root / "afile").write_text("data")
@@ -122,8 +122,10 @@ def test_only_an_earlier_output_of_this_tool_is_replaced(workspace, model_family
     assert marker["tool"] == "fusechat-merge" and marker["merge_method"] == "fusechat_sce"
     assert len(marker["recipe_sha256"]) == 64 and marker["version"]
     first = tree_hash(out)
+    result = invoke(recipe, out)  # the same recipe and models: left as it is
+    assert result.exit_code == 0 and tree_hash(out) == first, result.output
     (out / "stale.txt").write_text("from the old merge")
-    result = invoke(recipe, out)
+    result = invoke(recipe, out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert tree_hash(out) == first  # replaced as a whole, the same bytes
     assert no_partials(root)

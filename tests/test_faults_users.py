@@ -275,21 +275,6 @@ def test_parent_paths_resolve_before_the_work_dir_exists(world, tmp_path):
 # --- 19.6 / 19.7: outputs that cannot be written --------------------------------------------
 
 
-@pytest.fixture
-def read_only(tmp_path) -> Path:
-    """A folder nothing may be written into (root writes through a mode, not into /sys)."""
-    if os.geteuid() != 0:
-        folder = tmp_path / "read-only"
-        folder.mkdir()
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-    elif Path("/sys").is_dir():
-        yield Path("/sys")
-    else:
-        pytest.skip("no folder root cannot write into")
-
-
 def commands(world, family, tmp_path, out: Path) -> dict[str, list]:
     recipe = write_recipe(tmp_path / "r.yaml", sce_recipe(family["llama"][:3]))
     pipeline = write_recipe(tmp_path / "p.yaml", {

@@ -200,7 +200,7 @@ def test_a_second_demo_in_the_same_folder_is_refused_at_once(tmp_path):
     from fusechat_merge.pipeline import WorkDir
 
     work = tmp_path / "demo"
-    code = ("import sys, time; from pathlib import Path; from fusion.artifacts.records import OutputLock; "
+    code = ("import sys, time; from pathlib import Path; from fusion.artifacts.locks import OutputLock; "
             "OutputLock(Path(sys.argv[1]), 'work dir').acquire(); print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(WorkDir(work.absolute()).run_lock)],
                               stdout=subprocess.PIPE, text=True)

@@ -15,7 +15,16 @@ a literal module name counts too, and so do imports inside ``if TYPE_CHECKING:``
 they never run, but a module whose types come from another that imports it back is a cycle
 all the same (it cannot be read, or type-checked, one without the other).
 
-Also: importing the CLI module imports none of the heavy libraries.
+Also:
+
+* importing the CLI module imports none of the heavy libraries;
+* the rooms keep their privates: a private module (``_name.py``) or a private name
+  (``from x import _name``) is imported only from inside the package that holds it;
+* ``fusion/`` stays in rooms: at most `FUSION_TOP_LEVEL` modules beside its subpackages,
+  and every subpackage of either package says in its ``__init__`` docstring what it is for;
+* the public entry points (``fusechat_merge.sce``, ``fusechat_merge.mergekit_adapter``, the
+  ``fusechat-merge`` command) and the one-release re-exports of moved modules
+  (``fusion.logits``, ``fusion.align``, ``fusion.trainer``) still import, as the same objects.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fusion", "fusechat_merge")
 HEAVY = ("torch", "transformers", "mergekit", "datasets", "pyarrow")
+FUSION_TOP_LEVEL = 10  # modules directly in fusion/ (besides __init__): the rest lives in rooms
 
 
 @dataclass(frozen=True)
@@ -229,3 +239,102 @@ def test_cli_import_is_light():
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+def _package_of(module: str, modules: dict[str, Path]) -> str:
+    """The package a module belongs to (a package belongs to itself)."""
+    return module if modules[module].name == "__init__.py" else module.rpartition(".")[0]
+
+
+def private_imports(root: Path = ROOT) -> list[str]:
+    """Imports of a private module or a private name from outside the package that holds it."""
+    modules = project_modules(root)
+    found: list[str] = []
+    for module, path in modules.items():
+        here = _package_of(module, modules)
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in _import_nodes(tree):
+            where = f"{path.relative_to(root)}:{node.lineno}"
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                    parts = parts[: len(parts) - (node.level - 1)]
+                    base = ".".join([*parts, *([node.module] if node.module else [])])
+                else:
+                    base = node.module or ""
+                # a name that is a submodule is a module import, not a name's
+                names = [(f"{base}.{a.name}", "") if f"{base}.{a.name}" in modules else (base, a.name)
+                         for a in node.names]
+            else:
+                names = [(t, "") for t in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                                           else [node.args[0].value])]
+            for target, name in names:
+                owner = _deepest_module(target, modules)
+                if owner is None or owner == module:
+                    continue
+                private_module = next((p for p in owner.split(".") if p.startswith("_")), None)
+                if private_module is not None:
+                    holder = owner[: owner.index(private_module)].rstrip(".")
+                    if not module.startswith(holder + ".") and module != holder:
+                        found.append(f"{module} imports the private module {owner} ({where})")
+                if name.startswith("_") and not name.startswith("__") and _package_of(owner, modules) != here:
+                    found.append(f"{module} imports the private name {owner}.{name} ({where})")
+    return found
+
+
+def test_no_room_reaches_into_another_rooms_privates():
+    found = private_imports()
+    assert not found, "private imports across rooms:\n  " + "\n  ".join(found)
+
+
+def test_the_privates_check_sees_what_it_should(tmp_path):
+    files = {
+        "fusion/__init__.py": "",
+        "fusion/room/__init__.py": "",
+        "fusion/room/_inner.py": "X = 1\n",
+        "fusion/room/public.py": "from fusion.room._inner import X\nfrom ._inner import X as Y\n_hidden = 1\n",
+        "fusion/room/sub/__init__.py": "from fusion.room import _inner\n",  # inside the room: fine
+        "fusion/other.py": "from fusion.room._inner import X\nfrom fusion.room.public import _hidden\n",
+        "fusechat_merge/__init__.py": "",
+        "fusechat_merge/a.py": "from fusechat_merge.b import _same_package\nimport fusion.room._inner\n",
+        "fusechat_merge/b.py": "_same_package = 1\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert sorted(line.split(" (")[0] for line in private_imports(tmp_path)) == [
+        "fusechat_merge.a imports the private module fusion.room._inner",
+        "fusion.other imports the private module fusion.room._inner",
+        "fusion.other imports the private name fusion.room.public._hidden",
+    ]
+
+
+def test_fusion_is_in_rooms_and_every_room_says_what_it_is_for():
+    top = sorted(p.name for p in (ROOT / "fusion").glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= FUSION_TOP_LEVEL, f"fusion/ has {len(top)} top-level modules: {top}"
+    rooms = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("__init__.py"))]
+    assert len(rooms) > len(PACKAGES)
+    for init in rooms:
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+        assert doc and len(doc.split()) >= 8, f"{init.relative_to(ROOT)} does not say what the room is for"
+
+
+def test_the_public_entry_points_and_moved_names_still_import():
+    import fusechat_merge.cli
+    import fusechat_merge.mergekit_adapter
+    import fusechat_merge.sce
+    import fusion.align
+    import fusion.align.positions
+    import fusion.capture.logit_job
+    import fusion.logits
+    import fusion.train.trainer
+    import fusion.trainer
+
+    assert callable(fusechat_merge.sce.sce_merge) and callable(fusechat_merge.mergekit_adapter.register)
+    assert fusechat_merge.cli.main.name in ("main", "fusechat-merge") and "run" in fusechat_merge.cli.main.commands
+    for name in ("LogitJob", "generate_logits", "score_shard", "shard_rows"):
+        assert getattr(fusion.logits, name) is getattr(fusion.capture.logit_job, name), name
+    for name in fusion.align.__all__:
+        assert getattr(fusion.align, name) is getattr(fusion.align.positions, name), name
+    for name in ("FusionTrainer", "check_pivot", "train_fusion"):
+        assert getattr(fusion.trainer, name) is getattr(fusion.train.trainer, name), name

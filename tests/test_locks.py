@@ -20,7 +20,7 @@ import pytest
 import yaml
 from helpers import BIN, pivot_and_qwen, tree_hash
 
-from fusion.artifacts.records import lock_path
+from fusion.artifacts.locks import lock_path
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 RECIPE = {
@@ -48,7 +48,7 @@ def work(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer) -> Path:
 
 def hold(lock: Path, shared: bool = False) -> subprocess.Popen:
     """Another process holding ``lock`` until it is stopped."""
-    code = ("import sys, time; from pathlib import Path; from fusion.artifacts.records import OutputLock; "
+    code = ("import sys, time; from pathlib import Path; from fusion.artifacts.locks import OutputLock; "
             f"OutputLock(Path(sys.argv[1]), 'x', shared={shared}).acquire(); print('held', flush=True); "
             "time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True, env=ENV)

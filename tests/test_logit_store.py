@@ -8,18 +8,27 @@ import json
 import numpy as np
 import pytest
 
+from fusion.artifacts.lifecycle import writing
 from fusion.artifacts.logit_store import (
     MANIFEST,
     LogitStore,
     SequenceLogits,
-    StoreError,
     StoreOptions,
-    begin_run,
     finish_run,
     id_type_for,
+    store_output,
     write_shard,
 )
+from fusion.artifacts.records import StoreError
 from fusion.data.conversations import trained_positions
+
+
+def begin_run(out, options: StoreOptions, overwrite: bool = False) -> None:
+    """What a scoring run does before its first shard: the store's lifecycle up to its record."""
+    from dataclasses import asdict
+
+    with writing(store_output(out, asdict(options)), overwrite=overwrite):
+        pass
 
 
 def test_ids_use_uint16_exactly_while_they_fit():
@@ -81,7 +90,7 @@ def test_overwrite_never_deletes_a_foreign_directory(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(StoreError, match="not a store of this tool"):
+    with pytest.raises(StoreError, match="not an output of this tool"):
         begin_run(out, StoreOptions("m", "fp", 100, "own", 4, 16, "hf", "float32", "d"), overwrite=True)
     assert (out / "notes.txt").read_text() == "keep me"
 
@@ -129,7 +138,6 @@ def test_round_trip_of_the_store(tmp_path):
                 seq_ce=1.5 + i,
             )
         )
-    from fusion.artifacts.logit_store import StoreOptions, begin_run, finish_run
 
     options = StoreOptions("m", "fp", 70_000, "own", 4, 16, "hf", "float32", "d")
     out = tmp_path / "store"

@@ -17,9 +17,9 @@ from helpers import BIN, assert_same_store, refused
 
 from fusion.artifacts.logit_store import (
     LogitStore,
-    StoreError,
     merge_stores,
 )
+from fusion.artifacts.records import StoreError
 from fusion.backends.base import ScoringError
 from fusion.capture.logit_job import LogitJob, generate_logits, shard_rows
 from fusion.capture.throughput import Throughput

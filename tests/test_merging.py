@@ -41,7 +41,7 @@ def test_existing_unrelated_directory_is_not_replaced(model_family, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     result, _ = merge(tmp_path, sce_recipe(model_family["llama"]))
-    assert result.exit_code == 1 and "holds no previous merge" in result.output
+    assert result.exit_code == 1 and "holds no output of this tool" in result.output
     assert (out / "notes.txt").read_text() == "keep me"
 
 

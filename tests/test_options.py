@@ -114,3 +114,38 @@ def test_engine_args_are_checked_by_name_with_the_nearest_one():
         check_engine_args({"foo": 1}, known)
     with pytest.raises(ValueError, match="tensor_parallel_size is set from tensor_parallel_size"):
         check_engine_args({"tensor_parallel_size": 2}, known | {"tensor_parallel_size"})
+
+
+def test_the_scoring_path_takes_its_defaults_from_logit_options():
+    """Every function along the scoring path defaults as `LogitOptions` declares (nothing
+    restated), and the backends are built from the options themselves."""
+    import dataclasses
+    import inspect
+
+    from fusechat_merge.pipeline_recipe import DataSpec, ModelSpec
+    from fusion.artifacts.logit_store import StoreOptions
+    from fusion.backends import make_backend
+    from fusion.backends.hf import HFBackend
+    from fusion.backends.vllm import VLLMBackend
+    from fusion.data import conversations
+    from fusion.options import default_of
+
+    declared = {f.name: f.default for f in dataclasses.fields(LogitOptions)}
+    for func, params in ((conversations.render, ("template", "max_length")),
+                         (conversations.encode_rows, ("template", "max_length", "strict")),
+                         (conversations.usable_rows, ("strict",)),
+                         (conversations.load_conversations, ("split",))):
+        for name in params:
+            assert inspect.signature(func).parameters[name].default == declared[name], (func.__name__, name)
+    store = {f.name: f.default for f in dataclasses.fields(StoreOptions)}
+    assert (store["shard"], store["rows_per_shard"]) == (declared["shard"], declared["rows_per_shard"])
+    assert ModelSpec.model_fields["template"].default == default_of(LogitOptions, "template")
+    assert DataSpec.model_fields["split"].default == default_of(LogitOptions, "split")
+    for backend in (make_backend, HFBackend.__init__, VLLMBackend.__init__):
+        params = [p for p in inspect.signature(backend).parameters.values() if p.name != "self"]
+        assert [p.name for p in params] == ["model", "options"], backend
+        assert all(p.default is inspect.Parameter.empty for p in params), backend
+    unknown = LogitOptions()
+    object.__setattr__(unknown, "backend", "onnx")  # past the options' own check: make_backend's
+    with pytest.raises(ValueError, match="unknown backend 'onnx'; use one of hf, vllm"):
+        make_backend("m", unknown)

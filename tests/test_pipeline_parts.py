@@ -77,7 +77,7 @@ def test_the_plan_has_part_stages_with_their_resources(inputs):
         *PART_STAGES[:2], "logits/pivot", *PART_STAGES[2:], "logits/qwen"]
     assert stages["logits/qwen"].after == PART_STAGES[2:]
     assert stages["align/qwen"].after == ["logits/pivot", "logits/qwen"]
-    assert [stages[s].job.job.shard for s in PART_STAGES] == ["0/2", "1/2", "0/3", "1/3", "2/3"]
+    assert [stages[s].job.shard for s in PART_STAGES] == ["0/2", "1/2", "0/3", "1/3", "2/3"]
     assert stages["logits/qwen/part-1"].resources["num_cpus"] == 2 and stages["logits/qwen/part-1"].job.threads == 2
     assert stages["logits/qwen/part-0"].job.threads == 1
 

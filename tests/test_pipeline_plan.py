@@ -155,7 +155,7 @@ def test_lm_eval_stages_follow_the_task_files_and_the_lm_eval_version(work):
 
 def test_jobs_pickle_and_carry_their_recipe_section(work):
     stages = {s.id: s for s in plan(work, {**RECIPE, "logits": {"top_k": 7}})}
-    job = pickle.loads(pickle.dumps(stages["logits/a"].job)).job
+    job = pickle.loads(pickle.dumps(stages["logits/a"].job))
     assert job.top_k == 7 and job.out == str(work / "logits" / "a")
     fuse = pickle.loads(pickle.dumps(stages["fuse/seed-1/a"].job))
     assert fuse.settings["seed"] == 1 and fuse.aligned == [str(work / "aligned" / "a")]

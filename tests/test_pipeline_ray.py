@@ -133,6 +133,8 @@ def test_a_failed_stage_fails_the_run_by_id_while_independent_stages_finish(inpu
     assert "Error: stage logits/mistral failed" in result.output
     # its own error (a broken config), not a lost worker: not retried
     assert result.output.count("[logits/mistral] submitted") == 1 and "attempt" not in result.output
+    assert "[logits/mistral] submitted num_cpus" in result.output  # a first run states no reason
+    assert "not run yet" not in result.output and "submitted (" not in result.output
     assert "not run (an upstream stage failed): align/mistral, fuse/seed-0/mistral, merge/seed-0/sce" in result.output
     finished = ["logits/pivot", "logits/qwen", "align/qwen", "fuse/seed-0/qwen"]
     before = {s: record(work, s) for s in finished}  # the independent stages finished

@@ -90,9 +90,9 @@ def test_per_model_engine_settings_reach_the_logit_job(work):
             "gpu_memory_utilization": 0.8}
     write(work, {**RECIPE, "sources": [vllm]})  # planned only: vLLM need not be installed
     stages = {s.id: s for s in plan_stages(load_pipeline_recipe(work / "recipe.yaml", work), WorkDir(work))}
-    job = stages["logits/qwen"].job.job
+    job = stages["logits/qwen"].job
     assert (job.backend, job.tensor_parallel_size, job.gpu_memory_utilization) == ("vllm", 4, 0.8)
-    assert stages["logits/pivot"].job.job.tensor_parallel_size == 1
+    assert stages["logits/pivot"].job.tensor_parallel_size == 1
 
 
 @pytest.mark.parametrize(("change", "message"), [

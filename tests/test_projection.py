@@ -205,7 +205,7 @@ def reference(logprobs: np.ndarray, allowed, prefix: bytes, s_voc, p_voc, src2pi
 def test_projection_equals_the_full_softmax_reference(scored, pair, tmp_path):
     from transformers import AutoTokenizer
 
-    from fusion.align.job import AlignJob, align_stores
+    from fusion.align.job import StoreAlignment, align_stores
     from fusion.artifacts.aligned_store import AlignedStore
     from fusion.artifacts.logit_store import LogitStore
     from fusion.artifacts.vocab_map_file import VocabMap
@@ -218,7 +218,7 @@ def test_projection_equals_the_full_softmax_reference(scored, pair, tmp_path):
     checked = {"exact": 0, "top-k": 0}
     for k in (len(s_tok), 6):
         out = tmp_path / f"a-{k}"
-        manifest = align_stores(AlignJob(pivot=str(scored["stores"][pivot, len(p_tok) if k > 6 else 6]),
+        manifest = align_stores(StoreAlignment(pivot=str(scored["stores"][pivot, len(p_tok) if k > 6 else 6]),
                                          source=str(scored["stores"][source, k]), out=str(out)),
                                 progress=False, log=lambda _: None)
         stats = manifest.alignment["statistics"]

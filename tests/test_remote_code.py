@@ -161,7 +161,7 @@ def test_stage_keys_hold_the_code_files(inputs):
     assert "logits/internlm" in changed and "align/internlm" in changed
     assert "logits/pivot" not in changed
     plan = {s.id: s for s in plan_stages(load_pipeline_recipe(path, inputs), WorkDir(work))}
-    assert plan["logits/internlm"].job.job.trust_remote_code is True
-    assert plan["logits/pivot"].job.job.trust_remote_code is False
-    assert plan["align/internlm"].job.job.trust_remote_code is True
+    assert plan["logits/internlm"].job.trust_remote_code is True
+    assert plan["logits/pivot"].job.trust_remote_code is False
+    assert plan["align/internlm"].job.trust_remote_code is True
     assert "trust_remote_code" not in plan["fuse/seed-0/internlm"].job.settings  # the pivot's own code: none

@@ -75,7 +75,47 @@ def test_a_first_run_says_no_reason_and_status_keeps_a_dotted_name_without_the_r
     assert "(" not in line.split("peak")[1], line  # no "(not run yet)"
     rows = status_rows(root)
     assert set(rows) == {"logits/pivot", SOURCE} and rows[SOURCE]["state"] == "done"
+    assert rows[SOURCE]["log"] == str(root / "logs" / "logits__qwen2.5.log")
     assert status_rows(root, root / "recipe.yaml")[SOURCE]["state"] == "done"
+    table = cli("status", root).output
+    assert any(line.split()[:2] == [SOURCE, "done"] for line in table.splitlines()), table
+
+
+def test_the_stage_id_and_its_file_name_map_one_to_one():
+    from fusechat_merge.pipeline.stage_records import parse_record_name, record_file, stage_file
+
+    for stage_id in ("logits/qwen2.5", "fuse/seed-0/qwen2.5", "evaluate/lm-eval/seed-1/target-q.v2", "merge/seed-0/a_b"):
+        for kind in ("done", "started", "failed", "progress"):
+            name = record_file(Path("stages"), stage_id, kind).name
+            assert name == f"{stage_file(stage_id)}.{kind}.json"
+            assert parse_record_name(name) == (stage_id, kind)
+    assert parse_record_name("fuse__seed-0__q.lock") is None and parse_record_name(".done.json") is None
+
+
+def test_a_first_run_states_no_reason_and_a_rerun_says_why():
+    from types import SimpleNamespace
+
+    from fusechat_merge.console import summary_line
+    from fusechat_merge.pipeline.stage_records import StageRecords, run_state
+
+    assert run_state(StageRecords(), "k", []) == ("new", "")
+    stage, record = SimpleNamespace(id="logits/pivot"), {"seconds": 4.3, "peak_rss_mb": 687}
+    assert summary_line(stage, record, "") == "[logits/pivot] ran in 4.3s, peak 687 MiB"
+    resumed = run_state(StageRecords(started={"key": "k"}), "k", [])
+    assert summary_line(stage, record, resumed[1]).endswith("peak 687 MiB (interrupted: resume)")
+
+
+def test_a_stage_whose_output_is_gone_is_redone_and_everyone_says_why(work):
+    shutil.rmtree(work / "logits" / "qwen2.5")
+    said = f"its output {work / 'logits' / 'qwen2.5'} is gone"
+    row = status_rows(work, work / "recipe.yaml")[SOURCE]
+    assert row["state"] == "stale" and row["reason"] == said
+    assert f"{said}: it reruns" in cli("status", work, work / "recipe.yaml").output
+    dry = run(work, "--dry-run")
+    assert dry.exit_code == 0 and f"run: {said}" in dry.output, dry.output
+    again = run(work, "--stage", SOURCE)
+    assert again.exit_code == 0 and f"({said})" in again.output, again.output
+    assert status_rows(work, work / "recipe.yaml")[SOURCE]["state"] == "done"
 
 
 @pytest.mark.parametrize("kind", ["done", "started"])

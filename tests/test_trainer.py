@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from transformers import TrainerCallback
 
-from fusion.align.job import AlignJob, align_stores
+from fusion.align.job import StoreAlignment, align_stores
 from fusion.artifacts.aligned_store import AlignedStore
 from fusion.capture.logit_job import LogitJob, generate_logits
 from fusion.train.config import fusion_config
@@ -44,7 +44,7 @@ def score(model: Path, data: Path, out: Path) -> Path:
 
 
 def align(pivot: Path, source: Path, out: Path) -> Path:
-    align_stores(AlignJob(pivot=str(pivot), source=str(source), out=str(out)), progress=False, log=lambda _: None)
+    align_stores(StoreAlignment(pivot=str(pivot), source=str(source), out=str(out)), progress=False, log=lambda _: None)
     return out
 
 

@@ -91,13 +91,15 @@ def test_flat_logprobs_read_as_vllm_s_own_dicts_and_match_hf_in_float32(model, d
         scores_from_prompt_logprobs,
     )
     from fusion.capture.logit_job import generate_logits
+    from fusion.options import LogitOptions
 
     generate_logits(job(model, data, tmp_path / "hf", backend="hf", top_k=8), progress=False, log=lambda _: None)
     store = LogitStore(tmp_path / "hf")
     seqs = [r.input_ids.tolist() for r in store]
     positions = [r.positions for r in store]
-    hf_scores = HFBackend(str(model), top_k=K, dtype="float32", device="cpu").score(seqs, positions)
-    engine = VLLMBackend(str(model), top_k=K, dtype="float32", max_length=256, gpu_memory_utilization=0.1)
+    hf_scores = HFBackend(str(model), LogitOptions(top_k=K, dtype="float32", device="cpu")).score(seqs, positions)
+    engine = VLLMBackend(str(model), LogitOptions(backend="vllm", top_k=K, dtype="float32", max_length=256,
+                                                  gpu_memory_utilization=0.1))
     assert engine.flat  # vLLM 0.32 has SamplingParams.flat_logprobs
     outputs = engine.llm.generate([{"prompt_token_ids": s} for s in seqs], engine.params, use_tqdm=False)
     engine.close()

@@ -54,7 +54,8 @@ def run_demo(work_dir: Path, *, select_topk: float = 0.1, echo: Callable[[str], 
     report = work_dir / "report"
     echo(f"merging with {METHOD_NAME} (select_topk={select_topk}) ...")
     with record_stats.collecting() as stats:
-        run_merge_checked(raw, out, MergeOptions(quiet=True), config_source=text, source_name=str(recipe))
+        run_merge_checked(raw, out, MergeOptions(quiet=True), config_source=text, source_name=str(recipe),
+                          overwrite=True)  # the demo merges again (its report needs the run)
     write_sce_report(stats, report)
 
     model = AutoModelForCausalLM.from_pretrained(out)

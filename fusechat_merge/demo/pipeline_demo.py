@@ -99,7 +99,7 @@ def run_pipeline_demo(
     if not recipe.is_file():
         raise FileNotFoundError(f"the demo recipe {recipe} is missing (a broken install?)")
     from fusechat_merge.pipeline import WorkDir
-    from fusion.artifacts.records import OutputLock
+    from fusion.artifacts.locks import OutputLock
 
     # the run's lock, before the models are made: a second demo in this folder is refused
     # at once, naming this one (not after minutes of work, and never writing the same models)
@@ -112,8 +112,8 @@ def _run_demo(work_dir: Path, recipe: Path, seeds: list[int] | None, split: str,
     from fusechat_merge.demo.skills import make_demo_models, torch_threads
     from fusechat_merge.pipeline import run_pipeline
     from fusechat_merge.pipeline_recipe import load_pipeline_recipe
-    from fusion.runtime.progress import captured
-    from fusion.runtime.progress import echo as to_terminal
+    from fusion.runtime.log_capture import captured
+    from fusion.runtime.log_capture import echo as to_terminal
 
     started = time.perf_counter()
     with captured(work_dir / "logs" / "setup.log", label="setup", verbose=verbose):

@@ -336,18 +336,23 @@ def exact_match(model_dir: str | Path, rows: Sequence[dict], *, max_new_tokens: 
 def _build(spec: ModelSpec, path: Path, seed: int, steps: int, log: Callable[[str], None]) -> None:
     """Make, train and save one demo model; the log line says how well it learned.
 
-    Everything happens in a temporary sibling renamed at the end, so a folder with a
-    config.json is always a complete, trained model.
+    The model is a whole output of the one output lifecycle (`fusion.artifacts.lifecycle`):
+    built in a staging directory published at the end, so a folder with a config.json is
+    always a complete, trained model; a concurrent build that finished first is reused.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fusechat_merge.demo.toy import make_model, make_tokenizer
-    from fusion.artifacts.atomic import staged_dir
+    from fusion.artifacts.lifecycle import DONE, MODEL_RUN_FILE, Output, writing
 
     started = time.perf_counter()
     if path.exists() and not (path / "config.json").exists():
         shutil.rmtree(path)  # an incomplete leftover of an older version
-    with staged_dir(path) as tmp:  # a concurrent build that finished first wins
+    record = {"model": spec.name, "arch": spec.arch, "tokenizer": spec.tokenizer_kind, "seed": seed, "steps": steps}
+    with writing(Output(path, f"the demo model {spec.name}", record, whole=True, record_file=MODEL_RUN_FILE)) as made:
+        if made.state == DONE:
+            return
+        tmp = made.dir
         tokenizer = make_tokenizer(spec.tokenizer_kind, vocab_size=spec.vocab_size)
         make_model(tmp, spec.arch, tokenizer=tokenizer, seed=seed, **MODEL_SIZE)
         model = AutoModelForCausalLM.from_pretrained(tmp)

@@ -10,10 +10,13 @@ report). In parts:
   paths and options (it pickles), so any executor can run it;
 * `plan.plan_stages`: the stages with their ids, keys (hash of options, inputs and
   upstream keys), dependencies and jobs;
+* `stage_records`: a stage id's record files (both ways) and the state they say, decided
+  once for `runner` and `status`;
 * `runner.Runner`: the state machine (skip what is done, redo what changed, resume what
   was cut) over the records in ``WORK/stages/``, and the timing table; it runs the stages
   one after the other in this process (the ``local`` executor), one alone (``--stage``),
-  or hands them to an executor;
+  or hands them to an executor (what it prints: `fusechat_merge.console`);
+* `status`: ``fusechat-merge status``, the runner's state of every stage told in detail;
 * `launch`: a fuse stage under ``accelerate launch`` (the recipe's ``fuse.launch``);
 * `ray_executor.RayExecutor`: the stages as Ray tasks, every ready stage at once.
 """
@@ -27,6 +30,7 @@ from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage, plan_stages
 from fusechat_merge.pipeline.runner import Runner
 from fusechat_merge.pipeline_recipe import EXECUTORS, PipelineRecipe
+from fusion.errors import InputError
 
 __all__ = ["EXECUTORS", "MemoryFitError", "Runner", "Stage", "WorkDir", "memory_plan", "pipeline_runner",
            "plan_stages", "run_pipeline"]
@@ -51,7 +55,7 @@ def run_pipeline(
     terminal too (it always goes to ``WORK/logs/<stage>.log``). ``retries``: how often a Ray
     stage lost with its worker or node is submitted again (default: the recipe's ``retries``)."""
     if executor not in EXECUTORS:
-        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}", key="executor")
     from fusechat_merge.pipeline_recipe import unavailable_models
 
     layout = WorkDir(Path(work_dir).absolute())
@@ -71,7 +75,7 @@ def run_pipeline(
     return stages
 
 
-class MemoryFitError(ValueError):
+class MemoryFitError(InputError):
     """Stages whose estimated memory per GPU exceeds the GPUs' (what to change is in each line)."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -27,6 +27,7 @@ from fusechat_merge.pipeline_recipe import (
     PipelineRecipe,
 )
 from fusion.artifacts.atomic import write_json_atomic
+from fusion.options import LogitJob, StoreAlignment
 
 Log = Callable[[str], None]
 
@@ -51,47 +52,39 @@ class Job:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class LogitsJob(Job):
-    """Score the corpus, or one part of it, with one model (`fusion.capture.logit_job.generate_logits`)."""
+@dataclass(frozen=True, kw_only=True)
+class LogitsJob(LogitJob, Job):
+    """Score the corpus, or one part of it, with one model (`fusion.capture.logit_job.generate_logits`):
+    a `fusion.capture.logit_job.LogitJob` (model, data, out and the scoring options) that runs as a stage."""
 
     kind: ClassVar[str] = "logits"
-    job: Any  # fusion.capture.logit_job.LogitJob: model, data, out and the scoring options
     threads: int | None = None  # CPU threads (a part's, from its resources: parts share machines)
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec,
                     part: tuple[int, int] | None = None, threads: int | None = None) -> LogitsJob:
         """The model's whole corpus, or part ``(i, N)`` of it (``--shard i/N``) into its part store."""
-        from fusion.capture.logit_job import LogitJob
-
         out = layout.store(spec.name) if part is None else layout.store_part(spec.name, part[0])
-        return cls(LogitJob(
-            model=layout.model(spec.model), data=layout.data(recipe.data.train), out=str(out),
-            template=spec.template, split=recipe.data.split, cache_dir=str(layout.datasets_cache),
-            shard="0/1" if part is None else f"{part[0]}/{part[1]}", **recipe.logits.options(),
-            **{name: getattr(spec, name) for name in ENGINE_FIELDS},
-        ), threads)
+        return cls(model=layout.model(spec.model), data=layout.data(recipe.data.train), out=str(out),
+                   template=spec.template, split=recipe.data.split, cache_dir=str(layout.datasets_cache),
+                   **({} if part is None else {"shard": f"{part[0]}/{part[1]}"}), **recipe.logits.options(),
+                   **{name: getattr(spec, name) for name in ENGINE_FIELDS}, threads=threads)
 
     @classmethod
     def for_skill(cls, recipe: PipelineRecipe, layout: WorkDir, spec: ModelSpec, skill: str) -> LogitsJob:
         """The model's store of one held-out skill file (``evaluate.skills``), scored with the
         corpus's options, for the transfer measure (a local file: its split is ``train``)."""
-        from fusion.capture.logit_job import LogitJob
-
         assert recipe.evaluate is not None
-        return cls(LogitJob(
-            model=layout.model(spec.model), data=str(layout.resolve(recipe.evaluate.skills[skill])),
-            out=str(layout.eval_store(skill, spec.name)), template=spec.template, split="train",
-            cache_dir=str(layout.datasets_cache), shard="0/1", **recipe.logits.options(),
-            **{name: getattr(spec, name) for name in ENGINE_FIELDS},
-        ))
+        return cls(model=layout.model(spec.model), data=str(layout.resolve(recipe.evaluate.skills[skill])),
+                   out=str(layout.eval_store(skill, spec.name)), template=spec.template, split="train",
+                   cache_dir=str(layout.datasets_cache), **recipe.logits.options(),
+                   **{name: getattr(spec, name) for name in ENGINE_FIELDS})
 
     def reads(self) -> list[str]:
-        return [self.job.model, self.job.data]
+        return [self.model, self.data]
 
     def writes(self) -> list[Path]:
-        return [Path(self.job.out)]
+        return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> dict[str, Any]:
         """Scores the corpus; reports the scoring throughput (tokens/s, padding share, ...)."""
@@ -103,10 +96,10 @@ class LogitsJob(Job):
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads or before)
         try:
-            generate_logits(self.job, log=_indented(log))
+            generate_logits(self, log=_indented(log))
         finally:
             torch.set_num_threads(before)
-        return {"scoring": LogitStore(self.job.out).scoring}
+        return {"scoring": LogitStore(self.out).scoring}
 
 
 def logit_parts(recipe: PipelineRecipe, spec: ModelSpec) -> int:
@@ -141,51 +134,48 @@ class CombineLogitsJob(Job):
                        f"{manifest.tokens:,} tokens")
 
 
-@dataclass(frozen=True)
-class AlignJob(Job):
-    """Align one source's store onto the pivot's (`fusion.align.job.align_stores`)."""
+@dataclass(frozen=True, kw_only=True)
+class AlignJob(StoreAlignment, Job):
+    """Align one source's store onto the pivot's (`fusion.align.job.align_stores`): a
+    `fusion.align.job.StoreAlignment` (pivot, source, out and the alignment options) that
+    runs as a stage."""
 
     kind: ClassVar[str] = "align"
-    job: Any  # fusion.align.job.AlignJob: pivot, source, out and the alignment options
     vocab_map_from: str = ""  # a corpus's aligned store whose vocabulary map this alignment reuses
 
     @classmethod
     def from_recipe(cls, recipe: PipelineRecipe, layout: WorkDir, source: str) -> AlignJob:
-        from fusion.align.job import AlignJob as Alignment
-
         spec = next(s for s in recipe.sources if s.name == source)
         # the tokenizers from where the models are now, not from where the stores say they were
-        return cls(Alignment(pivot=str(layout.store(recipe.pivot.name)), source=str(layout.store(source)),
-                             out=str(layout.aligned(source)), pivot_model=layout.model(recipe.pivot.model),
-                             source_model=layout.model(spec.model), **recipe.align.model_dump(),
-                             trust_remote_code=recipe.pivot.trust_remote_code or spec.trust_remote_code))
+        return cls(pivot=str(layout.store(recipe.pivot.name)), source=str(layout.store(source)),
+                   out=str(layout.aligned(source)), pivot_model=layout.model(recipe.pivot.model),
+                   source_model=layout.model(spec.model), **recipe.align.model_dump(),
+                   trust_remote_code=recipe.pivot.trust_remote_code or spec.trust_remote_code)
 
     @classmethod
     def for_skill(cls, recipe: PipelineRecipe, layout: WorkDir, source: str, skill: str) -> AlignJob:
         """``source``'s store of a held-out skill file aligned to the pivot's, with the
         corpus's alignment options and the vocabulary map its alignment built (or was given),
         so the skill's positions get the same source → pivot ids as training did."""
-        from fusion.align.job import AlignJob as Alignment
-
         spec = next(s for s in recipe.sources if s.name == source)
-        return cls(Alignment(pivot=str(layout.eval_store(skill, recipe.pivot.name)),
-                             source=str(layout.eval_store(skill, source)),
-                             out=str(layout.eval_aligned(skill, source)), pivot_model=layout.model(recipe.pivot.model),
-                             source_model=layout.model(spec.model), **recipe.align.model_dump(),
-                             trust_remote_code=recipe.pivot.trust_remote_code or spec.trust_remote_code),
-                   str(layout.aligned(source)))
+        return cls(pivot=str(layout.eval_store(skill, recipe.pivot.name)),
+                   source=str(layout.eval_store(skill, source)),
+                   out=str(layout.eval_aligned(skill, source)), pivot_model=layout.model(recipe.pivot.model),
+                   source_model=layout.model(spec.model), **recipe.align.model_dump(),
+                   trust_remote_code=recipe.pivot.trust_remote_code or spec.trust_remote_code,
+                   vocab_map_from=str(layout.aligned(source)))
 
     def reads(self) -> list[str]:
-        return [p for p in (self.job.pivot, self.job.source, self.job.vocab_map, self.vocab_map_from) if p]
+        return [p for p in (self.pivot, self.source, self.vocab_map, self.vocab_map_from) if p]
 
     def writes(self) -> list[Path]:
-        return [Path(self.job.out)]
+        return [Path(self.out)]
 
     def run(self, resume: bool, log: Log) -> None:
         from fusion.align.job import align_stores
         from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
 
-        job = self.job
+        job = self
         corpus_map = Path(self.vocab_map_from) / VOCAB_MAP_FILE_NAME if self.vocab_map_from else None
         if corpus_map is not None and not job.vocab_map and corpus_map.is_file():
             job = dataclasses.replace(job, vocab_map=str(corpus_map))  # absent: the same tokenizer
@@ -330,7 +320,7 @@ class MergeJob(Job):
         with record_stats.collecting() as rows, bar(None, "merge"):
             run_merge_checked(self.config, self.out, MergeOptions(quiet=False, random_seed=self.seed,
                                                                    trust_remote_code=self.trust_remote_code),
-                              source_name=f"merges[{self.name}]")
+                              source_name=f"merges[{self.name}]", overwrite=True)  # the stage key decides
         Path(self.report).mkdir(parents=True, exist_ok=True)
         if rows:  # fusechat_sce merges: coefficients per tensor and target
             write_sce_report(rows, self.report)

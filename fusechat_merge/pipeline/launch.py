@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import yaml
 
 from fusion.artifacts.atomic import write_text_atomic
+from fusion.errors import FusionError
 from fusion.runtime import stopping
 from fusion.runtime.progress import Follower
 
@@ -48,7 +49,7 @@ class Launchable(Protocol):
     def training_options(self) -> dict[str, Any]: ...
 
 
-class LaunchError(RuntimeError):
+class LaunchError(FusionError, RuntimeError):
     """A launched stage exited with an error: its exit code and the last lines of its log."""
 
     def __init__(self, command: str, returncode: int, log_file: str, tail: str) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusechat_merge.pipeline.stage_records import record_file, stage_file
-from fusion.names import local_path, looks_like_hub_id, model_dir
+from fusion.names import local_path, resolve
 
 
 @dataclass(frozen=True)
@@ -22,14 +22,12 @@ class WorkDir:
     def model(self, ref: str) -> str:
         """A recipe's model as loaders take it: its local directory (a path, or a hub id's
         cached snapshot), else the hub id itself (downloaded when loaded)."""
-        local = model_dir(ref, self.root)
-        return ref if local is None else str(local)
+        return resolve(ref, self.root).for_loader
 
     def data(self, ref: str) -> str:
         """A recipe's corpus: a local file or folder (relative to the work dir), else a hub
         dataset id as it is."""
-        local = self.resolve(ref)
-        return ref if not local.exists() and looks_like_hub_id(ref) else str(local)
+        return resolve(ref, self.root, what="dataset").for_loader
 
     def store(self, model: str) -> Path:
         return self.root / "logits" / model

@@ -33,6 +33,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from fusion.names import is_model_dir
+
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto on a GPU: bf16
 
@@ -79,7 +81,7 @@ def model_shape(model_dir: str, trust_remote_code: bool = False) -> ModelShape |
     from accelerate.utils import calculate_maximum_sizes
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not (Path(model_dir) / "config.json").is_file():
+    if not is_model_dir(Path(model_dir)):
         return None
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -264,7 +266,7 @@ def stage_estimate(stage: Any, max_length: int) -> Estimate | None:
 
     job = stage.job
     if isinstance(job, LogitsJob):
-        spec = job.job
+        spec = job
         shape = model_shape(str(spec.model), spec.trust_remote_code)
         if shape is None:
             return None
@@ -326,7 +328,7 @@ def _fixes(stage: Any, estimate: Estimate, allowed: int, max_length: int) -> lis
             if per_gpu_weights // tp * 1.15 < allowed and tp > estimate.devices:
                 fixes.append(f"tensor_parallel_size: {tp} (backend: vllm) on this model's entry")
                 break
-        if job.job.dtype == "float32":
+        if job.dtype == "float32":
             fixes.append("logits.dtype: bfloat16")
         fixes.append("a lower logits.max_length")
         fixes.append("GPUs with more memory (resources.gpu_memory)")

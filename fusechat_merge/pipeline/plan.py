@@ -33,6 +33,7 @@ from fusechat_merge.pipeline.keys import stage_key
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline_recipe import PipelineRecipe, ResourceSpec
 from fusion.artifacts.provenance import path_fingerprint
+from fusion.errors import InputError
 
 
 @dataclass
@@ -135,12 +136,12 @@ def plan_stages(recipe: PipelineRecipe, layout: WorkDir) -> list[Stage]:
     ids = {s.id for s in stages}
     unknown = sorted(set(r.resources.stages) - ids)
     if unknown:
-        raise ValueError(f"resources.stages: no stage {', '.join(unknown)}; the stages are: "
-                         f"{', '.join(s.id for s in stages)}")
+        raise InputError(f"resources.stages: no stage {', '.join(unknown)}; the stages are: "
+                         f"{', '.join(s.id for s in stages)}", key="resources.stages")
     for stage in stages:
         stage.resources = r.resources.for_stage(stage.id, stage.kind)
-        if isinstance(stage.job, LogitsJob) and stage.job.job.backend == "vllm":  # its tensor-parallel GPUs
-            stage.resources["num_gpus"] = max(stage.resources["num_gpus"], stage.job.job.tensor_parallel_size)
+        if isinstance(stage.job, LogitsJob) and stage.job.backend == "vllm":  # its tensor-parallel GPUs
+            stage.resources["num_gpus"] = max(stage.resources["num_gpus"], stage.job.tensor_parallel_size)
         if isinstance(stage.job, CombineLogitsJob):  # links files: one CPU, unless its own entry says more
             stage.resources = {**ResourceSpec().model_dump(), **(r.resources.stages[stage.id].model_dump(
                 exclude_unset=True) if stage.id in r.resources.stages else {})}

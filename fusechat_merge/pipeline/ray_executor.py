@@ -35,10 +35,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fusechat_merge.console import reason_note
 from fusechat_merge.pipeline.layout import WorkDir
 from fusechat_merge.pipeline.plan import Stage
 from fusechat_merge.pipeline.runner import RunError, Runner, StageError, Work, apply_record
-from fusion.artifacts.records import StoreError, read_record
+from fusechat_merge.pipeline.stage_records import current, read_stage_records
+from fusion.errors import FusionError
 from fusion.runtime.stopping import Stopped, check, on_signals, reclaim, requested, watching
 
 PROBE_TIMEOUT_S = 120
@@ -48,8 +50,8 @@ LOST = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OutOfMem
 """Ray's errors that mean the stage's worker or node was lost (not the stage's own error)."""
 
 
-class SharedFilesystemError(RuntimeError):
-    pass
+class SharedFilesystemError(FusionError, RuntimeError):
+    """The Ray workers do not see the work dir the driver writes (no shared filesystem)."""
 
 
 class RayExecutor:
@@ -114,7 +116,7 @@ class RayExecutor:
                         stage.status = "not run (upstream failed)"
                     elif not any(u in unfinished for u in stage.after):
                         waiting.remove(item)
-                        runner.log(f"[{stage.id}] submitted ({reason}) {_describe(stage.resources)}")
+                        runner.log(f"[{stage.id}] submitted{reason_note(reason)} {_describe(stage.resources)}")
                         submit(stage, resume, reason, [])
                 if not running:
                     break
@@ -169,11 +171,8 @@ def _stop_tasks(refs: list[Any]) -> str:
 def lost_attempt(layout: WorkDir, stage: Stage, why: str) -> dict[str, Any]:
     """What the records say of an attempt that was lost: where it ran (from its started
     record, if it got that far), when, and why it was lost."""
-    try:
-        started = read_record(layout.record(stage.id, "started"))
-    except (FileNotFoundError, StoreError):
-        started = {}
-    if started.get("key") != stage.key:
+    started = read_stage_records(layout.records, stage.id).started
+    if not current(started, stage.key):
         started = {}
     return {"host": started.get("host", "?"), "pid": started.get("pid"), "started_at": started.get("started_at"),
             "ended_at": time.time(), "lost": why}

@@ -3,7 +3,7 @@
 Each stage leaves a ``started`` record while it runs (key, executor, host, pid,
 started_at; its bars' last state in a ``progress`` record), a ``failed`` record if its job
 raised, and a ``done`` record when it finished, in ``WORK/stages/``, and everything the
-libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.pipeline.stage_output`). The
+libraries print in ``WORK/logs/<stage>.log`` (`fusechat_merge.console.stage_output`). The
 done record holds: its key, how it ran (``executor``: local or ray, ``host``,
 ``pid``; ``placement``: the resources it asked for and, on Ray, its node and GPU ids), when
 (``started_at``, ``finished_at``: Unix seconds; ``seconds``), every attempt (``attempts``:
@@ -17,14 +17,14 @@ same whichever ran them. A stage is ``done`` when its done
 record holds its current key and its outputs exist; ``resume`` when it started with its
 current key and never finished (the logit, alignment and training jobs resume where they
 stopped; merges and evaluations are redone); ``stale`` when its records hold another key
-(the reason says so when it is the package version) or cannot be read (redone);
-``new`` otherwise (`fusechat_merge.pipeline.stage_records`).
+(the reason says so when it is the package version), cannot be read, or its outputs are
+gone (redone); ``new`` otherwise: `fusechat_merge.pipeline.stage_records.run_state` decides,
+for the runner and ``status`` alike.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import socket
 import sys
@@ -33,25 +33,34 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fusechat_merge import __version__
-from fusechat_merge.pipeline.layout import WorkDir
-from fusechat_merge.pipeline.placement import placement
-from fusechat_merge.pipeline.plan import Stage
-from fusechat_merge.pipeline.stage_output import (
+from fusechat_merge.console import (
     Summaries,
     error_text,
     format_timings,
+    peak_rss_mb,
     skipped_line,
     stage_output,
+)
+from fusechat_merge.pipeline.layout import WorkDir
+from fusechat_merge.pipeline.placement import placement
+from fusechat_merge.pipeline.plan import Stage
+from fusechat_merge.pipeline.stage_records import (
+    NEW,
+    REASONS,
+    failed_fields,
+    read_stage_records,
+    run_state,
     started_fields,
 )
-from fusechat_merge.pipeline.stage_records import REASONS, read_stage_records, run_state
 from fusechat_merge.pipeline_recipe import STAGES
 from fusion.artifacts.atomic import write_json_atomic
-from fusion.artifacts.records import OutputLock, write_record
+from fusion.artifacts.locks import OutputLock
+from fusion.artifacts.records import write_record
+from fusion.errors import FusionError, InputError
 from fusion.runtime import stopping
 
 
-class StageError(RuntimeError):
+class StageError(FusionError, RuntimeError):
     """A stage's job raised: the stage id, the error and the stage's log (its started record
     stays: a rerun resumes it)."""
 
@@ -59,10 +68,16 @@ class StageError(RuntimeError):
         self.stage_id = stage_id
         self.error = error
         self.log = log
-        super().__init__(f"stage {stage_id} failed: {error}" + (f"\n  full log: {log}" if log else ""))
+        super().__init__(f"stage {stage_id} failed: {error}" + (f"\n  full log: {log}" if log else ""),
+                         stage=stage_id)
 
 
-class RunError(RuntimeError):
+class RunRefused(FusionError, RuntimeError):  # noqa: N818 - says what happened, as Stopped does
+    """A run or a stage refused before it started: what it waits for is not done, or a
+    model it reads cannot be had here."""
+
+
+class RunError(FusionError, RuntimeError):
     """Stages failed (and the stages waiting for them did not run)."""
 
     def __init__(self, failed: list[StageError], blocked: list[str]) -> None:
@@ -74,7 +89,7 @@ class RunError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-Work = list[tuple[Stage, bool, str]]  # (stage, resume, reason) of each stage to run
+Work = list[tuple[Stage, bool, str]]  # (stage, resume, reason: "" for a first run) of each stage to run
 
 
 class Executor(Protocol):
@@ -109,7 +124,7 @@ class Runner:
         skipped."""
         for flag, value in (("--from", from_stage), ("--only", only)):
             if value is not None and value not in STAGES:
-                raise ValueError(f"{flag} must be one of {', '.join(STAGES)}, got {value!r}")
+                raise InputError(f"{flag} must be one of {', '.join(STAGES)}, got {value!r}", key=flag)
         first_forced = STAGES.index(from_stage) if from_stage else len(STAGES)
         work: Work = []
         for stage in self.stages:
@@ -117,7 +132,8 @@ class Runner:
             forced = STAGES.index(stage.kind) >= first_forced
             if only is not None and stage.kind != only:
                 if state != "done":
-                    raise RuntimeError(f"--only {only}: stage {stage.id} is not done ({state}); run it first")
+                    raise RunRefused(f"--only {only}: stage {stage.id} is not done ({state}); run it first",
+                                     stage=stage.id)
                 stage.status = "skipped (up to date)"
                 continue
             if state == "done" and not forced:
@@ -142,8 +158,9 @@ class Runner:
         missing = {ref: why for stage in stages for ref in stage.job.reads() if (why := self.unavailable.get(ref))}
         if missing:
             users = {ref: [s.id for s in stages if ref in s.job.reads()] for ref in missing}
-            raise RuntimeError("models that cannot be had here, so no stage was started:\n" + "\n".join(
-                f"  - {why} (needed by {', '.join(users[ref])})" for ref, why in missing.items()))
+            raise RunRefused("models that cannot be had here, so no stage was started:\n" + "\n".join(
+                f"  - {why} (needed by {', '.join(users[ref])})" for ref, why in missing.items()),
+                model=next(iter(missing)))
 
     def _lock(self, *, shared: bool) -> OutputLock:
         return OutputLock(self.layout.run_lock, f"work dir {self.layout.root}", shared=shared)
@@ -152,11 +169,12 @@ class Runner:
         chosen = {stage.id: reason for stage, _, reason in work}
         width = self._id_width()
         for stage in self.stages:
+            why = chosen[stage.id] or NEW if stage.id in chosen else ""
             if stage.id in chosen:
-                stage.status = f"would run ({chosen[stage.id]})"
+                stage.status = f"would run ({why})"
             memory = f"  [{_memory_line(stage.memory)}]" if stage.memory else ""
-            self.log(f"  {stage.id:<{width}} " + (f"run: {chosen[stage.id]}" if stage.id in chosen
-                                                   else "skip: up to date") + memory)
+            self.log(f"  {stage.id:<{width}} " + (f"run: {why}" if stage.id in chosen else "skip: up to date")
+                     + memory)
         return self.stages
 
     def _run(self, work: Work, executor: Executor | None) -> list[Stage]:
@@ -184,12 +202,12 @@ class Runner:
         (a scheduler's jobs), never beside a whole run of the same work dir."""
         by_id = {s.id: s for s in self.stages}
         if stage_id not in by_id:
-            raise ValueError(f"no stage {stage_id!r}; the stages are: {', '.join(by_id)}")
+            raise InputError(f"no stage {stage_id!r}; the stages are: {', '.join(by_id)}", stage=stage_id)
         stage = by_id[stage_id]
         with self._lock(shared=True):
             missing = [u for u in stage.after if self.state(by_id[u]) != "done"]
             if missing:
-                raise RuntimeError(f"stage {stage_id} waits for {', '.join(missing)}: not done yet")
+                raise RunRefused(f"stage {stage_id} waits for {', '.join(missing)}: not done yet", stage=stage_id)
             state, reason = self.assess(stage)
             if state == "done":
                 stage.status = "skipped (up to date)"
@@ -224,23 +242,27 @@ class Runner:
         if not resume:
             for out in stage.outputs:
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-        self.layout.record(stage.id, "done").unlink(missing_ok=True)
-        started_record = {"key": stage.key, **started_fields(self.executor)}
+        for kind in ("done", "failed", "progress"):
+            self.layout.record(stage.id, kind).unlink(missing_ok=True)
+        started_record = started_fields(self.executor, stage.key)
         if attempts:  # the earlier attempts of this run, lost with their worker (the Ray executor)
             started_record.update(attempt=len(attempts) + 1, lost_attempts=attempts)
         write_record(self.layout.record(stage.id, "started"), started_record)
         _reset_peak_gpu()
         started_at, started = time.time(), time.perf_counter()
+        log = self.layout.log(stage.id)
         try:
-            with stage_output(stage, self.layout, verbose=self.verbose) as output:
+            with stage_output(stage.id, log, self.layout.record(stage.id, "progress"), verbose=self.verbose) as output:
                 reported = stage.job.run(resume, output.log) or {}
-        except Exception as err:
-            raise StageError(stage.id, error_text(stage, err), str(self.layout.log(stage.id))) from err
+        except Exception as err:  # its started record stays: a rerun resumes
+            error = error_text(stage, err)
+            write_record(self.layout.record(stage.id, "failed"), failed_fields(stage.key, error, log))
+            raise StageError(stage.id, error, str(log)) from err
         seconds = time.perf_counter() - started
         record: dict[str, Any] = {
             "key": stage.key, "executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
             "started_at": started_at, "finished_at": time.time(), "seconds": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "peak_rss_of": "process", **_peak_gpu(), "version": __version__,
             "placement": placement(stage.resources),
             "attempts": [*attempts, {"host": socket.gethostname(), "pid": os.getpid(), "started_at": started_at,

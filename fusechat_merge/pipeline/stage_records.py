@@ -9,11 +9,18 @@
   current key and its outputs exist), ``resume`` (started with its current key, never
   finished), ``stale`` (its records hold another key: the recipe, an input or the package
   version changed; or a record is unreadable: the stage is redone, nothing can be resumed
-  from a record that says nothing) or ``new``, with the reason in words.
+  from a record that says nothing; or its outputs are gone) or ``new``, with the reason in
+  words (none for a stage never run). The runner decides from `run_state`, and ``status``
+  refines it (a ``resume`` stage is running, interrupted or failed) without deciding again.
+* **What they hold** besides the key: `started_fields` (who runs the stage, where, since
+  when) and `failed_fields` (its error and log); the runner adds the done record's figures.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +30,8 @@ from fusechat_merge import __version__
 from fusion.artifacts.records import StoreError, read_record
 
 RECORD_KINDS = ("done", "started", "failed", "progress")
-NEW = "not run yet"
-REASONS = {"new": NEW, "stale": "inputs or options changed", "resume": "interrupted: resume",
-           "done": "forced by --from"}
+NEW = "not run yet"  # what a plan says of a stage never run (`run_state` gives it no reason)
+REASONS = {"stale": "inputs or options changed", "resume": "interrupted: resume", "done": "forced by --from"}
 
 
 def stage_file(stage_id: str) -> str:
@@ -93,16 +99,40 @@ def stale_reason(record: dict[str, Any]) -> str:
     return REASONS["stale"]
 
 
-def run_state(records: StageRecords, key: str, outputs: Sequence[Path]) -> tuple[str, str]:
-    """``(state, reason)``: ``done``, ``resume``, ``stale`` or ``new`` (see the module doc)."""
+def run_state(records: StageRecords, key: str | None, outputs: Sequence[Path]) -> tuple[str, str]:
+    """``(state, reason)``: ``done``, ``resume``, ``stale`` or ``new`` (see the module doc);
+    ``done`` and ``new`` give no reason (``""``). ``key`` None: the key the records hold counts as current
+    (``status`` without the recipe)."""
     broken = deciding_broken(records)
     if broken:
         return "stale", broken_reason(broken)
+    gone: list[Path] = []
     for record, state in ((records.done, "done"), (records.started, "resume")):
         if record is None:
             continue
-        if record.get("key") != key:
+        if key is not None and record.get("key") != key:
             return "stale", stale_reason(record)
-        if state == "resume" or all(p.exists() for p in outputs):
-            return state, REASONS[state]
-    return "new", NEW
+        gone = [p for p in outputs if not p.exists()] if state == "done" else []
+        if not gone:
+            return state, REASONS["resume"] if state == "resume" else ""
+    if gone:
+        return "stale", f"its output {gone[0]} is gone"
+    return "new", ""
+
+
+def current(record: dict[str, Any] | None, key: str | None) -> bool:
+    """Whether ``record`` exists and holds ``key`` (None: any key counts, as in `run_state`)."""
+    return record is not None and (key is None or record.get("key") == key)
+
+
+def started_fields(executor: str, key: str) -> dict[str, Any]:
+    """A started record: the stage's key, who runs it, where, since when, with which version
+    of this package."""
+    return {"key": key, "executor": executor, "host": socket.gethostname(), "pid": os.getpid(),
+            "started_at": time.time(), "version": __version__}
+
+
+def failed_fields(key: str, error: str, log: Path) -> dict[str, Any]:
+    """A failed record: the stage's key, its error in words, its log, where and when."""
+    return {"key": key, "error": error, "log": str(log), "host": socket.gethostname(), "pid": os.getpid(),
+            "failed_at": time.time()}

@@ -1,14 +1,14 @@
 """``fusechat-merge status``: where a run stands, from its records alone (nothing runs).
 
-A stage is ``done`` (its done record holds its current key and its outputs exist),
-``failed`` (a failed record with its current key), ``running`` (a started record with its
-current key whose process is alive, or on another host: a Ray worker, a SLURM task),
-``interrupted`` (started here, its process gone: a rerun resumes it), ``stale`` (its
-records hold another key: the recipe, an input or the package version changed since; or
-its done or started record cannot be read: a run redoes it, as `Runner` decides from the
-same records, `fusechat_merge.pipeline.stage_records`) or ``waiting`` (never run, or run by
-a plan whose stages are gone). A stage retried after its Ray worker or node was lost says
-which attempt it is and where the lost ones ran.
+The state is the runner's (`fusechat_merge.pipeline.stage_records.run_state`, decided once
+for both), told in more detail: ``done``; a stage the runner would resume is ``failed`` (a
+failed record with its current key), ``running`` (its process is alive, or on another
+host: a Ray worker, a SLURM task) or ``interrupted`` (started here, its process gone: a
+rerun resumes it); ``stale`` (its records hold another key: the recipe, an input or the
+package version changed since; its done or started record cannot be read; or its outputs
+are gone: a run redoes it) or ``waiting`` (never run, or run by a plan whose stages are
+gone). A stage retried after its Ray worker or node was lost says which attempt it is and
+where the lost ones ran.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from fusechat_merge.pipeline.stage_records import (
     REASONS,
-    StageRecords,
-    broken_reason,
-    deciding_broken,
+    current,
     parse_record_name,
     read_stage_records,
-    stale_reason,
+    run_state,
 )
-from fusion.artifacts.records import process_alive
+from fusion.artifacts.locks import process_alive
+from fusion.errors import InputError
 from fusion.runtime.progress import format_bytes_mb, format_seconds
 
 if TYPE_CHECKING:
@@ -52,7 +51,7 @@ def stage_status(runner: Runner) -> list[dict[str, Any]]:
     return rows
 
 
-class NotAWorkDirError(ValueError):
+class NotAWorkDirError(InputError):
     """``status`` without a recipe, of a folder no run wrote records into."""
 
 
@@ -63,43 +62,37 @@ def recorded_status(layout: WorkDir) -> list[dict[str, Any]]:
     if not layout.records.is_dir():
         raise NotAWorkDirError(f"{layout.root} is not a work dir of `fusechat-merge run`: it has no "
                           f"{layout.records.name}/ folder of stage records; give the folder a run's "
-                          "--work-dir named (with the recipe, status also shows the stages still waiting)")
+                          "--work-dir named (with the recipe, status also shows the stages still waiting)",
+                          file=str(layout.root))
     named = (parse_record_name(path.name) for path in layout.records.glob("*.json"))
     ids = sorted({found[0] for found in named if found is not None})
     return [_status(layout, stage_id, None, []) for stage_id in ids]
 
 
 def _status(layout: WorkDir, stage_id: str, key: str | None, outputs: list[Path]) -> dict[str, Any]:
-    records: StageRecords = read_stage_records(layout.records, stage_id)
+    records = read_stage_records(layout.records, stage_id)
     done, started, failed = records.done, records.started, records.failed
     row: dict[str, Any] = {"id": stage_id, "log": str(layout.log(stage_id))}
-    broken = deciding_broken(records)
-
-    def current(record: dict[str, Any] | None) -> bool:
-        return record is not None and (key is None or record.get("key") == key)
-
-    if broken:  # as the runner decides: nothing can be resumed from a record that says nothing
-        row.update(state="stale", reason=broken_reason(broken))
-    elif current(done) and all(p.exists() for p in outputs):
+    state, reason = run_state(records, key, outputs)
+    if state == "done":
         row.update(state="done", host=done.get("host"), started_at=done.get("started_at"),
                    finished_at=done.get("finished_at"), seconds=done.get("seconds"),
                    peak_rss_mb=done.get("peak_rss_mb"), peak_gpu_mb=done.get("peak_gpu_mb"),
                    attempts=done.get("attempts") or [])
-    elif current(failed):
+    elif state == "resume" and current(failed, key):
         row.update(state="failed", host=failed.get("host"), error=failed.get("error"),
-                   started_at=(started or {}).get("started_at"), finished_at=failed.get("failed_at"))
-    elif current(started):
+                   started_at=started.get("started_at"), finished_at=failed.get("failed_at"))
+    elif state == "resume":
         here = started.get("host") == socket.gethostname()
         alive = not here or process_alive(started.get("pid"))
         row.update(state="running" if alive else "interrupted", host=started.get("host"),
                    pid=started.get("pid"), started_at=started.get("started_at"), progress=records.progress,
                    attempts=[*(started.get("lost_attempts") or []),
                              {k: started.get(k) for k in ("host", "pid", "started_at")}])
+    elif state == "stale":
+        row.update(state="stale", reason=reason)
     else:
-        made = done or started or failed
-        row.update(state="stale" if made else "waiting")
-        if made:
-            row["reason"] = stale_reason(made)
+        row.update(state="waiting")
     return row
 
 

@@ -35,39 +35,27 @@ from fusion.align.projection import (
 )
 from fusion.align.stats import AlignStats
 from fusion.artifacts.aligned_store import shard_statistics, write_aligned_shard
+from fusion.artifacts.lifecycle import refuse_overlap, writing
 from fusion.artifacts.logit_store import (
     LOCATION_FIELDS,
     LogitStore,
     Manifest,
     SequenceLogits,
-    StoreError,
-    begin_run,
     finish_run,
-    has_shards,
     shard_name,
+    shards_kept,
+    store_output,
     tokenizer_fingerprint,
 )
-from fusion.artifacts.provenance import check_outputs, path_fingerprint, store_fingerprint
-from fusion.artifacts.records import locked, removed_unless, write_faults_named
+from fusion.artifacts.provenance import path_fingerprint, store_fingerprint
+from fusion.artifacts.records import StoreError
 from fusion.artifacts.vocab_map_file import FILE_NAME as VOCAB_MAP_FILE_NAME
-from fusion.names import looks_like_hub_id
-from fusion.options import METHODS, AlignOptions
+from fusion.errors import InputError
+from fusion.names import MISSING, resolve
+from fusion.options import METHODS, StoreAlignment
 from fusion.runtime import stopping
 from fusion.runtime.memory_faults import memory_faults_named
 from fusion.runtime.progress import bar
-
-
-@dataclass(kw_only=True)
-class AlignJob(AlignOptions):
-    """One alignment: a source store onto the pivot's store, into ``out``."""
-
-    pivot: str
-    source: str
-    out: str
-    pivot_model: str | None = None
-    """Where the pivot's tokenizer is now (None: the model directory its store records)."""
-    source_model: str | None = None
-    """Where the source's tokenizer is now (None: the model directory its store records)."""
 
 
 def view(seq: SequenceLogits, texts: Sequence[Hashable] | None = None) -> TokenView:
@@ -117,7 +105,7 @@ def load_tokenizer(store: LogitStore, model: str | None = None, option: str = "-
     from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
 
     where = model or store.options.model
-    if model is None and not Path(where).expanduser().exists() and not looks_like_hub_id(where):
+    if model is None and resolve(where).kind == MISSING:
         raise StoreError(f"{store.path} was scored with the model at {where}, which is not there any more "
                          "(moved?)", f"give the model's folder with {option}")
     try:
@@ -145,7 +133,7 @@ class Tokenizers:
     projector: Projector | None = None
 
 
-def resolve_vocab_map(job: AlignJob, pivot: LogitStore, source: LogitStore, piv_vocab, src_vocab, out: Path):
+def resolve_vocab_map(job: StoreAlignment, pivot: LogitStore, source: LogitStore, piv_vocab, src_vocab, out: Path):
     """Load the given map (checked against both tokenizers) or build one from this corpus;
     ``*_vocab`` are the tokenizers' `fusion.align.vocab_map.Vocabulary`."""
     from fusion.align.vocab_map import CooccurrenceCounts, VocabMap, build_vocab_map
@@ -236,16 +224,17 @@ ALIGNMENT_INPUTS = {
 ALIGNMENT_LOCATIONS = (*LOCATION_FIELDS, "align_source", "vocab_map")
 
 
-def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
+def align_stores(job: StoreAlignment, *, progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
     """Run (or resume) an alignment job; returns the aligned store's manifest.
 
     The output is checked against the inputs and the stores are paired before the run
-    record is written; one writer at a time per ``out``; a run that fails before its first
-    shard removes what it created."""
+    record is written; the aligned store is then written through the one output lifecycle
+    (`fusion.artifacts.lifecycle.writing`)."""
     if job.method not in METHODS:
-        raise ValueError(f"unknown alignment method {job.method!r}; use one of {', '.join(METHODS)}")
+        raise InputError(f"unknown alignment method {job.method!r}; use one of {', '.join(METHODS)}", key="method")
     out = Path(job.out)
-    check_outputs(out, {"pivot store": job.pivot, "source store": job.source, "vocabulary map": job.vocab_map})
+    reads = {"pivot store": job.pivot, "source store": job.source, "vocabulary map": job.vocab_map}
+    refuse_overlap(out, reads)  # before the stores are read (again in `writing`)
     pivot, source = LogitStore(job.pivot), LogitStore(job.source)
     if pivot.manifest.alignment is not None:
         raise StoreError(f"{pivot.path} is already an aligned store; give the pivot's logit store")
@@ -258,25 +247,22 @@ def align_stores(job: AlignJob, *, progress: bool = True, log: Callable[[str], N
            "pivot_store": store_fingerprint(pivot.path), "source_store": store_fingerprint(source.path),
            "vocab_map_file": path_fingerprint(job.vocab_map) if job.vocab_map else None}
 
-    def kept() -> str:
-        return "its complete shards are kept: the same command resumes" if has_shards(out) else \
-            "nothing of it was kept"
-
     def less() -> str:
         return (f"smaller store shards (score with a lower rows_per_shard, now {options.rows_per_shard}) or "
                 f"shorter sequences (max_length, now {options.max_length})"
                 + ("; method offsets (dtw needs memory that grows with the square of a sequence's length)"
                    if job.method == "dtw" else ""))
 
-    with memory_faults_named(f"aligning {source.path} onto {pivot.path}", kept, less), \
-            write_faults_named(out, "the aligned store", kept), locked(out), removed_unless(out, has_shards):
+    output = store_output(out, run, what="the aligned store", reads=reads, inputs=ALIGNMENT_INPUTS,
+                          located=ALIGNMENT_LOCATIONS)
+    with memory_faults_named(f"aligning {source.path} onto {pivot.path}", lambda: shards_kept(out), less), \
+            writing(output, overwrite=job.overwrite):
         return _align(job, pivot, source, out, run, progress=progress, log=log)
 
 
-def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run: dict[str, Any], *,
+def _align(job: StoreAlignment, pivot: LogitStore, source: LogitStore, out: Path, run: dict[str, Any], *,
            progress: bool, log: Callable[[str], None]) -> Manifest:
     options = pivot.options
-    begin_run(out, run, overwrite=job.overwrite, inputs=ALIGNMENT_INPUTS, located=ALIGNMENT_LOCATIONS)
     same_vocab = pivot.options.tokenizer_fingerprint == source.options.tokenizer_fingerprint
     k = options.top_k
     if same_vocab:
@@ -344,7 +330,7 @@ def _align(job: AlignJob, pivot: LogitStore, source: LogitStore, out: Path, run:
     return manifest
 
 
-def _position_planner(job: AlignJob, same_vocab: bool, tokenizers: Tokenizers) -> Callable[[TokenView, TokenView], Plan]:
+def _position_planner(job: StoreAlignment, same_vocab: bool, tokenizers: Tokenizers) -> Callable[[TokenView, TokenView], Plan]:
     if same_vocab:
         return lambda p, s: boundary_plan(_identity_or_offsets(p, s))
     if job.method == "offsets" and job.projection == "on":

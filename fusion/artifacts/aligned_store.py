@@ -37,10 +37,10 @@ from fusion.artifacts.logit_store import (
     START_OVER,
     LogitStore,
     SequenceLogits,
-    StoreError,
     id_dtypes,
     write_shard,
 )
+from fusion.artifacts.records import StoreError
 
 
 @dataclass

@@ -5,14 +5,15 @@ hidden temporary sibling and renamed into place, so an interrupted run never lea
 half-written result that looks complete. One naming scheme for all of them:
 ``.NAME.tmp-PID-RANDOM`` for files and ``.NAME.partial-RANDOM`` for directories, so a
 later run can recognise (and clean) what a killed one left behind.
+
+Directories are published by `fusion.artifacts.lifecycle`, the one lifecycle every
+output goes through; a failed write is named by `fusion.artifacts.write_faults`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -23,36 +24,6 @@ from typing import Any
 
 TMP_INFIX = ".tmp-"
 PARTIAL_INFIX = ".partial-"
-# Writes that fail because of where they go (full disk, quota, read-only or forbidden folder,
-# file size limit), not because of what is written.
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
-_RUST_IO = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")  # how safetensors (Rust) reports an OS error
-
-
-def write_fault(err: BaseException, out: str | os.PathLike[str]) -> str | None:
-    """What went wrong, when ``err`` (or what caused it) is a failed write into ``out`` (its
-    files, its hidden temporary siblings, or a folder above it to be made) of the kind
-    `WRITE_ERRNOS` lists: ``No space left on device (PATH)``; None for any other error."""
-    seen: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in seen:
-        seen.append(current)
-        code = current.errno if isinstance(current, OSError) else None
-        match = None if code is not None else _RUST_IO.search(str(current))
-        code = int(match.group(1) or match.group(2)) if match else code
-        where = getattr(current, "filename", None)
-        if code in WRITE_ERRNOS and (where is None or _touches(Path(where), Path(out))):
-            return os.strerror(code) + (f" ({where})" if where else "")
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _touches(path: Path, out: Path) -> bool:
-    path, out = Path(os.path.normpath(path.absolute())), Path(os.path.normpath(out.absolute()))
-    return (path == out or out in path.parents or path in out.parents
-            or (path.parent == out.parent and path.name.startswith(f".{out.name}")))
-
-
 def temp_sibling(path: Path) -> Path:
     """A fresh hidden name next to ``path`` (unique per process and call)."""
     return path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -119,12 +90,13 @@ def apply_umask(directory: Path) -> None:
 
 
 def publish_dir(partial: Path, out: Path, *, replace: bool = False) -> Path:
-    """Rename the finished ``partial`` directory to ``out``.
+    """Rename the finished ``partial`` directory to ``out`` (call it through
+    `fusion.artifacts.lifecycle.writing`, which holds ``out``'s lock).
 
-    With ``replace``, an existing ``out`` is swapped out first (renamed aside, then
-    removed), so ``out`` is never a mix of old and new files. Without it, an existing
-    ``out`` (a concurrent writer finished first) wins and ``partial`` is removed. The
-    result gets the user's umask (`tempfile.mkdtemp` makes 0700 directories).
+    With ``replace``, an existing ``out`` is swapped out first (renamed aside to
+    ``.NAME.old-*``, then removed), so ``out`` is never a mix of old and new files. Without
+    it, an existing ``out`` (a concurrent writer finished first) wins and ``partial`` is
+    removed. The result gets the user's umask (`tempfile.mkdtemp` makes 0700 directories).
     """
     apply_umask(partial)
     if out.exists():
@@ -138,16 +110,3 @@ def publish_dir(partial: Path, out: Path, *, replace: bool = False) -> Path:
         return out
     partial.rename(out)
     return out
-
-
-@contextmanager
-def staged_dir(out: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
-    """Build a directory in a hidden sibling; published as ``out`` only if the block succeeds."""
-    out = Path(out).absolute()
-    partial = partial_dir(out)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    publish_dir(partial, out, replace=replace)

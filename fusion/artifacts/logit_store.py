@@ -49,32 +49,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc  # a submodule: ``import pyarrow`` alone does not load it
 
-from fusion.artifacts.atomic import (
-    apply_umask,
-    atomic_path,
-    partial_dir,
-    stale_temp_files,
-    write_text_atomic,
-)
-from fusion.artifacts.records import (
-    PARTIAL_MARKER,
-    StoreError,
-    differences,
-    locked,
-    mark_partial,
-    read_record,
-    remove_partials,
-    write_record,
-)
+from fusion.artifacts.atomic import atomic_path, write_text_atomic
+from fusion.artifacts.lifecycle import RUN_FILE, START_OVER, Output, writing
+from fusion.artifacts.provenance import store_fingerprint
+from fusion.artifacts.records import StoreError, read_record, write_record
 from fusion.data.conversations import trained_positions
-from fusion.options import parse_shard
+from fusion.options import LogitOptions, default_of, parse_shard
 
 FORMAT = "fusechat-logit-store"
 FORMAT_VERSION = 2
 """2 adds the ``text_sha1`` column; version-1 stores are read (without row fingerprints)
 but not aligned."""
 MANIFEST = "manifest.json"
-RUN_FILE = "run.json"
 SCORING_FILE = "scoring.json"
 """Tokens, seconds, tokens/s, padding share of the run that finished the store (a combined
 store: ``{"parts": [...]}``); never part of the store's fingerprint."""
@@ -128,8 +114,8 @@ class StoreOptions:
     backend: str
     dtype: str
     data: str
-    shard: str = "0/1"
-    rows_per_shard: int = 1024
+    shard: str = default_of(LogitOptions, "shard")
+    rows_per_shard: int = default_of(LogitOptions, "rows_per_shard")
     package_version: str = ""
     model_fingerprint: str = ""
     """`fusion.artifacts.provenance.model_fingerprint` of the weights and config."""
@@ -254,7 +240,6 @@ def write_shard(
 # Where the inputs lay when a store was started: kept in its records for the reader, never
 # compared (their content fingerprints are), so a moved or copied work dir still resumes.
 LOCATION_FIELDS = ("model", "data")
-START_OVER = "rerun with --overwrite to replace it, or use another --out"
 
 # The scoring run's inputs: what a mismatch with its run record says.
 SCORING_INPUTS = {
@@ -264,56 +249,27 @@ SCORING_INPUTS = {
 }
 
 
-def is_tool_store(path: Path) -> bool:
-    """A directory this tool wrote as a store or a run (it holds run.json or manifest.json)."""
-    return path.is_dir() and ((path / RUN_FILE).is_file() or (path / MANIFEST).is_file())
-
-
 def has_shards(out: Path) -> bool:
     """Whether a run got as far as a shard (or a finished store): what a resume can use."""
     return (out / MANIFEST).exists() or any(out.glob("shard-*.arrow"))
 
 
-def begin_run(out: Path, options: StoreOptions | Mapping[str, Any], *, overwrite: bool = False,
-              inputs: Mapping[str, str] = SCORING_INPUTS, located: tuple[str, ...] = LOCATION_FIELDS) -> None:
-    """Create ``out`` for a run or check that a resumed run has the same inputs and options.
+def store_output(out: str | os.PathLike[str], record: Mapping[str, Any], *, what: str = "the logit store",
+                 reads: Mapping[str, str | os.PathLike[str] | None] | None = None,
+                 inputs: Mapping[str, str] = SCORING_INPUTS,
+                 located: tuple[str, ...] = LOCATION_FIELDS) -> Output:
+    """A store as an output of `fusion.artifacts.lifecycle`: written shard by shard (each
+    kept), its manifest last; ``record`` (its run record, `RUN_FILE`) holds the options and
+    input fingerprints (``inputs``: what their change means; ``located``: where the inputs
+    lay, never compared)."""
+    return Output(out, what, record, reads=reads or {}, inputs=inputs, located=located, marks=(MANIFEST,),
+                  pieces=has_shards, kept=shards_kept)
 
-    ``inputs`` names the keys of ``options`` that are input fingerprints (what their change
-    means); ``located`` names those that say where an input lay (not compared).
-    ``overwrite`` removes a previous store or run of this tool at ``out`` first
-    (never a foreign directory). A run record with no shard and no manifest (a run that
-    failed before writing anything) is replaced, so a corrected command is never blocked
-    by it. Call it holding ``out``'s lock (`records.locked`).
-    """
-    run_file = out / RUN_FILE
-    wanted = dict(options) if isinstance(options, Mapping) else asdict(options)
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"--out {out} is a file, not a directory", "remove it or choose another --out")
-    if overwrite and out.exists() and any(out.iterdir()):
-        if not is_tool_store(out):
-            raise StoreError(f"--overwrite: {out} is not a store of this tool (no {RUN_FILE} or "
-                             f"{MANIFEST}); refusing to delete it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if run_file.exists():
-        for stale in stale_temp_files(out):  # a killed run's half-written shard
-            stale.unlink(missing_ok=True)
-        try:
-            started = read_record(run_file)
-        except StoreError as err:
-            raise StoreError(err.reason, START_OVER) from None
-        diffs = differences(started, wanted, inputs=inputs, ignore=("package_version", *located))
-        if diffs and has_shards(out):
-            raise StoreError(f"{out} holds a run started with other inputs or options ({'; '.join(diffs)})",
-                             START_OVER)
-        if diffs:  # nothing was written under the old record: it binds nothing
-            shutil.rmtree(out)
-            out.mkdir(parents=True)
-            write_record(run_file, wanted)
-        return
-    if any(out.iterdir()):
-        raise StoreError(f"{out} is not empty and holds no logit run", "choose another --out")
-    write_record(run_file, wanted)
+
+def shards_kept(out: Path) -> str:
+    """What of a failed scoring or alignment run is kept, in words."""
+    return "its complete shards are kept: the same command resumes" if out.is_dir() and has_shards(out) else \
+        "nothing of it was kept"
 
 
 def finish_run(
@@ -554,12 +510,15 @@ def check_parts(stores: Sequence[LogitStore]) -> dict[str, int] | None:
     return {"start": blocks[0]["start"], "stop": blocks[-1]["stop"], "corpus": blocks[0]["corpus"]}
 
 
-def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Manifest:
+def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+                 overwrite: bool = False) -> Manifest:
     """Combine the stores of ``--shard i/N`` runs into one store, in part order.
 
     The parts are checked first (`check_parts`). Shards are hard-linked (copied across
-    file systems) and renumbered in a hidden sibling directory renamed to ``out`` when
-    complete, so no half-merged store ever looks finished.
+    file systems) and renumbered in a staging directory published as ``out`` when
+    complete (`fusion.artifacts.lifecycle`: a whole output), so no half-merged store ever
+    looks finished. A combined store of the same parts is left as it is; one of other parts
+    is refused unless ``overwrite``.
     """
 
     if not parts:
@@ -567,45 +526,33 @@ def merge_stores(parts: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     paths = [Path(p) for p in parts]
     stores = [_open_part(i, len(paths), p) for i, p in enumerate(paths)]
     rows = check_parts(stores)
-    out = Path(out)
-    real = out.resolve()
+    options = StoreOptions(**{**asdict(stores[0].options), "shard": "0/1"})
+    record = {**asdict(options), "parts": [str(s.path) for s in stores],
+              "part_stores": [store_fingerprint(s.path) for s in stores]}
+    output = Output(out, "the combined logit store", record, whole=True,
+                    reads={f"part {i + 1} of {len(stores)}": s.path for i, s in enumerate(stores)},
+                    inputs={"part_stores": "the part stores changed since this store was combined"},
+                    located=(*LOCATION_FIELDS, "parts"), marks=(MANIFEST,))
+    with writing(output, overwrite=overwrite) as made:
+        if made.state == "done":
+            return LogitStore(made.out).manifest
+        return _merge_into(stores, options, rows, made.dir)
+
+
+def _merge_into(stores: Sequence[LogitStore], options: StoreOptions, rows: dict[str, int] | None,
+                tmp: Path) -> Manifest:
+    index = 0
+    skipped: dict[str, str] = {}
     for store in stores:
-        part = store.path.resolve()
-        if real == part or part in real.parents or real in part.parents:
-            raise StoreError(f"--out {out} overlaps the part {store.path}; choose another directory")
-    with locked(out):
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise StoreError(f"{out} is not empty; choose another output directory")
-        remove_partials(out)  # a killed merge's leftovers
-        return _merge_into(stores, rows, out)
-
-
-def _merge_into(stores: Sequence[LogitStore], rows: dict[str, int] | None, out: Path) -> Manifest:
-    tmp = partial_dir(out)
-    try:
-        mark_partial(tmp, command="logits-merge")
-        index = 0
-        skipped: dict[str, str] = {}
-        for store in stores:
-            skipped.update(store.manifest.skipped)
-            for shard in store.manifest.shards:
-                source = store.path / shard["file"]
-                if not source.is_file():
-                    raise StoreError(f"{store.path}: {shard['file']} (listed in {MANIFEST}) is missing")
-                target = tmp / shard_name(index)
-                try:
-                    os.link(source, target)
-                except OSError:
-                    shutil.copyfile(source, target)
-                index += 1
-        options = StoreOptions(**{**asdict(stores[0].options), "shard": "0/1"})
-        write_record(tmp / RUN_FILE, asdict(options))
-        (tmp / PARTIAL_MARKER).unlink()
-        manifest = finish_run(tmp, options, skipped, rows=rows,
-                              scoring={"parts": [store.scoring for store in stores]})
-        apply_umask(tmp)
-        tmp.rename(out)  # onto a missing or empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        skipped.update(store.manifest.skipped)
+        for shard in store.manifest.shards:
+            source = store.path / shard["file"]
+            if not source.is_file():
+                raise StoreError(f"{store.path}: {shard['file']} (listed in {MANIFEST}) is missing")
+            target = tmp / shard_name(index)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+            index += 1
+    return finish_run(tmp, options, skipped, rows=rows, scoring={"parts": [store.scoring for store in stores]})

@@ -1,4 +1,5 @@
-"""What a run was made from: fingerprints of its inputs, and the check that no output is an input.
+"""What a run was made from: fingerprints of its inputs (the check that no output is an input
+is `fusion.artifacts.lifecycle.refuse_overlap`).
 
 A store is resumed or reused only while its inputs are unchanged, so its run record holds a
 fingerprint of each of them (`model_fingerprint`, `files_fingerprint`, `store_fingerprint`);
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -29,10 +30,6 @@ SMALL_FILE = 16 * 2**20
 WHOLE_FILE = 512 * 2**20
 BLOCK = 2**20
 BLOCKS = 64
-
-
-class InputError(ValueError):
-    """An input that does not exist or an output that would overwrite an input."""
 
 
 def _hash_file(h, path: Path) -> None:
@@ -100,18 +97,6 @@ def store_fingerprint(store_dir: str | os.PathLike[str]) -> str:
     return hashlib.sha256(data).hexdigest()[:20]
 
 
-def overlap(out: Path, source: Path) -> str | None:
-    """How the resolved path ``out`` relates to ``source``: ``is``, ``lies inside``,
-    ``contains``, or None when writing ``out`` cannot touch ``source``."""
-    if out == source:
-        return "is"
-    if source in out.parents:
-        return "lies inside"
-    if out in source.parents:
-        return "contains"
-    return None
-
-
 _LOADABLE_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.gguf")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -139,32 +124,3 @@ def missing_weights(model: Path) -> str | None:
             "unfinished download or copy?")
 
 
-def has_chat_template(model: Path) -> bool:
-    """Whether the tokenizer saved in ``model`` carries a chat template (read, not loaded)."""
-    if (model / "chat_template.jinja").is_file() or (model / "chat_template.json").is_file():
-        return True
-    try:
-        return bool(json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_outputs(out: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
-    """Refuse an output that is, lies inside, or contains one of ``inputs`` (name → path).
-
-    Inputs that are not local paths (hub ids) are ignored.
-    """
-    target = Path(out).expanduser().resolve()
-    for name, value in inputs.items():
-        if value is None:
-            continue
-        source = Path(value).expanduser()
-        if not source.exists():
-            continue
-        relation = overlap(target, source.resolve())
-        if relation == "is":
-            raise InputError(f"--out {out} is the {name} ({value}); choose another output directory")
-        if relation == "lies inside":
-            raise InputError(f"--out {out} lies inside the {name} ({value}); choose a directory outside it")
-        if relation == "contains":
-            raise InputError(f"--out {out} contains the {name} ({value}); choose a directory that does not")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion.artifacts.atomic import write_json_atomic
+from fusion.errors import InputError
 from fusion.options import VOCAB_MODES as MODES
 
 FORMAT = "fusechat-vocab-map"
@@ -65,14 +66,14 @@ class VocabMap:
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read vocab map {path}: {exc}") from exc
+            raise InputError(f"cannot read vocab map {path}: {exc}", file=str(path)) from exc
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a vocab map file")
+            raise InputError(f"{path} is not a vocab map file", file=str(path))
         found = (raw.get("source_fingerprint"), raw.get("pivot_fingerprint"))
         if found != (source_fingerprint, pivot_fingerprint):
-            raise ValueError(
+            raise InputError(
                 f"vocab map {path} was made for source tokenizer {found[0]} and pivot tokenizer "
-                f"{found[1]}, not source {source_fingerprint} and pivot {pivot_fingerprint}"
+                f"{found[1]}, not source {source_fingerprint} and pivot {pivot_fingerprint}", file=str(path)
             )
         src2piv = np.asarray(raw["src2piv"], dtype=np.int64)
         exact = np.ones(src2piv.size, dtype=bool)

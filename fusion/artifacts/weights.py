@@ -13,10 +13,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from fusion.errors import InputError
+
 FORMATS = (("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model*.bin"))
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weight file or index that cannot be read (named)."""
 
 

@@ -9,6 +9,8 @@ from typing import Protocol
 
 import numpy as np
 
+from fusion.errors import FusionError
+
 
 @dataclass
 class PositionScores:
@@ -19,7 +21,7 @@ class PositionScores:
     target_logprobs: np.ndarray  # (P,) float32: log p(input_ids[t + 1]) at position t
 
 
-class ScoringError(RuntimeError):
+class ScoringError(FusionError, RuntimeError):
     """Scoring cannot go on as configured (out of memory, an engine that cannot start); the
     message names the options to change. The CLI prints it and exits with code 1."""
 

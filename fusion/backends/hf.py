@@ -14,6 +14,8 @@ import torch
 
 from fusion.backends.base import PositionScores
 from fusion.data.batching import pad_sequences
+from fusion.errors import InputError
+from fusion.options import LogitOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PROJECT_ROWS = 2048
@@ -23,7 +25,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for, but CUDA is not available here")
+        raise InputError(f"--device {device} asked for, but CUDA is not available here", key="device")
     return torch.device(device)
 
 
@@ -31,7 +33,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}", key="dtype")
     return DTYPES[dtype]
 
 
@@ -39,16 +41,17 @@ class HFBackend:
     name = "hf"
     schedules_batches = False  # score() takes the batches `fusion.data.batching` forms
 
-    def __init__(self, model: str, *, top_k: int, dtype: str = "auto", device: str = "auto",
-                 device_map: str | None = None, trust_remote_code: bool = False):
-        """``device_map`` (auto, balanced, ...) loads the model with accelerate over every
-        visible GPU (then CPU): its layers run where they were placed, one after another."""
+    def __init__(self, model: str, options: LogitOptions):
+        """Reads ``top_k``, ``dtype``, ``device``, ``device_map`` and ``trust_remote_code`` of
+        ``options``. ``device_map`` (auto, balanced, ...) loads the model with accelerate over
+        every visible GPU (then CPU): its layers run where they were placed, one after another."""
         from transformers import AutoModelForCausalLM
 
-        place = resolve_device("auto" if device_map else device)
-        self.dtype = resolve_dtype(dtype, place)
-        self.top_k = top_k
-        trust = {"trust_remote_code": trust_remote_code}
+        device_map = options.device_map
+        place = resolve_device("auto" if device_map else options.device)
+        self.dtype = resolve_dtype(options.dtype, place)
+        self.top_k = options.top_k
+        trust = {"trust_remote_code": options.trust_remote_code}
         if device_map:
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype, device_map=device_map, **trust)
         else:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from fusion.backends.base import PositionScores, ScoringError
+from fusion.errors import InputError
+from fusion.options import LogitOptions
 
 # Engine arguments this backend sets itself, and the option that sets each.
 OWN_ENGINE_ARGS = {
@@ -68,46 +70,39 @@ def check_engine_args(args: Mapping[str, Any], known: Collection[str]) -> None:
     nearest known name) or that this backend sets from one of its own options."""
     for key in args:
         if key in OWN_ENGINE_ARGS:
-            raise ValueError(f"engine_args: {key} is set from {OWN_ENGINE_ARGS[key]}, not here")
+            raise InputError(f"engine_args: {key} is set from {OWN_ENGINE_ARGS[key]}, not here", key="engine_args")
         if key not in known:
             near = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"engine_args: {key!r} is not an engine option of the installed vLLM{hint}")
+            raise InputError(f"engine_args: {key!r} is not an engine option of the installed vLLM{hint}",
+                             key="engine_args")
 
 
 class VLLMBackend:
     name = "vllm"
     schedules_batches = True  # a whole store shard per generate(): vLLM's scheduler batches it
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        top_k: int,
-        dtype: str = "auto",
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.9,
-        max_length: int = 2048,
-        engine_args: Mapping[str, Any] | None = None,
-        trust_remote_code: bool = False,
-    ) -> None:
+    def __init__(self, model: str, options: LogitOptions) -> None:
+        """Reads ``top_k``, ``dtype``, ``tensor_parallel_size``, ``gpu_memory_utilization``,
+        ``max_length``, ``engine_args`` and ``trust_remote_code`` of ``options``."""
         require_vllm()
         from vllm import LLM, SamplingParams
 
-        check_engine_args(engine_args or {}, installed_engine_args())
-        self.top_k = top_k
+        engine_args = options.engine_args or {}
+        check_engine_args(engine_args, installed_engine_args())
+        self.top_k = top_k = options.top_k
         try:
             self.llm = LLM(
                 model=model,
-                dtype=dtype,
-                tensor_parallel_size=tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_length + 1,
+                dtype=options.dtype,
+                tensor_parallel_size=options.tensor_parallel_size,
+                gpu_memory_utilization=options.gpu_memory_utilization,
+                max_model_len=options.max_length + 1,
                 max_logprobs=top_k,
                 skip_tokenizer_init=True,
                 enable_prefix_caching=False,
-                trust_remote_code=trust_remote_code,
-                **(engine_args or {}),
+                trust_remote_code=options.trust_remote_code,
+                **engine_args,
             )
         except Exception as err:
             raise ScoringError(start_failure(model, err)) from err

@@ -11,31 +11,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fusion.artifacts.lifecycle import refuse_overlap, writing
 from fusion.artifacts.logit_store import (
     LogitStore,
     Manifest,
     SequenceLogits,
-    StoreError,
     StoreOptions,
-    begin_run,
     finish_run,
-    has_shards,
     shard_name,
+    shards_kept,
+    store_output,
     tokenizer_fingerprint,
     write_shard,
 )
 from fusion.artifacts.provenance import (
-    check_outputs,
     files_fingerprint,
     model_fingerprint,
 )
-from fusion.artifacts.records import locked, removed_unless, write_faults_named
+from fusion.artifacts.records import StoreError
 from fusion.backends.base import Backend, PositionScores, ScoringError
 from fusion.capture.throughput import Throughput
 from fusion.data.batching import length_sorted_batches, padded_tokens
@@ -48,21 +47,13 @@ from fusion.data.conversations import (
     load_conversations,
     trained_positions,
 )
+from fusion.errors import InputError
 from fusion.names import resolve_model
-from fusion.options import LogitOptions, parse_shard
+from fusion.options import LogitJob, LogitOptions, parse_shard
 from fusion.runtime import stopping
 from fusion.runtime.memory_faults import memory_faults_named
 from fusion.runtime.progress import bar
 from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
-
-
-@dataclass(kw_only=True)
-class LogitJob(LogitOptions):
-    """One scoring run: a model over a corpus into a store, with its options."""
-
-    model: str
-    data: str
-    out: str
 
 
 def package_version() -> str:
@@ -204,22 +195,25 @@ def generate_logits(job: LogitJob, *, progress: bool = True, log: Callable[[str]
     """Run (or resume) a logit job; returns the finished store's manifest.
 
     Everything that can be refused (paths, model, data, ``top_k`` against the vocabulary)
-    is checked before the run record is written; one writer at a time per ``out``; a run
-    that fails before its first shard removes the directory it created.
+    is checked before the run record is written; the store is then written through the
+    one output lifecycle (`fusion.artifacts.lifecycle.writing`: one writer at a time, a
+    matching run resumed, a changed one refused unless ``overwrite``; a run that fails
+    before its first shard removes the directory it created).
     """
     out = Path(job.out)
     job = replace(job, model=resolve_model(job.model))  # a cached hub id: its snapshot
-    check_outputs(out, {"model directory": job.model, "data": job.data})
+    refuse_overlap(out, reads(job))  # before any model is loaded (again in `writing`)
 
-    def kept() -> str:
-        return "its complete shards are kept: the same command resumes" if has_shards(out) else \
-            "nothing of it was kept"
-
-    with memory_faults_named(f"scoring {job.data} with {job.model}", kept, lambda: less_memory(job)):
+    with memory_faults_named(f"scoring {job.data} with {job.model}", lambda: shards_kept(out),
+                             lambda: less_memory(job)):
         tokenizer, config = load_model_parts(job.model, job.trust_remote_code)
         rows = load_conversations(job.data, split=job.split, cache_dir=job.cache_dir)
-        with write_faults_named(out, "the logit store", kept), locked(out), removed_unless(out, has_shards):
-            return _generate(job, tokenizer, config, rows, progress=progress, log=log)
+        return _generate(job, tokenizer, config, rows, progress=progress, log=log)
+
+
+def reads(job: LogitJob) -> dict[str, str]:
+    """What a scoring run reads (its output may overlap none of it)."""
+    return {"model directory": job.model, "data": job.data}
 
 
 def less_memory(job: LogitOptions) -> str:
@@ -232,7 +226,6 @@ def less_memory(job: LogitOptions) -> str:
 
 
 def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Callable[[str], None]) -> Manifest:
-    from fusion.backends import make_backend
 
     indices = shard_rows(len(rows), job.shard)
     report = EncodeReport()
@@ -241,10 +234,11 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
     skipped = report.skipped
     if not encoded and len(indices):
         first = f" (first: {next(iter(skipped.items()))})" if skipped else ""
-        raise ValueError(f"{job.data}: no usable row in {len(indices)} rows{first}")
+        raise InputError(f"{job.data}: no usable row in {len(indices)} rows{first}", file=job.data)
     vocab_size = max(len(tokenizer), int(getattr(config, "vocab_size", 0) or 0))
     if job.top_k > vocab_size:
-        raise ValueError(f"--top-k {job.top_k} is above the vocabulary of {job.model} ({vocab_size} tokens)")
+        raise InputError(f"--top-k {job.top_k} is above the vocabulary of {job.model} ({vocab_size} tokens)",
+                         key="top_k", model=job.model)
     if job.backend == "vllm":  # before the run record: a misspelt engine option costs nothing
         from fusion.backends.vllm import check_engine_args, installed_engine_args
 
@@ -267,8 +261,14 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
         model_fingerprint=model_fingerprint(job.model),
         data_fingerprint=data_fingerprint(job.data, rows),
     )
-    out = Path(job.out)
-    begin_run(out, options, overwrite=job.overwrite)
+    with writing(store_output(job.out, asdict(options), reads=reads(job)), overwrite=job.overwrite) as made:
+        return _score_into(made.out, job, options, encoded, indices, len(rows), skipped, log=log, progress=progress)
+
+
+def _score_into(out: Path, job: LogitJob, options: StoreOptions, encoded: list, indices: range, corpus: int,
+                skipped: dict[str, str], *, log: Callable[[str], None], progress: bool) -> Manifest:
+    from fusion.backends import make_backend
+
     chunks = [encoded[i : i + job.rows_per_shard] for i in range(0, len(encoded), job.rows_per_shard)]
     todo = [j for j in range(len(chunks)) if not (out / shard_name(j)).exists()]
     if len(todo) < len(chunks):
@@ -276,19 +276,7 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
     total_tokens = sum(len(enc.input_ids) for j in todo for _, enc in chunks[j])
     scored = Throughput(0).record()  # a resumed run with nothing left to score
     if todo:
-        backend = make_backend(
-            job.backend,
-            job.model,
-            top_k=job.top_k,
-            dtype=job.dtype,
-            device=job.device,
-            device_map=job.device_map,
-            tensor_parallel_size=job.tensor_parallel_size,
-            gpu_memory_utilization=job.gpu_memory_utilization,
-            max_length=job.max_length,
-            engine_args=job.engine_args,
-            trust_remote_code=job.trust_remote_code,
-        )
+        backend = make_backend(job.model, job)
         meter = Throughput(total_tokens)  # from the loaded model on: the scoring rate alone
         with bar(total_tokens, "tok", unit_scale=True, enabled=progress, desc="scoring") as tokens:
             meter.on_tokens = tokens.update
@@ -309,7 +297,7 @@ def _generate(job: LogitJob, tokenizer, config, rows, *, progress: bool, log: Ca
             f"padding {scored['padding_share']:.0%})")
     scoring = {**scored, "shards_scored": len(todo), "shards_resumed": len(chunks) - len(todo)}
     manifest = finish_run(
-        out, options, skipped, rows={"start": indices.start, "stop": indices.stop, "corpus": len(rows)},
+        out, options, skipped, rows={"start": indices.start, "stop": indices.stop, "corpus": corpus},
         scoring=scoring,
     )
     store = LogitStore(out)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusion.artifacts.provenance import files_fingerprint
+from fusion.errors import InputError
 
 if TYPE_CHECKING:
     import datasets
@@ -53,7 +54,8 @@ def load_local(builder: str, files: Sequence[Path], *, split: str, cache_dir: st
                                  data_files={split: [str(f) for f in (names or files)]})
     for file, stamp in zip(files, before, strict=True):
         if _stamp(file) != stamp:
-            raise ValueError(f"{file}: changed while it was being read; read it again once nothing writes it")
+            raise InputError(f"{file}: changed while it was being read; read it again once nothing writes it",
+                             file=str(file))
     return rows
 
 

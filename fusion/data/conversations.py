@@ -23,12 +23,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from fusion.errors import InputError, InputNotFound, causes
+from fusion.options import LogitOptions, default_of
+
 if TYPE_CHECKING:
     import datasets
 
 T = TypeVar("T")
 Role = Literal["system", "user", "assistant"]
 TemplateKind = Literal["own", "shared"]
+# the scoring path's defaults, declared by `LogitOptions` alone
+TEMPLATE, MAX_LENGTH, SPLIT, STRICT = (default_of(LogitOptions, name)
+                                       for name in ("template", "max_length", "split", "strict"))
 
 # FuseChat-Mixture uses ShareGPT roles (human/gpt); OpenAI/HF use user/assistant. Either
 # spelling is accepted in either format.
@@ -56,11 +62,11 @@ class Turn:
     content: str
 
 
-class _RowError(ValueError):
+class _RowError(InputError):
     """What is wrong with one row: carries row_id and reason."""
 
     def __init__(self, row_id: str, reason: str):
-        super().__init__(f"row {row_id}: {reason}")
+        super().__init__(f"row {row_id}: {reason}", row=row_id)
         self.row_id = row_id
         self.reason = reason
 
@@ -109,12 +115,13 @@ class EncodeReport:
 
 
 def load_conversations(
-    source: str, *, split: str = "train", cache_dir: str | None = None
+    source: str, *, split: str = SPLIT, cache_dir: str | None = None
 ) -> datasets.Dataset:
     """Load conversations from a local .json/.jsonl/.parquet file or folder, or a hub dataset.
 
-    A source that looks like a path (a data-file suffix, or starting with ``/ ./ ../ ~``) but
-    does not exist raises FileNotFoundError instead of falling through to a hub lookup. A
+    What ``source`` names is `fusion.names.resolve`'s rule: a local path, else an ``org/name``
+    hub dataset; anything else that does not exist raises InputNotFound (a
+    FileNotFoundError) instead of falling through to a hub lookup. A
     JSON file holding one top-level list (FuseChat-Mixture's format) loads like JSON lines.
     A folder contributes its top-level data files, which must all be JSON or all Parquet
     with one row format (``datasets`` cannot merge schemas across files; one file may mix).
@@ -133,7 +140,7 @@ def load_conversations(
         for f in files:
             check_json_file(f)
     elif any(f.stat().st_size == 0 for f in files):
-        raise ValueError(f"{next(f for f in files if f.stat().st_size == 0)}: empty data file")
+        raise InputError(f"{next(f for f in files if f.stat().st_size == 0)}: empty data file")
     try:
         rows = load_local(builder, files, names=_plain_names(files), split=split, cache_dir=cache_dir)
     except (datasets.exceptions.DatasetGenerationError, OSError) as err:
@@ -148,32 +155,28 @@ def load_conversations(
         if isinstance(err, OSError) or _ran_out(err):
             raise
         if len(files) < 2:
-            raise ValueError(f"{files[0]}: cannot read the rows ({err.__cause__ or err})") from None
+            raise InputError(f"{files[0]}: cannot read the rows ({err.__cause__ or err})") from None
         listing = "; ".join(f"{f.name}: {', '.join(_columns(f)) or '?'}" for f in files)
-        raise ValueError(f"{source}: its files hold rows of different formats, which cannot be read as one "
+        raise InputError(f"{source}: its files hold rows of different formats, which cannot be read as one "
                          f"corpus ({listing}); convert them to one format (`conversations` or `messages`) "
                          "or give one file") from None
     if len(rows) == 0:
-        raise ValueError(f"{source}: the data holds no rows")
+        raise InputError(f"{source}: the data holds no rows", file=str(source))
     return rows
 
 
 def _cache_write_fault(err: BaseException, inputs: Sequence[Path]) -> str | None:
     """``File too large (PATH)`` when ``err`` or what caused it is a write refused for where it
-    goes (full disk, quota, file size limit, read-only folder: `atomic.WRITE_ERRNOS`), not a
+    goes (full disk, quota, file size limit, read-only folder: `fusion.artifacts.write_faults.WRITE_ERRNOS`), not a
     corpus file that cannot be read."""
-    from fusion.artifacts.atomic import WRITE_ERRNOS
+    from fusion.artifacts.write_faults import WRITE_ERRNOS
 
     read = {os.path.realpath(f) for f in inputs}
-    seen: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in seen:
-        seen.append(current)
+    for current in causes(err):
         where = getattr(current, "filename", None)
         if (isinstance(current, OSError) and current.errno in WRITE_ERRNOS
                 and not (where and os.path.realpath(where) in read)):
             return os.strerror(current.errno) + (f" ({where})" if where else "")
-        current = current.__cause__ or current.__context__
     return None
 
 
@@ -197,7 +200,7 @@ def check_json_file(path: Path) -> None:
 
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
-        raise ValueError(f"{path}: empty data file (no rows)")
+        raise InputError(f"{path}: empty data file (no rows)", file=str(path))
     try:
         json.loads(text)
         return
@@ -210,28 +213,36 @@ def check_json_file(path: Path) -> None:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: invalid JSON ({err.msg} at column {err.colno})") from None
+            raise InputError(f"{path}, line {number}: invalid JSON ({err.msg} at column {err.colno})",
+                             file=str(path), row=number) from None
         if not isinstance(value, dict):
-            raise ValueError(f"{path}, line {number}: a row must be a JSON object, got {type(value).__name__}")
+            raise InputError(f"{path}, line {number}: a row must be a JSON object, got {type(value).__name__}",
+                             file=str(path), row=number)
 
 
 def _local_files(source: str) -> list[Path] | None:
-    """The data files behind ``source``, or None when it names a hub dataset."""
+    """The data files behind ``source``, or None when it names a hub dataset (`fusion.names.resolve`)."""
+    from fusion.names import LOCAL, MISSING, resolve
+
+    found = resolve(source, what="dataset")
+    if found.kind == MISSING:
+        raise InputNotFound(f"conversation file not found: {source}"
+                            + (" (a hub dataset is named org/name)" if "/" not in source else ""), file=str(source))
+    if found.kind != LOCAL:
+        return None
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(
             p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _LOCAL_BUILDERS
         )
         if not files:
-            raise FileNotFoundError(f"no .json, .jsonl or .parquet files in folder {source}")
+            raise InputNotFound(f"no .json, .jsonl or .parquet files in folder {source}", file=str(source))
         return files
     if path.is_file():
         if path.suffix.lower() not in _LOCAL_BUILDERS:
-            raise ValueError(f"{source}: unsupported file type; use .json, .jsonl or .parquet")
+            raise InputError(f"{source}: unsupported file type; use .json, .jsonl or .parquet", file=str(source))
         return [path]
-    if path.suffix.lower() in _LOCAL_BUILDERS or source.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"conversation file not found: {source}")
-    return None
+    raise InputNotFound(f"{source} is neither a data file nor a folder", file=str(source))
 
 
 def _plain_names(files: Sequence[Path]) -> list[Path]:
@@ -250,7 +261,7 @@ def _plain_names(files: Sequence[Path]) -> list[Path]:
         folder = Path(tempfile.gettempdir()).absolute() / f"fusechat-data-links-{getattr(os, 'getuid', int)()}"
         link = folder / (hashlib.sha1(str(f).encode()).hexdigest()[:16] + f.suffix.lower())
         if any(c in str(link) for c in _MISREAD):
-            raise ValueError(f"{f}: datasets cannot read this path; rename it or its folders (no {_MISREAD})")
+            raise InputError(f"{f}: datasets cannot read this path; rename it or its folders (no {_MISREAD})")
         folder.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink() or link.readlink() != f:
             tmp = link.with_name(f".{link.name}.{os.getpid()}")
@@ -266,7 +277,7 @@ def _builder_for(files: Sequence[Path]) -> str:
     if len(builders) > 1:
         listing = "; ".join(f"{b}: {', '.join(f.name for f in files if _LOCAL_BUILDERS[f.suffix.lower()] == b)}"
                             for b in sorted(builders))
-        raise ValueError(f"{files[0].parent}: a data folder must hold only JSON(L) files or only Parquet "
+        raise InputError(f"{files[0].parent}: a data folder must hold only JSON(L) files or only Parquet "
                          f"files, this one holds both ({listing})")
     return builders.pop()
 
@@ -404,8 +415,8 @@ def render(
     tokenizer: Any,
     turns: Sequence[Turn],
     *,
-    template: TemplateKind = "own",
-    max_length: int = 2048,
+    template: TemplateKind = TEMPLATE,
+    max_length: int = MAX_LENGTH,
     row_id: str = "?",
 ) -> Encoded:
     """Render ``turns`` to text, tokenize it and mark the tokens to train.
@@ -427,13 +438,13 @@ def render(
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("render needs a fast tokenizer (PreTrainedTokenizerFast): it uses offsets")
     if max_length < 1:
-        raise ValueError(f"max_length must be positive, got {max_length}")
+        raise InputError(f"max_length must be positive, got {max_length}", key="max_length")
     if template == "own":
         text, spans = _render_own(tokenizer, turns, row_id)
     elif template == "shared":
         text, spans = render_shared(tokenizer, turns)
     else:
-        raise ValueError(f"unknown template {template!r}; use 'own' or 'shared'")
+        raise InputError(f"unknown template {template!r}; use 'own' or 'shared'", key="template")
     return _encode_text(tokenizer, text, spans, max_length, row_id)
 
 
@@ -441,7 +452,7 @@ def render_shared(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[tupl
     """FuseChat's shared OpenChat role text and the character spans of its replies."""
     sep = tokenizer.eos_token
     if not sep:
-        raise ValueError("the shared template needs a tokenizer with an eos_token")
+        raise InputError("the shared template needs a tokenizer with an eos_token")
     parts = [tokenizer.bos_token or ""]
     spans: list[tuple[int, int]] = []
     pos = len(parts[0])
@@ -458,7 +469,7 @@ def _render_own(
     tokenizer: Any, turns: Sequence[Turn], row_id: str
 ) -> tuple[str, list[tuple[int, int]]]:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("tokenizer has no chat template; use template='shared'")
+        raise InputError("tokenizer has no chat template; use template='shared'")
     return with_system_fallback(lambda t: _render_own_once(tokenizer, t, row_id), turns, row_id)
 
 
@@ -678,7 +689,7 @@ def usable_rows(
     make: Callable[[str, list[Turn]], T],
     *,
     indices: Iterable[int] | None = None,
-    strict: bool = False,
+    strict: bool = STRICT,
     report: EncodeReport | None = None,
     source: str | None = None,
 ) -> Iterator[tuple[str, T]]:
@@ -698,7 +709,7 @@ def usable_rows(
         try:
             value = make(rid, parse_turns(row, rid))
         except UnsupportedContent as err:
-            raise ValueError(f"{source}: {err}" if source else str(err)) from None
+            raise InputError(f"{source}: {err}" if source else str(err), file=source, row=err.row_id) from None
         except MalformedRow as err:
             if strict:
                 raise
@@ -713,9 +724,9 @@ def encode_rows(
     rows: Sequence[Mapping] | Iterable[Mapping],
     tokenizer: Any,
     *,
-    template: TemplateKind = "own",
-    max_length: int = 2048,
-    strict: bool = False,
+    template: TemplateKind = TEMPLATE,
+    max_length: int = MAX_LENGTH,
+    strict: bool = STRICT,
     report: EncodeReport | None = None,
     indices: Iterable[int] | None = None,
     source: str | None = None,

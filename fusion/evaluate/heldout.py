@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from fusion.artifacts.provenance import InputError
 from fusion.backends.hf import resolve_device
 from fusion.data.batching import pad_sequences, pad_token_id
 from fusion.data.conversations import (
@@ -32,6 +31,7 @@ from fusion.data.conversations import (
     render,
     usable_rows,
 )
+from fusion.errors import InputError
 from fusion.options import EvalOptions
 from fusion.runtime.memory_faults import memory_faults_named
 
@@ -125,7 +125,7 @@ def evaluate_skill(
         raise InputError(f"{path}: no usable conversation, all {skipped} rows skipped{why}{hint}")
     nll, tokens = reply_nll(model, examples, pad_id=pad_token_id(tokenizer), batch_size=opts.batch_size)
     if tokens == 0:  # only when every reply opens its row: position 0 has no context
-        raise ValueError(f"{path}: no reply token has context to be scored")
+        raise InputError(f"{path}: no reply token has context to be scored", file=str(path))
     return SkillScore(skill, nll / tokens, len(examples), tokens, skipped)
 
 
@@ -136,11 +136,11 @@ def _load_rows(path: str | Path, cache_dir: str | Path | None) -> Any:
             str(path), cache_dir=None if cache_dir is None else str(cache_dir)
         )
     except StopIteration as err:  # how `datasets` fails on a zero-byte JSON file
-        raise ValueError(f"{path}: no usable conversation (the file is empty)") from err
+        raise InputError(f"{path}: no usable conversation (the file is empty)", file=str(path)) from err
     except ValueError as err:
         if str(path) in str(err):
             raise
-        raise ValueError(f"{path}: {err}") from err
+        raise InputError(f"{path}: {err}", file=str(path)) from err
 
 
 # --------------------------------------------------------------------------- conversations

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fusion.errors import did_you_mean
+from fusion.errors import InputError, did_you_mean
 from fusion.options import BACKENDS, TRUST_HELP, check_options, option
 
 
-class LmEvalError(ValueError):
+class LmEvalError(InputError):
     """A user error (bad option, missing path, unknown task, model that cannot load)."""
 
 

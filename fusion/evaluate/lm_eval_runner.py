@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion.artifacts.provenance import InputError, has_chat_template
+from fusion.data.chat_templates import has_chat_template
 from fusion.data.content_cache import content_keyed_loads
-from fusion.errors import did_you_mean
+from fusion.errors import InputError, did_you_mean
 from fusion.evaluate.lm_eval_options import LmEvalError, LmEvalOptions, parse_model_args
 from fusion.names import resolve_model
 from fusion.runtime.memory_faults import OutOfMemory, memory_faults_named, ran_out

@@ -35,6 +35,7 @@ from typing import Any
 
 from fusion.artifacts.atomic import write_jsonl_atomic, write_text_atomic
 from fusion.data.conversations import MalformedRow, parse_turns, row_id
+from fusion.errors import InputError
 
 PREFIX = "fusechat"
 GENERATE = "gen"
@@ -96,7 +97,7 @@ def right_mass_column(skill: str) -> str:
 def _slug(text: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
     if not slug:
-        raise ValueError(f"{text!r} has no letter or digit to name a task with")
+        raise InputError(f"{text!r} has no letter or digit to name a task with", key=text)
     return slug
 
 
@@ -223,7 +224,7 @@ def write_skill_tasks(
     from fusion.data.conversations import UnsupportedContent, load_conversations
 
     if max_gen_toks < 1:
-        raise ValueError(f"max_gen_toks must be positive, got {max_gen_toks}")
+        raise InputError(f"max_gen_toks must be positive, got {max_gen_toks}", key="max_gen_toks")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{_slug(prefix)}_skills"
@@ -232,20 +233,20 @@ def write_skill_tasks(
     for skill, path in skills.items():
         gen, ll = (task_name(prefix, skill, kind) for kind in (GENERATE, LOGLIKELIHOOD))
         if gen in seen:
-            raise ValueError(f"skills {seen[gen]!r} and {skill!r} both make task {gen}")
+            raise InputError(f"skills {seen[gen]!r} and {skill!r} both make task {gen}", key=skill)
         seen[gen] = skill
         try:
             rows = load_conversations(
                 str(path), cache_dir=None if cache_dir is None else str(cache_dir)
             )
         except StopIteration as err:  # how `datasets` fails on a zero-byte JSON file
-            raise ValueError(f"{path}: no usable conversation (the file is empty)") from err
+            raise InputError(f"{path}: no usable conversation (the file is empty)", file=str(path)) from err
         try:
             docs, skipped = skill_documents(rows)
         except UnsupportedContent as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise InputError(f"{path}: {err}", file=str(path)) from None
         if not docs:
-            raise ValueError(f"{path}: no usable conversation ({len(skipped)} rows left out)")
+            raise InputError(f"{path}: no usable conversation ({len(skipped)} rows left out)", file=str(path))
         stem = f"{_slug(prefix)}_{_slug(skill)}"
         data = _write_jsonl(out / f"{stem}.jsonl", docs)
         for config in task_configs(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from fusion.artifacts.records import StoreError
+from fusion.errors import causes
 
 _RAM_WORDS = ("DefaultCPUAllocator", "can't allocate memory", "Cannot allocate memory", "std::bad_alloc",
               "os error 12")
@@ -28,10 +29,7 @@ class OutOfMemory(StoreError):  # noqa: N818 - named like what happened, as Memo
 def ran_out(err: BaseException) -> str | None:
     """``"memory (RAM)"`` or ``"GPU memory"`` when ``err`` or what caused it is an
     out-of-memory error; None for any other error."""
-    seen: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in seen:
-        seen.append(current)
+    for current in causes(err):
         text = str(current)
         if type(current).__name__ == "OutOfMemoryError" or any(w in text for w in _GPU_WORDS):
             return "GPU memory"
@@ -39,7 +37,6 @@ def ran_out(err: BaseException) -> str | None:
             return "memory (RAM)"
         if isinstance(current, RuntimeError | OSError) and any(w in text for w in _RAM_WORDS):
             return "memory (RAM)"
-        current = current.__cause__ or current.__context__
     return None
 
 

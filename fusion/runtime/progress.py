@@ -1,64 +1,31 @@
-"""What a person sees while a stage runs: our bar and summary on the terminal, everything the
-libraries print in the stage's log.
+"""Progress on long work: the one progress display, and its state reported for ``status``.
 
-`captured` runs a block with file descriptors 1 and 2 pointed at a log file (so C-level
-writes and subprocesses land there too), ``sys.stdout``/``sys.stderr`` and the logging
-handlers that wrote to them pointed there as well, and ``warnings`` shown there; our own
-warnings (``fusion``, ``fusechat_merge``) also reach the terminal, once each. Everything is
-restored afterwards. ``verbose`` copies the log to the terminal live.
-
-`bar` is the one progress display: a tqdm bar on the real terminal, or, when that is not a
-terminal (CI logs, SLURM files), a plain line every `PLAIN_INTERVAL` seconds. While a stage
-is captured with a ``progress_file``, every bar of it, also one in a launched subprocess
-(through `PROGRESS_FILE_ENV`), writes its state there (for ``fusechat-merge status``).
+`bar` is the one progress display: a tqdm bar on the real terminal (`fusion.runtime.log_capture`:
+also while the libraries' output goes to a log), or, when that is not a terminal (CI logs,
+SLURM files), a plain line every `PLAIN_INTERVAL` seconds; inside a captured block it is
+labelled with the block's stage. Under `reporting_to`, every bar, also one in a launched
+subprocess (through `PROGRESS_FILE_ENV`), writes its state to a progress file (for
+``fusechat-merge status``); `Follower` shows what such a subprocess reports.
+`format_seconds` and `format_bytes_mb` write the figures of a summary line.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
-import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
 from tqdm import tqdm
 
+from fusion.runtime.log_capture import current, terminal
+
 PLAIN_INTERVAL = 300.0  # seconds between two plain progress lines
 REPORT_INTERVAL = 5.0  # seconds between two progress reports to the stage's record
 PROGRESS_FILE_ENV = "FUSECHAT_PROGRESS_FILE"  # where bars of a launched process report
-OUR_PACKAGES = ("fusion", "fusechat_merge")
-
-
-@dataclass
-class StageOutput:
-    """The terminal and the log of the stage that runs now."""
-
-    label: str
-    terminal: TextIO
-    log_path: Path
-
-
-_current: StageOutput | None = None
-_warned: set[str] = set()  # our warnings already shown on the terminal (once per process)
-
-
-def terminal() -> TextIO:
-    """Where our own lines go: the real terminal while a stage is captured, else stdout."""
-    return _current.terminal if _current is not None else sys.stdout
-
-
-def echo(message: str) -> None:
-    """One line of ours on the terminal."""
-    out = terminal()
-    out.write(message + "\n")
-    out.flush()
 
 
 def bar(total: float | None, unit: str, *, desc: str | None = None, enabled: bool = True,
@@ -69,7 +36,8 @@ def bar(total: float | None, unit: str, *, desc: str | None = None, enabled: boo
     countable unit)."""
     out = terminal()
     plain = not _isatty(out)
-    label = _current.label if _current is not None else (desc or unit)
+    captured = current()
+    label = captured.label if captured is not None else (desc or unit)
     return _Bar(total=total, unit=unit, desc=label, initial=initial, disable=not enabled, leave=False,
                 unit_scale=unit_scale, file=_PlainLines(out) if plain else out, dynamic_ncols=not plain,
                 mininterval=0.5, ascii=plain or None, bar_format="{desc}: {elapsed}" if total is None else None)
@@ -179,142 +147,17 @@ def _file_reporter() -> Callable[[dict[str, Any]], None] | None:
 
 
 @contextmanager
-def captured(log_path: str | os.PathLike[str], *, label: str, verbose: bool = False,
-             progress_file: str | os.PathLike[str] | None = None) -> Iterator[StageOutput]:
-    """Run the block with the libraries' output (fds 1 and 2, sys.stdout/stderr, logging,
-    warnings) appended to ``log_path``, live on the terminal too when ``verbose``; bars
-    labelled ``label`` report to ``progress_file``."""
-    global _current
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    real = _real_terminal()
-    saved_fds = [os.dup(1), os.dup(2)]
-    log = open(log_path, "ab", buffering=0)  # noqa: SIM115 (closed in finally)
-    tee = _Tee(log, real) if verbose else None
-    target = tee.write_fd if tee is not None else log.fileno()
-    saved_streams = (sys.stdout, sys.stderr)
-    handlers = _stream_handlers(saved_streams)
-    saved_showwarning = warnings.showwarning
-    previous = _current
-    stage = StageOutput(label, real, log_path)
-    saved_env = os.environ.get(PROGRESS_FILE_ENV)
+def reporting_to(progress_file: str | os.PathLike[str]) -> Iterator[None]:
+    """Run the block with every bar reporting its state to ``progress_file`` (also the bars
+    of a process it launches: the variable is inherited)."""
+    saved = os.environ.get(PROGRESS_FILE_ENV)
+    os.environ[PROGRESS_FILE_ENV] = str(progress_file)
     try:
-        if progress_file is not None:
-            os.environ[PROGRESS_FILE_ENV] = str(progress_file)
-        os.dup2(target, 1)
-        os.dup2(target, 2)
-        sys.stdout, sys.stderr = _fd_stream(1), _fd_stream(2)
-        for handler, stream in handlers:
-            handler.setStream(sys.stderr if stream is saved_streams[1] else sys.stdout)
-        warnings.showwarning = _show_warning(stage, saved_showwarning)
-        _current = stage
-        yield stage
+        yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved_fds[0], 1)
-        os.dup2(saved_fds[1], 2)
-        sys.stdout, sys.stderr = saved_streams
-        _current = previous
-        if progress_file is not None:
-            os.environ.pop(PROGRESS_FILE_ENV, None)
-            if saved_env is not None:
-                os.environ[PROGRESS_FILE_ENV] = saved_env
-        warnings.showwarning = saved_showwarning
-        for handler, stream in handlers:
-            handler.setStream(stream)
-        for fd in saved_fds:
-            os.close(fd)
-        if tee is not None:
-            tee.close()
-        log.close()
-        real.flush()
-
-
-_terminal_cache: dict[str, TextIO] = {}
-_fd_streams: dict[int, TextIO] = {}
-
-
-def _real_terminal() -> TextIO:
-    """The terminal our lines go to while fd 1 points at a log: a stream on a copy of fd 1
-    when ``sys.stdout`` writes to fd 1 (made once, kept), else ``sys.stdout`` as it is (a
-    test runner's capture). Inside a captured block: that block's terminal."""
-    if _current is not None:
-        return _current.terminal
-    try:
-        fileno = sys.stdout.fileno()
-    except (AttributeError, ValueError, OSError):
-        return sys.stdout
-    if fileno != 1:
-        return sys.stdout
-    if "stdout" not in _terminal_cache:
-        _terminal_cache["stdout"] = open(os.dup(1), "w", buffering=1, encoding="utf-8",  # noqa: SIM115
-                                         errors="replace")
-    return _terminal_cache["stdout"]
-
-
-def _fd_stream(fd: int) -> TextIO:
-    """A text stream that always writes to ``fd`` (made once and never closed: a library may
-    keep it, e.g. a logging handler created while a stage ran)."""
-    if fd not in _fd_streams:
-        _fd_streams[fd] = open(fd, "w", buffering=1, encoding="utf-8", errors="replace",  # noqa: SIM115
-                               closefd=False)
-    return _fd_streams[fd]
-
-
-def _stream_handlers(streams: tuple[TextIO, TextIO]) -> list[tuple[logging.StreamHandler, TextIO]]:
-    """The logging handlers (any logger's) that write to ``streams``, with their stream."""
-    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(lg, logging.Logger))]
-    found = []
-    for lg in loggers:
-        for handler in lg.handlers:
-            stream = getattr(handler, "stream", None)
-            settable = not isinstance(getattr(type(handler), "stream", None), property)  # not lastResort's
-            if isinstance(handler, logging.StreamHandler) and settable and any(stream is s for s in streams):
-                found.append((handler, stream))
-    return found
-
-
-def _show_warning(stage: StageOutput, show: Callable[..., None]) -> Callable[..., None]:
-    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
-        show(message, category, filename, lineno, file, line)  # into the log (sys.stderr)
-        text = str(message)
-        if _is_ours(filename) and text not in _warned:
-            _warned.add(text)
-            stage.terminal.write(f"warning: {text}\n")
-            stage.terminal.flush()
-
-    return showwarning
-
-
-def _is_ours(filename: str) -> bool:
-    parts = Path(filename).parts
-    return any(package in parts for package in OUR_PACKAGES)
-
-
-class _Tee:
-    """A pipe whose reader thread appends everything to the log and to the terminal."""
-
-    def __init__(self, log: IO[bytes], terminal_stream: TextIO) -> None:
-        self.read_fd, self.write_fd = os.pipe()
-        self.log = log
-        self.terminal = terminal_stream
-        self.thread = threading.Thread(target=self._pump, daemon=True)
-        self.thread.start()
-
-    def _pump(self) -> None:
-        while chunk := os.read(self.read_fd, 65536):
-            self.log.write(chunk)
-            self.terminal.write(chunk.decode("utf-8", errors="replace"))
-            self.terminal.flush()
-
-    def close(self) -> None:
-        os.close(self.write_fd)  # fds 1 and 2 were restored: the pipe's last writer is gone
-        self.thread.join(timeout=10)
-        os.close(self.read_fd)
+        os.environ.pop(PROGRESS_FILE_ENV, None)
+        if saved is not None:
+            os.environ[PROGRESS_FILE_ENV] = saved
 
 
 def format_bytes_mb(mb: float) -> str:

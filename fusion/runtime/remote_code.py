@@ -19,11 +19,13 @@ import json
 import os
 from pathlib import Path
 
+from fusion.errors import InputError
+
 CONFIG_FILES = ("config.json", "tokenizer_config.json")
 FLAG = "--trust-remote-code"
 
 
-class RemoteCodeError(ValueError):
+class RemoteCodeError(InputError):
     """A model needs its own code to load and ``trust_remote_code`` was not given."""
 
 

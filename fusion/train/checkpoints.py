@@ -1,12 +1,13 @@
-"""Which training checkpoints may be resumed: the run record ``fusion_run.json`` (what
-made the checkpoints in ``OUT/checkpoints``) and the ``checkpoint_complete.json`` marker
-of each checkpoint the Trainer finished saving."""
+"""Which training checkpoints may be resumed: the training's run record (`training_record`,
+kept as ``OUT/run.json`` by `fusion.artifacts.lifecycle` like every output's) and the
+``checkpoint_complete.json`` marker of each checkpoint the Trainer finished saving
+(`training_output` declares the target as an output made in pieces: its checkpoints)."""
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,17 +16,17 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from fusion.artifacts.atomic import write_json_atomic
-from fusion.artifacts.logit_store import StoreError
+from fusion.artifacts.lifecycle import RUN_FILE, Output
 from fusion.artifacts.provenance import model_fingerprint, store_fingerprint
-from fusion.artifacts.records import differences, read_record, write_record
 from fusion.options import FusionSettings
 from fusion.runtime import stopping
+from fusion.train.output import trained_to_the_end
 
 if TYPE_CHECKING:
     from fusion.train.config import FusionConfig
 
-RUN_FILE = "fusion_run.json"
-"""The training configuration of the checkpoints in OUT/checkpoints (`--resume` must match it)."""
+LEGACY_RUN_FILE = "fusion_run.json"
+"""Where versions before the one output lifecycle kept the record: OUT/checkpoints/ (adopted)."""
 COMPLETE_FILE = "checkpoint_complete.json"
 """Written into a checkpoint once the Trainer has saved all of it: only those are resumed."""
 # The TrainingArguments that change the trained weights (with the fusion settings and the
@@ -51,6 +52,40 @@ def training_record(pivot: str, aligned: Sequence[str], config: FusionConfig) ->
 LOCATION_KEYS = ("pivot", "aligned")
 """Where the pivot and the stores lay: kept for the reader, never compared (their
 fingerprints are), so checkpoints moved with their work dir still resume."""
+TRAINING_INPUTS = {"pivot_model": "the pivot model changed since this training was started",
+                   "aligned_stores": "the aligned stores changed since this training was started"}
+FINAL_FILE = "config.json"
+"""Published last: a target folder with it is a finished target."""
+
+
+def training_output(out: str | os.PathLike[str], record: dict[str, Any], checkpoints: Path,
+                    reads: dict[str, str]) -> Output:
+    """The target of a training as an output of `fusion.artifacts.lifecycle`: made in pieces
+    (the complete checkpoints under ``checkpoints``, resumed), finished when its model is
+    published (config.json last); a killed save's unfinished checkpoint is removed."""
+    def pieces(target: Path) -> bool:
+        return (target / FINAL_FILE).is_file() or bool(complete_checkpoints(checkpoints))
+
+    def unfinished(_: Path) -> list[Path]:
+        done = set(complete_checkpoints(checkpoints))
+        return [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p not in done]
+
+    def kept(_: Path) -> str:
+        done = complete_checkpoints(checkpoints)
+        return (f"the checkpoints up to {done[-1].name} are kept: the same command resumes from there" if done
+                else "no checkpoint was complete")
+
+    return Output(out, "the target model", record, reads=reads, inputs=TRAINING_INPUTS, located=LOCATION_KEYS,
+                  pieces=pieces, finished=trained_to_the_end, leftovers=unfinished,
+                  kept=kept)
+
+
+def adopt_legacy_record(out: Path, checkpoints: Path) -> None:
+    """A training started by an earlier version kept its record in the checkpoints folder:
+    moved to where every output keeps it, so it resumes."""
+    legacy = checkpoints / LEGACY_RUN_FILE
+    if legacy.is_file() and not (out / RUN_FILE).exists():
+        legacy.replace(out / RUN_FILE)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -90,36 +125,3 @@ class MarkComplete(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 write_json_atomic(folder / COMPLETE_FILE, {"global_step": state.global_step})
-
-
-def resume_point(folder: Path, record: Mapping[str, Any], resume: bool, main_process: bool) -> str | None:
-    """The checkpoint to resume from (None: start fresh). The main process checks and
-    prepares ``folder`` (`prepare_checkpoints`); the others take its last complete checkpoint."""
-    if main_process:
-        return prepare_checkpoints(folder, record, resume)
-    done = complete_checkpoints(folder) if resume else []
-    return str(done[-1]) if done else None
-
-
-def prepare_checkpoints(folder: Path, record: Mapping[str, Any], resume: bool) -> str | None:
-    """The checkpoint to resume from (None: start fresh), after checking that the
-    checkpoints in ``folder`` belong to this configuration; writes the run record."""
-    done = complete_checkpoints(folder)
-    started = [p for p in folder.glob("checkpoint-*") if p.is_dir()] if folder.is_dir() else []
-    run_file = folder / RUN_FILE
-    if started and not resume:
-        raise StoreError(f"{folder} holds checkpoints of an earlier run",
-                         "pass --resume to continue it, or choose another --out")
-    if started:
-        if not run_file.is_file():
-            raise StoreError(f"{folder} holds checkpoints but no {RUN_FILE}: cannot tell which "
-                             "configuration made them", "choose another --out")
-        diffs = differences(read_record(run_file), record, ignore=LOCATION_KEYS)
-        if diffs:
-            raise StoreError(f"--resume: the checkpoints in {folder} come from another configuration "
-                             f"({'; '.join(diffs)})", "choose another --out to train this one")
-        for partial in set(started) - set(done):  # a killed save: never resumed, removed
-            shutil.rmtree(partial, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_record(run_file, record)
-    return str(done[-1]) if done else None

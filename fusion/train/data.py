@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from fusion.artifacts.aligned_store import AlignedStore
-from fusion.artifacts.logit_store import StoreError
+from fusion.artifacts.records import StoreError
 from fusion.data.batching import pad_sequences
+from fusion.errors import InputError
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_valid", "teacher_ce", "teacher_gold")
 
@@ -25,7 +26,7 @@ class FusionDataset(torch.utils.data.Dataset):
 
     def __init__(self, aligned: Sequence[str | os.PathLike[str]]) -> None:
         if not aligned:
-            raise ValueError("fusion training needs at least one aligned store (--aligned)")
+            raise InputError("fusion training needs at least one aligned store (--aligned)", key="aligned")
         self.stores = [AlignedStore(p) for p in aligned]
         first = self.stores[0]
         for store in self.stores[1:]:

@@ -11,9 +11,7 @@ fusion settings), `fusion.train.data` (dataset and collator), `fusion.train.chec
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +19,21 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
-from fusion.artifacts.logit_store import StoreError, tokenizer_fingerprint
-from fusion.artifacts.provenance import check_outputs
-from fusion.artifacts.records import locked, write_faults_named
+from fusion.artifacts.lifecycle import DONE, Writing, refuse_overlap, writing
+from fusion.artifacts.logit_store import tokenizer_fingerprint
+from fusion.artifacts.records import StoreError
 from fusion.data.batching import pad_token_id
 from fusion.names import resolve_model
 from fusion.runtime import stopping
+from fusion.runtime.log_capture import echo
 from fusion.runtime.memory_faults import memory_faults_named
 from fusion.runtime.remote_code import RemoteCodeError, check_remote_code
 from fusion.train.checkpoints import (
     MarkComplete,
     StopAtStep,
+    adopt_legacy_record,
     complete_checkpoints,
-    resume_point,
+    training_output,
     training_record,
 )
 from fusion.train.config import FusionConfig
@@ -137,27 +137,29 @@ def train_fusion(
     config: FusionConfig,
     *,
     resume: bool | str | None = None,
+    overwrite: bool = False,
     callbacks: Sequence[Any] = (),
 ) -> Path:
     """Fine-tune ``pivot`` on the aligned stores; the finished model lands in ``out``
     (make ``config`` with `fusion.train.config.fusion_config`, which puts checkpoints in
-    ``out/checkpoints``). ``resume=True`` continues from the last complete checkpoint there,
-    only if it was made with the same configuration (`training_record`); a checkpoint
-    already at ``max_steps`` is published as it is. ``out`` may not be, lie in, or hold
-    the pivot or a store; one training at a time writes it."""
+    ``out/checkpoints``). The target goes through the one output lifecycle
+    (`fusion.artifacts.lifecycle.writing`, `fusion.train.checkpoints.training_output`): a
+    training of the same configuration (`training_record`) continues from its last
+    complete checkpoint, a finished one is left as it is, another configuration is refused
+    naming what changed unless ``overwrite`` starts over. ``resume`` is accepted for old
+    callers (resuming is the default); a path resumes from that checkpoint. ``out`` may not
+    be, lie in, or hold the pivot or a store; one training at a time writes it."""
     pivot = resolve_model(pivot, "pivot model")  # a cached hub id: its snapshot
-    check_outputs(out, {"pivot model": pivot, **{f"aligned store {a}": a for a in aligned}})
+    reads = {"pivot model": pivot, **{f"aligned store {a}": a for a in aligned}}
+    refuse_overlap(out, reads)  # before the stores are read (again in `writing`)
     dataset = FusionDataset(aligned)
     tokenizer = check_pivot(pivot, dataset, config.trust_remote_code)
     out = Path(out)
     folder = Path(config.output_dir)
-
-    def kept() -> str:  # a save cut short is never resumed: removed
-        done = complete_checkpoints(folder) if folder.is_dir() else []
-        for partial in set(folder.glob("checkpoint-*")) - set(done):
-            shutil.rmtree(partial, ignore_errors=True)
-        return f"the checkpoints up to {done[-1].name} are kept: a resumed run continues from there" if done else \
-            "no checkpoint was complete"
+    main = int(os.environ.get("RANK", "0")) == 0  # all processes of a launch share `out`: one writes
+    if main and out.is_dir():
+        adopt_legacy_record(out, folder)
+    output = training_output(out, training_record(pivot, aligned, config), folder, reads)
 
     def less() -> str:
         return (f"lower per_device_train_batch_size (now {config.per_device_train_batch_size}; raise "
@@ -166,17 +168,21 @@ def train_fusion(
                 + ", score shorter sequences (the logits stage's max_length), or offload to the CPU "
                 "(an accelerate config with DeepSpeed ZeRO offload or FSDP cpu_offload)")
 
-    # one writer per target: the main process holds the lock (all processes of a launch share `out`)
-    with memory_faults_named(f"training {out}", kept, less), write_faults_named(out, "the target model", kept), \
-            locked(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
-        return _train(pivot, aligned, out, config, dataset, tokenizer, resume, callbacks)
+    with memory_faults_named(f"training {out}", output.kept_now, less), \
+            writing(output, overwrite=overwrite, main=main) as made:
+        if made.state == DONE:
+            echo(f"{out} already holds the target trained with these inputs and options: left as it is "
+                 "(--overwrite trains it again)")
+            return out
+        done = complete_checkpoints(folder) if folder.is_dir() and not overwrite else []
+        checkpoint = resume if isinstance(resume, str) else str(done[-1]) if done else None
+        return _train(pivot, config, dataset, tokenizer, checkpoint, callbacks, made)
 
 
-def _train(pivot: str, aligned: Sequence[str], out: Path, config: FusionConfig, dataset: FusionDataset,
-           tokenizer: Any, resume: bool | str | None, callbacks: Sequence[Any]) -> Path:
+def _train(pivot: str, config: FusionConfig, dataset: FusionDataset, tokenizer: Any, checkpoint: str | None,
+           callbacks: Sequence[Any], made: Writing) -> Path:
     from transformers import AutoModelForCausalLM
 
-    record = training_record(pivot, aligned, config)
     # float32 master weights: --bf16 is autocast mixed precision, not bf16 weights (updates
     # of lr 5e-6 would round away in bf16)
     model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32,
@@ -189,13 +195,11 @@ def _train(pivot: str, aligned: Sequence[str], out: Path, config: FusionConfig, 
         processing_class=tokenizer,
         callbacks=[*callbacks, stop := StopAtStep(), MarkComplete(), TrainProgress()],
     )
-    checkpoint = resume if isinstance(resume, str) else resume_point(
-        Path(config.output_dir), record, bool(resume), trainer.is_world_process_zero())
     with stopping.watching():
         trainer.train(resume_from_checkpoint=checkpoint)
     if stop.stopped is not None:  # saved at the step reached: the resume continues from it
         signum, step = stop.stopped
         raise stopping.Stopped(signum, f"training saved checkpoint-{step} (step {step} of "
                                        f"{trainer.state.max_steps}) in {config.output_dir}")
-    publish_model(trainer, tokenizer, out)  # on every process: FSDP/ZeRO-3 gather collectively
-    return out
+    publish_model(trainer, tokenizer, made)  # on every process: FSDP/ZeRO-3 gather collectively
+    return made.out
