@@ -18,7 +18,16 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The demo needs lm-eval (the eval extra), not the test tools (ray, pytest, tensorboard):
+# a lighter first install. After `make test`, the dev install already holds it.
+DEMO_STAMP := $(VENV)/.installed-demo
+
+$(DEMO_STAMP): $(PY) pyproject.toml
+	$(PIP) install --quiet "torch>=2.6,<2.14"
+	$(PIP) install --quiet -e ".[eval]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/fusechat-merge demo --work-dir demo-work
 
 test: $(STAMP)

@@ -18,6 +18,7 @@ fusion corpus).
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import shutil
 import time
@@ -401,22 +402,45 @@ def make_demo_models(
     seed: int = 0,
     train_steps: int | None = None,
     log: Callable[[str], None] = print,
+    workers: int | None = None,
 ) -> dict[str, Path]:
     """The demo's pivot and its skilled sources (`SPECS`) as model folders under ``work_dir``.
 
     A folder with a config.json is complete (saves are atomic) and is reused as is.
     ``train_steps=None`` trains each model its tuned DEFAULT_STEPS; an int trains every
     model that many steps (for quick smoke runs, which will not learn the skills).
+    The models do not depend on each other: ``workers`` processes (default: up to 2, one per
+    core) build them side by side, each with one torch thread, longest first, so each model
+    is what a build alone makes.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     paths = {spec.name: work_dir / spec.name for spec in SPECS}
+    todo = []
     for spec in SPECS:
         path = paths[spec.name]
         if (path / "config.json").exists():
             log(f"{spec.name:<10}: reusing {path}")
             continue
-        steps = DEFAULT_STEPS[spec.name] if train_steps is None else train_steps
-        with torch_threads(1):
-            _build(spec, path, seed, steps, log)
+        todo.append((spec, path, seed, DEFAULT_STEPS[spec.name] if train_steps is None else train_steps))
+    todo.sort(key=lambda job: -job[3])
+    workers = min(2, os.cpu_count() or 1, len(todo)) if workers is None else min(workers, len(todo))
+    if workers <= 1:
+        for job in todo:
+            log(_build_alone(*job))
+        return paths
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for line in pool.map(_build_alone, *zip(*todo, strict=True)):
+            log(line)
     return paths
+
+
+def _build_alone(spec: ModelSpec, path: Path, seed: int, steps: int) -> str:
+    """`_build` with one torch thread (in this process or a worker); returns its log line."""
+    lines: list[str] = []
+    with torch_threads(1):
+        _build(spec, path, seed, steps, lines.append)
+    return lines[0] if lines else f"{spec.name:<10}: reusing {path}"

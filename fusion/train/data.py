@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fusion.artifacts.aligned_store import AlignedStore
+from fusion.artifacts.aligned_store import AlignedSequence, AlignedStore
 from fusion.artifacts.records import StoreError
 from fusion.data.batching import pad_sequences
 from fusion.errors import InputError
@@ -44,7 +44,15 @@ class FusionDataset(torch.utils.data.Dataset):
         return len(self.stores[0])
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        rows = [store.aligned(index) for store in self.stores]
+        return self._item([store.aligned(index) for store in self.stores])
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
+        """A batch's items in one read per store (torch's DataLoader asks for a batch this
+        way); the same items as ``[self[i] for i in indices]``."""
+        per_store = [store.aligned_many(indices) for store in self.stores]
+        return [self._item([rows[j] for rows in per_store]) for j in range(len(indices))]
+
+    def _item(self, rows: list[AlignedSequence]) -> dict[str, np.ndarray]:
         pivot = rows[0].pivot
         p = len(pivot.target_logprobs)
         ids = [pivot.topk_ids] + [r.src_topk_ids for r in rows]
