@@ -252,15 +252,6 @@ def resolve_hub_models(config, cache_dir: str | None = None) -> tuple[Any, dict[
 # --- the output directory -------------------------------------------------------------
 
 
-def is_merge_output(path: Path) -> bool:
-    """True when ``path`` is a merge this tool published (it holds `OUTPUT_MARKER`)."""
-    try:
-        data = json.loads((path / OUTPUT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("tool") == TOOL
-
-
 def _plain_dump(obj: Any, **how: bool) -> Any:
     """``obj`` (a mergekit config object) as plain JSON data, every model reference as its
     string; pydantic dumps the rest. mergekit's serializer hands back a reference whose path

@@ -14,35 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from corpus import conversations, write_jsonl
 from helpers import BIN, load_weights, refused, stray_files, tree_hash
 
 from fusechat_merge.cli import main
 
 TRAIN = ["--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--seed", "0",
          "--disable-tqdm", "true", "--lr-scheduler-type", "constant"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, metaspace_tokenizer, bytelevel_tokenizer):
-    from fusechat_merge.demo.toy import make_model
-
-    root = tmp_path_factory.mktemp("fuse-faults")
-    data = write_jsonl(root / "chats.jsonl", conversations(8))
-    pivot = make_model(root / "pivot", "llama", tokenizer=metaspace_tokenizer, seed=1)
-    source = make_model(root / "source", "qwen2", tokenizer=bytelevel_tokenizer, seed=2)
-    stores = {}
-    for name, model in (("pivot", pivot), ("source", source)):
-        out = root / f"s-{name}"
-        result = CliRunner().invoke(main, ["logits", "--model", str(model), "--data", str(data), "--out", str(out),
-                                           "--top-k", "4", "--cache-dir", str(root / "cache")])
-        assert result.exit_code == 0, result.output
-        stores[name] = out
-    aligned = root / "aligned"
-    result = CliRunner().invoke(main, ["align", "--pivot", str(stores["pivot"]), "--source",
-                                       str(stores["source"]), "--out", str(aligned)])
-    assert result.exit_code == 0, result.output
-    return {"root": root, "pivot": pivot, "aligned": aligned}
 
 
 def fuse(world, out: Path, *extra: str, pivot: Path | None = None):
