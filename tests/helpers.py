@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -114,23 +116,30 @@ def refused(result, *words: str) -> None:
         assert word in result.output, (word, result.output)
 
 
-def kill_once_a_shard_is_written(args: list[str], out: Path, timeout: float = 180) -> list[Path]:
-    """Start the merge command ``args`` (which writes ``out``), SIGKILL it as soon as its
-    hidden partial directory holds a safetensors shard; returns those partial directories."""
+def killed_once(args: list[str], ready: Callable[[], Any], timeout: float = 180) -> Any:
+    """Start the command ``args`` (hub and datasets offline), SIGKILL it as soon as
+    ``ready()`` is truthy (or it ended, or ``timeout`` passed); returns ``ready()``'s last
+    value, which the caller asserts (falsy: the command ended before the cut)."""
     import signal
     import time
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
-    partial: list[Path] = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        partial = [p for p in out.parent.glob(f".{out.name}.partial-*") if any(p.rglob("*.safetensors"))]
-        if partial:
-            break
+    found = ready()
+    while not found and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
+        found = ready()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return found
+
+
+def kill_once_a_shard_is_written(args: list[str], out: Path, timeout: float = 180) -> list[Path]:
+    """Start the merge command ``args`` (which writes ``out``), SIGKILL it as soon as its
+    hidden partial directory holds a safetensors shard; returns those partial directories."""
+    partial = killed_once(args, lambda: [p for p in out.parent.glob(f".{out.name}.partial-*")
+                                         if any(p.rglob("*.safetensors"))], timeout)
     assert partial, "the merge finished before any shard was written; make the models bigger"
     return partial
 

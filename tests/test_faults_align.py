@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from corpus import conversations, write_jsonl
-from helpers import BIN, perturb_weights, refused, stray_files, tree_hash
+from helpers import BIN, killed_once, perturb_weights, refused, stray_files, tree_hash
 
 from fusechat_merge.cli import main
 
@@ -139,12 +137,7 @@ def test_resume_after_kill_gives_the_same_store(world, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     subprocess.run(args(tmp_path / "clean"), env=env, check=True, capture_output=True, timeout=300)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not (killed / "shard-00002.arrow").exists():
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_once(args(killed), lambda: (killed / "shard-00002.arrow").exists(), timeout=120)
     assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
     subprocess.run(args(killed), env=env, check=True, capture_output=True, timeout=300)
     clean = tmp_path / "clean"

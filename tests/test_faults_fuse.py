@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import BIN, load_weights, refused, stray_files, tree_hash
+from helpers import BIN, killed_once, load_weights, refused, stray_files, tree_hash
 
 from fusechat_merge.cli import main
 
@@ -99,13 +97,8 @@ def test_resume_after_kill_gives_the_weights_of_an_uninterrupted_run(world, tmp_
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     subprocess.run(args(tmp_path / "clean"), env=env, check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "checkpoints" / "checkpoint-8" / "checkpoint_complete.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_once(args(killed), marker.exists, timeout=300)
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
     subprocess.run(args(killed), env=env, check=True, capture_output=True, timeout=600)  # resumes by default
     clean, resumed = load_weights(tmp_path / "clean"), load_weights(killed)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from corpus import conversations, write_jsonl
-from helpers import BIN, assert_same_store, refused
+from helpers import BIN, assert_same_store, killed_once, refused
 
 from fusion.artifacts.logit_store import (
     LogitStore,
@@ -106,12 +104,7 @@ def test_resume_after_kill_gives_the_same_store(teachers, corpus, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     subprocess.run(args(tmp_path / "clean"), env=env, check=True, capture_output=True, timeout=300)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not (killed / "shard-00001.arrow").exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_once(args(killed), lambda: (killed / "shard-00001.arrow").exists(), timeout=120)
     assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
     with pytest.raises(StoreError, match="resume"):
         LogitStore(killed)

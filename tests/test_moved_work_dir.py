@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import BIN, load_weights, pivot_and_qwen, store_json
+from helpers import BIN, killed_once, load_weights, pivot_and_qwen, store_json
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 RECIPE = {
@@ -50,13 +48,7 @@ def fusechat_run(work: Path) -> subprocess.CompletedProcess:
 def killed_when(work: Path, cut: Path) -> None:
     """Start a whole run of ``work`` and SIGKILL it as soon as ``cut`` exists."""
     args = [str(BIN / "fusechat-merge"), "run", str(work / "recipe.yaml"), "--work-dir", str(work)]
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not cut.exists():
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert cut.exists(), "the run ended before it was cut"
+    assert killed_once(args, cut.exists, timeout=300), "the run ended before it was cut"
 
 
 def moved(work: Path) -> Path:

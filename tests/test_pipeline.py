@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from corpus import conversations, write_jsonl
-from helpers import BIN
+from helpers import BIN, killed_once
 
 from fusechat_merge.pipeline import run_pipeline
 from fusechat_merge.pipeline_recipe import load_pipeline_recipe
@@ -94,19 +92,12 @@ def test_dry_run_only_and_from(work):
 
 
 def test_a_killed_run_resumes(work):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     args = [str(BIN / "fusechat-merge"), "run", str(work / "recipe.yaml"), "--work-dir", str(work)]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = work / "stages" / "fuse__seed-0__qwen.started.json"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run ended before the fuse stage started"
+    assert killed_once(args, marker.exists, timeout=300), "the run ended before the fuse stage started"
     assert not (work / "report" / "results.json").exists()
     logits_record = (work / "stages" / "logits__pivot.done.json").read_bytes()
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     statuses = {t["stage"]: t["status"] for t in json.loads((work / "report" / "stage_times.json").read_text())}
     assert statuses["logits/pivot"].startswith("skipped") and statuses["fuse/seed-0/qwen"] == "ran"

@@ -4,17 +4,13 @@ the store, targets and merges of the unsplit run; each part resumes on its own."
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from corpus import conversations, write_jsonl
-from helpers import BIN, assert_close_weights, assert_same_columns, pivot_and_qwen
+from helpers import BIN, assert_close_weights, assert_same_columns, killed_once, pivot_and_qwen
 from test_pipeline_ray import record
 
 from fusechat_merge.pipeline import WorkDir, plan_stages, run_pipeline
@@ -101,15 +97,9 @@ def test_a_killed_part_is_redone_alone(inputs, tmp_path):
     recipe = json.loads(json.dumps(RECIPE))
     recipe["logits"]["rows_per_shard"] = 1  # a part resumes shard by shard
     _write(work, recipe)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     args = [str(BIN / "fusechat-merge"), "run", str(work / "recipe.yaml"), "--work-dir", str(work)]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     part = work / "logit-parts" / "qwen" / "part-1"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not list(part.glob("shard-*.arrow")):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_once(args, lambda: list(part.glob("shard-*.arrow")), timeout=300)
     assert list(part.glob("shard-*.arrow")) and not (part / "manifest.json").exists(), "killed too late"
     done_before = {s: record(work, s) for s in ("logits/pivot/part-0", "logits/pivot/part-1", "logits/pivot",
                                                 "logits/qwen/part-0")}
