@@ -264,8 +264,8 @@ def _plain_dump(obj: Any, **how: bool) -> Any:
         return str(obj)
     if isinstance(obj, BaseModel):
         fields = type(obj).model_fields
-        refs = {name for name in fields if _holds_ref(getattr(obj, name))}
-        out = obj.model_dump(mode="json", exclude=refs, **how)
+        refs = [name for name in fields if _holds_ref(getattr(obj, name))]  # field order, not a set's
+        out = obj.model_dump(mode="json", exclude=set(refs), **how)
         for name in refs:
             if not (how.get("exclude_defaults") and getattr(obj, name) == fields[name].default):
                 out[name] = _plain_dump(getattr(obj, name), **how)

@@ -234,3 +234,46 @@ def test_baselines_are_stages_trained_and_reported_like_targets(work, metaspace_
     write_recipe(work, recipe)
     with pytest.raises(ValueError, match="fuse.baselines.sft"):
         load_pipeline_recipe(work / "recipe.yaml", work)
+
+
+
+VOLATILE_FILES = ("logs/", "report/stage_times.json")
+"""What a run writes that is its own log or timing table: not compared."""
+VOLATILE_KEYS = {"pid", "started_at", "finished_at", "ended_at", "seconds", "peak_rss_mb", "tokens_per_s"}
+"""Keys of a record that say when, where and how fast it ran."""
+
+
+def _steady(value):
+    """``value`` (JSON data) without `VOLATILE_KEYS`; key order kept, so it is compared too."""
+    if isinstance(value, dict):
+        return [(k, _steady(v)) for k, v in value.items() if k not in VOLATILE_KEYS]
+    if isinstance(value, list):
+        return [_steady(v) for v in value]
+    return value
+
+
+def test_the_whole_run_writes_the_same_bytes_whatever_the_hash_seed(work):
+    """Python salts ``str`` hashes per process, so a set iterated into a record (a model
+    card, a report) orders it differently run to run, and an output resumed by another
+    process differs from an uninterrupted one. Two runs, two seeds, threads pinned: the
+    same bytes, the same records but for when and how fast each stage ran."""
+    import shutil
+
+    inputs = {"models", "data", "recipe.yaml"}
+    snapshots = []
+    for seed in ("1", "2"):
+        for path in work.iterdir():
+            if path.name not in inputs:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONHASHSEED=seed,
+                   OMP_NUM_THREADS="1")
+        done = subprocess.run([str(BIN / "fusechat-merge"), "run", str(work / "recipe.yaml"), "--work-dir", str(work)],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        snapshots.append({
+            str(p.relative_to(work)): _steady(json.loads(p.read_text())) if p.suffix == ".json" else p.read_bytes()
+            for p in sorted(work.rglob("*")) if p.is_file() and p.relative_to(work).parts[0] not in inputs
+            and not str(p.relative_to(work)).startswith(VOLATILE_FILES)})
+    first, second = snapshots
+    assert sorted(first) == sorted(second)
+    assert [name for name in first if first[name] != second[name]] == []
