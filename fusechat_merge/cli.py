@@ -208,16 +208,12 @@ def fuse_command(ctx: click.Context, pivot: str, aligned: tuple[str, ...], out: 
 
     from_file: dict[str, Any] = {}
     if config_file:
-        import yaml
-
-        from fusechat_merge.recipe_keys import load_yaml
+        from fusechat_merge.recipe_keys import RecipeFileError, read_recipe_file
 
         try:
-            from_file = load_yaml(Path(config_file).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise InputError(f"{config_file}: not valid YAML ({err})", file=config_file) from err
-        if not isinstance(from_file, dict):
-            raise InputError(f"{config_file}: expected a mapping of training options", file=config_file)
+            from_file, _ = read_recipe_file(config_file, "a training config", empty_ok=True)
+        except RecipeFileError as err:
+            raise InputError(f"invalid training config {config_file}: {err}", file=config_file) from err
     try:  # transformers' HfArgumentParser says what is wrong with a ValueError: named here
         config = parse_fusion_config(out, from_file, ctx.args,
                                      {k: v for k, v in flags.items() if v is not None})

@@ -28,7 +28,12 @@ from fusechat_merge.merge_parameters import (
     need_of,
     parameter_problems,
 )
-from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
+from fusechat_merge.recipe_keys import (
+    RecipeFileError,
+    key_path,
+    line_map,
+    read_recipe_file,
+)
 from fusion.errors import InputError, did_you_mean
 from fusion.names import HUB, MISSING, joined, local_path, model_problem, resolve, split_ref
 
@@ -63,20 +68,10 @@ _PIPELINE_KEYS = {"shared": "parameters", "base": "base", "each": "model_paramet
 
 def load_recipe(path: str | Path) -> tuple[dict[str, Any], str]:
     """Read a YAML recipe; returns (mapping, source text). Errors name the file."""
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise RecipeError(str(path), [RecipeProblem("<file>", str(err))]) from err
-    try:
-        raw = load_yaml(text)
-    except yaml.YAMLError as err:
-        raise RecipeError(str(path), [RecipeProblem("<yaml>", str(err))]) from err
-    if not isinstance(raw, dict):
-        raise RecipeError(
-            str(path), [RecipeProblem("<top level>", "a recipe is a YAML mapping")]
-        )
-    return raw, text
+        return read_recipe_file(path)
+    except RecipeFileError as problem:
+        raise RecipeError(str(path), [RecipeProblem(problem.where, problem.reason)]) from problem
 
 
 def check_recipe(

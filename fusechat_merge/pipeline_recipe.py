@@ -11,11 +11,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fusechat_merge.option_forms import recipe_section
-from fusechat_merge.recipe_keys import key_path, line_map, load_yaml
+from fusechat_merge.recipe_keys import (
+    RecipeFileError,
+    key_path,
+    line_map,
+    read_recipe_file,
+)
 from fusion.data.chat_templates import has_chat_template
 from fusion.errors import InputError
 from fusion.names import HUB, MISSING, joined, local_path, model_problem, resolve
@@ -305,10 +309,9 @@ def load_pipeline_recipe(path: str | Path, work_dir: str | Path) -> PipelineReci
     """Parse and validate; then check that files, models and methods exist (no loading)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-        raw = load_yaml(text)
-    except (OSError, yaml.YAMLError) as err:
-        raise PipelineRecipeError(str(path), [str(err)]) from err
+        raw, text = read_recipe_file(path)
+    except RecipeFileError as problem:
+        raise PipelineRecipeError(str(path), [str(problem)]) from problem
     lines = line_map(text)
     try:
         recipe = PipelineRecipe.model_validate(raw)

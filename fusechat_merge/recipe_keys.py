@@ -4,9 +4,45 @@ and where it is in the file."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fusion.errors import InputError
+
+
+class RecipeFileError(InputError):
+    """A recipe file that cannot be read as a YAML mapping. ``where`` is ``<file>`` (it
+    cannot be read), ``<yaml>`` (it does not parse) or ``<top level>`` (not a mapping); each
+    recipe kind words it as its own error (`merge_recipe.RecipeError`,
+    `pipeline_recipe.PipelineRecipeError`), so both say the same thing the same way."""
+
+    def __init__(self, where: str, message: str, path: str | Path) -> None:
+        super().__init__(f"{where}: {message}", file=str(path))
+        self.where = where
+        self.reason = message
+
+
+def read_recipe_file(path: str | Path, what: str = "a recipe", *, empty_ok: bool = False
+                     ) -> tuple[dict[str, Any], str]:
+    """The YAML mapping in ``path`` and its text; a key given twice is refused (`load_yaml`).
+    ``what`` names the file's kind in the error; ``empty_ok`` reads an empty file as ``{}``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise RecipeFileError("<file>", f"cannot be read: {reason}", path) from err
+    try:
+        raw = load_yaml(text)
+    except yaml.YAMLError as err:
+        raise RecipeFileError("<yaml>", str(err), path) from err
+    if raw is None and empty_ok:
+        return {}, text
+    if not isinstance(raw, dict):
+        found = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise RecipeFileError("<top level>", f"{what} is a YAML mapping (key: value lines), not {found}", path)
+    return raw, text
 
 
 def key_path(loc: tuple[Any, ...] | list[Any]) -> str:

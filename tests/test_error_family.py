@@ -82,7 +82,49 @@ def test_fuse_names_a_config_file_that_is_not_yaml(world, tmp_path):
     config.write_text("lm_weight: [0.9\n", encoding="utf-8")
     code, err = invoke("fuse", "--pivot", world["pivot"], "--aligned", world["aligned"], "--out", tmp_path / "t",
                        "--config", config)
-    assert_named(code, err, str(config), "not valid YAML")
+    assert_named(code, err, str(config), "<yaml>:")
+
+
+BAD_YAML_FILES = {
+    "does not parse": (b"merge_method: [linear\n", "<yaml>: while parsing"),
+    "gives a key twice": (b"dtype: float32\ndtype: bfloat16\n", "<yaml>: key 'dtype' is given twice"),
+    "is a list": (b"- 1\n- 2\n", "<top level>: "),
+    "is not UTF-8": (b"dtype: \xff\xfe\n", "<file>: cannot be read: "),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BAD_YAML_FILES))
+def test_every_command_that_reads_a_yaml_file_words_its_fault_alike(world, tmp_path, fault):
+    """`merge`'s recipe, `run`'s recipe and `fuse --config` are read by one reader: the same
+    fault reads the same (the file's kind aside), names the file, and is never a traceback."""
+    content, said = BAD_YAML_FILES[fault]
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    problems = {}
+    for command in (("merge", path, tmp_path / "out"), ("run", path, "--work-dir", tmp_path / "w"),
+                    ("fuse", "--pivot", world["pivot"], "--aligned", world["aligned"], "--out", tmp_path / "t",
+                     "--config", path)):
+        code, err = invoke(*command)
+        assert_named(code, err, str(path), said)
+        problems[command[0]] = err[err.index(said):].splitlines()[0]
+    assert problems["fuse"] == problems["merge"].replace("a recipe", "a training config"), problems
+    assert problems["run"] == problems["merge"], problems
+    assert not (tmp_path / "out").exists() and not (tmp_path / "t").exists()
+
+
+def test_an_empty_recipe_is_refused_and_an_empty_training_config_is_no_options(tmp_path):
+    from fusechat_merge.recipe_keys import RecipeFileError, read_recipe_file
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n", encoding="utf-8")
+    for command in (("merge", empty, tmp_path / "out"), ("run", empty, "--work-dir", tmp_path / "w")):
+        code, err = invoke(*command)
+        assert_named(code, err, str(empty), "<top level>: a recipe is a YAML mapping (key: value lines), "
+                                            "not an empty file")
+    assert read_recipe_file(empty, empty_ok=True) == ({}, "# nothing yet\n")
+    with pytest.raises(RecipeFileError, match="<file>: cannot be read: No such file or directory") as caught:
+        read_recipe_file(tmp_path / "absent.yaml")
+    assert caught.value.at == {"file": str(tmp_path / "absent.yaml")}
 
 
 def test_fuse_names_an_unknown_training_key(world, tmp_path):
