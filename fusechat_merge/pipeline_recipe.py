@@ -417,6 +417,11 @@ def check_resources(recipe: PipelineRecipe, work_dir: Path, lines: dict) -> list
             launch_problems.append(f"{at(*where)}: no accelerate_config for source {source.name!r}")
         elif not Path(launch.accelerate_config).is_file():
             launch_problems.append(f"{at(*where, 'accelerate_config')}: {launch.accelerate_config} does not exist")
+        else:
+            try:
+                read_recipe_file(launch.accelerate_config, "an accelerate config", empty_ok=True)
+            except RecipeFileError as err:
+                launch_problems.append(f"{at(*where, 'accelerate_config')}: {launch.accelerate_config}: {err}")
     problems += list(dict.fromkeys(launch_problems))  # one line per recipe key
     from fusechat_merge.merge_recipe import check_merge_settings
 

@@ -114,6 +114,22 @@ def test_launch_keys_are_checked(work):
     assert "fuse.launch.accelerate_config (line" in str(err.value) and "missing.yaml does not exist" in str(err.value)
 
 
+@pytest.mark.parametrize(("content", "said"), [(b"distributed_type: [FSDP\n", "<yaml>: while parsing"),
+                                               (b"- FSDP\n", "<top level>: an accelerate config is a YAML mapping"),
+                                               (b"num_processes: \xff\n", "<file>: cannot be read")])
+def test_an_accelerate_config_that_cannot_be_read_is_named_before_any_work(work, content, said):
+    """The memory estimate and the FSDP-on-CPU check read it before accelerate does: a
+    broken one is the recipe's fault, named with its key, not a traceback mid-run."""
+    (work / "accel.yaml").write_bytes(content)
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["fuse"]["launch"] = {**LAUNCH, "accelerate_config": str(work / "accel.yaml")}
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    with pytest.raises(PipelineRecipeError) as err:
+        load_pipeline_recipe(work / "recipe.yaml", work)
+    pattern = r"fuse\.launch\.accelerate_config \(line \d+\): " + re.escape(f"{work / 'accel.yaml'}: {said}")
+    assert re.search(pattern, str(err.value)), str(err.value)
+
+
 @needs_gloo
 def test_a_launched_fuse_stage_logs_its_processes_and_shows_only_our_lines(work):
     from test_console import LIBRARY_MARKERS, cli, summarised

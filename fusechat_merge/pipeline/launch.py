@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from fusechat_merge.recipe_keys import RecipeFileError, read_recipe_file
 from fusion.artifacts.atomic import write_text_atomic
 from fusion.errors import FusionError
 from fusion.runtime import stopping
@@ -125,10 +126,10 @@ def fsdp_on_cpu(job: Launchable) -> bool:
     options, ``--cpu`` among the launch args): accelerate silently trains it as DDP."""
     assert job.launch is not None
     try:
-        config = yaml.safe_load(Path(job.launch["accelerate_config"]).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        config, _ = read_recipe_file(job.launch["accelerate_config"], "an accelerate config", empty_ok=True)
+    except RecipeFileError:
         return False  # accelerate says what is wrong with it
-    if not isinstance(config, dict) or str(config.get("distributed_type", "")).upper() != "FSDP":
+    if str(config.get("distributed_type", "")).upper() != "FSDP":
         return False
     return bool(config.get("use_cpu") or job.training_options().get("use_cpu") or "--cpu" in job.launch.get("args", []))
 

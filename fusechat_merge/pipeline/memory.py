@@ -141,9 +141,9 @@ def sharding_of(launch: dict[str, Any] | None) -> Sharding:
         return Sharding(1, name="in-process (one device)")
     config: dict[str, Any] = {}
     if launch.get("accelerate_config"):
-        import yaml
+        from fusechat_merge.recipe_keys import read_recipe_file
 
-        config = yaml.safe_load(Path(launch["accelerate_config"]).read_text(encoding="utf-8")) or {}
+        config, _ = read_recipe_file(launch["accelerate_config"], "an accelerate config", empty_ok=True)
     processes = int(launch.get("num_processes") or config.get("num_processes") or 1)
     kind = str(config.get("distributed_type", "NO")).upper()
     if kind == "FSDP":

@@ -65,7 +65,7 @@ class VocabMap:
         """Read a map, refusing one made for other tokenizers (it would silently garble ids)."""
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
             raise InputError(f"cannot read vocab map {path}: {exc}", file=str(path)) from exc
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise InputError(f"{path} is not a vocab map file", file=str(path))
