@@ -29,6 +29,7 @@ CASES = {
 def measure(case: str, checkpointing: bool) -> dict:
     """Run in this process (a fresh one): the measured peak and the estimate of one case."""
     import resource
+    import tempfile
     from pathlib import Path
 
     import torch
@@ -41,10 +42,10 @@ def measure(case: str, checkpointing: bool) -> dict:
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                          max_position_embeddings=seq, tie_word_embeddings=False)
-    folder = Path(f"/tmp/bench-memory-{case}")
-    folder.mkdir(exist_ok=True)
-    config.save_pretrained(folder)
-    shape = model_shape(str(folder))
+    # A folder of this run's own: a fixed /tmp path collides with other runs and other users'.
+    with tempfile.TemporaryDirectory(prefix=f"bench-memory-{case}-") as folder:
+        config.save_pretrained(folder)
+        shape = model_shape(folder)
     settings = {"per_device_train_batch_size": batch, "gradient_checkpointing": checkpointing, "bf16": False}
     estimate = training_estimate(shape, settings, Sharding(1), seq)
 

@@ -58,3 +58,32 @@ def test_demo_merge_only_runs_outside_the_repository(installed, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "w" / "merged" / "config.json").is_file()
     assert (tmp_path / "w" / "report" / "sce_report.csv").is_file()
+
+
+FIXED_TMP_ALLOWED = {
+    ("benchmarks/gpu_check.py", "/tmp/fusechat-gpu-check"): "the --work default of a GPU check a person runs "
+                                                           "by hand, meant to be read after",
+    ("benchmarks/gpu_check.py", "/tmp/gpu-check"): "an example command in the docstring",
+    ("tests/test_mergekit_options.py", "/tmp/hf"): "an option value that is parsed, never written to",
+    ("tests/test_mergekit_options.py", "/tmp/lora"): "an option value that is parsed, never written to",
+}
+
+
+def test_no_code_writes_a_fixed_path_under_tmp():
+    """A fixed ``/tmp/NAME`` is shared by every run and every user of the machine: another
+    user's leftover folder makes it unwritable (the memory benchmark failed that way when
+    the suite ran as a non-root user), and two runs at once overwrite each other. Every
+    scratch folder comes from `tempfile` or pytest's ``tmp_path``."""
+    import ast
+
+    found = set()
+    for folder in ("fusechat_merge", "fusion", "benchmarks", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == Path(__file__):  # this list itself
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    for word in node.value.split():
+                        if word.startswith("/tmp/"):
+                            found.add((str(path.relative_to(ROOT)), word.rstrip(".,;:)'\"")))
+    assert found - set(FIXED_TMP_ALLOWED) == set()
