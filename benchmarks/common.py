@@ -81,3 +81,29 @@ def peak_rss_kib(reset: bool) -> int:
     import resource
 
     return proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# --- the demo sweeps (sweep_lm_weight.py, sweep_pick.py) ---------------------------------
+
+
+def plus_minus(cell: dict[str, Any] | None, digits: int = 3, sign: bool = True) -> str:
+    """A report cell (``{"mean": ..., "std": ...}``) as ``+0.123 ± 0.045``; ``-`` when empty."""
+    if not cell or cell.get("mean") is None:
+        return "-"
+    return f"{cell['mean']:{'+' if sign else ''}.{digits}f} ± {cell['std']:.{digits}f}"
+
+
+def demo_on_validation(run_dir: Path, recipe: dict[str, Any], recipe_file: Path) -> dict[str, Any]:
+    """Run the demo pipeline with ``recipe`` (written to ``recipe_file``) in ``run_dir``,
+    whose models and data are already there, scored on the validation split (where the
+    demo's settings are chosen); returns its ``results.json``."""
+    import json
+
+    import yaml
+
+    from fusechat_merge.demo.pipeline_demo import run_pipeline_demo
+
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    run_pipeline_demo(run_dir, recipe=recipe_file, split="validation", echo=lambda _: None)
+    return json.loads((run_dir / "report" / "results.json").read_text(encoding="utf-8"))
+

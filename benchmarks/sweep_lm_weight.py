@@ -14,22 +14,16 @@ README's "fusion effect against λ". About 4 minutes per λ on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-
-def _pm(cell: dict[str, Any] | None, digits: int = 3, sign: bool = True) -> str:
-    if not cell or cell.get("mean") is None:
-        return "-"
-    return f"{cell['mean']:{'+' if sign else ''}.{digits}f} ± {cell['std']:.{digits}f}"
+from common import demo_on_validation, plus_minus
 
 
 def run(work: Path, weights: list[float]) -> list[tuple[float, dict[str, Any]]]:
-    from fusechat_merge.demo.pipeline_demo import DEMO_RECIPE, prepare_demo_data, run_pipeline_demo
+    from fusechat_merge.demo.pipeline_demo import DEMO_RECIPE, prepare_demo_data
     from fusechat_merge.demo.skills import make_demo_models
 
     shared = work / "shared"
@@ -43,11 +37,8 @@ def run(work: Path, weights: list[float]) -> list[tuple[float, dict[str, Any]]]:
                 shutil.copytree(shared / name, run_dir / name)
         raw = yaml.safe_load(DEMO_RECIPE.read_text(encoding="utf-8"))
         raw["fuse"]["defaults"]["lm_weight"] = weight
-        recipe = work / f"demo-lm_weight-{weight:g}.yaml"
-        recipe.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
         print(f"λ = {weight:g}: {run_dir}", flush=True)
-        run_pipeline_demo(run_dir, recipe=recipe, split="validation", echo=lambda _: None)
-        reports.append((weight, json.loads((run_dir / "report" / "results.json").read_text(encoding="utf-8"))))
+        reports.append((weight, demo_on_validation(run_dir, raw, work / f"demo-lm_weight-{weight:g}.yaml")))
     return reports
 
 
@@ -61,14 +52,14 @@ def table(reports: list[tuple[float, dict[str, Any]]]) -> str:
     for weight, report in reports:
         effects = report["effects"]
         targets = [e for e in effects["fusion"] if e["model"] != "multi"]
-        fusion = "; ".join(f"{e['model']} {_pm(e['em'])}" for e in targets)
-        transfer = "; ".join(f"{e['model']} {_pm(e.get('kl'))}" for e in targets)
-        mass = "; ".join(_pm(e.get("mass")) for e in targets if e["skill"] == "pick")
+        fusion = "; ".join(f"{e['model']} {plus_minus(e['em'])}" for e in targets)
+        transfer = "; ".join(f"{e['model']} {plus_minus(e.get('kl'))}" for e in targets)
+        mass = "; ".join(plus_minus(e.get("mass")) for e in targets if e["skill"] == "pick")
         kept = {e["skill"]: e["kept"] for e in effects["merge"] if e["model"] == "merge:sce"}
         update = report["diagnostics"]["update"]
         moved = ", ".join(f"{u['mean']:.2f}" for name, u in update.items() if name.startswith("target:"))
         lines.append(f"| {weight:g} | {fusion} | {transfer} | {mass or '-'} "
-                     f"| {' / '.join(_pm(kept.get(s), 2, False) for s in skills)} | {moved} |")
+                     f"| {' / '.join(plus_minus(kept.get(s), 2, False) for s in skills)} | {moved} |")
     return "\n".join(lines)
 
 

@@ -16,18 +16,12 @@ over the seeds, with the two models' own means. About 3 minutes per candidate on
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-
-def _pm(cell: dict[str, Any] | None, digits: int = 3) -> str:
-    if not cell or cell.get("mean") is None:
-        return "-"
-    return f"{cell['mean']:+.{digits}f} ± {cell['std']:.{digits}f}"
+from common import demo_on_validation, plus_minus
 
 
 def pick_recipe(lr: float, lm_weight: float, seeds: int) -> dict[str, Any]:
@@ -49,7 +43,7 @@ Candidate = tuple[int, float, float]  # pick conversations, learning rate, λ
 
 
 def run(work: Path, candidates: list[Candidate], seeds: int) -> list[tuple[Candidate, dict[str, Any]]]:
-    from fusechat_merge.demo.pipeline_demo import prepare_demo_data, run_pipeline_demo
+    from fusechat_merge.demo.pipeline_demo import prepare_demo_data
     from fusechat_merge.demo.skills import make_demo_models
 
     shared = work / "models"
@@ -61,11 +55,8 @@ def run(work: Path, candidates: list[Candidate], seeds: int) -> list[tuple[Candi
         if not (run_dir / "models").exists():
             shutil.copytree(shared, run_dir / "models")
         prepare_demo_data(run_dir, corpus_rows={"pick": n})
-        recipe = work / f"{name}.yaml"
-        recipe.write_text(yaml.safe_dump(pick_recipe(lr, weight, seeds), sort_keys=False), encoding="utf-8")
         print(f"pick conversations {n}, learning rate {lr:g}, λ {weight:g}: {run_dir}", flush=True)
-        run_pipeline_demo(run_dir, recipe=recipe, split="validation", echo=lambda _: None)
-        report = json.loads((run_dir / "report" / "results.json").read_text(encoding="utf-8"))
+        report = demo_on_validation(run_dir, pick_recipe(lr, weight, seeds), work / f"{name}.yaml")
         reports.append(((n, lr, weight), report))
     return reports
 
@@ -89,7 +80,7 @@ def table(reports: list[tuple[Candidate, dict[str, Any]]]) -> str:
              "|---:|---:|---:|---|---|---|---|"]
     for (n, lr, weight), report in reports:
         effect = next(e for e in report["effects"]["fusion"] if e["model"] == "target:pick")
-        lines.append(f"| {n} | {lr:g} | {weight:g} | {_pm(effect['em'])} | {_pm(effect.get('mass'))} | {_pm(effect.get('kl'))} "
+        lines.append(f"| {n} | {lr:g} | {weight:g} | {plus_minus(effect['em'])} | {plus_minus(effect.get('mass'))} | {plus_minus(effect.get('kl'))} "
                      f"| {_means(report, 'sft')}; {_means(report, 'target:pick')} |")
     return "\n".join(lines)
 

@@ -112,6 +112,7 @@ def _run_demo(work_dir: Path, recipe: Path, seeds: list[int] | None, split: str,
     from fusechat_merge.demo.skills import make_demo_models, torch_threads
     from fusechat_merge.pipeline import run_pipeline
     from fusechat_merge.pipeline_recipe import load_pipeline_recipe
+    from fusechat_merge.recipe_keys import read_recipe_file
     from fusion.runtime.log_capture import captured
     from fusion.runtime.log_capture import echo as to_terminal
 
@@ -121,9 +122,8 @@ def _run_demo(work_dir: Path, recipe: Path, seeds: list[int] | None, split: str,
         prepare_demo_data(work_dir)
     setup_seconds = time.perf_counter() - started
     echo(f"models and data ready in {setup_seconds:.1f}s")
-    text = recipe.read_text(encoding="utf-8")
+    raw, text = read_recipe_file(recipe)
     if seeds is not None or split != "heldout":
-        raw = yaml.safe_load(text)
         if seeds is not None:
             raw["seeds"] = seeds
         if split != "heldout":
